@@ -1,0 +1,560 @@
+"""Reading webdataset tar shards (img2dataset's layout) into batches, resumably.
+
+A shard is a tar of samples; the members of one sample share a key (``KEY.jpg``/``KEY.png``,
+``KEY.txt``, ``KEY.json``, or ``KEY.tokens`` for pre-encoded image tokens). The key of a member is its
+path up to the first dot of its file name, as in webdataset.
+
+Splitting: in each epoch the shard list is shuffled with ``(seed, epoch)`` (the same order on every
+rank), and shard ``i`` of that order goes to global reader ``i mod (world_size * num_workers)``.
+So within an epoch no sample is read twice and none is skipped. Each reader's stream runs on
+forever, epoch after epoch, which keeps ranks in lock-step for training.
+
+Resuming: every batch carries its reader's position (epoch, shard position, sample position) and
+error counters. :class:`Loader` keeps the position of the last batch it handed out per reader, and
+``Loader.state_dict()`` restarts each reader exactly there. Random choices (shuffles, crops, BPE
+dropout) are seeded from the sample's position, never from a global generator, so a resumed run
+sees exactly the samples, crops and token splits that an uninterrupted run would have seen.
+
+Bad data is skipped and counted by reason (see :class:`SampleError`); an unreadable shard is logged
+with its path, counted, and skipped.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import logging
+import os
+import re
+import tarfile
+import unicodedata
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import braceexpand
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dalle_repro.config import arg
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+@dataclass
+class DataArgs:
+    """Where the training samples come from and how they become tensors."""
+
+    shards: str = arg(
+        "data/emoji/train/*.tar",
+        "Shards to read: a glob, a brace pattern (data-{00000..00099}.tar), a comma-separated list, "
+        "or a .txt file with one path per line.",
+    )
+    kind: Literal["images", "tokens"] = arg(
+        "images", "images: decode KEY.jpg/KEY.png; tokens: read KEY.tokens grids made by encode_tokens."
+    )
+    image_size: int = arg(64, "Side of the square image given to the model, in pixels.", gt=0)
+    crop: Literal["center", "random"] = arg(
+        "center",
+        "center: resize the shorter side and take the central square. random: the paper's augmentation, "
+        "a square of side U(random_crop_min, 1) x shorter side at a random place, then resized.",
+    )
+    random_crop_min: float = arg(0.75, "Smallest random crop, as a fraction of the shorter side.", gt=0, le=1)
+    batch_size: int = arg(8, "Samples per batch on each rank (the micro-batch).", gt=0)
+    num_workers: int = arg(2, "Loader worker processes per rank (0 reads in the main process).", ge=0)
+    shuffle: bool = arg(True, "Shuffle shard order and sample order within a shard, per epoch.")
+    seed: int = arg(0, "Seed of every random choice the loader makes.", ge=0)
+    max_pixels: int = arg(DEFAULT_MAX_PIXELS, "Images with more pixels than this are rejected before decoding.", gt=0)
+    max_caption_chars: int = arg(4096, "Captions are cut to this many characters before tokenizing.", gt=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples: images and captions
+
+
+class SampleError(Exception):
+    """A sample that must be skipped. ``reason`` is the counter it goes to."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def clean_caption(raw: bytes | str, max_chars: int | None = None) -> str:
+    """Decode (invalid UTF-8 becomes U+FFFD), turn control characters into spaces, squeeze spaces.
+
+    Returns "" for an empty or whitespace-only caption; callers decide whether that is an error.
+    """
+    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    if max_chars is not None:
+        text = text[: max_chars * 2]  # bound the work below; the final cut comes after squeezing
+    text = unicodedata.normalize("NFC", _CONTROL.sub(" ", text))
+    text = " ".join(text.split())
+    return text[:max_chars] if max_chars is not None else text
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB where a faithful conversion exists; raise SampleError otherwise."""
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    elif im.mode in ("PA", "La"):
+        im = im.convert("RGBA")
+    elif im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode == "F" and (np.nanmin(a) < 0 or np.nanmax(a) > 1):
+            raise SampleError("unsupported_mode", f"float image with values outside [0, 1] ({im.mode})")
+        if not np.isfinite(a).all():
+            raise SampleError("unsupported_mode", f"non-finite pixel values ({im.mode})")
+        top = 1.0 if im.mode == "F" else (255.0 if a.max() <= 255 else 65535.0)
+        if a.min() < 0 or a.max() > 65535:
+            raise SampleError("unsupported_mode", f"pixel values outside 16 bits ({im.mode})")
+        im = Image.fromarray(np.round(a / top * 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "RGBa"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    try:
+        return im.convert("RGB")
+    except (ValueError, OSError) as e:
+        raise SampleError("unsupported_mode", f"cannot convert mode {im.mode} to RGB: {e}") from None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, dict[str, Any]]:
+    """Decode image bytes to an RGB PIL image, checking the pixel count before decoding.
+
+    Returns the image and facts about the original (format, mode, size). Raises SampleError with
+    reason ``empty_file``, ``not_an_image``, ``image_bomb``, ``corrupt_image`` or ``unsupported_mode``.
+    """
+    if not data:
+        raise SampleError("empty_file", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise SampleError("image_bomb", str(e)) from None
+    except Image.UnidentifiedImageError:
+        raise SampleError("not_an_image", "no image format recognised") from None
+    except Exception as e:  # PIL raises many types on garbage headers
+        raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+    w, h = im.size
+    if w <= 0 or h <= 0 or w * h > max_pixels:
+        raise SampleError("image_bomb", f"{w}x{h} = {w * h} pixels > max_pixels {max_pixels}")
+    facts = {"format": im.format, "mode": im.mode, "width": w, "height": h}
+    try:
+        im.seek(0)
+        im.load()
+        im = ImageOps.exif_transpose(im) or im
+    except Exception as e:
+        raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
+    return _to_rgb(im), facts
+
+
+def crop_resize(
+    im: Image.Image,
+    size: int,
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+    random_crop_min: float = 0.75,
+) -> Image.Image:
+    """Square crop (central or random) resized to ``size`` x ``size``."""
+    w, h = im.size
+    short = min(w, h)
+    if crop == "center":
+        side, left, top = short, (w - short) // 2, (h - short) // 2
+    elif crop == "random":
+        if rng is None:
+            raise ValueError("crop='random' needs an rng")
+        side = max(1, int(round(short * rng.uniform(random_crop_min, 1.0))))
+        left = int(rng.integers(0, w - side + 1))
+        top = int(rng.integers(0, h - side + 1))
+    else:
+        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+    box = (left, top, left + side, top + side)
+    return im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+
+
+def image_to_tensor(im: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+def decode_tokens(data: bytes) -> torch.Tensor:
+    """A ``KEY.tokens`` member (a .npy array of shape (h, w), integer dtype) -> LongTensor (h, w)."""
+    try:
+        a = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise SampleError("corrupt_tokens", f"{type(e).__name__}: {e}") from None
+    if a.ndim != 2 or a.dtype.kind not in "iu":
+        raise SampleError("corrupt_tokens", f"expected an integer (h, w) grid, got {a.dtype} {a.shape}")
+    return torch.from_numpy(a.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+
+
+def expand_shards(spec: str | Sequence[str]) -> list[str]:
+    """Resolve a shard spec (glob, brace pattern, comma list, list file, or a list) to paths."""
+    if isinstance(spec, str):
+        parts = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        parts = list(spec)
+    if not parts:
+        raise ValueError("empty shard spec")
+    out: list[str] = []
+    for part in parts:
+        if part.endswith((".txt", ".list")) and os.path.isfile(part):
+            base = os.path.dirname(part)
+            with open(part, encoding="utf-8") as f:
+                lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+            out.extend(os.path.join(base, ln) if not os.path.isabs(ln) else ln for ln in lines)
+            continue
+        for p in braceexpand.braceexpand(part):
+            if glob.has_magic(p):
+                matched = sorted(glob.glob(p))
+                if not matched:
+                    raise ValueError(f"shard pattern {p!r} matches no file")
+                out.extend(matched)
+            else:
+                out.append(p)
+    missing = [p for p in out if not os.path.isfile(p)]
+    if len(missing) == len(out):
+        raise ValueError(f"none of the {len(out)} shards of {spec!r} exists (first: {out[0]})")
+    if missing:
+        log.warning("%d of %d shards are missing and will be skipped, e.g. %s", len(missing), len(out), missing[0])
+    return out
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """Webdataset's rule: key = path up to the first dot of the file name; ext = the rest."""
+    d, base = os.path.split(name)
+    stem, dot, ext = base.partition(".")
+    return (f"{d}/{stem}" if d else stem), ext.lower()
+
+
+class Shard:
+    """An open tar shard with an index of its samples, for random access by sample number.
+
+    ``truncated`` is set when the tar ends early; the samples indexed before the damage stay usable.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.truncated = False
+        self._tar = tarfile.open(path, "r:")  # raises OSError / tarfile.ReadError
+        groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            while True:
+                info = self._tar.next()
+                if info is None:
+                    # A whole tar ends in zero blocks; a cut one just stops.
+                    self._tar.fileobj.seek(self._tar.offset)
+                    if len(self._tar.fileobj.read(512)) < 512:
+                        raise EOFError("no end-of-archive marker")
+                    break
+                if not info.isfile():
+                    continue
+                key, ext = split_key(info.name)
+                if ext:
+                    groups.setdefault(key, {})[ext] = info
+        except (tarfile.TarError, OSError, EOFError) as e:
+            self.truncated = True
+            log.warning("shard %s is damaged after %d samples (%s); using what precedes", path, len(groups), e)
+        end = os.path.getsize(path)
+        for members in groups.values():
+            if any(i.offset_data + i.size > end for i in members.values()):
+                self.truncated = True
+        if self.truncated and groups:
+            groups.popitem()  # the sample at the cut may have lost members: drop it whole
+        self.samples = [(k, m) for k, m in groups.items() if all(i.offset_data + i.size <= end for i in m.values())]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read(self, i: int) -> tuple[str, dict[str, bytes]]:
+        key, members = self.samples[i]
+        out: dict[str, bytes] = {}
+        for ext, info in members.items():
+            f = self._tar.extractfile(info)
+            data = f.read() if f is not None else b""
+            if len(data) != info.size:
+                raise SampleError("truncated_member", f"{key}.{ext} in {self.path}")
+            out[ext] = data
+        return key, out
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> Shard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def iter_shard_samples(paths: Sequence[str], errors: Counter | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Every raw sample of the given shards in order (for tools such as tokenizer training)."""
+    errors = errors if errors is not None else Counter()
+    for path in paths:
+        try:
+            shard = Shard(path)
+        except (OSError, tarfile.TarError) as e:
+            log.warning("cannot open shard %s: %s; skipped", path, e)
+            errors["unreadable_shard"] += 1
+            continue
+        with shard:
+            if shard.truncated:
+                errors["truncated_shard"] += 1
+            for i in range(len(shard)):
+                try:
+                    yield shard.read(i)
+                except SampleError as e:
+                    errors[e.reason] += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The stream
+
+
+def _seed(*parts: int | str) -> int:
+    """A stable 64-bit seed from a tuple (Python's hash() is salted per process)."""
+    h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little")
+
+
+def fresh_position() -> dict[str, Any]:
+    return {"epoch": 0, "shard_pos": 0, "sample_pos": 0, "errors": {}}
+
+
+class ShardStream(IterableDataset):
+    """Batches from shards for one rank; each item is ``(logical_worker, batch, position)``.
+
+    A finite stream (``epochs`` set) ends with its partial batch, or with ``None`` as the batch.
+
+    ``tokenizer`` is any object with ``encode_batch(captions, dropout, rngs)`` (see tokenizer.py);
+    without one, the batch carries raw captions only. ``epochs=None`` streams forever.
+    """
+
+    def __init__(
+        self,
+        shards: Sequence[str],
+        args: DataArgs,
+        tokenizer: Any = None,
+        *,
+        text_dropout: float = 0.0,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int | None = None,
+        start: dict[int, dict[str, Any]] | None = None,
+        rotation: int = 0,
+    ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.shards = list(shards)
+        self.args = args
+        self.tokenizer = tokenizer
+        self.text_dropout = text_dropout
+        self.rank, self.world_size, self.epochs = rank, world_size, epochs
+        self.start = start or {}
+        self.rotation = rotation
+
+    def _order(self, epoch: int) -> list[int]:
+        idx = list(range(len(self.shards)))
+        if self.args.shuffle:
+            np.random.default_rng(_seed(self.args.seed, "shards", epoch)).shuffle(idx)
+        return idx
+
+    def _decode(self, key: str, members: dict[str, bytes], rng: np.random.Generator) -> dict[str, Any]:
+        a = self.args
+        caption = clean_caption(members.get("txt", b""), a.max_caption_chars)
+        out: dict[str, Any] = {"key": key, "caption": caption}
+        if a.kind == "tokens":
+            if "tokens" not in members:
+                raise SampleError("missing_tokens", key)
+            out["image_tokens"] = decode_tokens(members["tokens"])
+            return out
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
+            raise SampleError("missing_image", key)
+        im, _ = decode_image(members[ext], a.max_pixels)
+        im = crop_resize(im, a.image_size, a.crop, rng, a.random_crop_min)
+        out["image"] = image_to_tensor(im)
+        return out
+
+    def _collate(self, items: list[dict[str, Any]], rngs: list[np.random.Generator]) -> dict[str, Any]:
+        batch: dict[str, Any] = {"key": [x["key"] for x in items], "caption": [x["caption"] for x in items]}
+        for name in ("image", "image_tokens"):
+            if name in items[0]:
+                shapes = {tuple(x[name].shape) for x in items}
+                if len(shapes) > 1:
+                    raise ValueError(f"{name} shapes differ within a batch: {sorted(shapes)}")
+                batch[name] = torch.stack([x[name] for x in items])
+        if self.tokenizer is not None:
+            batch["text"] = self.tokenizer.encode_batch(batch["caption"], self.text_dropout, rngs)
+        return batch
+
+    def iter_worker(self, logical: int, num_workers: int) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
+        """The stream of one logical reader (global id rank * num_workers + logical)."""
+        g, G = self.rank * num_workers + logical, self.world_size * num_workers
+        pos = dict(self.start.get(logical) or fresh_position())
+        errors = Counter(pos["errors"])
+        items: list[dict[str, Any]] = []
+        rngs: list[np.random.Generator] = []
+        while self.epochs is None or pos["epoch"] < self.epochs:
+            epoch = pos["epoch"]
+            mine = self._order(epoch)[g::G]
+            whole_epoch = pos["shard_pos"] == 0 and pos["sample_pos"] == 0
+            good_in_epoch = 0
+            for sp in range(pos["shard_pos"], len(mine)):
+                shard_idx = mine[sp]
+                path = self.shards[shard_idx]
+                try:
+                    shard = Shard(path)
+                except (OSError, tarfile.TarError) as e:
+                    log.warning("cannot open shard %s: %s; skipped", path, e)
+                    errors["unreadable_shard"] += 1
+                    pos.update(shard_pos=sp + 1, sample_pos=0)
+                    continue
+                with shard:
+                    if shard.truncated and pos["sample_pos"] == 0:
+                        errors["truncated_shard"] += 1
+                    order = np.arange(len(shard))
+                    if self.args.shuffle:
+                        np.random.default_rng(_seed(self.args.seed, "samples", epoch, shard_idx)).shuffle(order)
+                    for j in range(pos["sample_pos"], len(shard)):
+                        rng = np.random.default_rng(_seed(self.args.seed, "sample", epoch, shard_idx, j))
+                        try:
+                            items.append(self._decode(*shard.read(int(order[j])), rng))
+                            rngs.append(rng)
+                            good_in_epoch += 1
+                        except SampleError as e:
+                            errors[e.reason] += 1
+                            log.debug("skipped sample %d of %s: %s", j, path, e)
+                        pos.update(shard_pos=sp, sample_pos=j + 1)
+                        if len(items) == self.args.batch_size:
+                            pos["errors"] = dict(errors)
+                            yield logical, self._collate(items, rngs), dict(pos)
+                            items, rngs = [], []
+                pos.update(shard_pos=sp + 1, sample_pos=0)
+            pos.update(epoch=epoch + 1, shard_pos=0, sample_pos=0)
+            if whole_epoch and good_in_epoch == 0 and self.epochs is None:
+                names = [self.shards[i] for i in mine] or ["(none)"]
+                raise RuntimeError(f"reader {g} of {G} got no usable sample in epoch {epoch} from shards {names}")
+        # The last, partial batch; None when there is none, so the final error counts still arrive.
+        pos["errors"] = dict(errors)
+        yield logical, (self._collate(items, rngs) if items else None), dict(pos)
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
+        info = get_worker_info()
+        num_workers, physical = (info.num_workers, info.id) if info else (1, 0)
+        return self.iter_worker((physical + self.rotation) % num_workers, num_workers)
+
+
+class Loader:
+    """A resumable batch iterator for one rank: ``for batch in loader``, ``loader.state_dict()``.
+
+    The state holds each reader's position and error counters and the number of batches handed
+    out; a Loader built with the same shards, args, rank and world size and given that state
+    continues with exactly the batches an uninterrupted run would have produced next.
+    """
+
+    def __init__(
+        self,
+        shards: str | Sequence[str],
+        args: DataArgs,
+        tokenizer: Any = None,
+        *,
+        text_dropout: float = 0.0,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int | None = None,
+    ):
+        self.paths = expand_shards(shards)
+        self.args = args
+        self.tokenizer, self.text_dropout = tokenizer, text_dropout
+        self.rank, self.world_size, self.epochs = rank, world_size, epochs
+        self.num_workers = args.num_workers
+        readers = world_size * max(1, self.num_workers)
+        if epochs is None and len(self.paths) < readers:
+            raise ValueError(
+                f"{len(self.paths)} shards cannot feed {world_size} ranks x {max(1, self.num_workers)} workers: "
+                "make more shards (a smaller --shard-size) or lower data.num_workers"
+            )
+        self.positions: dict[int, dict[str, Any]] = {}
+        self.consumed = 0
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        n = max(1, self.num_workers)
+        stream = ShardStream(
+            self.paths,
+            self.args,
+            self.tokenizer,
+            text_dropout=self.text_dropout,
+            rank=self.rank,
+            world_size=self.world_size,
+            epochs=self.epochs,
+            start={k: dict(v) for k, v in self.positions.items()},
+            rotation=self.consumed % n,
+        )
+        if self.num_workers == 0:
+            it: Any = stream.iter_worker(0, 1)
+        else:
+            it = DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
+        for logical, batch, pos in it:
+            self.positions[logical] = pos
+            if batch is not None:
+                self.consumed += 1
+                yield batch
+
+    @property
+    def errors(self) -> dict[str, int]:
+        """Skipped samples and shards so far, by reason, summed over this rank's readers."""
+        total: Counter = Counter()
+        for pos in self.positions.values():
+            total.update(pos["errors"])
+        return dict(total)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "consumed": self.consumed,
+            "positions": {str(k): v for k, v in self.positions.items()},
+            "num_workers": self.num_workers,
+            "world_size": self.world_size,
+            "rank": self.rank,
+            "num_shards": len(self.paths),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, mine in (
+            ("num_workers", self.num_workers),
+            ("world_size", self.world_size),
+            ("rank", self.rank),
+            ("num_shards", len(self.paths)),
+        ):
+            if state.get(name) != mine:
+                raise ValueError(
+                    f"cannot resume the data position: it was saved with {name}={state.get(name)}, "
+                    f"this run has {name}={mine}"
+                )
+        self.consumed = int(state["consumed"])
+        self.positions = {int(k): dict(v) for k, v in state["positions"].items()}
+
+
+def shard_paths_in(directory: str | Path) -> list[str]:
+    """The ``*.tar`` shards directly in a folder, sorted."""
+    return sorted(str(p) for p in Path(directory).glob("*.tar"))

@@ -1,0 +1,147 @@
+"""The main job on the embedded demo data, as resumable stages.
+
+Each stage writes its outputs, then a marker ``OUT/stages/NAME.json`` holding a fingerprint of its
+inputs and settings. A stage whose marker matches is skipped, so rerunning after an interruption
+continues at the first unfinished stage, and changing a stage's settings reruns it and what
+follows.
+
+Stages so far: the emoji shards, the tokenizer, and a look at one loader batch (a preview image).
+Later stages (dVAE, token shards, prior, CLIP, sampling) append to :func:`stages`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from dalle_repro.config import arg, atomic_write_text, save_config, to_dict
+from dalle_repro.data import DataArgs, Loader
+from dalle_repro.emoji import build_emoji_dataset
+from dalle_repro.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
+
+
+@dataclass
+class EmojiArgs:
+    """The emoji shards."""
+
+    output: str = arg("data/emoji", "Folder for train/, val/ and summary.json.")
+    image_size: int = arg(64, "Side of the rendered emoji, in pixels.", ge=8)
+    shard_size: int = arg(256, "Samples per shard.", gt=0)
+    val_fraction: float = arg(0.05, "Fraction of emoji held out for validation, by key.", gt=0, lt=1)
+    workers: int = arg(2, "Rendering processes.", gt=0)
+
+
+@dataclass
+class BPEArgs:
+    """Training the BPE tokenizer."""
+
+    vocab_size: int = arg(4096, "Target BPE vocabulary (the paper's is 16384; emoji names run out sooner).", ge=257)
+    min_frequency: int = arg(2, "A merge needs this many occurrences.", ge=1)
+
+
+@dataclass
+class DemoConfig:
+    """Settings of every stage of the demo."""
+
+    out_dir: str = arg("outputs/demo", "Where the demo's report, previews and stage markers go.")
+    emoji: EmojiArgs = arg(factory=EmojiArgs, doc="The emoji shards.")
+    bpe: BPEArgs = arg(factory=BPEArgs, doc="Tokenizer training.")
+    text: TokenizerArgs = arg(factory=TokenizerArgs, doc="Caption encoding.")
+    data: DataArgs = arg(factory=DataArgs, doc="The loader.")
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_emoji(cfg: DemoConfig) -> dict[str, Any]:
+    e = cfg.emoji
+    s = build_emoji_dataset(
+        e.output, image_size=e.image_size, shard_size=e.shard_size, val_fraction=e.val_fraction, workers=e.workers
+    )
+    return {"written": s["written"], "skipped": s["skipped"], "splits": s["splits"], "fingerprint": s["fingerprint"]}
+
+
+def stage_tokenizer(cfg: DemoConfig) -> dict[str, Any]:
+    paths = sorted(str(p) for p in Path(cfg.emoji.output, "train").glob("*.tar"))
+    tok, stats = train_from_shards(paths, cfg.bpe.vocab_size, cfg.bpe.min_frequency)
+    save_tokenizer(tok, cfg.text.path)
+    return stats | {"path": cfg.text.path}
+
+
+def stage_preview(cfg: DemoConfig) -> dict[str, Any]:
+    """One batch through the real loader and tokenizer, drawn with its decoded captions."""
+    tok = TextTokenizer(cfg.text.path, cfg.text.text_len)
+    loader = Loader(cfg.data.shards, cfg.data, tok, text_dropout=cfg.text.dropout)
+    batch = next(iter(loader))
+    n, size = len(batch["key"]), cfg.data.image_size
+    sheet = Image.new("RGB", (n * (size + 8), size + 40), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        im = Image.fromarray(batch["image"][i].permute(1, 2, 0).numpy())
+        sheet.paste(im, (i * (size + 8), 0))
+        draw.text((i * (size + 8), size + 4), tok.decode(batch["text"][i])[:14], fill="black")
+    path = Path(cfg.out_dir, "data_preview.png")
+    sheet.save(path)
+    return {
+        "image": list(batch["image"].shape),
+        "text": list(batch["text"].shape),
+        "text_vocab": tok.vocab_size,
+        "captions": batch["caption"],
+        "preview": str(path),
+    }
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[DemoConfig], dict[str, Any]]
+    settings: Callable[[DemoConfig], Any]  # what defines the stage's output
+    outputs: Callable[[DemoConfig], list[Path]]  # must all exist for the stage to count as done
+
+
+def stages() -> list[Stage]:
+    """The demo's stages, in order."""
+    return [
+        Stage("emoji", stage_emoji, lambda c: to_dict(c.emoji), lambda c: [Path(c.emoji.output, "summary.json")]),
+        Stage("tokenizer", stage_tokenizer, lambda c: [to_dict(c.bpe), c.text.path], lambda c: [Path(c.text.path)]),
+        Stage(
+            "preview",
+            stage_preview,
+            lambda c: [to_dict(c.data), to_dict(c.text)],
+            lambda c: [Path(c.out_dir, "data_preview.png")],
+        ),
+    ]
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run every unfinished stage; returns each stage's result (from its marker when skipped)."""
+    out = Path(cfg.out_dir)
+    save_config(cfg, out)
+    results: dict[str, dict[str, Any]] = {}
+    upstream = ""
+    for stage in stages():
+        name = stage.name
+        marker = out / "stages" / f"{name}.json"
+        fp = _fingerprint(upstream, stage.settings(cfg))
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        complete = all(p.exists() for p in stage.outputs(cfg))
+        if done is not None and done.get("fingerprint") == fp and complete:
+            log(f"[{name}] done before, skipped ({marker})")
+            results[name] = done["result"]
+        else:
+            log(f"[{name}] running")
+            t0 = time.perf_counter()
+            results[name] = stage.run(cfg)
+            seconds = round(time.perf_counter() - t0, 1)
+            atomic_write_text(marker, json.dumps({"fingerprint": fp, "seconds": seconds, "result": results[name]}))
+            log(f"[{name}] finished in {seconds} s")
+        upstream = fp
+    return results

@@ -1,0 +1,521 @@
+"""Writing webdataset tar shards in img2dataset's layout, atomically and resumably.
+
+A sample is three tar members: ``KEY.jpg`` or ``KEY.png`` (the image), ``KEY.txt`` (the caption) and
+``KEY.json`` (metadata). Shards are named ``00000.tar``, ``00001.tar``, ... as img2dataset names them,
+so the loader reads shards made here and shards users made with img2dataset alike.
+
+Every shard is written under a temporary name, synced, then renamed, so a killed run never leaves a
+half shard under a final name. After each shard the writer records its progress (atomically); a
+rerun with the same input and options continues after the last finished shard, and a rerun of a
+finished job returns at once. Sample order is fixed (sorted keys), so the shards a resumed run
+writes are the ones an uninterrupted run would have written.
+
+Bad input is skipped and counted by reason in ``summary.json``, never fatal.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import multiprocessing
+import os
+import re
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dalle_repro.config import atomic_write_text
+from dalle_repro.data import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTS,
+    SampleError,
+    clean_caption,
+    crop_resize,
+    decode_image,
+)
+
+log = logging.getLogger(__name__)
+
+SHARD_NAME = re.compile(r"^\d{5,}\.tar$")
+TMP_NAME = re.compile(r"^\d{5,}\.tar\.tmp")
+PROGRESS = ".progress.json"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class Record:
+    """One input sample before processing: where its image comes from and its caption."""
+
+    key: str
+    source: str
+    caption: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    """A processed sample, ready for the tar."""
+
+    key: str
+    image: bytes
+    ext: str
+    caption: str
+    meta: dict[str, Any]
+
+
+# A process function maps a Record to a Sample, or to a (reason, detail) pair when it is skipped.
+Processed = Sample | tuple[str, str]
+
+
+def sanitize_key(text: str) -> str:
+    """A webdataset-safe key: no dots (they start the extension) and no path separators."""
+    key = re.sub(r"[^A-Za-z0-9_\-]+", "_", text).strip("_")
+    return key or "_"
+
+
+def split_of(key: str, val_fraction: float) -> str:
+    """Deterministic train/val split by key."""
+    if val_fraction <= 0:
+        return "train"
+    u = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") / 2**64
+    return "val" if u < val_fraction else "train"
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mode = 0o444
+    info.mtime = 0  # byte-identical shards for identical input
+    tar.addfile(info, io.BytesIO(data))
+
+
+class ShardWriter:
+    """Writes samples into ``NNNNN.tar`` shards of ``shard_size`` samples, each atomically.
+
+    ``on_shard`` is called with (path, count) after each shard has been renamed into place.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        shard_size: int,
+        start_index: int = 0,
+        on_shard: Callable[[Path, int], None] | None = None,
+    ):
+        if shard_size <= 0:
+            raise ValueError(f"shard_size must be > 0, got {shard_size}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.shard_size = shard_size
+        self.index = start_index
+        self.on_shard = on_shard
+        self._tar: tarfile.TarFile | None = None
+        self._file: Any = None
+        self._count = 0
+
+    def _path(self) -> Path:
+        return self.out_dir / f"{self.index:05d}.tar"
+
+    def add(self, sample: Sample) -> None:
+        if self._tar is None:
+            tmp = self._path().with_name(self._path().name + f".tmp{os.getpid()}")
+            self._file = open(tmp, "wb")
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+            self._tmp = tmp
+        _add_member(self._tar, f"{sample.key}.{sample.ext}", sample.image)
+        _add_member(self._tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
+        _add_member(self._tar, f"{sample.key}.json", json.dumps(sample.meta, ensure_ascii=False).encode("utf-8"))
+        self._count += 1
+        if self._count == self.shard_size:
+            self.finish_shard()
+
+    def finish_shard(self) -> None:
+        """Close the open shard (if any) and move it to its final name."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        final = self._path()
+        os.replace(self._tmp, final)
+        fsync_dir(self.out_dir)
+        count = self._count
+        self._tar, self._file, self._count = None, None, 0
+        self.index += 1
+        if self.on_shard is not None:
+            self.on_shard(final, count)
+
+    def abort(self) -> None:
+        """Drop the open shard without renaming it."""
+        if self._tar is not None:
+            self._file.close()
+            Path(self._tmp).unlink(missing_ok=True)
+            self._tar = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+def list_folder(root: str | Path) -> tuple[list[Record], Counter]:
+    """Images under ``root`` (recursively) with a sidecar caption ``STEM.txt`` beside each."""
+    root = Path(root)
+    skipped: Counter = Counter()
+    records: dict[str, Record] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        ext = path.suffix.lower().lstrip(".")
+        if ext not in IMAGE_EXTS:
+            continue
+        rel = path.relative_to(root).with_suffix("")
+        key = sanitize_key(str(rel))
+        cap_path = path.with_suffix(".txt")
+        if not cap_path.is_file():
+            skipped["missing_caption"] += 1
+            continue
+        caption = clean_caption(cap_path.read_bytes())
+        if not caption:
+            skipped["empty_caption"] += 1
+            continue
+        if key in records:
+            skipped["duplicate_key"] += 1
+            log.warning("duplicate key %s (%s); keeping %s", key, path, records[key].source)
+            continue
+        records[key] = Record(key, str(path), caption, {"source": str(rel) + path.suffix})
+    return sorted(records.values(), key=lambda r: r.key), skipped
+
+
+def _read_table(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        return table.column_names, iter(table.to_pylist())
+    if suffix not in (".csv", ".tsv"):
+        raise ValueError(f"{path}: a table input must end in .csv, .tsv or .parquet")
+    f = open(path, newline="", encoding="utf-8", errors="replace")
+    reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+    return list(reader.fieldnames or []), reader
+
+
+def list_table(
+    path: str | Path, image_col: str = "image", caption_col: str = "caption", key_col: str | None = None
+) -> tuple[list[Record], Counter]:
+    """Rows of a CSV/TSV/parquet file; image paths may be relative to the table's folder."""
+    path = Path(path)
+    columns, rows = _read_table(path)
+    for name, col in (("--image-col", image_col), ("--caption-col", caption_col), ("--key-col", key_col)):
+        if col is not None and col not in columns:
+            raise ValueError(f"{path}: no column {col!r} for {name}; the columns are {columns}")
+    skipped: Counter = Counter()
+    records: dict[str, Record] = {}
+    for i, row in enumerate(rows):
+        img = str(row.get(image_col) or "").strip()
+        if not img:
+            skipped["missing_image"] += 1
+            continue
+        img_path = Path(img) if os.path.isabs(img) else path.parent / img
+        caption = clean_caption(str(row.get(caption_col) or ""))
+        if not caption:
+            skipped["empty_caption"] += 1
+            continue
+        key = sanitize_key(str(row[key_col]) if key_col else Path(img).with_suffix("").as_posix())
+        if key in records:
+            skipped["duplicate_key"] += 1
+            continue
+        records[key] = Record(key, str(img_path), caption, {"source": img, "row": i})
+    return sorted(records.values(), key=lambda r: r.key), skipped
+
+
+def encode_image(im: Any, fmt: str) -> tuple[bytes, str]:
+    buf = io.BytesIO()
+    if fmt == "jpg":
+        im.save(buf, format="JPEG", quality=95)
+    else:
+        im.save(buf, format="PNG", optimize=False)
+    return buf.getvalue(), fmt
+
+
+def process_file(
+    rec: Record,
+    image_size: int | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    fmt: str = "jpg",
+    max_caption_chars: int = 4096,
+) -> Processed:
+    """Read, check and (optionally) resize one image file into a Sample."""
+    try:
+        data = Path(rec.source).read_bytes()
+    except OSError as e:
+        return ("unreadable_file", f"{rec.source}: {e}")
+    try:
+        im, facts = decode_image(data, max_pixels)
+    except SampleError as e:
+        return (e.reason, f"{rec.source}: {e}")
+    meta = dict(rec.meta, key=rec.key, original_width=facts["width"], original_height=facts["height"])
+    if image_size:
+        im = crop_resize(im, image_size)
+        image, ext = encode_image(im, fmt)
+    elif facts["format"] in ("JPEG", "PNG") and facts["mode"] == "RGB":
+        image, ext = data, "jpg" if facts["format"] == "JPEG" else "png"  # no re-encoding loss
+    else:
+        image, ext = encode_image(im, fmt)
+    caption = rec.caption
+    if len(caption) > max_caption_chars:
+        caption, meta["caption_truncated"] = caption[:max_caption_chars], True
+    meta.update(caption=caption, width=im.size[0], height=im.size[1])
+    return Sample(rec.key, image, ext, caption, meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+
+
+def fingerprint(records: Sequence[Record], options: dict[str, Any], extra: Iterable[Any] = ()) -> str:
+    """Identifies a job: its records (and their files' sizes and times), options, and anything else."""
+    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for r in records:
+        try:
+            st = os.stat(r.source)
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:
+            stamp = "-"
+        h.update(f"{r.key}\0{r.source}\0{stamp}\0{r.caption}\n".encode())
+    for x in extra:
+        h.update(repr(x).encode())
+    return h.hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _split_dirs(out: Path, val_fraction: float) -> dict[str, Path]:
+    return {"train": out} if val_fraction <= 0 else {"train": out / "train", "val": out / "val"}
+
+
+def _ours(d: Path, pattern: re.Pattern[str]) -> list[Path]:
+    return sorted(p for p in d.glob("*") if pattern.match(p.name)) if d.is_dir() else []
+
+
+def _prepare_output(out: Path, dirs: dict[str, Path], fp: str, overwrite: bool) -> dict[str, Any] | None:
+    """Decide between finished / resume / fresh; returns the progress to resume from, if any."""
+    progress = _read_json(out / PROGRESS)
+    if progress is not None and progress.get("fingerprint") != fp:
+        progress = None
+    existing = [p for d in dirs.values() for p in _ours(d, SHARD_NAME)]
+    if progress is None and (existing or (out / SUMMARY).exists()) and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds shards from a different input or options; "
+            "pass --overwrite to replace them, or choose another --output"
+        )
+    for d in dirs.values():
+        for p in _ours(d, TMP_NAME):
+            p.unlink()
+    keep = set()
+    if progress is not None:
+        for split in progress["splits"].values():
+            keep.update(out / s["path"] for s in split["shards"])
+    for p in existing:
+        if p not in keep:
+            p.unlink()
+    (out / SUMMARY).unlink(missing_ok=True)
+    return progress
+
+
+def write_dataset(
+    records: Sequence[Record],
+    process: Callable[[Record], Processed],
+    out_dir: str | Path,
+    *,
+    shard_size: int = 1000,
+    val_fraction: float = 0.0,
+    workers: int = 1,
+    fp: str,
+    skipped: Counter | None = None,
+    options: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    desc: str = "shards",
+) -> dict[str, Any]:
+    """Process records (in ``workers`` processes) and write them as shards; returns the summary.
+
+    With ``val_fraction`` > 0 samples go to ``out_dir/train`` and ``out_dir/val`` by key; otherwise
+    to ``out_dir``. ``skipped`` holds counts of records already rejected while listing them.
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dirs = _split_dirs(out, val_fraction)
+    summary = _read_json(out / SUMMARY)
+    if summary is not None and summary.get("fingerprint") == fp and not overwrite:
+        if all((out / s["path"]).is_file() for s in summary["shards"]):
+            log.info("%s is complete (%d samples); nothing to do", out, summary["written"])
+            return summary
+        overwrite = True  # the same job, with shards lost since: write it again
+    progress = _prepare_output(out, dirs, fp, overwrite) or {
+        "fingerprint": fp,
+        "listing_skipped": dict(skipped or {}),
+        "splits": {s: {"shards": [], "next_record": 0, "written": 0, "skipped": {}} for s in dirs},
+    }
+    by_split: dict[str, list[Record]] = {s: [] for s in dirs}
+    for r in records:
+        by_split[split_of(r.key, val_fraction)].append(r)
+    todo = sum(len(v) - progress["splits"][s]["next_record"] for s, v in by_split.items())
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        with tqdm(total=todo, desc=desc, unit="img", dynamic_ncols=True, disable=None) as bar:
+            for split, recs in by_split.items():
+                _write_split(recs, process, out, dirs[split], split, progress, shard_size, pool, bar)
+    finally:
+        if pool is not None:
+            pool.terminate()
+    summary = _summarize(out, progress, options or {})
+    atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
+    (out / PROGRESS).unlink(missing_ok=True)
+    return summary
+
+
+def _write_split(
+    recs: list[Record],
+    process: Callable[[Record], Processed],
+    out: Path,
+    d: Path,
+    split: str,
+    progress: dict[str, Any],
+    shard_size: int,
+    pool: Any,
+    bar: tqdm,
+) -> None:
+    state = progress["splits"][split]
+    skipped = Counter(state["skipped"])
+    pending = {"next": state["next_record"], "written": 0}
+
+    def on_shard(path: Path, count: int) -> None:
+        state["shards"].append({"path": str(path.relative_to(out)), "count": count})
+        state.update(next_record=pending["next"], written=state["written"] + count, skipped=dict(skipped))
+        atomic_write_text(out / PROGRESS, json.dumps(progress))
+
+    writer = ShardWriter(d, shard_size, start_index=len(state["shards"]), on_shard=on_shard)
+    todo = recs[state["next_record"] :]
+    results = pool.imap(process, todo, chunksize=8) if pool is not None else map(process, todo)
+    try:
+        for i, res in enumerate(results, start=state["next_record"]):
+            pending["next"] = i + 1
+            bar.update(1)
+            if isinstance(res, Sample):
+                writer.add(res)
+            else:
+                reason, detail = res
+                skipped[reason] += 1
+                log.debug("skipped %s: %s", reason, detail)
+        writer.finish_shard()
+    except BaseException:
+        writer.abort()
+        raise
+    if state["next_record"] != len(recs):  # the split ended with skipped records after its last shard
+        state.update(next_record=len(recs), skipped=dict(skipped))
+        atomic_write_text(out / PROGRESS, json.dumps(progress))
+
+
+def _summarize(out: Path, progress: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    skipped: Counter = Counter(progress["listing_skipped"])
+    shards: list[dict[str, Any]] = []
+    splits = {}
+    for name, s in progress["splits"].items():
+        skipped.update(s["skipped"])
+        shards.extend(s["shards"])
+        splits[name] = {"written": s["written"], "skipped": s["skipped"], "shards": len(s["shards"])}
+    return {
+        "written": sum(s["written"] for s in progress["splits"].values()),
+        "skipped": dict(sorted(skipped.items())),
+        "shards": shards,
+        "splits": splits,
+        "fingerprint": progress["fingerprint"],
+        "options": options,
+    }
+
+
+def make_shards(
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    shard_size: int = 1000,
+    image_size: int | None = None,
+    val_fraction: float = 0.0,
+    workers: int = 1,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    key_col: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    image_format: str = "jpg",
+    max_caption_chars: int = 4096,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Shard a folder of images with sidecar captions, or a CSV/TSV/parquet table. See the module doc."""
+    src = Path(input_path)
+    if src.is_dir():
+        records, skipped = list_folder(src)
+    elif src.is_file():
+        records, skipped = list_table(src, image_col, caption_col, key_col)
+    else:
+        raise FileNotFoundError(f"--input {src} is neither a folder nor a table file")
+    if image_format not in ("jpg", "png"):
+        raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    options = {
+        "input": str(src.resolve()),
+        "shard_size": shard_size,
+        "image_size": image_size,
+        "val_fraction": val_fraction,
+        "image_col": image_col,
+        "caption_col": caption_col,
+        "key_col": key_col,
+        "max_pixels": max_pixels,
+        "image_format": image_format,
+        "max_caption_chars": max_caption_chars,
+    }
+    process = partial(
+        process_file,
+        image_size=image_size,
+        max_pixels=max_pixels,
+        fmt=image_format,
+        max_caption_chars=max_caption_chars,
+    )
+    return write_dataset(
+        records,
+        process,
+        output,
+        shard_size=shard_size,
+        val_fraction=val_fraction,
+        workers=workers,
+        fp=fingerprint(records, options),
+        skipped=skipped,
+        options=options,
+        overwrite=overwrite,
+    )

@@ -1,0 +1,42 @@
+"""The main job on the embedded demo data: emoji shards -> tokenizer -> a loader batch preview.
+
+Usage: python launch/demo.py [--config configs/demo/demo.yaml] [key.sub=value ...]
+Finished stages are skipped, so a rerun after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from dalle_repro.config import ConfigError, cli_help, load_config
+from dalle_repro.demo import DemoConfig, run_demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", default="configs/demo/demo.yaml")
+    p.add_argument("-h", "--help", action="store_true")
+    a, overrides = p.parse_known_args(argv)
+    if a.help:
+        print(cli_help(DemoConfig, __doc__ or ""))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        cfg = load_config(DemoConfig, a.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    results = run_demo(cfg)
+    for name, r in results.items():
+        print(f"{name:10s} " + json.dumps({k: v for k, v in r.items() if k not in ("captions", "fingerprint")}))
+    print(f"\noutputs:\n  shards     {cfg.emoji.output}/train/*.tar, {cfg.emoji.output}/val/*.tar")
+    print(f"  summary    {cfg.emoji.output}/summary.json\n  tokenizer  {cfg.text.path}")
+    print(f"  preview    {results['preview']['preview']}\n  config     {cfg.out_dir}/config.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

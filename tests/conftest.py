@@ -1,0 +1,72 @@
+"""Shared fixtures: small data sets made on the spot (no downloads)."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dalle_repro.emoji import EMOJI_TEST_PATH, FONT_PATH
+
+
+def png_bytes(size: tuple[int, int] = (24, 20), mode: str = "RGB", seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A random image in the given mode, encoded."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode in ("I;16",):
+        im = Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
+    else:
+        im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB").convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_folder(root: Path, n: int, size: tuple[int, int] = (24, 20)) -> Path:
+    """``n`` captioned images ``img_000.png`` + ``img_000.txt`` in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"img_{i:03d}.png").write_bytes(png_bytes(size, seed=i))
+        (root / f"img_{i:03d}.txt").write_text(f"a picture number {i}")
+    return root
+
+
+needs_emoji = pytest.mark.skipif(
+    not (Path(FONT_PATH).is_file() and Path(EMOJI_TEST_PATH).is_file()),
+    reason="needs Debian's fonts-noto-color-emoji and unicode-data (tools/setup.sh installs them)",
+)
+
+
+@pytest.fixture(scope="session")
+def emoji_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small emoji data set: 96 emoji at 16x16, 8 per shard, 20% validation."""
+    if not (Path(FONT_PATH).is_file() and Path(EMOJI_TEST_PATH).is_file()):
+        pytest.skip("needs Debian's fonts-noto-color-emoji and unicode-data")
+    from dalle_repro.emoji import build_emoji_dataset
+
+    out = tmp_path_factory.mktemp("emoji")
+    build_emoji_dataset(out, image_size=16, shard_size=8, val_fraction=0.2, limit=96)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dalle_repro.tokenizer import save_tokenizer, train_from_shards
+
+    tok, _ = train_from_shards(sorted(str(p) for p in (emoji_dir / "train").glob("*.tar")), 600, progress=False)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    save_tokenizer(tok, path)
+    return path
+
+
+@pytest.fixture
+def copy_tree():
+    def _copy(src: Path, dst: Path) -> Path:
+        shutil.copytree(src, dst)
+        return dst
+
+    return _copy

@@ -1,0 +1,115 @@
+"""Layered config: defaults <- YAML <- overrides, and the errors for bad keys, types and ranges."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+import yaml
+
+from dalle_repro.config import ConfigError, arg, cli_help, load_config, save_config
+
+
+@dataclass
+class Inner:
+    """A nested section."""
+
+    depth: int = arg(4, "Layers.", gt=0)
+    rate: float = arg(0.5, "A rate.", ge=0, le=1)
+    kind: Literal["row", "column"] = arg("row", "A mask kind.")
+    sizes: tuple[int, ...] = arg((1, 2), "Some sizes.", gt=0)
+
+
+@dataclass
+class Outer:
+    """The top."""
+
+    name: str = arg("run", "Run name.")
+    flag: bool = arg(False, "A switch.")
+    path: str | None = arg(None, "Optional path.")
+    model: Inner = arg(factory=Inner, doc="The model.")
+
+
+def test_defaults_yaml_overrides_layer(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("name: from_yaml\nmodel:\n  depth: 8\n  rate: 0.25\n")
+    cfg = load_config(Outer, y, ["model.depth=2", "flag=true", "model.sizes=[3,4,5]"])
+    assert cfg.name == "from_yaml"
+    assert cfg.model.depth == 2  # override beats YAML
+    assert cfg.model.rate == 0.25  # YAML beats default
+    assert cfg.model.kind == "row"  # default
+    assert cfg.flag is True and cfg.model.sizes == (3, 4, 5)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (["model.depht=3"], ["model.depht", "did you mean model.depth"]),
+        (["nmae=x"], ["nmae", "did you mean name"]),
+        (["model.depth=abc"], ["model.depth", "'abc'", "int"]),
+        (["model.depth=0"], ["model.depth", "0", "> 0"]),
+        (["model.rate=1.5"], ["model.rate", "1.5", "<= 1"]),
+        (["model.kind=diagonal"], ["model.kind", "diagonal", "'row'", "'column'"]),
+        (["flag=1"], ["flag", "bool"]),
+        (["model.sizes=[1,-2]"], ["model.sizes", "-2", "> 0"]),
+        (["model=3"], ["model", "mapping"]),
+        (["model.depth"], ["model.depth", "key.sub=value"]),
+    ],
+)
+def test_bad_values_name_the_dotted_key(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(Outer, None, override)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_int_accepted_for_float_and_bool_not_for_int():
+    assert load_config(Outer, None, ["model.rate=1"]).model.rate == 1.0
+    with pytest.raises(ConfigError):
+        load_config(Outer, None, ["model.depth=true"])
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(Outer, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(Outer, bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Outer, listy)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(Outer, None, ["model.depth=7", "path=/x"])
+    path = save_config(cfg, tmp_path / "run")
+    again = load_config(Outer, path)
+    assert again == cfg
+    assert yaml.safe_load(path.read_text())["model"]["depth"] == 7
+
+
+def test_help_lists_every_key_with_doc():
+    text = cli_help(Outer, "usage: x")
+    for key in ("name", "flag", "path", "model.depth", "model.rate", "model.kind", "model.sizes"):
+        assert f"  {key} (" in text
+    assert "Layers." in text and "[> 0]" in text
+
+
+def test_arg_refuses_undocumented_and_mutable_defaults():
+    with pytest.raises(TypeError):
+        arg(1)
+    with pytest.raises(TypeError):
+        arg([1], "a list")
+
+
+def test_every_shipped_config_validates():
+    from pathlib import Path
+
+    from dalle_repro.demo import DemoConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfg = load_config(DemoConfig, root / "demo" / "demo.yaml")
+    assert cfg.text.text_len == 64

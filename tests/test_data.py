@@ -1,0 +1,178 @@
+"""The loader: shard specs, splitting across ranks and workers, exact resume, and bad shards."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import png_bytes
+
+from dalle_repro.data import DataArgs, Loader, Shard, expand_shards, split_key
+from dalle_repro.shards import Sample, ShardWriter
+from dalle_repro.tokenizer import TextTokenizer
+
+
+def write_shards(d: Path, n_shards: int, per_shard: int, size=(20, 16)) -> list[str]:
+    w = ShardWriter(d, per_shard)
+    for i in range(n_shards * per_shard):
+        w.add(Sample(f"s{i:04d}", png_bytes(size, seed=i), "png", f"caption {i}", {}))
+    return sorted(str(p) for p in d.glob("*.tar"))
+
+
+def args(**kw) -> DataArgs:
+    base = dict(image_size=8, batch_size=3, num_workers=0, shuffle=True, seed=1)
+    return DataArgs(**(base | kw))
+
+
+def take(loader: Loader, n: int) -> list[dict]:
+    out = []
+    for b in loader:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def test_expand_shards_forms(tmp_path):
+    paths = write_shards(tmp_path, 3, 2)
+    assert expand_shards(str(tmp_path / "*.tar")) == paths
+    assert expand_shards(str(tmp_path / "{00000..00002}.tar")) == paths
+    assert expand_shards(",".join(paths)) == paths
+    lst = tmp_path / "list.txt"
+    lst.write_text("# shards\n00000.tar\n00001.tar\n\n" + paths[2] + "\n")
+    assert expand_shards(str(lst)) == paths
+    with pytest.raises(ValueError, match="matches no file"):
+        expand_shards(str(tmp_path / "nope*.tar"))
+    with pytest.raises(ValueError, match="none of the"):
+        expand_shards(str(tmp_path / "x{0..2}.tar"))
+
+
+def test_split_key_is_webdataset_rule():
+    assert split_key("a/b/000123.jpg") == ("a/b/000123", "jpg")
+    assert split_key("k.seg.PNG") == ("k", "seg.png")
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_two_ranks_two_workers_one_epoch_no_dup_no_gap(tmp_path, shuffle):
+    paths = write_shards(tmp_path, 8, 5)
+    seen: Counter = Counter()
+    for rank in range(2):
+        loader = Loader(paths, args(num_workers=2, shuffle=shuffle), rank=rank, world_size=2, epochs=1)
+        for b in loader:
+            seen.update(b["key"])
+            assert b["image"].shape[1:] == (3, 8, 8) and b["image"].dtype == torch.uint8
+    assert seen == Counter({f"s{i:04d}": 1 for i in range(40)})
+
+
+def test_streams_go_on_across_epochs(tmp_path):
+    paths = write_shards(tmp_path, 2, 3)
+    loader = Loader(paths, args(batch_size=4, shuffle=False))
+    keys = [k for b in take(loader, 3) for k in b["key"]]
+    assert len(keys) == 12 and Counter(keys) == Counter({f"s{i:04d}": 2 for i in range(6)})
+    assert loader.positions[0] | {"errors": {}} == {"epoch": 1, "shard_pos": 1, "sample_pos": 3, "errors": {}}
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_continues_exactly(tmp_path, workers, tokenizer_path):
+    paths = write_shards(tmp_path, 6, 5)
+    tok = TextTokenizer(tokenizer_path, 12)
+    a = args(num_workers=workers, crop="random")
+    full = take(Loader(paths, a, tok, text_dropout=0.3), 12)
+    first = Loader(paths, a, tok, text_dropout=0.3)
+    head = take(first, 5)
+    state = first.state_dict()
+    second = Loader(paths, a, tok, text_dropout=0.3)
+    second.load_state_dict(state)
+    tail = take(second, 7)
+    for x, y in zip(full, head + tail, strict=True):
+        assert x["key"] == y["key"]
+        assert torch.equal(x["image"], y["image"])  # same random crops
+        assert torch.equal(x["text"], y["text"])  # same BPE-dropout splits
+
+
+def test_resume_refuses_a_different_layout(tmp_path):
+    paths = write_shards(tmp_path, 4, 2)
+    a = Loader(paths, args(), rank=0, world_size=2)
+    take(a, 1)
+    b = Loader(paths, args(num_workers=1), rank=0, world_size=2)
+    with pytest.raises(ValueError, match="num_workers"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_too_few_shards_is_a_clear_error(tmp_path):
+    paths = write_shards(tmp_path, 2, 2)
+    with pytest.raises(ValueError, match="2 shards cannot feed 2 ranks x 2 workers"):
+        Loader(paths, args(num_workers=2), world_size=2)
+
+
+def _append_member(path: Path, name: str, data: bytes) -> None:
+    with tarfile.open(path, "a") as t:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_and_shards_are_skipped_and_counted(tmp_path):
+    paths = write_shards(tmp_path, 3, 4)
+    _append_member(Path(paths[0]), "zzz_text.png", b"not an image")
+    _append_member(Path(paths[0]), "zzz_text.txt", b"cap")
+    _append_member(Path(paths[0]), "zzz_empty.jpg", b"")
+    _append_member(Path(paths[0]), "zzz_empty.txt", b"cap")
+    _append_member(Path(paths[0]), "zzz_noimg.txt", b"only a caption")
+    data = Path(paths[1]).read_bytes()
+    Path(paths[1]).write_bytes(data[: len(data) // 2])  # truncated: the first samples survive
+    broken = tmp_path / "99999.tar"
+    broken.write_bytes(b"\0garbage" * 10)
+    loader = Loader(paths + [str(broken)], args(batch_size=2, shuffle=False), epochs=1)
+    keys = [k for b in loader for k in b["key"]]
+    survivors = len(Shard(paths[1]))
+    assert 0 < survivors < 4
+    assert len(keys) == 4 + survivors + 4
+    assert loader.errors["not_an_image"] == 1 and loader.errors["empty_file"] == 1
+    assert loader.errors["missing_image"] == 1 and loader.errors["truncated_shard"] == 1
+    assert loader.errors["unreadable_shard"] == 1
+
+
+def test_a_shard_list_with_nothing_usable_fails_loudly(tmp_path):
+    bad = tmp_path / "00000.tar"
+    bad.write_bytes(b"not a tar")
+    loader = Loader([str(bad)], args())
+    with pytest.raises(RuntimeError, match="no usable sample"):
+        take(loader, 1)
+
+
+def test_token_shards(tmp_path):
+    w = ShardWriter(tmp_path, 4)
+    grids = {}
+    for i in range(4):
+        g = np.random.default_rng(i).integers(0, 8192, (4, 4)).astype(np.uint16)
+        grids[f"t{i}"] = g
+        buf = io.BytesIO()
+        np.save(buf, g)
+        w.add(Sample(f"t{i}", buf.getvalue(), "tokens", f"caption {i}", {}))
+    loader = Loader(str(tmp_path / "*.tar"), args(kind="tokens", batch_size=4), epochs=1)
+    (b,) = list(loader)
+    for k, t in zip(b["key"], b["image_tokens"], strict=True):
+        assert t.dtype == torch.long and np.array_equal(t.numpy(), grids[k])
+    assert "image" not in b
+
+
+def test_img2dataset_layout_is_read(tmp_path):
+    """img2dataset writes numeric keys, a .json and sidecar files beside the tar: all fine."""
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as t:
+        for i in range(3):
+            for ext, data in (("jpg", png_bytes(seed=i, fmt="JPEG")), ("txt", b"cap"), ("json", b"{}")):
+                info = tarfile.TarInfo(f"00000000{i}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    (tmp_path / "00000.parquet").write_bytes(b"x")
+    (tmp_path / "00000_stats.json").write_text("{}")
+    loader = Loader(str(tmp_path / "*.tar"), args(batch_size=3), epochs=1)
+    (b,) = list(loader)
+    assert sorted(b["key"]) == ["000000000", "000000001", "000000002"]

@@ -1,0 +1,256 @@
+"""Sharding: each input kind, every bad-input class, atomic writes and resuming a killed run."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import struct
+import tarfile
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_folder, png_bytes
+from PIL import Image
+
+from dalle_repro.data import decode_image, expand_shards, iter_shard_samples
+from dalle_repro.shards import Record, ShardWriter, make_shards, process_file, sanitize_key, split_of, write_dataset
+
+
+def keys_in(out: Path) -> list[str]:
+    return [k for k, _ in iter_shard_samples(sorted(str(p) for p in out.rglob("*.tar")))]
+
+
+def test_folder_input_layout_and_summary(tmp_path):
+    src = make_folder(tmp_path / "src", 10)
+    s = make_shards(src, tmp_path / "out", shard_size=4)
+    assert s["written"] == 10 and s["skipped"] == {}
+    assert [x["count"] for x in s["shards"]] == [4, 4, 2]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    with tarfile.open(tmp_path / "out" / "00000.tar") as t:
+        names = t.getnames()
+    assert names[:3] == ["img_000.png", "img_000.txt", "img_000.json"]
+    samples = dict(iter_shard_samples([str(tmp_path / "out" / "00000.tar")]))
+    assert samples["img_001"]["txt"] == b"a picture number 1"
+    meta = json.loads(samples["img_001"]["json"])
+    assert meta["key"] == "img_001" and meta["width"] == 24 and meta["height"] == 20
+    # no resize asked and the input is an RGB PNG: the bytes are kept as they were
+    assert samples["img_001"]["png"] == (src / "img_001.png").read_bytes()
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert on_disk["written"] == 10 and len(on_disk["shards"]) == 3
+
+
+@pytest.mark.parametrize("kind", ["csv", "tsv", "parquet"])
+def test_table_inputs(tmp_path, kind):
+    src = make_folder(tmp_path / "imgs", 6)
+    rows = [{"file": f"imgs/img_{i:03d}.png", "text": f"caption {i}", "id": f"k{i}"} for i in range(6)]
+    table = tmp_path / f"t.{kind}"
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), table)
+    else:
+        with open(table, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "text", "id"], delimiter="\t" if kind == "tsv" else ",")
+            w.writeheader()
+            w.writerows(rows)
+    s = make_shards(table, tmp_path / "out", image_col="file", caption_col="text", key_col="id", image_size=8)
+    assert s["written"] == 6
+    got = dict(iter_shard_samples(expand_shards(str(tmp_path / "out" / "*.tar"))))
+    assert sorted(got) == [f"k{i}" for i in range(6)]
+    assert got["k3"]["txt"] == b"caption 3"
+    im, _ = decode_image(got["k3"]["jpg"])
+    assert im.size == (8, 8)
+    assert src.exists()
+
+
+def test_table_with_wrong_column_names_the_column(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("path,caption\nx.png,hi\n")
+    with pytest.raises(ValueError, match="no column 'image'.*columns are"):
+        make_shards(table, tmp_path / "out")
+
+
+def _truncated_png() -> bytes:
+    return png_bytes((40, 40), seed=3)[:-60]
+
+
+def _bomb_png(w: int = 30000, h: int = 30000) -> bytes:
+    """A tiny PNG whose header claims w x h pixels (never decoded: rejected by size)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def test_every_bad_input_is_skipped_and_counted(tmp_path):
+    src = make_folder(tmp_path / "src", 3)
+    bad = {
+        "trunc.png": _truncated_png(),
+        "notimg.jpg": b"this is plain text, not a JPEG",
+        "zero.png": b"",
+        "bomb.png": _bomb_png(),
+    }
+    for name, data in bad.items():
+        (src / name).write_bytes(data)
+        (src / name).with_suffix(".txt").write_text("a caption")
+    (src / "nocap.png").write_bytes(png_bytes(seed=9))
+    (src / "blank.png").write_bytes(png_bytes(seed=10))
+    (src / "blank.txt").write_text("   \n\t ")
+    (src / "img_000.jpg").write_bytes(png_bytes(seed=11, fmt="JPEG"))  # same key as img_000.png
+    (src / "img_000.jpg").with_suffix(".txt").write_text("dup")
+    s = make_shards(src, tmp_path / "out", max_pixels=10_000_000)
+    assert s["written"] == 3
+    assert s["skipped"] == {
+        "corrupt_image": 1,
+        "not_an_image": 1,
+        "empty_file": 1,
+        "image_bomb": 1,
+        "missing_caption": 1,
+        "empty_caption": 1,
+        "duplicate_key": 1,
+    }
+    assert sorted(keys_in(tmp_path / "out")) == ["img_000", "img_001", "img_002"]
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "PA", "RGBA", "CMYK", "I;16", "I", "F", "1", "YCbCr", "RGBX"])
+def test_odd_modes_become_rgb(mode):
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8), "RGB")
+    if mode == "I;16":
+        im = Image.fromarray(rng.integers(0, 65535, (12, 10), dtype=np.uint16))
+    elif mode == "F":
+        im = Image.fromarray(rng.random((12, 10), dtype=np.float32))
+    elif mode == "P":
+        im = base.convert("P")
+        im.info["transparency"] = 0
+    else:
+        im = base.convert(mode)
+    fmt = {"CMYK": "JPEG", "YCbCr": "JPEG", "F": "TIFF", "I": "TIFF", "PA": "PNG"}.get(mode, "PNG")
+    if mode == "PA":
+        im = base.convert("P").convert("PA")
+    buf = io.BytesIO()
+    try:
+        im.save(buf, format=fmt, **({"transparency": 0} if mode == "P" else {}))
+    except (OSError, ValueError, KeyError):
+        buf = io.BytesIO()
+        im.save(buf, format="TIFF")
+    out, facts = decode_image(buf.getvalue())
+    assert facts["mode"] == mode or mode in ("YCbCr", "RGBX")  # the odd mode really was decoded
+    assert out.mode == "RGB" and out.size == (10, 12)
+
+
+def test_transparent_pixels_become_white():
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.putpixel((0, 0), (0, 0, 255, 255))
+    buf = io.BytesIO()
+    rgba.save(buf, format="PNG")
+    out, _ = decode_image(buf.getvalue())
+    assert out.getpixel((1, 1)) == (255, 255, 255) and out.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_val_split_is_deterministic_by_key(tmp_path):
+    src = make_folder(tmp_path / "src", 40)
+    s = make_shards(src, tmp_path / "out", val_fraction=0.25, shard_size=5)
+    train, val = keys_in(tmp_path / "out" / "train"), keys_in(tmp_path / "out" / "val")
+    assert len(train) + len(val) == 40 and not set(train) & set(val)
+    assert set(val) == {f"img_{i:03d}" for i in range(40) if split_of(f"img_{i:03d}", 0.25) == "val"}
+    assert 0 < len(val) < 40 and s["splits"]["val"]["written"] == len(val)
+
+
+def test_rerun_of_finished_job_is_a_noop_and_foreign_output_is_refused(tmp_path):
+    src = make_folder(tmp_path / "src", 5)
+    make_shards(src, tmp_path / "out", shard_size=2)
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")}
+    make_shards(src, tmp_path / "out", shard_size=2)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.tar")} == mtimes
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        make_shards(src, tmp_path / "out", shard_size=3)
+    s = make_shards(src, tmp_path / "out", shard_size=3, overwrite=True)
+    assert [x["count"] for x in s["shards"]] == [3, 2]
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["00000.tar", "00001.tar"]
+
+
+class Crash(Exception):
+    pass
+
+
+class CrashAfter:
+    """A process function that dies after ``n`` records, as a killed run would."""
+
+    def __init__(self, n: int, inner):
+        self.n, self.inner, self.seen = n, inner, 0
+
+    def __call__(self, rec):
+        if self.seen == self.n:
+            raise Crash
+        self.seen += 1
+        return self.inner(rec)
+
+
+def test_killed_run_resumes_to_the_same_shards(tmp_path):
+    recs = [
+        Record(f"k{i:03d}", str(p), f"cap {i}")
+        for i, p in enumerate(sorted(make_folder(tmp_path / "s", 23).glob("*.png")))
+    ]
+    recs.insert(5, Record("bad", str(tmp_path / "missing.png"), "gone"))
+    kw = dict(shard_size=4, val_fraction=0.3, fp="x")
+    clean = write_dataset(recs, process_file, tmp_path / "clean", **kw)
+    with pytest.raises(Crash):
+        write_dataset(recs, CrashAfter(13, process_file), tmp_path / "out", **kw)
+    finals = list((tmp_path / "out").rglob("*.tar"))
+    assert finals and not (tmp_path / "out" / "summary.json").exists()
+    assert not list((tmp_path / "out").rglob("*.tmp*"))  # the open shard was dropped, not renamed
+    # a kill -9 leaves a temporary file behind: the rerun must clean it
+    (tmp_path / "out" / "train" / "00009.tar.tmp123").write_bytes(b"half a shard")
+    resumed = write_dataset(recs, process_file, tmp_path / "out", **kw)
+    assert resumed["written"] == clean["written"] == 23 and resumed["skipped"] == clean["skipped"] == {
+        "unreadable_file": 1
+    }
+    assert resumed["shards"] == clean["shards"]
+    for s in clean["shards"]:  # byte-identical shards
+        assert (tmp_path / "out" / s["path"]).read_bytes() == (tmp_path / "clean" / s["path"]).read_bytes()
+    assert not list((tmp_path / "out").rglob("*.tmp*"))
+    assert Counter(keys_in(tmp_path / "out")) == Counter(keys_in(tmp_path / "clean"))
+
+
+def test_writer_never_shows_a_partial_shard(tmp_path):
+    w = ShardWriter(tmp_path, shard_size=3)
+    from dalle_repro.shards import Sample
+
+    for i in range(2):
+        w.add(Sample(f"k{i}", png_bytes(seed=i), "png", "c", {}))
+    assert not list(tmp_path.glob("*.tar"))  # still under a temporary name
+    w.abort()
+    assert not list(tmp_path.iterdir())
+
+
+def test_long_and_control_captions_are_cleaned(tmp_path):
+    src = make_folder(tmp_path / "src", 2)
+    (src / "img_000.txt").write_bytes(b"a\x00b\x07c \xff\xfe end\n\n")
+    (src / "img_001.txt").write_text("x" * 100_000)
+    s = make_shards(src, tmp_path / "out", max_caption_chars=1000)
+    assert s["written"] == 2
+    got = dict(iter_shard_samples([str(tmp_path / "out" / "00000.tar")]))
+    assert got["img_000"]["txt"].decode() == "a b c \ufffd\ufffd end"
+    assert len(got["img_001"]["txt"]) == 1000 and json.loads(got["img_001"]["json"])["caption_truncated"]
+
+
+def test_sanitize_key():
+    assert sanitize_key("dir/sub/a.b c") == "dir_sub_a_b_c"
+    assert "." not in sanitize_key("...") and sanitize_key("...")
+
+
+def test_parallel_workers_write_the_same_shards(tmp_path):
+    src = make_folder(tmp_path / "src", 12)
+    a = make_shards(src, tmp_path / "a", shard_size=5, image_size=8)
+    b = make_shards(src, tmp_path / "b", shard_size=5, image_size=8, workers=2)
+    assert a["shards"] == b["shards"]
+    for s in a["shards"]:
+        assert (tmp_path / "a" / s["path"]).read_bytes() == (tmp_path / "b" / s["path"]).read_bytes()

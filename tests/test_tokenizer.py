@@ -1,0 +1,94 @@
+"""Tokenizer: round trip, padding convention, truncation, and seeded BPE dropout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dalle_repro.tokenizer import TextTokenizer, train_bpe
+
+CAPTIONS = [
+    "red apple",
+    "green apple",
+    "woman astronaut: medium skin tone",
+    "man astronaut: dark skin tone",
+    "grinning face with big eyes",
+    "smiling face with smiling eyes",
+    "flag: united states",
+    "Red Heart",
+] * 5
+
+
+@pytest.fixture(scope="module")
+def tok() -> TextTokenizer:
+    return TextTokenizer(train_bpe(CAPTIONS, vocab_size=400), text_len=16)
+
+
+def test_round_trip_lowercases(tok):
+    for c in ["red apple", "Woman Astronaut: medium skin tone", "naïve café ☕ 🍎", "x" * 3]:
+        ids = tok.encode(c)
+        assert len(ids) == 16
+        if len(tok.bpe_ids(c)) <= 16:
+            assert tok.decode(ids) == c.lower()
+
+
+def test_pads_are_one_per_position(tok):
+    ids = tok.encode("red apple")
+    n = len(tok.bpe_ids("red apple"))
+    assert ids[n:] == [tok.bpe_vocab_size + i for i in range(n, 16)]
+    assert max(ids) < tok.vocab_size == tok.bpe_vocab_size + 16
+    assert all(i < tok.bpe_vocab_size for i in ids[:n])
+    empty = tok.encode("")
+    assert empty == [tok.bpe_vocab_size + i for i in range(16)]
+
+
+def test_truncation(tok):
+    long = "smiling face with smiling eyes " * 20
+    ids = tok.encode(long)
+    assert len(ids) == 16 and all(i < tok.bpe_vocab_size for i in ids)
+    assert ids == tok.bpe_ids(long)[:16]
+
+
+def test_own_bpe_equals_tokenizers_without_dropout(tok):
+    rng = np.random.default_rng(0)
+    for c in CAPTIONS + ["unseen words: zebra crossing", "ÄÖÜ ß 1234", "emoji 🍎👩🏽‍🚀", "a  b\tc"]:
+        hf = tok.tok.encode(c).ids
+        text = tok.tok.normalizer.normalize_str(c)
+        ours = [i for w, _ in tok.tok.pre_tokenizer.pre_tokenize_str(text) for i in tok._bpe_word(w, 0.0, rng)]
+        assert ours == hf, c
+
+
+def test_dropout_is_seeded_and_changes_splits(tok):
+    c = "woman astronaut: medium skin tone"
+    a = tok.encode(c, 0.5, np.random.default_rng(7))
+    b = tok.encode(c, 0.5, np.random.default_rng(7))
+    assert a == b
+    assert tok.decode(tok.bpe_ids(c, 0.5, np.random.default_rng(3))) == c  # any split decodes to the text
+    splits = {tuple(tok.encode(c, 0.5, np.random.default_rng(s))) for s in range(20)}
+    assert len(splits) > 1
+    assert len(tok.bpe_ids(c, 0.5, np.random.default_rng(0))) > len(tok.bpe_ids(c))  # finer on average
+    full = tok.bpe_ids(c, 0.999, np.random.default_rng(0))
+    assert len(full) == len(c.encode())  # almost every merge dropped: bytes
+
+
+def test_batch_and_errors(tok, tmp_path):
+    t = tok.encode_batch(["red apple", "green apple"])
+    assert t.shape == (2, 16) and t.dtype.is_floating_point is False
+    with pytest.raises(ValueError, match="one rng per caption"):
+        tok.encode_batch(["a"], 0.1)
+    with pytest.raises(TypeError):
+        tok.encode(b"bytes")  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match="train_tokenizer"):
+        TextTokenizer(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ValueError, match="bad.json"):
+        TextTokenizer(bad)
+
+
+def test_save_and_load(tok, tmp_path):
+    from dalle_repro.tokenizer import save_tokenizer
+
+    save_tokenizer(tok.tok, tmp_path / "t.json")
+    again = TextTokenizer(tmp_path / "t.json", 16)
+    assert again.encode("red apple") == tok.encode("red apple")
