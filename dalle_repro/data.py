@@ -379,7 +379,7 @@ class ShardStream(IterableDataset):
             np.random.default_rng(_seed(self.args.seed, "shards", epoch)).shuffle(idx)
         return idx
 
-    def _decode(self, key: str, members: dict[str, bytes], rng: np.random.Generator) -> dict[str, Any]:
+    def _decode(self, key: str, members: dict[str, bytes], where: tuple[int, ...]) -> dict[str, Any]:
         a = self.args
         caption = clean_caption(members.get("txt", b""), a.max_caption_chars)
         out: dict[str, Any] = {"key": key, "caption": caption}
@@ -392,11 +392,12 @@ class ShardStream(IterableDataset):
         if ext is None:
             raise SampleError("missing_image", key)
         im, _ = decode_image(members[ext], a.max_pixels)
+        rng = np.random.default_rng(_seed(a.seed, "crop", *where)) if a.crop == "random" else None
         im = crop_resize(im, a.image_size, a.crop, rng, a.random_crop_min)
         out["image"] = image_to_tensor(im)
         return out
 
-    def _collate(self, items: list[dict[str, Any]], rngs: list[np.random.Generator]) -> dict[str, Any]:
+    def _collate(self, items: list[dict[str, Any]], wheres: list[tuple[int, ...]]) -> dict[str, Any]:
         batch: dict[str, Any] = {"key": [x["key"] for x in items], "caption": [x["caption"] for x in items]}
         for name in ("image", "image_tokens"):
             if name in items[0]:
@@ -405,6 +406,9 @@ class ShardStream(IterableDataset):
                     raise ValueError(f"{name} shapes differ within a batch: {sorted(shapes)}")
                 batch[name] = torch.stack([x[name] for x in items])
         if self.tokenizer is not None:
+            rngs = None
+            if self.text_dropout > 0:  # generators cost ~30 us each: made only when used
+                rngs = [np.random.default_rng(_seed(self.args.seed, "bpe", *w)) for w in wheres]
             batch["text"] = self.tokenizer.encode_batch(batch["caption"], self.text_dropout, rngs)
         return batch
 
@@ -414,7 +418,7 @@ class ShardStream(IterableDataset):
         pos = dict(self.start.get(logical) or fresh_position())
         errors = Counter(pos["errors"])
         items: list[dict[str, Any]] = []
-        rngs: list[np.random.Generator] = []
+        wheres: list[tuple[int, ...]] = []  # (epoch, shard, sample): what seeds a sample's randomness
         while self.epochs is None or pos["epoch"] < self.epochs:
             epoch = pos["epoch"]
             mine = self._order(epoch)[g::G]
@@ -437,10 +441,9 @@ class ShardStream(IterableDataset):
                     if self.args.shuffle:
                         np.random.default_rng(_seed(self.args.seed, "samples", epoch, shard_idx)).shuffle(order)
                     for j in range(pos["sample_pos"], len(shard)):
-                        rng = np.random.default_rng(_seed(self.args.seed, "sample", epoch, shard_idx, j))
                         try:
-                            items.append(self._decode(*shard.read(int(order[j])), rng))
-                            rngs.append(rng)
+                            items.append(self._decode(*shard.read(int(order[j])), (epoch, shard_idx, j)))
+                            wheres.append((epoch, shard_idx, j))
                             good_in_epoch += 1
                         except SampleError as e:
                             errors[e.reason] += 1
@@ -448,8 +451,8 @@ class ShardStream(IterableDataset):
                         pos.update(shard_pos=sp, sample_pos=j + 1)
                         if len(items) == self.args.batch_size:
                             pos["errors"] = dict(errors)
-                            yield logical, self._collate(items, rngs), dict(pos)
-                            items, rngs = [], []
+                            yield logical, self._collate(items, wheres), dict(pos)
+                            items, wheres = [], []
                 pos.update(shard_pos=sp + 1, sample_pos=0)
             pos.update(epoch=epoch + 1, shard_pos=0, sample_pos=0)
             if whole_epoch and good_in_epoch == 0 and self.epochs is None:
@@ -457,7 +460,7 @@ class ShardStream(IterableDataset):
                 raise RuntimeError(f"reader {g} of {G} got no usable sample in epoch {epoch} from shards {names}")
         # The last, partial batch; None when there is none, so the final error counts still arrive.
         pos["errors"] = dict(errors)
-        yield logical, (self._collate(items, rngs) if items else None), dict(pos)
+        yield logical, (self._collate(items, wheres) if items else None), dict(pos)
 
     def __iter__(self) -> Iterator[tuple[int, dict[str, Any], dict[str, Any]]]:
         info = get_worker_info()

@@ -36,6 +36,7 @@ class EmojiArgs:
     shard_size: int = arg(256, "Samples per shard.", gt=0)
     val_fraction: float = arg(0.05, "Fraction of emoji held out for validation, by key.", gt=0, lt=1)
     workers: int = arg(2, "Rendering processes.", gt=0)
+    limit: int | None = arg(None, "Render only this many emoji, spread over all groups (quick runs); null: all.", gt=0)
 
 
 @dataclass
@@ -64,7 +65,12 @@ def _fingerprint(*parts: Any) -> str:
 def stage_emoji(cfg: DemoConfig) -> dict[str, Any]:
     e = cfg.emoji
     s = build_emoji_dataset(
-        e.output, image_size=e.image_size, shard_size=e.shard_size, val_fraction=e.val_fraction, workers=e.workers
+        e.output,
+        image_size=e.image_size,
+        shard_size=e.shard_size,
+        val_fraction=e.val_fraction,
+        workers=e.workers,
+        limit=e.limit,
     )
     return {"written": s["written"], "skipped": s["skipped"], "splits": s["splits"], "fingerprint": s["fingerprint"]}
 

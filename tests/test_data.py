@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import png_bytes
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from dalle_repro.data import DataArgs, Loader, Shard, expand_shards, split_key
+from dalle_repro.data import DataArgs, Loader, SampleError, Shard, clean_caption, decode_image, expand_shards, split_key
 from dalle_repro.shards import Sample, ShardWriter
 from dalle_repro.tokenizer import TextTokenizer
 
@@ -176,3 +178,29 @@ def test_img2dataset_layout_is_read(tmp_path):
     loader = Loader(str(tmp_path / "*.tar"), args(batch_size=3), epochs=1)
     (b,) = list(loader)
     assert sorted(b["key"]) == ["000000000", "000000001", "000000002"]
+
+
+# ------------------------------------------------------------------------------------------
+# Fuzzing: only the documented exception leaves the decode path.
+
+_VALID = png_bytes((6, 5), seed=0)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(st.binary(max_size=400), st.binary(max_size=200).map(lambda b: _VALID[:40] + b)))
+def test_fuzz_image_bytes_raise_only_sample_error(data):
+    try:
+        im, _ = decode_image(data, max_pixels=10_000)
+    except SampleError as e:
+        assert e.reason in {"empty_file", "not_an_image", "image_bomb", "corrupt_image", "unsupported_mode"}
+    else:
+        assert im.mode == "RGB"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300)))
+def test_fuzz_captions_clean(raw):
+    text = clean_caption(raw, max_chars=100)
+    assert isinstance(text, str) and len(text) <= 100
+    assert text == text.strip() and "  " not in text
+    assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from dalle_repro.tokenizer import TextTokenizer, train_bpe
 
@@ -92,3 +94,10 @@ def test_save_and_load(tok, tmp_path):
     save_tokenizer(tok.tok, tmp_path / "t.json")
     again = TextTokenizer(tmp_path / "t.json", 16)
     assert again.encode("red apple") == tok.encode("red apple")
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text(max_size=200), st.floats(0, 0.9), st.integers(0, 2**32 - 1))
+def test_fuzz_any_text_encodes_to_valid_ids(tok, text, dropout, seed):
+    ids = tok.encode(text, dropout, np.random.default_rng(seed))
+    assert len(ids) == 16 and all(0 <= i < tok.vocab_size for i in ids)

@@ -1,0 +1,128 @@
+"""The command-line tools and the demo, run as a user runs them, and the README kept true to them."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import make_folder, needs_emoji
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ["tools/make_shards.py", "tools/make_emoji_dataset.py", "tools/train_tokenizer.py"]
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("tool", TOOLS + ["launch/demo.py"])
+def test_help_explains_itself(tool):
+    r = run(str(ROOT / tool), "--help")
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) > 400
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_readme_documents_every_option(tool):
+    readme = (ROOT / "README.md").read_text()
+    options = set(re.findall(r"(--[a-z][a-z-]+)", run(str(ROOT / tool), "--help").stdout)) - {"--help"}
+    missing = [o for o in sorted(options) if f"`{o}" not in readme]
+    assert not missing, f"README lacks {missing} of {tool}"
+
+
+def test_make_shards_cli(tmp_path):
+    src = make_folder(tmp_path / "src", 5)
+    r = run(
+        str(ROOT / "tools/make_shards.py"),
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "out"),
+        "--shard-size",
+        "2",
+        "--image-size",
+        "8",
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[0])["written"] == 5
+    r = run(str(ROOT / "tools/make_shards.py"), "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o2"))
+    assert r.returncode == 2 and "nope" in r.stderr
+    r = run(
+        str(ROOT / "tools/make_shards.py"),
+        "--input",
+        str(src),
+        "--output",
+        str(tmp_path / "o3"),
+        "--val-fraction",
+        "1.5",
+    )
+    assert r.returncode == 2 and "--val-fraction" in r.stderr
+
+
+@needs_emoji
+def test_emoji_and_tokenizer_cli(tmp_path):
+    r = run(
+        str(ROOT / "tools/make_emoji_dataset.py"),
+        "--output",
+        str(tmp_path / "e"),
+        "--limit",
+        "40",
+        "--image-size",
+        "16",
+        "--shard-size",
+        "8",
+    )
+    assert r.returncode == 0, r.stderr
+    assert len(list((tmp_path / "e" / "train").glob("*.tar"))) >= 1
+    r = run(
+        str(ROOT / "tools/train_tokenizer.py"),
+        "--shards",
+        str(tmp_path / "e" / "train" / "*.tar"),
+        "--vocab-size",
+        "300",
+        "--output",
+        str(tmp_path / "tok.json"),
+    )
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout.splitlines()[0])
+    assert stats["captions_read"] > 20 and 256 < stats["vocab_size"] <= 300
+    r = run(str(ROOT / "tools/train_tokenizer.py"), "--shards", str(tmp_path / "none*.tar"), "--output", "x.json")
+    assert r.returncode == 2 and "matches no file" in r.stderr
+
+
+@needs_emoji
+def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
+    over = [
+        f"out_dir={tmp_path}/out",
+        f"emoji.output={tmp_path}/emoji",
+        "emoji.limit=60",
+        "emoji.image_size=16",
+        "emoji.shard_size=8",
+        f"text.path={tmp_path}/tok.json",
+        f"data.shards={tmp_path}/emoji/train/*.tar",
+        "data.image_size=16",
+        "bpe.vocab_size=300",
+    ]
+    r = run(str(ROOT / "launch/demo.py"), *over)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "data_preview.png").is_file() and (tmp_path / "tok.json").is_file()
+    assert (tmp_path / "out" / "config.yaml").is_file()
+    assert "[emoji] running" in r.stdout
+    r = run(str(ROOT / "launch/demo.py"), *over)
+    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 3
+    r = run(str(ROOT / "launch/demo.py"), *over, "bpe.vocab_size=280")  # tokenizer and preview rerun
+    assert "[emoji] done before" in r.stdout and "[tokenizer] running" in r.stdout and "[preview] running" in r.stdout
+    r = run(str(ROOT / "launch/demo.py"), *over, "data.batch_sise=4")
+    assert r.returncode == 2 and "data.batch_sise" in r.stderr and "data.batch_size" in r.stderr
+
+
+def test_lint_is_clean():
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists():
+        pytest.skip("ruff is not installed in this environment")
+    r = subprocess.run([str(ruff), "check", "."], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-3000:]
