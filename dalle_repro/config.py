@@ -255,13 +255,15 @@ def load_config(
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """A plain nested dict of a config dataclass (tuples become lists, for YAML)."""
+    """A plain nested dict of a config dataclass, or of a dict holding some (tuples become lists)."""
 
     def plain(v: Any) -> Any:
         if dataclasses.is_dataclass(v):
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
         return v
 
     return plain(cfg)

@@ -1,0 +1,255 @@
+"""Checkpoints and pretrained folders: safetensors, JSON and YAML only, written atomically.
+
+A pretrained folder (what ``DVAE.from_pretrained`` reads) holds ``config.yaml``, whose ``model``
+section rebuilds the model, and ``model.safetensors`` (optionally ``ema.safetensors``).
+
+A training checkpoint is a folder ``RUN/checkpoints/step_00001000/`` holding the same plus the
+optimizer state and the train state (step, data position, RNG states, scaler, anything else).
+Tensors go to safetensors; everything else goes to ``state.json``, where each tensor is replaced
+by a reference to its safetensors key. Nothing is pickled, so loading runs no code.
+
+Writes are atomic: a checkpoint is assembled in a temporary folder and renamed into place, so a
+folder named ``step_*`` is always whole, and :meth:`Checkpoints.latest` never picks a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dalle_repro.config import ConfigError, atomic_write_text, from_dict, load_yaml, to_yaml
+
+T = TypeVar("T")
+STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+# ----------------------------------------------------------------------------------------------
+# Nested state <-> (JSON skeleton, tensors)
+
+
+def flatten_state(obj: Any, prefix: str = "s") -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state into a JSON-able skeleton and a flat dict of tensors.
+
+    Dicts with non-string keys (an optimizer's per-parameter state) and tuples are tagged so
+    that :func:`unflatten_state` restores them exactly.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x: Any, path: str) -> Any:
+        if isinstance(x, torch.Tensor):
+            key = f"{path}"
+            tensors[key] = x.detach().contiguous().cpu()
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            key = f"{path}"
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(x))
+            return {"__ndarray__": key}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                return {k: walk(v, f"{path}.{k}") for k, v in x.items()}
+            return {
+                "__items__": [[walk(k, f"{path}.k{i}"), walk(v, f"{path}.{i}")] for i, (k, v) in enumerate(x.items())]
+            }
+        if isinstance(x, tuple):
+            return {"__tuple__": [walk(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [walk(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        raise TypeError(f"cannot store {type(x).__name__} at {path} in a checkpoint")
+
+    return walk(obj, prefix), tensors
+
+
+def unflatten_state(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    def walk(x: Any) -> Any:
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                return tensors[x["__tensor__"]]
+            if "__ndarray__" in x:
+                return tensors[x["__ndarray__"]].numpy()
+            if "__items__" in x:
+                return {walk(k): walk(v) for k, v in x["__items__"]}
+            if "__tuple__" in x:
+                return tuple(walk(v) for v in x["__tuple__"])
+            return {k: walk(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [walk(v) for v in x]
+        return x
+
+    return walk(skeleton)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every global generator a training step may draw from."""
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Folders
+
+
+def write_folder(directory: str | Path, files: dict[str, dict[str, torch.Tensor]], texts: dict[str, str]) -> Path:
+    """Write ``NAME.safetensors`` for each entry of ``files`` and each text file, then rename into place.
+
+    An existing folder of that name is replaced only once the new one is whole.
+    """
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        for name, tensors in files.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
+        for name, text in texts.items():
+            (tmp / name).write_text(text, encoding="utf-8")
+        for p in tmp.iterdir():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():
+            old = final.with_name(f".{final.name}.old{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def save_pretrained(
+    directory: str | Path, args: Any, files: dict[str, dict[str, torch.Tensor]], full_config: Any = None
+) -> Path:
+    """A folder that rebuilds the model alone: ``config.yaml`` + ``{name}.safetensors`` per entry.
+
+    ``config.yaml`` is the full run config when given (it has a ``model`` section), else ``{model: args}``.
+    """
+    config = full_config if full_config is not None else {"model": args}
+    return write_folder(directory, files, {"config.yaml": to_yaml(config)})
+
+
+def read_model_args(directory: str | Path, args_cls: type[T]) -> T:
+    """The ``model`` section of ``DIR/config.yaml``, validated into ``args_cls``."""
+    path = Path(directory) / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a model folder (it needs config.yaml and *.safetensors)")
+    data = load_yaml(path)
+    if "model" not in data:
+        raise ConfigError(f"{path} has no 'model' section")
+    try:
+        return from_dict(args_cls, data["model"])
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def load_pretrained(
+    directory: str | Path, args_cls: type[T], weights: str = "model"
+) -> tuple[T, dict[str, torch.Tensor]]:
+    """Model args and a state dict from a pretrained or checkpoint folder (safetensors only)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"model folder {d} does not exist")
+    args = read_model_args(d, args_cls)
+    path = d / f"{weights}.safetensors"
+    if not path.is_file():
+        have = sorted(p.name for p in d.glob("*.safetensors"))
+        raise FileNotFoundError(f"{path} not found (the folder has {have})")
+    return args, load_file(str(path))
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load a state dict, or raise ValueError listing every missing, unexpected and misshapen tensor."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if tuple(own[k].shape) != tuple(state[k].shape)
+    )
+    if missing or unexpected or shapes:
+        parts = [f"{source} does not fit the model:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
+                parts.append(f"  {title}: " + ", ".join(items[:20]) + more)
+        raise ValueError("\n".join(parts))
+    module.load_state_dict(state)
+
+
+class Checkpoints:
+    """``RUN/checkpoints/step_*`` folders: save atomically, keep the last ``keep``, find the latest."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 3):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def all(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        found = [p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+        return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+
+    def latest(self) -> Path | None:
+        done = [p for p in self.all() if (p / "state.json").is_file()]
+        return done[-1] if done else None
+
+    def save(
+        self,
+        step: int,
+        files: dict[str, dict[str, torch.Tensor]],
+        state: dict[str, Any],
+        config: Any,
+    ) -> Path:
+        skeleton, tensors = flatten_state(state)
+        all_files = dict(files)
+        all_files["state"] = tensors
+        texts = {"state.json": json.dumps(skeleton), "config.yaml": to_yaml(config)}
+        path = write_folder(self.root / f"step_{step:08d}", all_files, texts)
+        for old in self.all()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    @staticmethod
+    def load(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+        """Every ``*.safetensors`` of the folder (by name) and the restored train state."""
+        p = Path(path)
+        skeleton_path = p / "state.json"
+        if not skeleton_path.is_file():
+            raise FileNotFoundError(f"{skeleton_path} not found: {p} is not a whole checkpoint")
+        files = {f.name[: -len(".safetensors")]: load_file(str(f)) for f in p.glob("*.safetensors")}
+        state = unflatten_state(json.loads(skeleton_path.read_text()), files.pop("state", {}))
+        return files, state
+
+
+def save_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
