@@ -1,20 +1,28 @@
 """Benchmarks, measured side by side in one run (A B A B), reported as one JSON line each.
 
 Usage: python bench/run.py WORKLOAD [--threads 2] [--rounds 3]
+       ANCHOR_VENV=~/.cache/dalle-anchor-venv python bench/run.py vae_train   (adds the peer, alternating)
 
-Workloads available now:
-  loader  images/s of our resumable Loader (random access into shards, exact-resume bookkeeping)
-          against a plain webdataset pipeline doing the same decode + center crop on the same
-          shards, single process. Reports both rates and their ratio.
+Workloads:
+  loader     images/s of our resumable Loader against a plain webdataset pipeline doing the same
+             decode + center crop on the same shards, single process.
+  vae_train  dVAE train steps/s on shared/BENCH.md's shape (64x64 RGB, 8x down to 8x8, 1024 codes,
+             batch 16). Ours is the paper's architecture at n_hid 28, one block per group: 0.87M
+             parameters and 872 MFLOP per image (forward + backward), matched to the peer's
+             DiscreteVAE (0.83M, 864 MFLOP) by FLOPs. Measured like the peer's script (2 warm-up,
+             5 timed steps, random images), as our real train step: autocast, channels_last, AdamW,
+             EMA. Reported in fp32 and in bf16 (our CPU default); with ANCHOR_VENV set, the peer's
+             shared/anchors script runs in the same run, alternating, and the ratios are added.
 
-The workloads of shared/BENCH.md (vae_train, prior_train, sample) join as the dVAE, the
-transformer and the sampler land.
+Each side runs in a fresh process per round; the best round of each side counts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,18 +88,74 @@ def bench_loader(rounds: int) -> dict[str, float]:
     }
 
 
-WORKLOADS = {"loader": bench_loader}
+BENCH_DVAE = dict(image_size=64, n_hid=28, n_blk_per_group=1, group_count=4, vocab_size=1024, n_init=128)
+ANCHOR_SCRIPT = Path(__file__).resolve().parents[1].parent / "shared" / "anchors" / "dalle_pytorch_workloads.py"
+
+
+def _vae_train_once(precision: str, threads: int) -> float:
+    """Our dVAE train step, images/s, measured as the peer's script measures (2 warm, 5 timed)."""
+    from dalle_repro.dvae import DVAE, DVAEArgs
+    from dalle_repro.optim import EMA, adamw
+    from dalle_repro.train_dvae import DVAETrainConfig, State, train_step
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    cfg = DVAETrainConfig(model=DVAEArgs(**BENCH_DVAE), data=DataArgs(image_size=64, batch_size=16))
+    cfg.run.precision = precision
+    model = DVAE(cfg.model).to(memory_format=torch.channels_last)
+    opt = adamw(model, 1e-3, (0.9, 0.999), 1e-8, 1e-4)
+    st = State(model, model, opt, EMA(model, 0.999), None, None)  # type: ignore[arg-type]
+    x = torch.rand(16, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    for _ in range(2):
+        train_step(st, x, cfg, torch.device("cpu"))
+    t = time.perf_counter()
+    for _ in range(5):
+        train_step(st, x, cfg, torch.device("cpu"))
+    return 16 * 5 / (time.perf_counter() - t)
+
+
+def _subprocess_json(cmd: list[str]) -> dict[str, float]:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
+    return json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
+
+
+def bench_vae_train(rounds: int, threads: int) -> dict[str, float]:
+    anchor = os.environ.get("ANCHOR_VENV")
+    me = [sys.executable, __file__, "_vae_train_once", "--threads", str(threads)]
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for prec in ("fp32", "bf16"):
+            r = _subprocess_json([*me, "--precision", prec])["img_per_s"]
+            best[f"ours_{prec}"] = max(best.get(f"ours_{prec}", 0.0), r)
+        if anchor:
+            peer = _subprocess_json([f"{anchor}/bin/python", str(ANCHOR_SCRIPT), "vae_train", str(threads)])
+            best["peer"] = max(best.get("peer", 0.0), peer["vae_train_img_per_s"])
+    out = {"vae_train_img_per_s": round(best["ours_bf16"], 2), "vae_train_fp32_img_per_s": round(best["ours_fp32"], 2)}
+    if "peer" in best:
+        out |= {
+            "peer_vae_train_img_per_s": round(best["peer"], 2),
+            "ratio_bf16_vs_peer": round(best["ours_bf16"] / best["peer"], 3),
+            "ratio_fp32_vs_peer": round(best["ours_fp32"] / best["peer"], 3),
+        }
+    return out | {"matched": "FLOPs (872 vs 864 MFLOP/img fwd+bwd; params 0.87M vs 0.83M)"}
+
+
+WORKLOADS = {"loader": lambda rounds, threads: bench_loader(rounds), "vae_train": bench_vae_train}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workload", choices=[*WORKLOADS, "all"])
+    p.add_argument("workload", choices=[*WORKLOADS, "all", "_vae_train_once"])
+    p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each side counts")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.workload == "_vae_train_once":  # one measurement in a fresh process (see bench_vae_train)
+        print(json.dumps({"img_per_s": _vae_train_once(a.precision, a.threads)}))
+        return 0
     for name in WORKLOADS if a.workload == "all" else [a.workload]:
-        print(json.dumps({"workload": name, "threads": a.threads} | WORKLOADS[name](a.rounds)))
+        print(json.dumps({"workload": name, "threads": a.threads} | WORKLOADS[name](a.rounds, a.threads)))
     return 0
 
 

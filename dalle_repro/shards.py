@@ -111,6 +111,34 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
+    """Write a whole tar of samples atomically (temporary name, sync, rename); returns the count."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
+    n = 0
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for sample in samples:
+                    _add_sample(tar, sample)
+                    n += 1
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return n
+
+
+def _add_sample(tar: tarfile.TarFile, sample: Sample) -> None:
+    _add_member(tar, f"{sample.key}.{sample.ext}", sample.image)
+    _add_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
+    _add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, ensure_ascii=False).encode("utf-8"))
+
+
 class ShardWriter:
     """Writes samples into ``NNNNN.tar`` shards of ``shard_size`` samples, each atomically.
 
@@ -144,9 +172,7 @@ class ShardWriter:
             self._file = open(tmp, "wb")
             self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
             self._tmp = tmp
-        _add_member(self._tar, f"{sample.key}.{sample.ext}", sample.image)
-        _add_member(self._tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
-        _add_member(self._tar, f"{sample.key}.json", json.dumps(sample.meta, ensure_ascii=False).encode("utf-8"))
+        _add_sample(self._tar, sample)
         self._count += 1
         if self._count == self.shard_size:
             self.finish_shard()

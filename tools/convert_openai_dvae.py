@@ -26,7 +26,9 @@ def _unpickle(path: Path) -> torch.nn.Module:
     try:
         import dall_e  # noqa: F401  (the pickles name its classes)
     except ImportError:
-        raise SystemExit("error: OpenAI's dall_e package is needed to unpickle: pip install --no-deps DALL-E attrs")
+        raise SystemExit(
+            "error: OpenAI's dall_e package is needed to unpickle: pip install --no-deps DALL-E attrs"
+        ) from None
     if not path.is_file():
         raise SystemExit(f"error: {path} not found")
     module = torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,104 @@
+"""Training logs: a progress bar, a jsonl file, and wandb when it is installed and enabled.
+
+Only rank 0 writes. wandb is optional: a missing package, or no account (it then runs offline),
+never breaks a run; a failing wandb call is logged once and wandb is switched off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from dalle_repro.config import arg, atomic_write_text, to_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LogArgs:
+    """Where and how often training reports."""
+
+    every: int = arg(10, "Steps between log lines (jsonl, progress bar, wandb).", gt=0)
+    wandb: bool = arg(False, "Also log to Weights & Biases (offline unless WANDB_API_KEY is set).")
+    wandb_project: str = arg("dalle-repro", "wandb project name.")
+
+
+class MetricsLogger:
+    """``log(step, metrics)`` to ``RUN/metrics.jsonl``, the progress bar and (optionally) wandb."""
+
+    def __init__(self, run_dir: str | Path, args: LogArgs, config: Any, total: int, start: int = 0, main: bool = True):
+        self.main = main
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._wandb = None
+        self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not main or None)
+        if not main:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():  # a resumed run: drop what the interrupted run logged after its checkpoint
+            rows = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        if args.wandb:
+            self._wandb = _start_wandb(run_dir, args.wandb_project, to_dict(config))
+
+    def log(self, step: int, metrics: dict[str, Any], show: tuple[str, ...] = ()) -> None:
+        if not self.main:
+            return
+        row = {"step": step} | {k: _plain(v) for k, v in metrics.items()}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if show:
+            self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if isinstance(row.get(k), (int, float))})
+        if self._wandb is not None:
+            try:
+                self._wandb.log(row, step=step)
+            except Exception as e:  # never let logging end a run
+                log.warning("wandb failed (%s); switching it off", e)
+                self._wandb = None
+
+    def advance(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def close(self) -> None:
+        self.bar.close()
+        if self._wandb is not None:
+            try:
+                self._wandb.finish()
+            except Exception:
+                pass
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _start_wandb(run_dir: str | Path, project: str, config: dict[str, Any]) -> Any:
+    try:
+        import wandb
+    except ImportError:
+        log.warning("log.wandb is on but wandb is not installed; logging to metrics.jsonl only")
+        return None
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    try:
+        return wandb.init(project=project, dir=str(run_dir), config=config, mode=mode)
+    except Exception as e:
+        log.warning("wandb could not start (%s); logging to metrics.jsonl only", e)
+        return None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The rows of ``RUN/metrics.jsonl``."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

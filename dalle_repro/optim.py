@@ -1,0 +1,79 @@
+"""Optimisers, schedules and the EMA of weights, shared by the dVAE and the prior.
+
+The paper's schedules are cosine anneals that then hold their end value:
+``v(t) = v_end + (v_start - v_end) * (1 + cos(pi * min(t, T) / T)) / 2``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+
+def cosine(step: int, start: float, end: float, steps: int) -> float:
+    """The paper's cosine anneal from ``start`` to ``end`` over ``steps``, then ``end``."""
+    if steps <= 0:
+        return end
+    t = min(step, steps) / steps
+    return end + (start - end) * (1 + math.cos(math.pi * t)) / 2
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weights (tensors of 2+ dims) only, not on biases, gains or embeddings' 1-d kin."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def adamw(
+    model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
+) -> torch.optim.AdamW:
+    """torch AdamW on the model's parameters (fused kernels on CUDA)."""
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
+class EMA:
+    """An exponential moving average of parameters, kept in fp32: ``ema = d * ema + (1 - d) * p``.
+
+    The decay warms up as ``min(decay, (1 + t) / (10 + t))`` at update ``t``, so that a short run's
+    average is not dominated by the random initial weights (0.999^2000 still weighs them 13%).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 <= decay < 1:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if v.is_floating_point():
+                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                s.copy_(v)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise ValueError(f"EMA state lacks {sorted(missing)[:5]}")
+        self.shadow = {k: state[k].float().clone() for k in self.shadow}
+
+    def params(self, like: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The averaged tensors, as a state dict to load into a copy of the model."""
+        return {k: v for k, v in self.shadow.items() if like is None or k in like}

@@ -1,0 +1,70 @@
+"""Pictures for people: image grids with captions, written atomically as PNG."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) float in [0, 1] or uint8 -> RGB PIL image."""
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an image (3, H, W), got shape {tuple(image.shape)}")
+    if image.is_floating_point():
+        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+
+
+def grid(
+    images: Sequence[torch.Tensor] | torch.Tensor,
+    ncol: int,
+    labels: Sequence[str] | None = None,
+    scale: int = 1,
+    pad: int = 2,
+    label_height: int = 12,
+) -> Image.Image:
+    """Images in rows of ``ncol``, each optionally scaled up and labelled underneath."""
+    pics = [to_pil(im) for im in images]
+    if not pics:
+        raise ValueError("no images to put in a grid")
+    w, h = pics[0].size[0] * scale, pics[0].size[1] * scale
+    lh = label_height if labels else 0
+    nrow = -(-len(pics) // ncol)
+    sheet = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + lh + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, pic in enumerate(pics):
+        x, y = pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + lh + pad)
+        sheet.paste(pic.resize((w, h), Image.Resampling.NEAREST), (x, y))
+        if labels:
+            text = labels[i]
+            while text and draw.textlength(text) > w:
+                text = text[:-1]
+            draw.text((x, y + h), text, fill="black")
+    return sheet
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Save a PNG under a temporary name, then rename it into place."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".png", dir=p.parent)
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return p
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio of images in [0, 1], in dB."""
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)

@@ -1,0 +1,210 @@
+"""dVAE training: schedules, a short run, checkpoints, exact resume, export, and pre-encoding."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dalle_repro.config import load_config
+from dalle_repro.data import DataArgs, Loader, iter_shard_samples
+from dalle_repro.dvae import DVAE
+from dalle_repro.metrics import read_metrics
+from dalle_repro.optim import cosine
+from dalle_repro.pre_encode import encode_token_shards
+from dalle_repro.train_dvae import DVAETrainConfig, schedule_at, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(emoji_dir: Path, run_dir: Path, *extra: str) -> DVAETrainConfig:
+    over = [
+        "model.image_size=16",
+        "model.n_hid=8",
+        "model.n_blk_per_group=1",
+        "model.group_count=3",
+        "model.vocab_size=32",
+        "model.n_init=8",
+        f"data.shards={emoji_dir}/train/*.tar",
+        "data.image_size=16",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        f"run.val_shards={emoji_dir}/val/*.tar",
+        f"run.run_dir={run_dir}",
+        "run.steps=6",
+        "run.ckpt_every=3",
+        "run.val_every=3",
+        "run.val_batches=2",
+        "run.grid_images=4",
+        "log.every=1",
+        "schedule.lr_start=0.003",
+        "schedule.tau_steps=10",
+        "schedule.beta_steps=4",
+        "schedule.lr_steps=10",
+    ]
+    return load_config(DVAETrainConfig, None, [*over, *extra])
+
+
+def test_schedules_at_their_endpoints():
+    assert cosine(0, 1.0, 1 / 16, 100) == 1.0
+    assert cosine(100, 1.0, 1 / 16, 100) == pytest.approx(1 / 16)
+    assert cosine(10_000, 1.0, 1 / 16, 100) == pytest.approx(1 / 16)  # held after the anneal
+    assert cosine(50, 0.0, 6.6, 100) == pytest.approx(3.3)
+    paper = load_config(DVAETrainConfig, ROOT / "configs" / "paper" / "dvae.yaml")
+    s = schedule_at(paper.schedule, 0)
+    assert s == {"tau": 1.0, "beta": 0.0, "lr": 1e-4}
+    s = schedule_at(paper.schedule, 1_200_000)
+    assert s["tau"] == pytest.approx(1 / 16) and s["beta"] == pytest.approx(6.6) and s["lr"] == pytest.approx(1.25e-6)
+    assert paper.model.vocab_size == 8192 and paper.model.n_hid == 256 and paper.data.batch_size * 64 == 512
+
+
+def test_config_cross_checks(emoji_dir, tmp_path):
+    from dalle_repro.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.image_size"):
+        tiny_config(emoji_dir, tmp_path, "data.image_size=32")
+
+
+def test_run_writes_everything_and_resume_is_exact(emoji_dir, tmp_path):
+    torch.set_num_threads(1)  # deterministic reductions for the comparison
+    train(tiny_config(emoji_dir, tmp_path / "full"))
+    full = read_metrics(tmp_path / "full")
+    losses = [r["loss"] for r in full if "loss" in r]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    assert any("val_psnr" in r for r in full) and any("val_codes_used" in r for r in full)
+    ckpts = sorted(p.name for p in (tmp_path / "full" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000003", "step_00000006"]
+    assert (tmp_path / "full" / "recon_latest.png").is_file() and (tmp_path / "full" / "config.yaml").is_file()
+    exported = DVAE.from_pretrained(tmp_path / "full" / "dvae")
+    assert exported.args.vocab_size == 32
+    ema = load_file(str(tmp_path / "full" / "checkpoints" / "step_00000006" / "ema.safetensors"))
+    assert all(torch.equal(v, ema[k]) for k, v in exported.state_dict().items())
+
+    # the same run, stopped at step 3 and resumed
+    train(tiny_config(emoji_dir, tmp_path / "split", "run.steps=3"))
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny_config(emoji_dir, tmp_path / "split"))
+    train(tiny_config(emoji_dir, tmp_path / "split"), resume_run=True)
+    split = [r["loss"] for r in read_metrics(tmp_path / "split") if "loss" in r]
+    assert split == losses
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_00000006" / "model.safetensors"))
+    b = load_file(str(tmp_path / "split" / "checkpoints" / "step_00000006" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_lowers_the_loss(emoji_dir, tmp_path):
+    train(
+        tiny_config(
+            emoji_dir,
+            tmp_path,
+            "run.steps=30",
+            "run.val_every=30",
+            "run.ckpt_every=30",
+            "schedule.beta_end=0.5",
+            "schedule.lr_steps=1000",
+            "schedule.lr_start=0.005",
+        )
+    )
+    rows = [r for r in read_metrics(tmp_path) if "nll_bpd" in r]
+    first, last = np.mean([r["nll_bpd"] for r in rows[:5]]), np.mean([r["nll_bpd"] for r in rows[-5:]])
+    assert last < first - 0.15
+
+
+def test_encode_tokens_round_trip_and_bad_samples(emoji_dir, tmp_path):
+    cfg = tiny_config(emoji_dir, tmp_path / "run", "run.steps=2", "run.val_every=2", "run.ckpt_every=2")
+    train(cfg)
+    dvae_dir = tmp_path / "run" / "dvae"
+    src = tmp_path / "src"
+    (src / "train").mkdir(parents=True)
+    (src / "val").mkdir()
+    for split in ("train", "val"):
+        for p in sorted((emoji_dir / split).glob("*.tar"))[:2]:
+            (src / split / p.name).write_bytes(p.read_bytes())
+    bad = src / "train" / "00000.tar"
+    with tarfile.open(bad, "a") as t:
+        for name, data in (("zbad.png", b"not an image"), ("zbad.txt", b"x")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    shards = sorted(str(p) for p in src.rglob("*.tar"))
+    out = tmp_path / "tokens"
+    s = encode_token_shards(dvae_dir, shards, out, batch_size=5)
+    n_images = sum(1 for _ in iter_shard_samples(shards)) - 1
+    assert s["written"] == n_images and s["skipped"] == {"not_an_image": 1}
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.tar")) == sorted(
+        str(Path(p).relative_to(src)) for p in shards
+    )
+    # the tokens are the dVAE's encoding of the images, and the loader reads them back
+    model = DVAE.from_pretrained(dvae_dir)
+    images = Loader(shards, DataArgs(image_size=16, batch_size=64, num_workers=0, shuffle=False), epochs=1)
+    tokens = Loader(
+        str(out / "train" / "*.tar") + "," + str(out / "val" / "*.tar"),
+        DataArgs(kind="tokens", batch_size=64, num_workers=0, shuffle=False),
+        epochs=1,
+    )
+    by_key = {}
+    for b in tokens:
+        for k, t in zip(b["key"], b["image_tokens"], strict=True):
+            by_key[k] = t
+    for b in images:
+        enc = model.encode(b["image"].float() / 255)
+        for k, t in zip(b["key"], enc, strict=True):
+            assert torch.equal(by_key[k], t)
+    meta = json.loads(next(iter_shard_samples([str(out / "val" / "00000.tar")]))[1]["json"])
+    assert meta["grid"] == [4, 4] and meta["vocab_size"] == 32
+    # a rerun skips what is done
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")}
+    encode_token_shards(dvae_dir, shards, out, batch_size=5)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.tar")} == mtimes
+
+
+def test_two_ranks_under_the_deepspeed_launcher(emoji_dir, tmp_path):
+    """Data-parallel training started by `deepspeed` with 2 CPU ranks: replicas stay identical."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    if not Path(launcher).exists():
+        pytest.skip("deepspeed is not installed (tools/setup.sh --dev installs it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = tiny_config(
+        emoji_dir, tmp_path / "ddp", "run.steps=4", "run.ckpt_every=2", "run.val_every=4", "data.batch_size=4"
+    )
+    from dalle_repro.config import save_config
+
+    save_config(cfg, tmp_path, "cfg.yaml")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [
+            launcher,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(port),
+            str(ROOT / "launch" / "train_dvae.py"),
+            "--config",
+            str(tmp_path / "cfg.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    state = json.loads((tmp_path / "ddp" / "checkpoints" / "step_00000004" / "state.json").read_text())
+    ranks = state["ranks"]
+    assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
+    assert ranks[0]["loader"]["rank"] == 0 and ranks[1]["loader"]["rank"] == 1
