@@ -6,6 +6,8 @@ Usage: python bench/run.py WORKLOAD [--threads 2] [--rounds 3]
 Workloads:
   loader     images/s of our resumable Loader against a plain webdataset pipeline doing the same
              decode + center crop on the same shards, single process.
+  vae_quality  ours and the peer, each trained for --minutes on the emoji train split (the demo's
+             shape: 64x64 -> 16x16 codes of 512), then validation PSNR of the hard-code reconstruction.
   vae_train  dVAE train steps/s on shared/BENCH.md's shape (64x64 RGB, 8x down to 8x8, 1024 codes,
              batch 16). Ours is the paper's architecture at n_hid 28, one block per group: 0.87M
              parameters and 872 MFLOP per image (forward + backward), matched to the peer's
@@ -21,13 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -140,13 +145,82 @@ def bench_vae_train(rounds: int, threads: int) -> dict[str, float]:
     return out | {"matched": "FLOPs (872 vs 864 MFLOP/img fwd+bwd; params 0.87M vs 0.83M)"}
 
 
-WORKLOADS = {"loader": lambda rounds, threads: bench_loader(rounds), "vae_train": bench_vae_train}
+def _emoji_arrays(tmp: Path) -> tuple[Path, Path]:
+    """The emoji train and val images, decoded once to .npy (N, 64, 64, 3) uint8, for both sides."""
+    paths = {}
+    for split in ("train", "val"):
+        shards = sorted(str(p) for p in Path("data/emoji", split).glob("*.tar"))
+        if not shards:
+            raise SystemExit("vae_quality needs the demo shards: run the README's first command first")
+        loader = Loader(shards, DataArgs(image_size=64, batch_size=256, num_workers=0, shuffle=False), epochs=1)
+        images = torch.cat([b["image"] for b in loader]).permute(0, 2, 3, 1).contiguous().numpy()
+        paths[split] = tmp / f"{split}.npy"
+        np.save(paths[split], images)
+    return paths["train"], paths["val"]
+
+
+def _ours_quality(train_npy: Path, val_npy: Path, minutes: float, threads: int) -> dict[str, float]:
+    """Our demo dVAE (configs/demo/dvae.yaml) trained for ``minutes``, then validation PSNR (EMA weights)."""
+    from dalle_repro.config import load_config
+    from dalle_repro.dvae import DVAE
+    from dalle_repro.optim import EMA, adamw
+    from dalle_repro.train_dvae import DVAETrainConfig, State, train_step
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    cfg = load_config(DVAETrainConfig, "configs/demo/dvae.yaml")
+    model = DVAE(cfg.model).to(memory_format=torch.channels_last)
+    o = cfg.optim
+    opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)
+    st = State(model, model, opt, EMA(model, o.ema_decay), None, None)  # type: ignore[arg-type]
+    train, val = torch.from_numpy(np.load(train_npy)), torch.from_numpy(np.load(val_npy))
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < minutes * 60:
+        for idx in torch.randperm(len(train)).split(cfg.data.batch_size):
+            x = (train[idx].permute(0, 3, 1, 2).float() / 255).contiguous(memory_format=torch.channels_last)
+            train_step(st, x, cfg, torch.device("cpu"))
+            if time.perf_counter() - t0 >= minutes * 60:
+                break
+    ema = DVAE(cfg.model)
+    ema.load_state_dict(st.ema.state_dict())
+    sq, n = 0.0, 0
+    for chunk in val.split(64):
+        x = chunk.permute(0, 3, 1, 2).float() / 255
+        recon = ema.decode(ema.encode(x))
+        sq += ((recon - x) ** 2).sum().item()
+        n += x.numel()
+    mse = sq / n
+    params = sum(p.numel() for p in model.parameters())
+    return {"steps": st.step, "val_mse": mse, "val_psnr": 10 * math.log10(1 / mse), "params": params}
+
+
+def bench_vae_quality(rounds: int, threads: int, minutes: float = 5.0) -> dict[str, Any]:
+    """Ours and the peer, each trained for the same wall-clock minutes on the emoji train split."""
+    anchor = os.environ.get("ANCHOR_VENV")
+    with tempfile.TemporaryDirectory() as tmp:
+        train_npy, val_npy = _emoji_arrays(Path(tmp))
+        ours = _ours_quality(train_npy, val_npy, minutes, threads)
+        out: dict[str, Any] = {"minutes": minutes, "ours": ours}
+        if anchor:
+            peer_script = Path(__file__).with_name("peer_vae_quality.py")
+            cmd = [f"{anchor}/bin/python", str(peer_script), str(train_npy), str(val_npy), str(minutes), str(threads)]
+            out["peer"] = _subprocess_json(cmd)
+            out["psnr_gain_db"] = round(ours["val_psnr"] - out["peer"]["val_psnr"], 2)
+    return out
+
+
+WORKLOADS = {
+    "loader": lambda rounds, threads, minutes: bench_loader(rounds),
+    "vae_train": lambda rounds, threads, minutes: bench_vae_train(rounds, threads),
+    "vae_quality": lambda rounds, threads, minutes: bench_vae_quality(rounds, threads, minutes),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", choices=[*WORKLOADS, "all", "_vae_train_once"])
     p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
+    p.add_argument("--minutes", type=float, default=5.0, help="vae_quality: training minutes per side (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each side counts")
     a = p.parse_args(argv)
@@ -155,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"img_per_s": _vae_train_once(a.precision, a.threads)}))
         return 0
     for name in WORKLOADS if a.workload == "all" else [a.workload]:
-        print(json.dumps({"workload": name, "threads": a.threads} | WORKLOADS[name](a.rounds, a.threads)))
+        print(json.dumps({"workload": name, "threads": a.threads} | WORKLOADS[name](a.rounds, a.threads, a.minutes)))
     return 0
 
 

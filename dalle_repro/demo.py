@@ -1,18 +1,21 @@
 """The main job on the embedded demo data, as resumable stages.
 
 Each stage writes its outputs, then a marker ``OUT/stages/NAME.json`` holding a fingerprint of its
-inputs and settings. A stage whose marker matches is skipped, so rerunning after an interruption
-continues at the first unfinished stage, and changing a stage's settings reruns it and what
-follows.
+settings and of the stages it reads from. A stage whose marker matches (and whose outputs exist) is
+skipped, so rerunning after an interruption continues at the first unfinished stage, and changing
+a stage's settings reruns it and the stages that read its output. An interrupted dVAE run resumes
+from its last checkpoint.
 
-Stages so far: the emoji shards, the tokenizer, and a look at one loader batch (a preview image).
-Later stages (dVAE, token shards, prior, CLIP, sampling) append to :func:`stages`.
+Stages so far: the emoji shards, the tokenizer, a look at one loader batch (a preview image), the
+demo dVAE (with its reconstruction grid), and the token shards. Later stages (prior, CLIP,
+sampling) append to :func:`stages`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,10 +24,14 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from dalle_repro.config import arg, atomic_write_text, save_config, to_dict
+from dalle_repro.checkpoint import Checkpoints
+from dalle_repro.config import arg, atomic_write_text, load_config, load_yaml, save_config, to_dict
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.emoji import build_emoji_dataset
+from dalle_repro.pre_encode import encode_token_shards
 from dalle_repro.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
+from dalle_repro.train_dvae import DVAETrainConfig
+from dalle_repro.train_dvae import train as train_dvae
 
 
 @dataclass
@@ -56,6 +63,12 @@ class DemoConfig:
     bpe: BPEArgs = arg(factory=BPEArgs, doc="Tokenizer training.")
     text: TokenizerArgs = arg(factory=TokenizerArgs, doc="Caption encoding.")
     data: DataArgs = arg(factory=DataArgs, doc="The loader.")
+    dvae_config: str = arg("configs/demo/dvae.yaml", "Config of the demo dVAE (launch/train_dvae.py's format).")
+    dvae_overrides: list[str] = arg(
+        factory=list,
+        doc="key=value overrides for the dVAE config, after the demo's own (shards, run_dir), e.g. [run.steps=100].",
+    )
+    tokens_output: str = arg("data/emoji_tokens", "Folder for the token shards (train/ and val/).")
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -105,24 +118,81 @@ def stage_preview(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
+def dvae_config(cfg: DemoConfig) -> DVAETrainConfig:
+    """The demo dVAE's config: its YAML, pointed at the demo's shards and run folder, then the overrides."""
+    e = cfg.emoji.output
+    own = [f"data.shards={e}/train/*.tar", f"run.val_shards={e}/val/*.tar", f"run.run_dir={cfg.out_dir}/dvae"]
+    return load_config(DVAETrainConfig, cfg.dvae_config, [*own, *cfg.dvae_overrides])
+
+
+def _same_run(saved: Path, cfg: DVAETrainConfig) -> bool:
+    """Whether a run folder's config equals ``cfg`` apart from its length (so it may continue)."""
+    if not saved.is_file():
+        return False
+    old, new = load_yaml(saved), to_dict(cfg)
+    old.get("run", {}).pop("steps", None)
+    new["run"].pop("steps", None)
+    return old == new
+
+
+def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
+    dcfg = dvae_config(cfg)
+    run_dir = Path(dcfg.run.run_dir)
+    resume = Checkpoints(run_dir).latest() is not None
+    if resume and not _same_run(run_dir / "config.yaml", dcfg):
+        shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
+        resume = False
+    val = train_dvae(dcfg, resume_run=resume)
+    return val | {"model": f"{dcfg.run.run_dir}/dvae", "grid": f"{dcfg.run.run_dir}/recon_latest.png"}
+
+
+def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
+    dcfg = dvae_config(cfg)
+    shards = sorted(str(p) for p in Path(cfg.emoji.output).glob("*/*.tar"))
+    s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, cfg.tokens_output)
+    return {k: s[k] for k in ("written", "skipped", "grid", "vocab_size")} | {"output": cfg.tokens_output}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
     run: Callable[[DemoConfig], dict[str, Any]]
     settings: Callable[[DemoConfig], Any]  # what defines the stage's output
     outputs: Callable[[DemoConfig], list[Path]]  # must all exist for the stage to count as done
+    after: tuple[str, ...] = ()  # stages whose output it reads: a change there reruns it
 
 
 def stages() -> list[Stage]:
     """The demo's stages, in order."""
     return [
         Stage("emoji", stage_emoji, lambda c: to_dict(c.emoji), lambda c: [Path(c.emoji.output, "summary.json")]),
-        Stage("tokenizer", stage_tokenizer, lambda c: [to_dict(c.bpe), c.text.path], lambda c: [Path(c.text.path)]),
+        Stage(
+            "tokenizer",
+            stage_tokenizer,
+            lambda c: [to_dict(c.bpe), c.text.path],
+            lambda c: [Path(c.text.path)],
+            after=("emoji",),
+        ),
         Stage(
             "preview",
             stage_preview,
             lambda c: [to_dict(c.data), to_dict(c.text)],
             lambda c: [Path(c.out_dir, "data_preview.png")],
+            after=("emoji", "tokenizer"),
+        ),
+        Stage(
+            "dvae",
+            stage_dvae,
+            lambda c: to_dict(dvae_config(c)),
+            lambda c: [Path(dvae_config(c).run.run_dir, "dvae", "model.safetensors")],
+            after=("emoji",),
+        ),
+        Stage(
+            "tokens",
+            stage_tokens,
+            lambda c: c.tokens_output,
+            lambda c: [Path(c.tokens_output, "summary.json")],
+            after=("emoji", "dvae"),
         ),
     ]
 
@@ -132,11 +202,11 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, d
     out = Path(cfg.out_dir)
     save_config(cfg, out)
     results: dict[str, dict[str, Any]] = {}
-    upstream = ""
+    fps: dict[str, str] = {}
     for stage in stages():
         name = stage.name
         marker = out / "stages" / f"{name}.json"
-        fp = _fingerprint(upstream, stage.settings(cfg))
+        fp = fps[name] = _fingerprint([fps[a] for a in stage.after], stage.settings(cfg))
         done = json.loads(marker.read_text()) if marker.is_file() else None
         complete = all(p.exists() for p in stage.outputs(cfg))
         if done is not None and done.get("fingerprint") == fp and complete:
@@ -149,5 +219,4 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, d
             seconds = round(time.perf_counter() - t0, 1)
             atomic_write_text(marker, json.dumps({"fingerprint": fp, "seconds": seconds, "result": results[name]}))
             log(f"[{name}] finished in {seconds} s")
-        upstream = fp
     return results

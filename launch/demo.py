@@ -1,4 +1,4 @@
-"""The main job on the embedded demo data: emoji shards -> tokenizer -> a loader batch preview.
+"""The main job on the embedded demo data: emoji shards -> tokenizer -> preview -> dVAE -> token shards.
 
 Usage: python launch/demo.py [--config configs/demo/demo.yaml] [key.sub=value ...]
 Finished stages are skipped, so a rerun after an interruption continues where it stopped.
@@ -34,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:10s} " + json.dumps({k: v for k, v in r.items() if k not in ("captions", "fingerprint")}))
     print(f"\noutputs:\n  shards     {cfg.emoji.output}/train/*.tar, {cfg.emoji.output}/val/*.tar")
     print(f"  summary    {cfg.emoji.output}/summary.json\n  tokenizer  {cfg.text.path}")
-    print(f"  preview    {results['preview']['preview']}\n  config     {cfg.out_dir}/config.yaml")
+    print(f"  preview    {results['preview']['preview']}")
+    print(f"  dVAE       {results['dvae']['model']}  (reconstructions: {results['dvae']['grid']})")
+    print(f"  tokens     {results['tokens']['output']}/train/*.tar, {results['tokens']['output']}/val/*.tar")
+    print(f"  config     {cfg.out_dir}/config.yaml")
     return 0
 
 

@@ -12,14 +12,20 @@ import pytest
 from conftest import make_folder, needs_emoji
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = ["tools/make_shards.py", "tools/make_emoji_dataset.py", "tools/train_tokenizer.py"]
+TOOLS = [
+    "tools/make_shards.py",
+    "tools/make_emoji_dataset.py",
+    "tools/train_tokenizer.py",
+    "tools/convert_openai_dvae.py",
+    "tools/encode_tokens.py",
+]
 
 
 def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("tool", TOOLS + ["launch/demo.py"])
+@pytest.mark.parametrize("tool", TOOLS + ["launch/demo.py", "launch/train_dvae.py", "bench/run.py"])
 def test_help_explains_itself(tool):
     r = run(str(ROOT / tool), "--help")
     assert r.returncode == 0, r.stderr
@@ -106,6 +112,9 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
         f"data.shards={tmp_path}/emoji/train/*.tar",
         "data.image_size=16",
         "bpe.vocab_size=300",
+        f"tokens_output={tmp_path}/tokens",
+        "dvae_overrides=[model.image_size=16,data.image_size=16,model.n_hid=8,model.vocab_size=32,"
+        "run.steps=4,run.val_every=4,run.ckpt_every=4,data.batch_size=8,data.num_workers=0]",
     ]
     r = run(str(ROOT / "launch/demo.py"), *over)
     assert r.returncode == 0, r.stderr
@@ -113,9 +122,14 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
     assert (tmp_path / "out" / "config.yaml").is_file()
     assert "[emoji] running" in r.stdout
     r = run(str(ROOT / "launch/demo.py"), *over)
-    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 3
+    assert (tmp_path / "out" / "dvae" / "dvae" / "model.safetensors").is_file()
+    assert (tmp_path / "out" / "dvae" / "recon_latest.png").is_file()
+    assert json.loads((tmp_path / "tokens" / "summary.json").read_text())["written"] == 60
+    r = run(str(ROOT / "launch/demo.py"), *over)
+    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 5
     r = run(str(ROOT / "launch/demo.py"), *over, "bpe.vocab_size=280")  # tokenizer and preview rerun
     assert "[emoji] done before" in r.stdout and "[tokenizer] running" in r.stdout and "[preview] running" in r.stdout
+    assert "[dvae] done before" in r.stdout and "[tokens] done before" in r.stdout  # they do not read the tokenizer
     r = run(str(ROOT / "launch/demo.py"), *over, "data.batch_sise=4")
     assert r.returncode == 2 and "data.batch_sise" in r.stderr and "data.batch_size" in r.stderr
 
