@@ -1,0 +1,93 @@
+"""The paper's masks: hand-written small cases, their properties, and the sparse key lists."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dalle_repro.attention import KINDS, MaskSpec, dense_mask, image_key_lists, layer_kind
+
+T, G = 3, 4  # 3 text tokens, a 4x4 image grid
+
+
+def image_keys(mask: torch.Tensor, i: int) -> set[int]:
+    """The image indices that image query ``i`` may attend."""
+    return {j for j in range(G * G) if mask[T + i, T + j]}
+
+
+def test_hand_written_row():
+    m = dense_mask("row", T, G)
+    assert image_keys(m, 5) == {1, 2, 3, 4, 5}  # itself and the previous W = 4, across a row break
+    assert image_keys(m, 0) == {0}
+    assert image_keys(m, 15) == {11, 12, 13, 14, 15}
+
+
+def test_hand_written_column():
+    m = dense_mask("column", T, G)
+    assert image_keys(m, 9) == {1, 5, 9}
+    assert image_keys(m, 3) == {3}
+    assert image_keys(m, 14) == {2, 6, 10, 14}
+
+
+def test_hand_written_conv_and_wrap():
+    m = dense_mask("conv", T, G, conv_kernel=3)
+    assert image_keys(m, 5) == {0, 1, 2, 4, 5}
+    assert image_keys(m, 4) == {0, 1, 4}
+    wrapped = dense_mask("conv", T, G, conv_kernel=3, wrap=True)
+    assert image_keys(wrapped, 4) == {0, 1, 3, 4}  # column 3 is beside column 0 when wrapping
+    big = dense_mask("conv", T, G)  # 11x11 covers a 4x4 grid: every earlier token
+    assert image_keys(big, 10) == set(range(11))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("grid", [3, 5, 8])
+def test_properties(kind, grid):
+    text = 4
+    m = dense_mask(kind, text, grid)
+    n = text + grid * grid
+    assert m.shape == (n, n) and m.dtype == torch.bool
+    assert not (m & ~torch.ones(n, n, dtype=torch.bool).tril()).any()  # causal
+    assert m.diagonal().all()  # every token sees itself
+    assert m[text:, :text].all()  # image sees all text
+    assert not m[:text, text:].any()  # text never sees image
+    assert torch.equal(m[:text, :text], torch.ones(text, text, dtype=torch.bool).tril())
+    img = m[text:, text:]
+    rows = img.sum(1)
+    if kind == "row":
+        assert (rows[grid:] == grid + 1).all()  # the window is exactly W + 1 wide
+        for i in range(grid * grid):
+            assert img[i].nonzero().flatten().tolist() == list(range(max(0, i - grid), i + 1))
+    if kind == "column":
+        for i in range(grid * grid):
+            keys = img[i].nonzero().flatten()
+            assert (torch.diff(keys) == grid).all() and keys[-1] == i  # stride exactly W
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("grid, kernel, wrap", [(4, 3, False), (6, 5, True), (8, 11, False), (5, 11, True)])
+def test_key_lists_equal_the_reference(kind, grid, kernel, wrap):
+    spec = MaskSpec(kind, 2, grid, conv_kernel=kernel, wrap=wrap)
+    idx, valid = image_key_lists(spec)
+    ref = dense_mask(kind, 2, grid, conv_kernel=kernel, wrap=wrap)[2:, 2:]
+    got = torch.zeros_like(ref)
+    for i in range(grid * grid):
+        got[i, idx[i][valid[i]]] = True
+        assert len(set(idx[i][valid[i]].tolist())) == int(valid[i].sum())  # no key twice
+    assert torch.equal(got, ref)
+    if kind == "row":
+        assert idx.shape[1] == grid + 1
+
+
+def test_layer_schedule():
+    assert [layer_kind(i, 4) for i in range(1, 5)] == ["row", "column", "row", "conv"]
+    assert [layer_kind(i, 8) for i in range(1, 9)] == ["row", "column", "row", "row", "row", "column", "row", "conv"]
+    assert layer_kind(64, 64) == "conv" and layer_kind(62, 64) == "column"
+    with pytest.raises(ValueError):
+        layer_kind(0, 4)
+
+
+def test_bad_specs():
+    with pytest.raises(ValueError, match="kind"):
+        dense_mask("diagonal", 2, 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="odd"):
+        dense_mask("conv", 2, 4, conv_kernel=4)
