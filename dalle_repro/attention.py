@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
 Kind = Literal["row", "column", "conv"]
 KINDS: tuple[Kind, ...] = ("row", "column", "conv")
@@ -130,3 +131,128 @@ def image_key_lists(spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
     cand = torch.gather(cand, 1, order)
     keep = valid.any(0)
     return cand[:, keep], valid[:, keep]
+
+
+# ----------------------------------------------------------------------------------------------
+# Backends. Each takes q, k, v of shape (B, H, N, d) and returns (B, H, N, d).
+
+Backend = Literal["dense", "local", "flex"]
+BACKENDS: tuple[Backend, ...] = ("dense", "local", "flex")
+
+_DENSE: dict[MaskSpec, torch.Tensor] = {}
+_LOCAL: dict[MaskSpec, torch.Tensor] = {}
+_FLEX: dict[tuple[MaskSpec, str], object] = {}
+
+
+def _dense_mask(spec: MaskSpec, device: torch.device) -> torch.Tensor:
+    if spec not in _DENSE:
+        pos = torch.arange(spec.n)
+        _DENSE[spec] = allowed(spec, pos[:, None], pos[None, :])
+    return _DENSE[spec].to(device)
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """Scaled dot-product attention over all N^2 pairs with the boolean mask: the reference."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(spec, q.device))
+
+
+def reach_rows(spec: MaskSpec) -> int:
+    """How many grid rows above its own an image query can see (row and conv kinds)."""
+    if spec.kind == "row":
+        return min(1, spec.grid - 1)
+    return min(spec.conv_kernel // 2, spec.grid - 1)
+
+
+def _local_mask(spec: MaskSpec, device: torch.device) -> torch.Tensor:
+    """(grid, W, text + (R+1) W) mask of a query row against text and its window of image rows."""
+    if spec not in _LOCAL:
+        g, w, r = spec.grid, spec.grid, reach_rows(spec)
+        if spec.kind == "column":
+            image = torch.ones(g, g, dtype=torch.bool).tril()  # per column: causal over rows
+            mask = torch.cat([torch.ones(g, spec.text_len, dtype=torch.bool), image], 1)
+        else:
+            i = torch.arange(g * w).view(g, w, 1)  # query image index
+            a = torch.arange((r + 1) * w).view(1, 1, -1)
+            j = (torch.arange(g).view(g, 1, 1) - r) * w + a  # key image index of each window slot
+            image = (j >= 0) & image_predicate(spec, i, j.clamp(min=0))
+            mask = torch.cat([torch.ones(g, w, spec.text_len, dtype=torch.bool), image], 2)
+        _LOCAL[spec] = mask
+    return _LOCAL[spec].to(device)
+
+
+def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """Attention that scores only what the mask can reach, as dense blocks (fast on CPU, with backward).
+
+    Text queries: causal over the text. Image queries of a grid row (row and conv kinds): the text
+    and the R rows above plus their own row (R = 1 for row, kernel // 2 for conv), masked by the
+    predicate. Column kind: each column on its own, causal over its rows, plus the text.
+    Cost per image query: text + (R + 1) W keys (row: 2W, conv: 6W at kernel 11), or text + grid.
+    """
+    t, g, w = spec.text_len, spec.grid, spec.grid
+    b, h, _, d = q.shape
+    parts = []
+    if t:
+        parts.append(F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True))
+    qi, ki, vi = q[:, :, t:], k[:, :, t:], v[:, :, t:]
+    kt, vt = k[:, :, :t], v[:, :, :t]
+    mask = _local_mask(spec, q.device)
+    if spec.kind == "column":
+        qc, kc, vc = (x.unflatten(2, (g, w)).transpose(2, 3) for x in (qi, ki, vi))  # (B, H, W, rows, d)
+        keys = torch.cat([kt[:, :, None].expand(b, h, w, t, d), kc], 3)
+        vals = torch.cat([vt[:, :, None].expand(b, h, w, t, d), vc], 3)
+        out = F.scaled_dot_product_attention(qc, keys, vals, attn_mask=mask)  # (B, H, W, rows, d)
+        parts.append(out.transpose(2, 3).flatten(2, 3))
+    else:
+        r = reach_rows(spec)
+
+        def windows(x: torch.Tensor) -> torch.Tensor:  # (B, H, M, d) -> (B, H, rows, (R+1) W, d)
+            padded = torch.cat([x.new_zeros(b, h, r * w, d), x], 2).unflatten(2, (g + r, w))
+            return padded.unfold(2, r + 1, 1).permute(0, 1, 2, 5, 3, 4).flatten(3, 4)
+
+        keys = torch.cat([kt[:, :, None].expand(b, h, g, t, d), windows(ki)], 3)
+        vals = torch.cat([vt[:, :, None].expand(b, h, g, t, d), windows(vi)], 3)
+        out = F.scaled_dot_product_attention(qi.unflatten(2, (g, w)), keys, vals, attn_mask=mask)
+        parts.append(out.flatten(2, 3))
+    return torch.cat(parts, 2)
+
+
+def flex_block_mask(spec: MaskSpec, device: torch.device) -> object:
+    """FlexAttention's block mask from the same predicate, cached per (spec, device)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    key = (spec, str(device))
+    if key not in _FLEX:
+
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+            return allowed(spec, q_idx, kv_idx)
+
+        _FLEX[key] = create_block_mask(mask_mod, None, None, spec.n, spec.n, device=str(device))
+    return _FLEX[key]
+
+
+def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+    """FlexAttention with a block-sparse mask: GPU training and CPU inference (no backward on CPU)."""
+    from torch.nn.attention.flex_attention import flex_attention as flex
+
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        raise RuntimeError("FlexAttention has no backward on CPU: use attention backend 'local' to train on CPU")
+    return flex(q, k, v, block_mask=flex_block_mask(spec, q.device))
+
+
+def pick_backend(name: str, device: torch.device, training: bool) -> Backend:
+    """``auto``: flex on CUDA; on CPU, local for training and flex for inference."""
+    if name in BACKENDS:
+        return name  # type: ignore[return-value]
+    if name != "auto":
+        raise ValueError(f"attention backend must be auto or one of {BACKENDS}, got {name!r}")
+    if device.type == "cuda":
+        return "flex"
+    return "local" if training else "flex"
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, backend: Backend) -> torch.Tensor:
+    """Masked attention of (B, H, N, d) tensors with the named backend."""
+    if q.shape[2] != spec.n:
+        raise ValueError(f"expected {spec.n} positions for text {spec.text_len} + grid {spec.grid}^2, got {q.shape[2]}")
+    fn = {"dense": dense_attention, "local": local_attention, "flex": flex_attention}[backend]
+    return fn(q, k, v, spec)

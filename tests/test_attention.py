@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dalle_repro.attention import KINDS, MaskSpec, dense_mask, image_key_lists, layer_kind
+from dalle_repro.attention import KINDS, MaskSpec, attend, dense_mask, image_key_lists, layer_kind
 
 T, G = 3, 4  # 3 text tokens, a 4x4 image grid
 
@@ -91,3 +91,54 @@ def test_bad_specs():
         dense_mask("diagonal", 2, 4)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="odd"):
         dense_mask("conv", 2, 4, conv_kernel=4)
+
+
+# ------------------------------------------------------------------------------------------
+# Backends against the dense reference
+
+
+def _qkv(spec: MaskSpec, seed: int, b: int = 2, h: int = 3, d: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, h, spec.n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("text, grid, kernel, wrap", [(5, 4, 3, False), (7, 6, 5, True), (3, 8, 11, False)])
+def test_local_backend_equals_dense_forward_and_backward(kind, text, grid, kernel, wrap):
+    spec = MaskSpec(kind, text, grid, conv_kernel=kernel, wrap=wrap)
+    q, k, v = _qkv(spec, seed=grid)
+    g_out = torch.randn(2, 3, spec.n, 8, dtype=torch.float64)
+    outs, grads = [], []
+    for backend in ("dense", "local"):
+        out = attend(q, k, v, spec, backend)
+        gq, gk, gv = torch.autograd.grad(out, (q, k, v), g_out)
+        outs.append(out)
+        grads.append((gq, gk, gv))
+    assert torch.allclose(outs[0], outs[1], atol=1e-10)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_flex_backend_equals_dense_forward(kind):
+    spec = MaskSpec(kind, 4, 8, conv_kernel=5)
+    q, k, v = (x.detach().float() for x in _qkv(spec, seed=1))
+    with torch.no_grad():
+        assert torch.allclose(attend(q, k, v, spec, "flex"), attend(q, k, v, spec, "dense"), atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["dense", "local", "flex"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_leak(kind, backend):
+    """Changing the key and value at position t changes no output before t."""
+    spec = MaskSpec(kind, 3, 5, conv_kernel=3)
+    q, k, v = (x.detach().float() for x in _qkv(spec, seed=2))
+    with torch.no_grad():
+        base = attend(q, k, v, spec, backend)
+        for t in (0, 2, 3, 9, spec.n - 1):
+            k2, v2 = k.clone(), v.clone()
+            k2[:, :, t] += 5
+            v2[:, :, t] -= 5
+            out = attend(q, k2, v2, spec, backend)
+            assert torch.allclose(out[:, :, :t], base[:, :, :t], atol=1e-6), t
+            assert not torch.allclose(out[:, :, t], base[:, :, t])
