@@ -1,0 +1,181 @@
+"""Stage 2: DALL-E's decoder-only sparse transformer over text and image tokens (SPEC §2).
+
+Sequence: ``text_len`` text tokens, then ``grid * grid`` image tokens in raster order, one
+stream. The output at position p predicts the token at p + 1: the last text position predicts
+the first image token, and the first text token is not predicted. [?] The paper leaves the
+start-of-text / start-of-image slots open; this layout needs neither, because the text is padded
+to a fixed length with one learned pad id per position (tokenizer.py), so the first image token
+always follows position ``text_len - 1``.
+
+Embeddings: text token + text position; image token + row + column. Pre-LN blocks with the
+layer's mask (attention.layer_kind), a GELU MLP of width 4d, a final LayerNorm, and separate text
+and image heads computed in fp32. Loss: cross-entropy over text targets and over image targets,
+each averaged over its own tokens, mixed 1/8 text + 7/8 image (options).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dalle_repro.attention import BACKENDS, MaskSpec, attend, layer_kind, pick_backend
+from dalle_repro.config import ConfigError, arg
+
+
+@dataclass
+class TransformerArgs:
+    """Sizes and options of the prior. The paper: 64 layers, 62 heads x 64, 256 text + 32x32 image."""
+
+    dim: int = arg(512, "Model width d.", gt=0)
+    depth: int = arg(8, "Layers (resblocks).", gt=0)
+    heads: int = arg(8, "Attention heads; dim must be a multiple.", gt=0)
+    text_len: int = arg(64, "Text positions (the tokenizer's text_len).", gt=0)
+    text_vocab: int = arg(4096 + 64, "Text ids: BPE vocabulary + text_len pads (TextTokenizer.vocab_size).", gt=0)
+    grid: int = arg(16, "Side of the image token grid.", gt=0)
+    image_vocab: int = arg(1024, "Image codes (the dVAE's vocab_size).", gt=0)
+    mlp_ratio: int = arg(4, "MLP width as a multiple of dim.", gt=0)
+    conv_kernel: int = arg(11, "Conv mask kernel (odd).", gt=0)
+    conv_wrap: bool = arg(False, "[?] Wrap the conv window around the left/right edges (the paper is silent).")
+    attention: str = arg("auto", "Attention backend: auto, dense, local (CPU training) or flex.")
+    text_loss_weight: float = arg(1 / 8, "Weight of the text loss.", ge=0)
+    image_loss_weight: float = arg(7 / 8, "Weight of the image loss.", ge=0)
+    dropout: float = arg(0.0, "Dropout on attention and MLP outputs.", ge=0, lt=1)
+
+    def __post_init__(self) -> None:
+        if self.dim % self.heads:
+            raise ConfigError(f"dim: {self.dim} is not a multiple of heads ({self.heads})")
+        if self.conv_kernel % 2 == 0:
+            raise ConfigError(f"conv_kernel: got {self.conv_kernel}; allowed: odd")
+        if self.attention not in ("auto", *BACKENDS):
+            raise ConfigError(f"attention: got {self.attention!r}; allowed: auto, {', '.join(BACKENDS)}")
+        if self.text_vocab < self.text_len:
+            raise ConfigError(f"text_vocab ({self.text_vocab}) must hold at least the {self.text_len} pad ids")
+
+    @property
+    def n_image(self) -> int:
+        return self.grid * self.grid
+
+    @property
+    def seq_len(self) -> int:
+        return self.text_len + self.n_image
+
+
+class Attention(nn.Module):
+    def __init__(self, a: TransformerArgs, spec: MaskSpec):
+        super().__init__()
+        self.heads, self.spec, self.backend = a.heads, spec, a.attention
+        self.qkv = nn.Linear(a.dim, 3 * a.dim)
+        self.proj = nn.Linear(a.dim, a.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
+        backend = pick_backend(self.backend, x.device, torch.is_grad_enabled())
+        y = attend(q, k, v, self.spec, backend)  # (B, nh, T, hs)
+        return self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class Block(nn.Module):
+    """Pre-LN resblock: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, a: TransformerArgs, spec: MaskSpec):
+        super().__init__()
+        self.kind = spec.kind
+        self.ln_1 = nn.LayerNorm(a.dim)
+        self.attn = Attention(a, spec)
+        self.ln_2 = nn.LayerNorm(a.dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(a.dim, a.mlp_ratio * a.dim), nn.GELU(), nn.Linear(a.mlp_ratio * a.dim, a.dim)
+        )
+        self.drop = nn.Dropout(a.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        return x + self.drop(self.mlp(self.ln_2(x)))
+
+
+@dataclass
+class PriorLoss:
+    loss: torch.Tensor
+    text: torch.Tensor
+    image: torch.Tensor
+
+
+class Transformer(nn.Module):
+    """The prior; ``forward(text, image) -> (text_logits, image_logits)``, ``loss(text, image)``."""
+
+    def __init__(self, args: TransformerArgs):
+        super().__init__()
+        a = self.args = args
+        self.text_emb = nn.Embedding(a.text_vocab, a.dim)
+        self.text_pos = nn.Parameter(torch.zeros(a.text_len, a.dim))
+        self.image_emb = nn.Embedding(a.image_vocab, a.dim)
+        self.row_emb = nn.Parameter(torch.zeros(a.grid, a.dim))
+        self.col_emb = nn.Parameter(torch.zeros(a.grid, a.dim))
+        self.blocks = nn.ModuleList(
+            Block(a, MaskSpec(layer_kind(i, a.depth), a.text_len, a.grid, a.conv_kernel, a.conv_wrap))
+            for i in range(1, a.depth + 1)
+        )
+        self.ln_f = nn.LayerNorm(a.dim)
+        self.text_head = nn.Linear(a.dim, a.text_vocab, bias=False)
+        self.image_head = nn.Linear(a.dim, a.image_vocab, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):  # GPT-2's scaled residual init
+                nn.init.normal_(p, std=0.02 / (2 * a.depth) ** 0.5)
+        for p in (self.text_pos, self.row_emb, self.col_emb):
+            nn.init.normal_(p, std=0.01)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def _check(self, text: torch.Tensor, image: torch.Tensor) -> None:
+        a = self.args
+        for name, t, shape, vocab in (
+            ("text", text, (a.text_len,), a.text_vocab),
+            ("image", image, (a.n_image,), a.image_vocab),
+        ):
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.long:
+                raise ValueError(f"{name} tokens must be a LongTensor, got {getattr(t, 'dtype', type(t))}")
+            if t.dim() != 2 or tuple(t.shape[1:]) != shape:
+                raise ValueError(f"{name} tokens must be (B, {shape[0]}), got shape {tuple(t.shape)}")
+            if t.numel() and (t.min() < 0 or t.max() >= vocab):
+                raise ValueError(f"{name} tokens must lie in [0, {vocab}), got [{t.min().item()}, {t.max().item()}]")
+        if text.shape[0] != image.shape[0]:
+            raise ValueError(f"text and image batch sizes differ: {text.shape[0]} vs {image.shape[0]}")
+
+    def embed(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """(B, text_len) and (B, grid^2) ids -> (B, N, d) input embeddings."""
+        a = self.args
+        t = self.text_emb(text) + self.text_pos
+        pos = self.row_emb[:, None, :] + self.col_emb[None, :, :]  # (grid, grid, d)
+        i = self.image_emb(image) + pos.view(a.n_image, a.dim)
+        return torch.cat([t, i], 1)
+
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (fp32): text (B, text_len - 1, text_vocab) for text targets 1.., image (B, grid^2, image_vocab)."""
+        self._check(text, image)
+        x = self.embed(text, image)
+        for block in self.blocks:
+            x = block(x)
+        h = self.ln_f(x).float()
+        t = self.args.text_len
+        text_logits = F.linear(h[:, : t - 1], self.text_head.weight.float())
+        image_logits = F.linear(h[:, t - 1 : -1], self.image_head.weight.float())
+        return text_logits, image_logits
+
+    def loss(self, text: torch.Tensor, image: torch.Tensor) -> PriorLoss:
+        text_logits, image_logits = self(text, image)
+        lt = F.cross_entropy(text_logits.flatten(0, 1), text[:, 1:].flatten())
+        li = F.cross_entropy(image_logits.flatten(0, 1), image.flatten())
+        a = self.args
+        return PriorLoss(a.text_loss_weight * lt + a.image_loss_weight * li, lt.detach(), li.detach())

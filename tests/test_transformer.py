@@ -1,0 +1,108 @@
+"""The prior: shapes and errors, the loss weighting, pads, and no leak through the whole model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle_repro.config import ConfigError
+from dalle_repro.transformer import Transformer, TransformerArgs
+
+ARGS = dict(dim=32, depth=4, heads=4, text_len=6, text_vocab=40, grid=4, image_vocab=24, conv_kernel=3)
+
+
+def make(**kw) -> tuple[Transformer, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    m = Transformer(TransformerArgs(**(ARGS | kw)))
+    text = torch.randint(0, 40, (3, 6))
+    image = torch.randint(0, 24, (3, 16))
+    return m, text, image
+
+
+def test_shapes_and_fp32_logits():
+    m, text, image = make()
+    tl, il = m(text, image)
+    assert tl.shape == (3, 5, 40) and il.shape == (3, 16, 24)
+    assert tl.dtype == il.dtype == torch.float32
+    assert [b.kind for b in m.blocks] == ["row", "column", "row", "conv"]
+
+
+def test_loss_is_weighted_per_modality():
+    m, text, image = make(text_loss_weight=0.25, image_loss_weight=0.5)
+    out = m.loss(text, image)
+    tl, il = m(text, image)
+    t = F.cross_entropy(tl.reshape(-1, 40), text[:, 1:].reshape(-1))
+    i = F.cross_entropy(il.reshape(-1, 24), image.reshape(-1))
+    assert torch.allclose(out.text, t) and torch.allclose(out.image, i)
+    assert torch.allclose(out.loss, 0.25 * t + 0.5 * i)
+
+
+def test_pads_are_ordinary_targets():
+    """Per-position pad ids are predicted like any text token (the paper does not mask them)."""
+    m, text, image = make()
+    padded = text.clone()
+    padded[:, 3:] = 40 - 6 + torch.arange(3, 6)  # pad ids bpe_vocab + position
+    tl, _ = m(padded, image)
+    loss = m.loss(padded, image).text
+    assert torch.allclose(loss, F.cross_entropy(tl.reshape(-1, 40), padded[:, 1:].reshape(-1)))
+
+
+@pytest.mark.parametrize("backend", ["dense", "local"])
+def test_no_leak_through_the_model(backend):
+    m, text, image = make(attention=backend)
+    m.eval()
+    with torch.no_grad():
+        base_t, base_i = m(text, image)
+        for pos in (2, 5, 6, 9, 20):  # text positions 2, 5; image indices 0, 3, 14
+            t2, i2 = text.clone(), image.clone()
+            if pos < 6:
+                t2[:, pos] = (t2[:, pos] + 1) % 40
+            else:
+                i2[:, pos - 6] = (i2[:, pos - 6] + 1) % 24
+            new_t, new_i = m(t2, i2)
+            # text logit p sits at position p; image logit j at position text_len - 1 + j.
+            # Outputs at positions before ``pos`` must not move, and the one at ``pos`` must.
+            nt, ni = min(pos, 5), max(0, pos - 5)
+            assert torch.allclose(base_t[:, :nt], new_t[:, :nt], atol=1e-5), pos
+            assert torch.allclose(base_i[:, :ni], new_i[:, :ni], atol=1e-5), pos
+            moved = new_t[:, pos] if pos < 5 else new_i[:, pos - 5]
+            assert not torch.allclose(moved, base_t[:, pos] if pos < 5 else base_i[:, pos - 5])
+
+
+def test_backends_agree_in_the_model():
+    m, text, image = make(attention="dense")
+    loss_dense = m.loss(text, image).loss
+    g_dense = torch.autograd.grad(loss_dense, list(m.parameters()))
+    for b in m.blocks:
+        b.attn.backend = "local"
+    loss_local = m.loss(text, image).loss
+    g_local = torch.autograd.grad(loss_local, list(m.parameters()))
+    assert torch.allclose(loss_dense, loss_local, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g_dense, g_local, strict=True))
+
+
+def test_bad_input_and_args():
+    m, text, image = make()
+    with pytest.raises(ValueError, match=r"text tokens must be \(B, 6\)"):
+        m(text[:, :5], image)
+    with pytest.raises(ValueError, match=r"image tokens must lie in \[0, 24\)"):
+        m(text, image + 24)
+    with pytest.raises(ValueError, match="LongTensor"):
+        m(text.float(), image)
+    with pytest.raises(ConfigError, match="multiple of heads"):
+        TransformerArgs(dim=30, heads=4)
+    with pytest.raises(ConfigError, match="attention"):
+        TransformerArgs(attention="sparse")
+
+
+def test_a_few_steps_learn_a_fixed_batch():
+    m, text, image = make()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    first = m.loss(text, image).loss.item()
+    for _ in range(30):
+        loss = m.loss(text, image).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first - 1.0
