@@ -269,3 +269,58 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, ba
         raise ValueError(f"expected {spec.n} positions for text {spec.text_len} + grid {spec.grid}^2, got {q.shape[2]}")
     fn = {"dense": dense_attention, "local": local_attention, "flex": flex_attention}[backend]
     return fn(q, k, v, spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached decoding: one new token at a time, keeping only the keys the mask can still reach.
+
+
+def cache_capacity(spec: MaskSpec) -> int:
+    """Image keys a layer must keep: one more than the farthest look-back of any query.
+
+    Row: W + 1. Conv (kernel 2r + 1): r W + r + 1. Column: (grid - 1) W + 1, every column's history.
+    """
+    idx, valid = image_key_lists(spec)
+    i = torch.arange(spec.n_image)[:, None]
+    return int(torch.where(valid, i - idx, 0).max().item()) + 1
+
+
+class LayerCache:
+    """Keys and values of one layer for decoding: all text positions and a ring of image positions.
+
+    A ring of ``cache_capacity(spec)`` slots is enough: a key that a later query can reach is never
+    more than that many image positions back, so its slot is not yet reused.
+    """
+
+    def __init__(self, spec: MaskSpec, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype):
+        self.spec = spec
+        self.capacity = cache_capacity(spec)
+        shape = (batch, heads, self.capacity, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.text_k: torch.Tensor | None = None
+        self.text_v: torch.Tensor | None = None
+        idx, valid = image_key_lists(spec)
+        self._keys = [(idx[i][valid[i]] % self.capacity).to(device) for i in range(spec.n_image)]
+
+    def text(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """All text positions at once (causal); they are kept whole."""
+        self.text_k, self.text_v = k, v
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor:
+        """Image position ``i`` (q, k, v of shape (B, H, 1, d)): store it, attend text + reachable keys."""
+        if self.text_k is None:
+            raise RuntimeError("decode the text before the image")
+        self.k[:, :, i % self.capacity] = k[:, :, 0]
+        self.v[:, :, i % self.capacity] = v[:, :, 0]
+        slots = self._keys[i]
+        keys = torch.cat([self.text_k, self.k[:, :, slots]], 2)
+        vals = torch.cat([self.text_v, self.v[:, :, slots]], 2)
+        return F.scaled_dot_product_attention(q, keys, vals)  # every kept key is allowed: no mask
+
+    def keep_rows(self, index: torch.Tensor) -> None:
+        """Select batch rows (e.g. to drop finished candidates)."""
+        self.k, self.v = self.k[index], self.v[index]
+        if self.text_k is not None and self.text_v is not None:
+            self.text_k, self.text_v = self.text_k[index], self.text_v[index]

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dalle_repro.attention import BACKENDS, MaskSpec, attend, layer_kind, pick_backend
+from dalle_repro.attention import BACKENDS, LayerCache, MaskSpec, attend, layer_kind, pick_backend
 from dalle_repro.config import ConfigError, arg
 
 
@@ -70,11 +70,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(a.dim, 3 * a.dim)
         self.proj = nn.Linear(a.dim, a.dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
+        """Whole sequences (``cache`` None), or positions ``start..start+T-1`` against the cache:
+        the whole text at once, or one image token."""
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
-        backend = pick_backend(self.backend, x.device, torch.is_grad_enabled())
-        y = attend(q, k, v, self.spec, backend)  # (B, nh, T, hs)
+        if cache is None:
+            y = attend(q, k, v, self.spec, pick_backend(self.backend, x.device, torch.is_grad_enabled()))
+        elif start == 0 and n == self.spec.text_len:
+            y = cache.text(q, k, v)
+        elif n == 1 and start >= self.spec.text_len:
+            y = cache.image(q, k, v, start - self.spec.text_len)
+        else:
+            raise ValueError(f"cached decoding takes the whole text, then one image token; got {n} at {start}")
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
@@ -92,8 +100,8 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(a.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln_1(x), cache, start))
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
@@ -153,25 +161,83 @@ class Transformer(nn.Module):
         if text.shape[0] != image.shape[0]:
             raise ValueError(f"text and image batch sizes differ: {text.shape[0]} vs {image.shape[0]}")
 
-    def embed(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """(B, text_len) and (B, grid^2) ids -> (B, N, d) input embeddings."""
-        a = self.args
-        t = self.text_emb(text) + self.text_pos
-        pos = self.row_emb[:, None, :] + self.col_emb[None, :, :]  # (grid, grid, d)
-        i = self.image_emb(image) + pos.view(a.n_image, a.dim)
-        return torch.cat([t, i], 1)
+    def embed_text(self, text: torch.Tensor) -> torch.Tensor:
+        return self.text_emb(text) + self.text_pos  # (B, text_len, d)
+
+    def embed_image(self, image: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Image ids at image positions ``start..`` -> (B, n, d), with their row and column embeddings."""
+        g = self.args.grid
+        pos = torch.arange(start, start + image.shape[1], device=image.device)
+        return self.image_emb(image) + self.row_emb[pos // g] + self.col_emb[pos % g]
+
+    def hidden(self, x: torch.Tensor, caches: list[LayerCache] | None = None, start: int = 0) -> torch.Tensor:
+        """The resblocks and the final LayerNorm, in fp32 for the heads."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, caches[i] if caches is not None else None, start)
+        return self.ln_f(x).float()
+
+    def text_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.text_head.weight.float())
+
+    def image_logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(h, self.image_head.weight.float())
 
     def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (fp32): text (B, text_len - 1, text_vocab) for text targets 1.., image (B, grid^2, image_vocab)."""
         self._check(text, image)
-        x = self.embed(text, image)
-        for block in self.blocks:
-            x = block(x)
-        h = self.ln_f(x).float()
+        h = self.hidden(torch.cat([self.embed_text(text), self.embed_image(image)], 1))
         t = self.args.text_len
-        text_logits = F.linear(h[:, : t - 1], self.text_head.weight.float())
-        image_logits = F.linear(h[:, t - 1 : -1], self.image_head.weight.float())
-        return text_logits, image_logits
+        return self.text_logits(h[:, : t - 1]), self.image_logits(h[:, t - 1 : -1])
+
+    # -- cached decoding ------------------------------------------------------------------------
+
+    def new_caches(self, batch: int) -> list[LayerCache]:
+        p = next(self.parameters())
+        hd = self.args.dim // self.args.heads
+        return [LayerCache(b.attn.spec, batch, self.args.heads, hd, p.device, p.dtype) for b in self.blocks]
+
+    @torch.no_grad()
+    def start_decoding(self, text: torch.Tensor, caches: list[LayerCache]) -> torch.Tensor:
+        """Feed the text; returns the logits (B, image_vocab) of the first image token."""
+        a = self.args
+        if text.dim() != 2 or text.shape[1] != a.text_len or text.dtype != torch.long:
+            raise ValueError(f"text tokens must be a LongTensor (B, {a.text_len}), got {tuple(text.shape)}")
+        h = self.hidden(self.embed_text(text), caches, 0)
+        return self.image_logits(h[:, -1])
+
+    @torch.no_grad()
+    def decode_step(self, token: torch.Tensor, index: int, caches: list[LayerCache]) -> torch.Tensor:
+        """Feed image token ``index`` (B,); returns the logits (B, image_vocab) of token ``index + 1``."""
+        x = self.embed_image(token[:, None], index)
+        h = self.hidden(x, caches, self.args.text_len + index)
+        return self.image_logits(h[:, -1])
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text: torch.Tensor,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        prime: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample image tokens (B, grid^2) for text (B, text_len) with the cache, this model's own forward.
+
+        ``temperature`` 0 is greedy. ``prime`` (B, P) fixes the first P image tokens (image-to-image).
+        """
+        a = self.args
+        caches = self.new_caches(text.shape[0])
+        logits = self.start_decoding(text, caches)
+        out = torch.empty(text.shape[0], a.n_image, dtype=torch.long, device=text.device)
+        n_prime = 0 if prime is None else prime.shape[1]
+        for i in range(a.n_image):
+            if i < n_prime:
+                out[:, i] = prime[:, i]  # type: ignore[index]
+            else:
+                out[:, i] = sample_logits(logits, temperature, top_k, generator)
+            if i + 1 < a.n_image:
+                logits = self.decode_step(out[:, i], i, caches)
+        return out
 
     def loss(self, text: torch.Tensor, image: torch.Tensor) -> PriorLoss:
         text_logits, image_logits = self(text, image)
@@ -179,3 +245,16 @@ class Transformer(nn.Module):
         li = F.cross_entropy(image_logits.flatten(0, 1), image.flatten())
         a = self.args
         return PriorLoss(a.text_loss_weight * lt + a.image_loss_weight * li, lt.detach(), li.detach())
+
+
+def sample_logits(
+    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One id per row of (B, V) logits: greedy at temperature 0, else softmax(logits / T) over the top k."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
