@@ -15,14 +15,17 @@ each averaged over its own tokens, mixed 1/8 text + 7/8 image (options).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from dalle_repro.attention import BACKENDS, LayerCache, MaskSpec, attend, layer_kind, pick_backend
 from dalle_repro.config import ConfigError, arg
+from dalle_repro.precision import BlockScaler, PrecisionArgs
 
 
 @dataclass
@@ -43,6 +46,8 @@ class TransformerArgs:
     text_loss_weight: float = arg(1 / 8, "Weight of the text loss.", ge=0)
     image_loss_weight: float = arg(7 / 8, "Weight of the image loss.", ge=0)
     dropout: float = arg(0.0, "Dropout on attention and MLP outputs.", ge=0, lt=1)
+    sandwich_ln: bool = arg(False, "CogView's sandwich LayerNorm: x + LN(branch(LN(x))). Off in the paper.")
+    checkpoint: bool = arg(False, "Recompute each resblock branch in the backward pass (activation checkpointing).")
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -87,22 +92,42 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN resblock: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-LN layer of two resblock branches: x + attn(ln(x)), then x + mlp(ln(x)).
 
-    def __init__(self, a: TransformerArgs, spec: MaskSpec):
+    With a :class:`BlockScaler` attached, each branch runs in half precision with its own gradient
+    scale and filter (precision.py); the residual stream stays fp32 either way.
+    """
+
+    def __init__(self, a: TransformerArgs, spec: MaskSpec, index: int):
         super().__init__()
-        self.kind = spec.kind
+        self.kind, self.index, self.checkpoint = spec.kind, index, a.checkpoint
         self.ln_1 = nn.LayerNorm(a.dim)
         self.attn = Attention(a, spec)
+        self.post_1 = nn.LayerNorm(a.dim) if a.sandwich_ln else nn.Identity()
         self.ln_2 = nn.LayerNorm(a.dim)
         self.mlp = nn.Sequential(
             nn.Linear(a.dim, a.mlp_ratio * a.dim), nn.GELU(), nn.Linear(a.mlp_ratio * a.dim, a.dim)
         )
+        self.post_2 = nn.LayerNorm(a.dim) if a.sandwich_ln else nn.Identity()
         self.drop = nn.Dropout(a.dropout)
+        self.scaler: BlockScaler | None = None  # set by Transformer.enable_precision
+
+    def _residual(self, j: int, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.checkpoint and torch.is_grad_enabled():
+            inner = branch
+            branch = lambda t: torch.utils.checkpoint.checkpoint(inner, t, use_reentrant=False)  # noqa: E731
+        if self.scaler is not None:
+            return self.scaler.residual(j, x, branch)
+        return x + branch(x)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, start: int = 0) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), cache, start))
-        return x + self.drop(self.mlp(self.ln_2(x)))
+        x = self._residual(2 * self.index, x, lambda t: self.drop(self.post_1(self.attn(self.ln_1(t), cache, start))))
+        return self._residual(2 * self.index + 1, x, lambda t: self.drop(self.post_2(self.mlp(self.ln_2(t)))))
+
+    def branch_params(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        attn = [*self.ln_1.parameters(), *self.attn.parameters(), *self.post_1.parameters()]
+        mlp = [*self.ln_2.parameters(), *self.mlp.parameters(), *self.post_2.parameters()]
+        return attn, mlp
 
 
 @dataclass
@@ -124,9 +149,10 @@ class Transformer(nn.Module):
         self.row_emb = nn.Parameter(torch.zeros(a.grid, a.dim))
         self.col_emb = nn.Parameter(torch.zeros(a.grid, a.dim))
         self.blocks = nn.ModuleList(
-            Block(a, MaskSpec(layer_kind(i, a.depth), a.text_len, a.grid, a.conv_kernel, a.conv_wrap))
+            Block(a, MaskSpec(layer_kind(i, a.depth), a.text_len, a.grid, a.conv_kernel, a.conv_wrap), i - 1)
             for i in range(1, a.depth + 1)
         )
+        self.scaler: BlockScaler | None = None
         self.ln_f = nn.LayerNorm(a.dim)
         self.text_head = nn.Linear(a.dim, a.text_vocab, bias=False)
         self.image_head = nn.Linear(a.dim, a.image_vocab, bias=False)
@@ -145,6 +171,17 @@ class Transformer(nn.Module):
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
+
+    def enable_precision(self, args: PrecisionArgs, world_size: int = 1) -> BlockScaler:
+        """Run the resblocks in ``args.dtype`` with per-branch gradient scaling (SPEC §3)."""
+        self.scaler = BlockScaler(2 * self.args.depth, args, world_size)
+        for b in self.blocks:
+            b.scaler = self.scaler
+        return self.scaler
+
+    def branch_params(self) -> list[list[nn.Parameter]]:
+        """Parameters of each resblock branch, in the scaler's order (attn, mlp of layer 1, ...)."""
+        return [ps for b in self.blocks for ps in b.branch_params()]
 
     def _check(self, text: torch.Tensor, image: torch.Tensor) -> None:
         a = self.args

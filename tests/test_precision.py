@@ -1,0 +1,123 @@
+"""The paper's mixed precision: per-branch scaling, the non-finite filter, per-branch skips, the rule."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dalle_repro.precision import BlockScaler, PrecisionArgs
+from dalle_repro.transformer import Transformer, TransformerArgs
+
+ARGS = dict(dim=32, depth=3, heads=4, text_len=6, text_vocab=40, grid=4, image_vocab=24, conv_kernel=3)
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 40, (4, 6), generator=g), torch.randint(0, 24, (4, 16), generator=g)
+
+
+def test_scale_rule_growth_decay_rate_limit_and_clamps():
+    s = BlockScaler(2, PrecisionArgs(dtype="fp16"), world_size=2)
+    assert s.scales.tolist() == [2 * 2**13] * 2  # M * 2^13
+    s._update(0, True, step=1)
+    assert s.scales[0] == pytest.approx(2 * 2**13 * 2 ** (1 / 1000))
+    s._update(1, False, step=1)
+    assert s.scales[1] == pytest.approx(2 * 2**13 / math.sqrt(2))
+    s._update(1, False, step=50)  # within 125 updates of the last decrease: no second drop
+    assert s.scales[1] == pytest.approx(2 * 2**13 / math.sqrt(2))
+    s._update(1, False, step=126)
+    assert s.scales[1] == pytest.approx(2 * 2**13 / 2)
+    for step in range(200, 200 + 125 * 40, 125):
+        s._update(1, False, step)
+    assert s.scales[1] == 2 * 2**7  # clamped below at M * 2^7
+    for step in range(20_000):
+        s._update(0, True, step)
+    assert s.scales[0] == 2 * 2**24  # clamped above at M * 2^24
+    assert s.skipped_total.tolist() == [0, 43]
+
+
+def test_bf16_keeps_the_filter_without_scaling():
+    s = BlockScaler(3, PrecisionArgs(dtype="bf16"))
+    assert s.scales.tolist() == [1.0, 1.0, 1.0]
+    s._update(0, False, 500)
+    assert s.scales[0] == 1.0 and s.skipped_total[0] == 1
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_scaled_model_matches_plain_gradients(dtype):
+    """With finite gradients the scaling is invisible: the same grads as an unscaled model (fp32)."""
+    torch.manual_seed(0)
+    plain = Transformer(TransformerArgs(**ARGS))
+    scaled = Transformer(TransformerArgs(**ARGS))
+    scaled.load_state_dict(plain.state_dict())
+    scaler = scaled.enable_precision(PrecisionArgs(dtype=dtype))
+    scaler.scales.fill_(1024.0)  # a scale that must cancel out (hooks run in fp32 too)
+    text, image = batch()
+    plain.loss(text, image).loss.backward()
+    scaled.loss(text, image).loss.backward()
+    assert scaler.unscale_(scaled.branch_params(), step=1) == []
+    tol = 1e-5 if dtype == "fp32" else 5e-2
+    for (name, a), b in zip(plain.named_parameters(), scaled.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=tol, rtol=tol), name
+
+
+def test_residual_stream_is_fp32_and_branches_are_half():
+    torch.manual_seed(0)
+    m = Transformer(TransformerArgs(**ARGS))
+    m.enable_precision(PrecisionArgs(dtype="bf16"))
+    seen = {}
+
+    def record(name):
+        def hook(mod, inputs, output):
+            seen.setdefault(name, output.dtype)  # returns None: the output is left alone
+
+        return hook
+
+    m.blocks[0].mlp[0].register_forward_hook(record("mlp"))
+    m.blocks[1].register_forward_hook(record("stream"))
+    text, image = batch()
+    tl, il = m(text, image)
+    assert seen == {"mlp": torch.bfloat16, "stream": torch.float32}
+    assert tl.dtype == il.dtype == torch.float32
+
+
+def test_a_branch_with_inf_gradients_is_filtered_skipped_and_rescaled():
+    torch.manual_seed(0)
+    m = Transformer(TransformerArgs(**ARGS))
+    scaler = m.enable_precision(PrecisionArgs(dtype="fp16" if torch.cuda.is_available() else "bf16"))
+    scaler.scaled = True  # exercise the scale rule on CPU too (bf16 compute, fp16 rule)
+    scaler.scales.fill_(2.0**13)
+    bad = 3  # the MLP branch of layer 2
+    m.blocks[1].mlp[0].register_full_backward_hook(lambda mod, gin, gout: (torch.full_like(gin[0], float("inf")),))
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3, weight_decay=0.0)
+    text, image = batch()
+    frozen = {id(p): p.detach().clone() for p in m.branch_params()[bad]}
+    losses, leaving_grads = [], []
+    m.blocks[1].register_full_backward_hook(lambda mod, gin, gout: leaving_grads.append(gin[0]))
+    for step in range(1, 21):
+        opt.zero_grad(set_to_none=True)
+        loss = m.loss(text, image).loss
+        loss.backward()
+        skipped = scaler.unscale_(m.branch_params(), step)
+        assert skipped == [bad]
+        assert all(p.grad is None for p in m.branch_params()[bad])
+        assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(g).all() for g in leaving_grads)  # the filter cleaned what left the branch
+    assert all(torch.equal(p, frozen[id(p)]) for p in m.branch_params()[bad])  # its update was skipped
+    assert losses[-1] < losses[0] - 0.5  # everything else learns
+    assert scaler.scales[bad] < 2.0**13 and scaler.scales[bad - 1] > 2.0**13
+    assert int(scaler.skipped_total[bad]) == 20
+
+
+def test_scaler_state_round_trips():
+    s = BlockScaler(4, PrecisionArgs(dtype="fp16"))
+    s._update(2, False, 10)
+    t = BlockScaler(4, PrecisionArgs(dtype="fp16"))
+    t.load_state_dict(s.state_dict())
+    assert torch.equal(t.scales, s.scales) and torch.equal(t.last_decay, s.last_decay)
+    with pytest.raises(ValueError, match="branches"):
+        BlockScaler(2, PrecisionArgs(dtype="fp16")).load_state_dict(s.state_dict())
