@@ -16,6 +16,13 @@ Workloads:
              EMA. Reported in fp32 and in bf16 (our CPU default); with ANCHOR_VENV set, the peer's
              shared/anchors script runs in the same run, alternating, and the ratios are added.
 
+  prior_train  the prior's train step on BENCH.md's shape (d 512, 8 layers, 8 heads, text 64 +
+             16x16 image, vocab 4096 / 1024, batch 8, AdamW) with the paper's masks on the local
+             backend, in fp32 and bf16 (per-branch scaling on); the peer with its axial/conv masks and
+             with full attention (ANCHOR_VENV). Also the achieved GFLOP/s against a 2048^3 matmul.
+  attention  forward + backward ms of the local backend against dense SDPA, per mask kind, at
+             grids 16, 24 and 32 (64 text tokens, 8 heads x 64), with each mask's density.
+
 Each side runs in a fresh process per round; the best round of each side counts.
 """
 
@@ -209,16 +216,138 @@ def bench_vae_quality(rounds: int, threads: int, minutes: float = 5.0) -> dict[s
     return out
 
 
+PRIOR_SHAPE = dict(dim=512, depth=8, heads=8, text_len=64, text_vocab=4096 + 64, grid=16, image_vocab=1024)
+
+
+def matmul_peak(threads: int) -> dict[str, float]:
+    """GFLOP/s of a 2048^3 matmul in fp32 and bf16: the machine's reference peak."""
+    torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a @ b
+        t = time.perf_counter()
+        for _ in range(3):
+            a @ b
+        out[f"peak_{name}_gflops"] = 3 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    return out
+
+
+def _prior_train_once(precision: str, threads: int) -> dict[str, float]:
+    """Our prior's train step on BENCH.md's shape, timed like the peer's script (1 warm, 3 timed)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dalle_repro.precision import PrecisionArgs
+    from dalle_repro.transformer import Transformer, TransformerArgs
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    model = Transformer(TransformerArgs(**PRIOR_SHAPE, attention="local"))
+    scaler = model.enable_precision(PrecisionArgs(dtype=precision))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    text = torch.randint(0, 4096, (8, 64))
+    image = torch.randint(0, 1024, (8, 256))
+    state = {"step": 0}
+
+    def step() -> None:
+        loss = model.loss(text, image).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        state["step"] += 1
+        scaler.unscale_(model.branch_params(), state["step"])
+        opt.step()
+
+    with FlopCounterMode(display=False) as fc:
+        step()
+    t = time.perf_counter()
+    for _ in range(3):
+        step()
+    dt = (time.perf_counter() - t) / 3
+    return {"tok_per_s": 8 * 320 / dt, "gflops": fc.get_total_flops() / dt / 1e9}
+
+
+def bench_prior_train(rounds: int, threads: int) -> dict[str, Any]:
+    anchor = os.environ.get("ANCHOR_VENV")
+    me = [sys.executable, __file__, "_prior_train_once", "--threads", str(threads)]
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        for prec in ("fp32", "bf16"):
+            r = _subprocess_json([*me, "--precision", prec])
+            if r["tok_per_s"] > best.get(prec, {}).get("tok_per_s", 0):
+                best[prec] = r
+        if anchor:
+            for label, extra in (("peer_axial", []), ("peer_full", ["--full"])):
+                cmd = [f"{anchor}/bin/python", str(ANCHOR_SCRIPT), "prior_train", str(threads), *extra]
+                r = _subprocess_json(cmd)["prior_train_tok_per_s"]
+                best[label] = {"tok_per_s": max(best.get(label, {}).get("tok_per_s", 0.0), r)}
+    peak = matmul_peak(threads)
+    out: dict[str, Any] = {
+        "prior_train_tok_per_s": round(best["bf16"]["tok_per_s"], 1),
+        "prior_train_fp32_tok_per_s": round(best["fp32"]["tok_per_s"], 1),
+        "bf16_gflops": round(best["bf16"]["gflops"], 1),
+        "fp32_gflops": round(best["fp32"]["gflops"], 1),
+        **{k: round(v, 1) for k, v in peak.items()},
+    }
+    out["bf16_fraction_of_peak"] = round(best["bf16"]["gflops"] / peak["peak_bf16_gflops"], 3)
+    out["fp32_fraction_of_peak"] = round(best["fp32"]["gflops"] / peak["peak_fp32_gflops"], 3)
+    for label in ("peer_axial", "peer_full"):
+        if label in best:
+            out[f"{label}_tok_per_s"] = round(best[label]["tok_per_s"], 1)
+            out[f"ratio_bf16_vs_{label}"] = round(best["bf16"]["tok_per_s"] / best[label]["tok_per_s"], 2)
+            out[f"ratio_fp32_vs_{label}"] = round(best["fp32"]["tok_per_s"] / best[label]["tok_per_s"], 2)
+    return out
+
+
+def bench_attention(rounds: int, threads: int) -> dict[str, Any]:
+    """Forward + backward time of the local backend against dense, per mask kind, as the grid grows."""
+    from dalle_repro.attention import MaskSpec, attend, dense_mask
+
+    torch.set_num_threads(threads)
+    rows = []
+    for grid in (16, 24, 32):
+        for kind in ("row", "column", "conv"):
+            spec = MaskSpec(kind, 64, grid)
+            density = dense_mask(kind, 64, grid).float().mean().item()
+            q, k, v = (torch.randn(1, 8, spec.n, 64, requires_grad=True) for _ in range(3))
+            times = {}
+            for backend in ("dense", "local"):
+
+                def run() -> None:
+                    out = attend(q, k, v, spec, backend)  # noqa: B023
+                    out.sum().backward()
+
+                run()
+                best = float("inf")
+                for _ in range(max(rounds, 3)):
+                    t = time.perf_counter()
+                    run()
+                    best = min(best, time.perf_counter() - t)
+                times[backend] = best
+            rows.append(
+                {
+                    "grid": grid,
+                    "kind": kind,
+                    "density": round(density, 4),
+                    "dense_ms": round(times["dense"] * 1e3, 2),
+                    "local_ms": round(times["local"] * 1e3, 2),
+                    "speedup": round(times["dense"] / times["local"], 2),
+                }
+            )
+    return {"rows": rows}
+
+
 WORKLOADS = {
     "loader": lambda rounds, threads, minutes: bench_loader(rounds),
     "vae_train": lambda rounds, threads, minutes: bench_vae_train(rounds, threads),
     "vae_quality": lambda rounds, threads, minutes: bench_vae_quality(rounds, threads, minutes),
+    "prior_train": lambda rounds, threads, minutes: bench_prior_train(rounds, threads),
+    "attention": lambda rounds, threads, minutes: bench_attention(rounds, threads),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workload", choices=[*WORKLOADS, "all", "_vae_train_once"])
+    p.add_argument("workload", choices=[*WORKLOADS, "all", "_vae_train_once", "_prior_train_once"])
     p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     p.add_argument("--minutes", type=float, default=5.0, help="vae_quality: training minutes per side (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -227,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     if a.workload == "_vae_train_once":  # one measurement in a fresh process (see bench_vae_train)
         print(json.dumps({"img_per_s": _vae_train_once(a.precision, a.threads)}))
+        return 0
+    if a.workload == "_prior_train_once":
+        print(json.dumps(_prior_train_once(a.precision, a.threads)))
         return 0
     for name in WORKLOADS if a.workload == "all" else [a.workload]:
         print(json.dumps({"workload": name, "threads": a.threads} | WORKLOADS[name](a.rounds, a.threads, a.minutes)))

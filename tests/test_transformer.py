@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_repro.config import ConfigError
+from dalle_repro.config import ConfigError, arg, load_config
+from dalle_repro.precision import PrecisionArgs
 from dalle_repro.transformer import Transformer, TransformerArgs
 
 ARGS = dict(dim=32, depth=4, heads=4, text_len=6, text_vocab=40, grid=4, image_vocab=24, conv_kernel=3)
@@ -154,3 +158,37 @@ def test_generate_greedy_equals_uncached_greedy():
     a = m.generate(text[:2], temperature=1.0, top_k=5, generator=g)
     g = torch.Generator().manual_seed(3)
     assert torch.equal(a, m.generate(text[:2], temperature=1.0, top_k=5, generator=g))
+
+
+@dataclass
+class PriorModelConfig:
+    """The model sections of a prior config (the training script adds its own)."""
+
+    model: TransformerArgs = arg(factory=TransformerArgs, doc="The prior.")
+    precision: PrecisionArgs = arg(factory=PrecisionArgs, doc="Mixed precision.")
+
+
+def test_shipped_prior_configs_build():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    paper = load_config(PriorModelConfig, root / "paper" / "prior.yaml")
+    a = paper.model
+    assert (a.dim, a.depth, a.heads, a.text_len, a.grid, a.image_vocab) == (3968, 64, 62, 256, 32, 8192)
+    assert a.dim // a.heads == 64 and a.seq_len == 1280
+    # ~12B parameters: 12 d^2 per layer plus embeddings and heads
+    params = a.depth * 12 * a.dim**2 + (a.text_vocab + a.image_vocab) * a.dim * 2
+    assert 11.5e9 < params < 12.5e9
+    demo = load_config(PriorModelConfig, root / "demo" / "prior.yaml")
+    m = Transformer(demo.model)
+    m.enable_precision(demo.precision)
+    text = torch.randint(0, demo.model.text_vocab, (2, demo.model.text_len))
+    image = torch.randint(0, demo.model.image_vocab, (2, demo.model.n_image))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    losses = []
+    for step in range(1, 4):
+        loss = m.loss(text, image).loss
+        opt.zero_grad()
+        loss.backward()
+        m.scaler.unscale_(m.branch_params(), step)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
