@@ -180,6 +180,18 @@ def _local_mask(spec: MaskSpec, device: torch.device) -> torch.Tensor:
     return _LOCAL[spec].to(device)
 
 
+def _masked_attention(
+    q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """softmax over [text keys, own keys] of q: text keys are shared by every query block, so their
+    scores come from one broadcast matmul and are never copied per block. ``mask`` covers both."""
+    scale = q.shape[-1] ** -0.5
+    scores = torch.cat([q @ k_text.transpose(-1, -2), q @ k.transpose(-1, -2)], -1) * scale
+    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    t = k_text.shape[-2]
+    return p[..., :t] @ v_text + p[..., t:] @ v
+
+
 def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
     """Attention that scores only what the mask can reach, as dense blocks (fast on CPU, with backward).
 
@@ -194,13 +206,11 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Mas
     if t:
         parts.append(F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True))
     qi, ki, vi = q[:, :, t:], k[:, :, t:], v[:, :, t:]
-    kt, vt = k[:, :, :t], v[:, :, :t]
+    kt, vt = k[:, :, None, :t], v[:, :, None, :t]  # (B, H, 1, T, d): shared by every block
     mask = _local_mask(spec, q.device)
     if spec.kind == "column":
         qc, kc, vc = (x.unflatten(2, (g, w)).transpose(2, 3) for x in (qi, ki, vi))  # (B, H, W, rows, d)
-        keys = torch.cat([kt[:, :, None].expand(b, h, w, t, d), kc], 3)
-        vals = torch.cat([vt[:, :, None].expand(b, h, w, t, d), vc], 3)
-        out = F.scaled_dot_product_attention(qc, keys, vals, attn_mask=mask)  # (B, H, W, rows, d)
+        out = _masked_attention(qc, kt, vt, kc, vc, mask)  # (B, H, W, rows, d)
         parts.append(out.transpose(2, 3).flatten(2, 3))
     else:
         r = reach_rows(spec)
@@ -209,9 +219,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Mas
             padded = torch.cat([x.new_zeros(b, h, r * w, d), x], 2).unflatten(2, (g + r, w))
             return padded.unfold(2, r + 1, 1).permute(0, 1, 2, 5, 3, 4).flatten(3, 4)
 
-        keys = torch.cat([kt[:, :, None].expand(b, h, g, t, d), windows(ki)], 3)
-        vals = torch.cat([vt[:, :, None].expand(b, h, g, t, d), windows(vi)], 3)
-        out = F.scaled_dot_product_attention(qi.unflatten(2, (g, w)), keys, vals, attn_mask=mask)
+        out = _masked_attention(qi.unflatten(2, (g, w)), kt, vt, windows(ki), windows(vi), mask)
         parts.append(out.flatten(2, 3))
     return torch.cat(parts, 2)
 
