@@ -151,9 +151,14 @@ def _dense_mask(spec: MaskSpec, device: torch.device) -> torch.Tensor:
     return _DENSE[spec].to(device)
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+def dense_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, pb_relax: float | None = None
+) -> torch.Tensor:
     """Scaled dot-product attention over all N^2 pairs with the boolean mask: the reference."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=_dense_mask(spec, q.device))
+    mask = _dense_mask(spec, q.device)
+    if pb_relax:
+        return _masked_attention(q, k[:, :, :0], v[:, :, :0], k, v, mask, pb_relax)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def reach_rows(spec: MaskSpec) -> int:
@@ -181,18 +186,35 @@ def _local_mask(spec: MaskSpec, device: torch.device) -> torch.Tensor:
 
 
 def _masked_attention(
-    q: torch.Tensor, k_text: torch.Tensor, v_text: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+    q: torch.Tensor,
+    k_text: torch.Tensor,
+    v_text: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    pb_relax: float | None = None,
 ) -> torch.Tensor:
     """softmax over [text keys, own keys] of q: text keys are shared by every query block, so their
-    scores come from one broadcast matmul and are never copied per block. ``mask`` covers both."""
-    scale = q.shape[-1] ** -0.5
-    scores = torch.cat([q @ k_text.transpose(-1, -2), q @ k.transpose(-1, -2)], -1) * scale
-    p = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    scores come from one broadcast matmul and are never copied per block. ``mask`` covers both.
+
+    ``pb_relax`` = alpha (CogView's PB-relax): scores are formed from q / alpha, so q.k cannot
+    overflow in half precision, shifted by their row maximum, and only then multiplied by alpha.
+    The result is the same softmax in exact arithmetic.
+    """
+    scale = q.shape[-1] ** -0.5 / (pb_relax or 1.0)
+    qs = q * scale
+    scores = torch.cat([qs @ k_text.transpose(-1, -2), qs @ k.transpose(-1, -2)], -1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if pb_relax:
+        scores = (scores - scores.amax(-1, keepdim=True).detach()) * pb_relax
+    p = scores.softmax(-1)
     t = k_text.shape[-2]
     return p[..., :t] @ v_text + p[..., t:] @ v
 
 
-def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+def local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, pb_relax: float | None = None
+) -> torch.Tensor:
     """Attention that scores only what the mask can reach, as dense blocks (fast on CPU, with backward).
 
     Text queries: causal over the text. Image queries of a grid row (row and conv kinds): the text
@@ -203,14 +225,18 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Mas
     t, g, w = spec.text_len, spec.grid, spec.grid
     b, h, _, d = q.shape
     parts = []
-    if t:
+    if t and pb_relax:
+        causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        none = k[:, :, :0]
+        parts.append(_masked_attention(q[:, :, :t], none, none, k[:, :, :t], v[:, :, :t], causal, pb_relax))
+    elif t:
         parts.append(F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True))
     qi, ki, vi = q[:, :, t:], k[:, :, t:], v[:, :, t:]
     kt, vt = k[:, :, None, :t], v[:, :, None, :t]  # (B, H, 1, T, d): shared by every block
     mask = _local_mask(spec, q.device)
     if spec.kind == "column":
         qc, kc, vc = (x.unflatten(2, (g, w)).transpose(2, 3) for x in (qi, ki, vi))  # (B, H, W, rows, d)
-        out = _masked_attention(qc, kt, vt, kc, vc, mask)  # (B, H, W, rows, d)
+        out = _masked_attention(qc, kt, vt, kc, vc, mask, pb_relax)  # (B, H, W, rows, d)
         parts.append(out.transpose(2, 3).flatten(2, 3))
     else:
         r = reach_rows(spec)
@@ -219,7 +245,7 @@ def local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Mas
             padded = torch.cat([x.new_zeros(b, h, r * w, d), x], 2).unflatten(2, (g + r, w))
             return padded.unfold(2, r + 1, 1).permute(0, 1, 2, 5, 3, 4).flatten(3, 4)
 
-        out = _masked_attention(qi.unflatten(2, (g, w)), kt, vt, windows(ki), windows(vi), mask)
+        out = _masked_attention(qi.unflatten(2, (g, w)), kt, vt, windows(ki), windows(vi), mask, pb_relax)
         parts.append(out.flatten(2, 3))
     return torch.cat(parts, 2)
 
@@ -241,7 +267,9 @@ def flex_block_mask(spec: MaskSpec, device: torch.device) -> object:
 _FLEX_FN: dict[str, object] = {}
 
 
-def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec) -> torch.Tensor:
+def flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, pb_relax: float | None = None
+) -> torch.Tensor:
     """FlexAttention with a block-sparse mask (compiled on CUDA; eager, and without backward, on CPU).
 
     Eager FlexAttention materialises the full score matrix, so on CPU it checks correctness but is
@@ -253,12 +281,16 @@ def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Mask
 
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
         raise RuntimeError("FlexAttention has no backward on CPU: use attention backend 'local' to train on CPU")
+    kwargs: dict = {"block_mask": flex_block_mask(spec, q.device)}
+    if pb_relax:  # q.k formed from q / alpha; the kernel's own max shift follows the score_mod
+        q = q / pb_relax
+        kwargs["score_mod"] = lambda score, b, h, qi, ki: score * pb_relax
     if q.device.type == "cuda":
         fn = _FLEX_FN.setdefault("cuda", torch.compile(flex, dynamic=False))
-        return fn(q, k, v, block_mask=flex_block_mask(spec, q.device))  # type: ignore[operator]
+        return fn(q, k, v, **kwargs)  # type: ignore[operator]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return flex(q, k, v, block_mask=flex_block_mask(spec, q.device))
+        return flex(q, k, v, **kwargs)
 
 
 def pick_backend(name: str, device: torch.device, training: bool) -> Backend:
@@ -271,12 +303,14 @@ def pick_backend(name: str, device: torch.device, training: bool) -> Backend:
     return "flex" if device.type == "cuda" else "local"
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, backend: Backend) -> torch.Tensor:
-    """Masked attention of (B, H, N, d) tensors with the named backend."""
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, backend: Backend, pb_relax: float | None = None
+) -> torch.Tensor:
+    """Masked attention of (B, H, N, d) tensors with the named backend (PB-relax with alpha if given)."""
     if q.shape[2] != spec.n:
         raise ValueError(f"expected {spec.n} positions for text {spec.text_len} + grid {spec.grid}^2, got {q.shape[2]}")
     fn = {"dense": dense_attention, "local": local_attention, "flex": flex_attention}[backend]
-    return fn(q, k, v, spec)
+    return fn(q, k, v, spec, pb_relax)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ class TransformerArgs:
     dropout: float = arg(0.0, "Dropout on attention and MLP outputs.", ge=0, lt=1)
     sandwich_ln: bool = arg(False, "CogView's sandwich LayerNorm: x + LN(branch(LN(x))). Off in the paper.")
     checkpoint: bool = arg(False, "Recompute each resblock branch in the backward pass (activation checkpointing).")
+    pb_relax: float | None = arg(
+        None, "CogView's PB-relax attention with this alpha (CogView: 32); null: off, as in the paper.", gt=0
+    )
 
     def __post_init__(self) -> None:
         if self.dim % self.heads:
@@ -71,7 +74,7 @@ class TransformerArgs:
 class Attention(nn.Module):
     def __init__(self, a: TransformerArgs, spec: MaskSpec):
         super().__init__()
-        self.heads, self.spec, self.backend = a.heads, spec, a.attention
+        self.heads, self.spec, self.backend, self.pb_relax = a.heads, spec, a.attention, a.pb_relax
         self.qkv = nn.Linear(a.dim, 3 * a.dim)
         self.proj = nn.Linear(a.dim, a.dim)
 
@@ -81,7 +84,8 @@ class Attention(nn.Module):
         b, n, c = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)  # (B, nh, T, hs)
         if cache is None:
-            y = attend(q, k, v, self.spec, pick_backend(self.backend, x.device, torch.is_grad_enabled()))
+            backend = pick_backend(self.backend, x.device, torch.is_grad_enabled())
+            y = attend(q, k, v, self.spec, backend, self.pb_relax)
         elif start == 0 and n == self.spec.text_len:
             y = cache.text(q, k, v)
         elif n == 1 and start >= self.spec.text_len:

@@ -142,3 +142,32 @@ def test_no_leak(kind, backend):
             out = attend(q, k2, v2, spec, backend)
             assert torch.allclose(out[:, :, :t], base[:, :, :t], atol=1e-6), t
             assert not torch.allclose(out[:, :, t], base[:, :, t])
+
+
+@pytest.mark.parametrize("backend", ["dense", "local"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_pb_relax_is_the_same_softmax(kind, backend):
+    spec = MaskSpec(kind, 4, 5, conv_kernel=3)
+    q, k, v = _qkv(spec, seed=4)
+    g = torch.randn(2, 3, spec.n, 8, dtype=torch.float64)
+    ref = attend(q, k, v, spec, "dense")
+    out = attend(q, k, v, spec, backend, pb_relax=32.0)
+    assert torch.allclose(out, ref, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(out, (q, k, v), g), strict=True):
+        assert torch.allclose(a, b, atol=1e-10)
+    with torch.no_grad():
+        flex = attend(q.float(), k.float(), v.float(), spec, "flex", pb_relax=32.0)
+    assert torch.allclose(flex.double(), ref, atol=1e-5)
+
+
+def test_pb_relax_keeps_fp16_scores_finite():
+    """q.k of 100,000 overflows fp16 (max 65,504); PB-relax forms q.k from q / alpha instead."""
+    spec = MaskSpec("row", 2, 3)
+    q = torch.full((1, 1, spec.n, 64), 40.0, dtype=torch.float16)
+    k = torch.full_like(q, 40.0) + torch.randn(q.shape).half()
+    v = torch.randn(q.shape).half()
+    plain = q @ k.transpose(-1, -2)  # what an unrelaxed fp16 score matmul produces
+    assert torch.isinf(plain).any()
+    out = attend(q, k, v, spec, "local", pb_relax=32.0)
+    ref = attend(q.double(), k.double(), v.double(), spec, "dense")
+    assert torch.isfinite(out).all() and torch.allclose(out.double(), ref, atol=5e-2)  # fp16 on scores of 1e5
