@@ -192,3 +192,18 @@ def test_shipped_prior_configs_build():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("extra", [dict(checkpoint=True), dict(sandwich_ln=True), dict(pb_relax=32.0)])
+def test_options_train_and_checkpointing_changes_nothing(extra):
+    m, text, image = make(**extra)
+    loss = m.loss(text, image).loss
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads)
+    if extra.get("checkpoint"):  # recomputation gives the very same gradients
+        plain, _, _ = make()
+        plain.load_state_dict(m.state_dict())
+        ref = torch.autograd.grad(plain.loss(text, image).loss, list(plain.parameters()))
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, ref, strict=True))
+    if extra.get("sandwich_ln"):
+        assert any(k.endswith("post_1.weight") for k in m.state_dict())
