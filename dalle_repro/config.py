@@ -13,9 +13,11 @@ name the field the way the user wrote it.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
 import os
+import sys
 import tempfile
 import types
 import typing
@@ -326,3 +328,30 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 def cli_help(cls: type, usage: str) -> str:
     """A ``--help`` text listing every config key of ``cls``."""
     return usage.rstrip() + "\n\nConfig keys (set in YAML or as key.sub=value):\n" + "\n".join(describe(cls))
+
+
+def parse_cli(
+    cls: type[T], argv: Sequence[str] | None, doc: str, default_config: str | None = None, flags: Sequence[str] = ()
+) -> tuple[T | None, dict[str, bool]]:
+    """The launch scripts' command line: ``[--config FILE] [FLAGS] [key.sub=value ...]``.
+
+    Returns (None, {}) after printing ``--help``; exits with status 2 and the dotted key on a bad
+    config. ``--local_rank`` (which the deepspeed launcher passes) is accepted and ignored: the
+    environment carries it too.
+    """
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--config", default=default_config)
+    p.add_argument("--local_rank", type=int, default=None)
+    p.add_argument("-h", "--help", action="store_true")
+    for flag in flags:
+        p.add_argument(flag, action="store_true")
+    a, overrides = p.parse_known_args(argv)
+    if a.help:
+        print(cli_help(cls, doc))
+        return None, {}
+    try:
+        cfg = load_config(cls, a.config, overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg, {f.lstrip("-").replace("-", "_"): getattr(a, f.lstrip("-").replace("-", "_")) for f in flags}

@@ -27,7 +27,15 @@ import torch
 from tqdm import tqdm
 
 from dalle_repro.config import atomic_write_text
-from dalle_repro.data import IMAGE_EXTS, SampleError, Shard, clean_caption, crop_resize, decode_image, image_to_tensor
+from dalle_repro.data import (
+    IMAGE_EXTS,
+    SampleError,
+    clean_caption,
+    crop_resize,
+    decode_image,
+    image_to_tensor,
+    iter_shard_samples,
+)
 from dalle_repro.dvae import DVAE
 from dalle_repro.shards import Sample, write_tar
 
@@ -50,28 +58,22 @@ def _fingerprint(dvae_dir: Path, path: str) -> str:
 
 
 def _samples(path: str, size: int, errors: Counter, max_pixels: int) -> Iterator[tuple[str, str, dict, torch.Tensor]]:
-    try:
-        shard = Shard(path)
-    except Exception as e:
-        log.warning("cannot open shard %s: %s; skipped", path, e)
-        errors["unreadable_shard"] += 1
-        return
-    with shard:
-        if shard.truncated:
-            errors["truncated_shard"] += 1
-        for i in range(len(shard)):
-            try:
-                key, members = shard.read(i)
-                ext = next((e for e in IMAGE_EXTS if e in members), None)
-                if ext is None:
-                    raise SampleError("missing_image", key)
-                im, _ = decode_image(members[ext], max_pixels)
-            except SampleError as e:
-                errors[e.reason] += 1
-                continue
+    """(key, caption, metadata, uint8 image tensor) of one shard's decodable samples."""
+    for key, members in iter_shard_samples([path], errors):
+        try:
+            ext = next((e for e in IMAGE_EXTS if e in members), None)
+            if ext is None:
+                raise SampleError("missing_image", key)
+            im, _ = decode_image(members[ext], max_pixels)
+        except SampleError as e:
+            errors[e.reason] += 1
+            continue
+        try:
             meta = json.loads(members["json"]) if "json" in members else {}
-            caption = clean_caption(members.get("txt", b""))
-            yield key, caption, meta if isinstance(meta, dict) else {}, image_to_tensor(crop_resize(im, size))
+        except ValueError:
+            meta = {}
+        caption = clean_caption(members.get("txt", b""))
+        yield key, caption, meta if isinstance(meta, dict) else {}, image_to_tensor(crop_resize(im, size))
 
 
 @torch.no_grad()

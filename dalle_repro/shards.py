@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SHARD_NAME = re.compile(r"^\d{5,}\.tar$")
 TMP_NAME = re.compile(r"^\d{5,}\.tar\.tmp")
+STATE_TMP = re.compile(r"^\.(\.progress|summary)\.json\..+\.tmp$")  # atomic_write_text's temporaries
 PROGRESS = ".progress.json"
 SUMMARY = "summary.json"
 
@@ -364,6 +365,8 @@ def _prepare_output(out: Path, dirs: dict[str, Path], fp: str, overwrite: bool) 
     for d in dirs.values():
         for p in _ours(d, TMP_NAME):
             p.unlink()
+    for p in _ours(out, STATE_TMP):  # a kill while progress or the summary was being written
+        p.unlink()
     keep = set()
     if progress is not None:
         for split in progress["splits"].values():
@@ -405,11 +408,15 @@ def write_dataset(
             log.info("%s is complete (%d samples); nothing to do", out, summary["written"])
             return summary
         overwrite = True  # the same job, with shards lost since: write it again
-    progress = _prepare_output(out, dirs, fp, overwrite) or {
-        "fingerprint": fp,
-        "listing_skipped": dict(skipped or {}),
-        "splits": {s: {"shards": [], "next_record": 0, "written": 0, "skipped": {}} for s in dirs},
-    }
+    progress = _prepare_output(out, dirs, fp, overwrite)
+    if progress is None:
+        progress = {
+            "fingerprint": fp,
+            "listing_skipped": dict(skipped or {}),
+            "splits": {s: {"shards": [], "next_record": 0, "written": 0, "skipped": {}} for s in dirs},
+        }
+        # recorded before the first shard, so that a run killed at any point is recognised as ours
+        atomic_write_text(out / PROGRESS, json.dumps(progress))
     by_split: dict[str, list[Record]] = {s: [] for s in dirs}
     for r in records:
         by_split[split_of(r.key, val_fraction)].append(r)

@@ -6,29 +6,19 @@ Finished stages are skipped, so a rerun after an interruption continues where it
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 
-from dalle_repro.config import ConfigError, cli_help, load_config
+from dalle_repro.config import parse_cli
 from dalle_repro.demo import DemoConfig, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", default="configs/demo/demo.yaml")
-    p.add_argument("-h", "--help", action="store_true")
-    a, overrides = p.parse_known_args(argv)
-    if a.help:
-        print(cli_help(DemoConfig, __doc__ or ""))
+    cfg, _ = parse_cli(DemoConfig, argv, __doc__ or "", default_config="configs/demo/demo.yaml")
+    if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        cfg = load_config(DemoConfig, a.config, overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
     results = run_demo(cfg)
     for name, r in results.items():
         print(f"{name:10s} " + json.dumps({k: v for k, v in r.items() if k not in ("captions", "fingerprint")}))

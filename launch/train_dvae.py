@@ -11,29 +11,21 @@ and tools/encode_tokens.py read.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 
-from dalle_repro.config import ConfigError, cli_help, load_config
+from dalle_repro.config import ConfigError, parse_cli
 from dalle_repro.train_dvae import DVAETrainConfig, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", default=None)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher; env has it too
-    p.add_argument("-h", "--help", action="store_true")
-    a, overrides = p.parse_known_args(argv)
-    if a.help:
-        print(cli_help(DVAETrainConfig, __doc__ or ""))
+    cfg, flags = parse_cli(DVAETrainConfig, argv, __doc__ or "", flags=("--resume",))
+    if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        cfg = load_config(DVAETrainConfig, a.config, overrides)
-        val = train(cfg, resume_run=a.resume)
+        val = train(cfg, resume_run=flags["resume"])
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -288,3 +288,25 @@ def test_kill_9_mid_run_then_rerun_loses_and_duplicates_nothing(tmp_path):
 
 def keys_in_shard(path: Path) -> list[str]:
     return [k for k, _ in iter_shard_samples([str(path)])]
+
+
+def test_kill_between_a_shard_rename_and_its_progress_record(tmp_path, monkeypatch):
+    """The first shard is in place but the record of it is not: the rerun still knows the folder is its own."""
+    import dalle_repro.shards as shards_mod
+
+    src = make_folder(tmp_path / "src", 9)
+    clean = make_shards(src, tmp_path / "clean", shard_size=4)
+    real = shards_mod.atomic_write_text
+
+    def dies_recording_the_first_shard(path, text):
+        if (tmp_path / "out" / "00000.tar").exists():
+            raise Crash
+        real(path, text)
+
+    monkeypatch.setattr(shards_mod, "atomic_write_text", dies_recording_the_first_shard)
+    with pytest.raises(Crash):
+        make_shards(src, tmp_path / "out", shard_size=4)
+    assert (tmp_path / "out" / "00000.tar").exists()
+    monkeypatch.setattr(shards_mod, "atomic_write_text", real)
+    again = make_shards(src, tmp_path / "out", shard_size=4)
+    assert again["shards"] == clean["shards"] and again["written"] == 9
