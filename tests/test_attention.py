@@ -120,8 +120,10 @@ def test_local_backend_equals_dense_forward_and_backward(kind, text, grid, kerne
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_flex_backend_equals_dense_forward(kind):
-    spec = MaskSpec(kind, 4, 8, conv_kernel=5)
+@pytest.mark.parametrize("grid, wrap", [(8, False), (5, True)])
+def test_flex_backend_equals_dense_forward(kind, grid, wrap):
+    """Forward only: FlexAttention has no backward on CPU (its gradients are checked on CUDA only)."""
+    spec = MaskSpec(kind, 4, grid, conv_kernel=5, wrap=wrap)
     q, k, v = (x.detach().float() for x in _qkv(spec, seed=1))
     with torch.no_grad():
         assert torch.allclose(attend(q, k, v, spec, "flex"), attend(q, k, v, spec, "dense"), atol=1e-5)
@@ -171,3 +173,17 @@ def test_pb_relax_keeps_fp16_scores_finite():
     out = attend(q, k, v, spec, "local", pb_relax=32.0)
     ref = attend(q.double(), k.double(), v.double(), spec, "dense")
     assert torch.isfinite(out).all() and torch.allclose(out.double(), ref, atol=5e-2)  # fp16 on scores of 1e5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward needs CUDA")
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("grid", [8, 16])
+def test_flex_backend_equals_dense_forward_and_backward_on_cuda(kind, grid):
+    spec = MaskSpec(kind, 16, grid)
+    q, k, v = (x.detach().float().cuda().requires_grad_() for x in _qkv(spec, seed=grid, d=64))
+    g = torch.randn(2, 3, spec.n, 64, device="cuda")
+    ref = attend(q, k, v, spec, "dense")
+    out = attend(q, k, v, spec, "flex")
+    assert torch.allclose(out, ref, atol=2e-3)
+    for a, b in zip(torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(out, (q, k, v), g), strict=True):
+        assert torch.allclose(a, b, atol=2e-3)
