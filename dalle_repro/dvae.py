@@ -221,7 +221,8 @@ class DVAE(nn.Module):
 
     # -- checks at the public boundary --------------------------------------------------------
 
-    def _check_images(self, images: torch.Tensor) -> None:
+    def _check_images(self, images: torch.Tensor, values: bool = True) -> None:
+        """Shape and dtype always; the [0, 1] range (a device sync) only when ``values``."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
         a = self.args
@@ -232,6 +233,8 @@ class DVAE(nn.Module):
         h, w = images.shape[-2:]
         if h % a.downsample or w % a.downsample:
             raise ValueError(f"image height and width must be multiples of {a.downsample}, got {h}x{w}")
+        if not values:
+            return
         lo, hi = images.min().item(), images.max().item()
         if lo < 0 or hi > 1 or math.isnan(lo) or math.isnan(hi):
             raise ValueError(f"images must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]")
@@ -274,7 +277,8 @@ class DVAE(nn.Module):
         """The training objective on a batch, with a Gumbel-softmax relaxed sample at ``tau``."""
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
-        logits = self.logits(images)  # (B, V, h, w), fp32
+        self._check_images(images, values=False)  # no per-step device sync; the loader yields [0, 1]
+        logits = self.encoder(map_pixels(images.float()))  # (B, V, h, w), fp32
         x = map_pixels(images.float())
         u = torch.rand_like(logits).clamp_(min=1e-20)  # in [1e-20, 1): -log(u) > 0
         gumbel = -torch.log(-torch.log(u))

@@ -290,6 +290,7 @@ def export(st: State, cfg: DVAETrainConfig, run_dir: Path) -> Path:
 def train(cfg: DVAETrainConfig, resume_run: bool = False) -> dict[str, Any]:
     """Train (or continue) a dVAE run; returns the last validation metrics (rank 0)."""
     d = distributed.init(cfg.run.device)
+    autocast(d.device, cfg.run.precision)  # fp16 on a CPU fails here, before any work
     run_dir = Path(cfg.run.run_dir)
     ckpts = Checkpoints(run_dir, cfg.run.keep)
     st = build(cfg, d)

@@ -208,3 +208,11 @@ def test_two_ranks_under_the_deepspeed_launcher(emoji_dir, tmp_path):
     ranks = state["ranks"]
     assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["loader"]["rank"] == 0 and ranks[1]["loader"]["rank"] == 1
+
+
+def test_fp16_on_cpu_fails_before_any_work(emoji_dir, tmp_path):
+    from dalle_repro.config import ConfigError
+
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        train(tiny_config(emoji_dir, tmp_path / "r", "run.precision=fp16", "run.device=cpu"))
+    assert not (tmp_path / "r").exists()
