@@ -47,13 +47,11 @@ def flatten_state(obj: Any, prefix: str = "s") -> tuple[Any, dict[str, torch.Ten
 
     def walk(x: Any, path: str) -> Any:
         if isinstance(x, torch.Tensor):
-            key = f"{path}"
-            tensors[key] = x.detach().contiguous().cpu()
-            return {"__tensor__": key}
+            tensors[path] = x.detach().contiguous().cpu()
+            return {"__tensor__": path}
         if isinstance(x, np.ndarray):
-            key = f"{path}"
-            tensors[key] = torch.from_numpy(np.ascontiguousarray(x))
-            return {"__ndarray__": key}
+            tensors[path] = torch.from_numpy(np.ascontiguousarray(x))
+            return {"__ndarray__": path}
         if isinstance(x, dict):
             if all(isinstance(k, str) for k in x):
                 return {k: walk(v, f"{path}.{k}") for k, v in x.items()}

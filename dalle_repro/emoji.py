@@ -20,7 +20,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from dalle_repro.shards import Record, Sample, encode_image, write_dataset
+from dalle_repro.shards import Record, Sample, encode_image, fingerprint, write_dataset
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_TEST_PATH = "/usr/share/unicode/emoji/emoji-test.txt"
@@ -118,7 +118,8 @@ def build_emoji_dataset(
         step = max(1, len(records) // limit)
         records = records[::step][:limit]  # a spread over all groups, not the first few
     options = {"image_size": image_size, "shard_size": shard_size, "val_fraction": val_fraction, "limit": limit}
-    fp = hashlib.sha256(repr((options, _file_stamp(font_path), _file_stamp(names_path))).encode()).hexdigest()[:16]
+    # the records carry the names; the font's bytes decide the pixels
+    fp = fingerprint(records, options, extra=[_file_stamp(font_path)])
     return write_dataset(
         records,
         partial(render_record, image_size=image_size, font_path=font_path),

@@ -11,6 +11,7 @@ batches and the same Gumbel noise, so N steps + resume + N steps equals 2N steps
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -179,7 +180,7 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
 @torch.no_grad()
 def validate(model: DVAE, cfg: DVAETrainConfig, dev: torch.device) -> tuple[dict[str, float], list[torch.Tensor]]:
     """Metrics of the hard-token reconstruction decode(encode(x)) on the validation shards."""
-    args = DataArgs(**{**cfg.data.__dict__, "crop": "center", "shuffle": False, "num_workers": 0})
+    args = dataclasses.replace(cfg.data, crop="center", shuffle=False, num_workers=0)
     loader = Loader(cfg.run.val_shards, args, epochs=1)
     counts = torch.zeros(cfg.model.vocab_size, dtype=torch.long)
     nll_sum = sq_sum = n_sub = 0.0
