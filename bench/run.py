@@ -254,7 +254,7 @@ def _prior_train_once(precision: str, threads: int) -> dict[str, float]:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         state["step"] += 1
-        scaler.unscale_(model.branch_params(), state["step"])
+        scaler.end_step(model.branch_params(), state["step"])
         opt.step()
 
     with FlopCounterMode(display=False) as fc:

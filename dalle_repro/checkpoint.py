@@ -113,8 +113,14 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Folders
 
 
-def write_folder(directory: str | Path, files: dict[str, dict[str, torch.Tensor]], texts: dict[str, str]) -> Path:
-    """Write ``NAME.safetensors`` for each entry of ``files`` and each text file, then rename into place.
+def write_folder(
+    directory: str | Path,
+    files: dict[str, dict[str, torch.Tensor]],
+    texts: dict[str, str],
+    folders: dict[str, str | Path] | None = None,
+) -> Path:
+    """Write ``NAME.safetensors`` for each entry of ``files``, each text file and a copy of each of
+    ``folders`` (name -> source folder), then rename the whole into place.
 
     An existing folder of that name is replaced only once the new one is whole.
     """
@@ -126,9 +132,12 @@ def write_folder(directory: str | Path, files: dict[str, dict[str, torch.Tensor]
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{name}.safetensors"))
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+        for name, src in (folders or {}).items():
+            shutil.copytree(src, tmp / name)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
         if final.exists():
             old = final.with_name(f".{final.name}.old{os.getpid()}")
             os.replace(final, old)

@@ -27,6 +27,7 @@ import io
 import logging
 import os
 import re
+import signal
 import tarfile
 import unicodedata
 import warnings
@@ -457,7 +458,11 @@ class ShardStream(IterableDataset):
             pos.update(epoch=epoch + 1, shard_pos=0, sample_pos=0)
             if whole_epoch and good_in_epoch == 0 and self.epochs is None:
                 names = [self.shards[i] for i in mine] or ["(none)"]
-                raise RuntimeError(f"reader {g} of {G} got no usable sample in epoch {epoch} from shards {names}")
+                why = ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())) or "no samples"
+                raise RuntimeError(
+                    f"reader {g} of {G} got no usable sample in epoch {epoch} from shards {names} "
+                    f"(skipped so far: {why}; data.kind is {self.args.kind!r})"
+                )
         # The last, partial batch; None when there is none, so the final error counts still arrive.
         pos["errors"] = dict(errors)
         yield logical, (self._collate(items, wheres) if items else None), dict(pos)
@@ -466,6 +471,13 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         num_workers, physical = (info.num_workers, info.id) if info else (1, 0)
         return self.iter_worker((physical + self.rotation) % num_workers, num_workers)
+
+
+def _ignore_stop_signals(_: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which stops cleanly (launchers signal the
+    whole process tree) and shuts them down itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class Loader:
@@ -517,12 +529,30 @@ class Loader:
         if self.num_workers == 0:
             it: Any = stream.iter_worker(0, 1)
         else:
-            it = DataLoader(stream, batch_size=None, num_workers=self.num_workers, persistent_workers=False)
-        for logical, batch, pos in it:
-            self.positions[logical] = pos
-            if batch is not None:
-                self.consumed += 1
-                yield batch
+            it = iter(
+                DataLoader(
+                    stream,
+                    batch_size=None,
+                    num_workers=self.num_workers,
+                    persistent_workers=False,
+                    worker_init_fn=_ignore_stop_signals,
+                    # its own generator: making workers must not draw from the global RNG, which
+                    # training draws from (caption dropout) and resume restores
+                    generator=torch.Generator().manual_seed(self.args.seed),
+                )
+            )
+        try:
+            for logical, batch, pos in it:
+                self.positions[logical] = pos
+                if batch is not None:
+                    self.consumed += 1
+                    yield batch
+        finally:
+            # Stop the workers now, on every way out (they ignore SIGTERM, so nothing else would
+            # end them while a traceback still holds this frame).
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     @property
     def errors(self) -> dict[str, int]:

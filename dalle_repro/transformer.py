@@ -181,11 +181,17 @@ class Transformer(nn.Module):
         self.scaler = BlockScaler(2 * self.args.depth, args, world_size)
         for b in self.blocks:
             b.scaler = self.scaler
+        self.scaler.attach(self.branch_params(), self.other_params())
         return self.scaler
 
     def branch_params(self) -> list[list[nn.Parameter]]:
         """Parameters of each resblock branch, in the scaler's order (attn, mlp of layer 1, ...)."""
         return [ps for b in self.blocks for ps in b.branch_params()]
+
+    def other_params(self) -> list[nn.Parameter]:
+        """Parameters outside the resblock branches: embeddings, the final LayerNorm, the heads."""
+        inside = {id(p) for ps in self.branch_params() for p in ps}
+        return [p for p in self.parameters() if id(p) not in inside]
 
     def _check(self, text: torch.Tensor, image: torch.Tensor) -> None:
         a = self.args
@@ -281,7 +287,12 @@ class Transformer(nn.Module):
         return out
 
     def loss(self, text: torch.Tensor, image: torch.Tensor) -> PriorLoss:
-        text_logits, image_logits = self(text, image)
+        return self.loss_from_logits(text, image, *self(text, image))
+
+    def loss_from_logits(
+        self, text: torch.Tensor, image: torch.Tensor, text_logits: torch.Tensor, image_logits: torch.Tensor
+    ) -> PriorLoss:
+        """The weighted loss of logits from :meth:`forward` (e.g. through a DeepSpeed engine)."""
         lt = F.cross_entropy(text_logits.flatten(0, 1), text[:, 1:].flatten())
         li = F.cross_entropy(image_logits.flatten(0, 1), image.flatten())
         a = self.args

@@ -1,0 +1,89 @@
+"""The prior's exported folder: what the sampler loads, without DeepSpeed.
+
+``EXPORT/`` holds:
+
+- ``model.safetensors``: the EMA weights (what sampling uses), ``raw.safetensors``: the raw ones;
+- ``config.yaml``: the run's full config (its ``model`` section rebuilds the transformer);
+- ``tokenizer.json``: the BPE tokenizer the prior was trained with;
+- ``dvae/``: a copy of the dVAE folder (or, with ``copy_dvae`` off, ``export.json`` names its path);
+- ``export.json``: the step, the text length, the caption-dropout rate (whether classifier-free
+  guidance is meaningful) and where the dVAE is.
+
+Everything is read with safetensors, JSON and YAML only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dalle_repro.checkpoint import load_pretrained, load_state_strict, write_folder
+from dalle_repro.config import load_yaml, to_yaml
+from dalle_repro.dvae import DVAE
+from dalle_repro.tokenizer import TextTokenizer
+from dalle_repro.transformer import Transformer, TransformerArgs
+
+
+def write_export(
+    directory: str | Path,
+    config: Any,
+    ema: dict[str, torch.Tensor],
+    raw: dict[str, torch.Tensor],
+    tokenizer_path: str | Path,
+    dvae_dir: str | Path | None,
+    info: dict[str, Any],
+    copy_dvae: bool = True,
+) -> Path:
+    """Write the export folder atomically (see the module docstring)."""
+    meta = dict(info)
+    folders: dict[str, str | Path] = {}
+    if dvae_dir is not None and copy_dvae:
+        folders["dvae"] = dvae_dir
+        meta["dvae"] = "dvae"
+    else:
+        meta["dvae"] = str(Path(dvae_dir).resolve()) if dvae_dir is not None else None
+    texts = {
+        "config.yaml": to_yaml(config),
+        "tokenizer.json": Path(tokenizer_path).read_text(encoding="utf-8"),
+        "export.json": json.dumps(meta, indent=2) + "\n",
+    }
+    return write_folder(directory, {"model": ema, "raw": raw}, texts, folders)
+
+
+@dataclass
+class Prior:
+    """A loaded export: the transformer, its tokenizer, the dVAE (None when the export has none), metadata."""
+
+    model: Transformer
+    tokenizer: TextTokenizer
+    dvae: DVAE | None
+    info: dict[str, Any]
+    config: dict[str, Any]
+
+
+def load_prior(directory: str | Path, weights: str = "model", device: str | torch.device = "cpu") -> Prior:
+    """Load an export folder (``weights``: ``model`` for the EMA weights, ``raw`` for the raw ones)."""
+    d = Path(directory)
+    args, state = load_pretrained(d, TransformerArgs, weights)
+    model = Transformer(args)
+    load_state_strict(model, state, str(d / f"{weights}.safetensors"))
+    info_path = d / "export.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path} not found: {d} is not an export of launch/train_prior.py")
+    info = json.loads(info_path.read_text())
+    tokenizer = TextTokenizer(d / "tokenizer.json", args.text_len)
+    if tokenizer.vocab_size != args.text_vocab:
+        raise ValueError(
+            f"{d}/tokenizer.json gives {tokenizer.vocab_size} text ids, the model has text_vocab {args.text_vocab}"
+        )
+    dvae = None
+    if info.get("dvae"):
+        where = d / info["dvae"] if not Path(info["dvae"]).is_absolute() else Path(info["dvae"])
+        dvae = DVAE.from_pretrained(where).to(device).eval()
+        if dvae.args.vocab_size != args.image_vocab:
+            raise ValueError(f"the dVAE at {where} has {dvae.args.vocab_size} codes, the prior {args.image_vocab}")
+    return Prior(model.to(device).eval(), tokenizer, dvae, info, load_yaml(d / "config.yaml"))

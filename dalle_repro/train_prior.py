@@ -1,0 +1,746 @@
+"""Training the prior (SPEC §2-3) under DeepSpeed, on one rank or many nodes, with exact resume.
+
+The input is either token shards (tools/encode_tokens.py; ``data.kind: tokens``) or image shards
+encoded on the fly by a dVAE (``data.kind: images`` with ``dvae``). Captions become text tokens with
+the BPE tokenizer (with BPE dropout), and with probability ``run.caption_dropout`` the empty caption
+(all pads) for classifier-free guidance.
+
+DeepSpeed: the engine's config is generated from ours (ZeRO stage, precision, micro-batch, gradient
+accumulation, clipping, optimizer) and written to ``RUN/deepspeed.json``; a JSON of the user's own
+is merged over it. The learning-rate schedule (warm-up, then cosine or halve-on-plateau) is a
+client scheduler that DeepSpeed steps and checkpoints.
+
+Precision (``precision.mode``):
+
+- ``paper`` (default): the engine keeps fp32 weights; each resblock computes in ``precision.dtype``
+  with per-resblock gradient scaling and the non-finite filter (precision.py), so an overflow in
+  one block skips only that block's update. The scales are part of the train state.
+- ``deepspeed``: DeepSpeed's own bf16/fp16 (half weights, one loss scale), for comparison.
+
+A step whose loss is non-finite on any rank is skipped (at ZeRO stage 0: no parameter moves and
+Adam's state is untouched; at stages 1-3, where DeepSpeed owns the gradients, the learning rate is
+0 for that step, so no parameter moves but Adam's moments decay once) and counted; after
+``run.max_nonfinite`` in a row the run writes a checkpoint and stops with an error.
+
+Checkpoints (``RUN/checkpoints/``): DeepSpeed's own checkpoint of the engine (weights, optimizer,
+scheduler; any ZeRO stage) in ``deepspeed/step_N/``, then ``step_N/`` written atomically by rank 0
+with the EMA weights (safetensors), the per-rank data positions and RNG states, the block scales,
+the counters and the config. ``step_N/state.json`` exists only once both are whole, and only such
+checkpoints are resumed from. [note] DeepSpeed writes its part with ``torch.save`` and reads it
+with ``torch.load``; these files come from the run itself. Exports and our own state are
+safetensors, JSON and YAML.
+
+SIGTERM (a preempted job) finishes the current step, writes a checkpoint and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as torch_dist
+
+from dalle_repro import distributed
+from dalle_repro.checkpoint import Checkpoints, load_state_strict, rng_state, set_rng_state
+from dalle_repro.config import ConfigError, _deep_merge, arg, atomic_write_text, save_config
+from dalle_repro.data import DataArgs, Loader
+from dalle_repro.dvae import DVAE
+from dalle_repro.metrics import LogArgs, MetricsLogger
+from dalle_repro.optim import EMA, cosine, param_groups
+from dalle_repro.precision import BlockScaler, PrecisionArgs
+from dalle_repro.prior_export import write_export
+from dalle_repro.tokenizer import TextTokenizer, TokenizerArgs
+from dalle_repro.transformer import Transformer, TransformerArgs
+from dalle_repro.viz import grid, save_png
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PriorScheduleArgs:
+    """Learning rate: linear warm-up, then decay (SPEC §2: 4.5e-4 after 5,000 warm-up updates)."""
+
+    lr: float = arg(4.5e-4, "Peak learning rate, reached at the end of the warm-up.", gt=0)
+    warmup_steps: int = arg(5000, "Updates of linear warm-up from lr/warmup_steps to lr.", ge=0)
+    decay: Literal["cosine", "plateau", "constant"] = arg(
+        "cosine", "After the warm-up: cosine to lr_end; plateau: times plateau_factor when validation stalls."
+    )
+    lr_end: float = arg(0.0, "cosine: the final learning rate; plateau: the smallest.", ge=0)
+    decay_steps: int | None = arg(None, "cosine: updates of the decay after the warm-up; null: until run.steps.", gt=0)
+    plateau_factor: float = arg(0.5, "plateau: the factor applied when validation loss stops falling.", gt=0, lt=1)
+    plateau_patience: int = arg(2, "plateau: validations without a new best before the learning rate drops.", ge=1)
+
+
+@dataclass
+class PriorOptimArgs:
+    """AdamW (SPEC §2), clipping and the EMA of weights."""
+
+    impl: Literal["torch", "deepspeed", "apex"] = arg(
+        "torch",
+        "torch: torch.optim.AdamW (fused on CUDA); deepspeed: DeepSpeed's FusedAdam from the generated config; "
+        "apex: apex.optimizers.FusedAdam (needs apex installed).",
+    )
+    beta1: float = arg(0.9, "Adam beta1.", ge=0, lt=1)
+    beta2: float = arg(0.96, "Adam beta2 (the paper: 0.96).", ge=0, lt=1)
+    eps: float = arg(1e-8, "Adam epsilon.", gt=0)
+    weight_decay: float = arg(4.5e-2, "Decoupled weight decay, on weights (2-d tensors) only.", ge=0)
+    grad_clip: float = arg(4.0, "Clip the global gradient norm to this (the paper: 4); 0: no clipping.", ge=0)
+    ema_decay: float = arg(0.999, "[?] EMA decay of the weights (the paper: 0.99 or 0.999); warmed up.", ge=0, lt=1)
+
+
+@dataclass
+class DeepSpeedArgs:
+    """What goes into the generated DeepSpeed config (RUN/deepspeed.json)."""
+
+    zero_stage: int = arg(
+        0, "ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+weights).", ge=0, le=3
+    )
+    grad_accum: int = arg(1, "Micro-batches (data.batch_size each) per update on each rank.", ge=1)
+    config: str | None = arg(None, "A DeepSpeed JSON of your own, merged over the generated one (its keys win).")
+
+
+@dataclass
+class PriorRunArgs:
+    """Length, checkpoints, validation, samples and failure handling of a run."""
+
+    run_dir: str = arg("runs/prior", "Folder for checkpoints, metrics, sample grids and the export.")
+    steps: int = arg(1000, "Updates to train for.", gt=0)
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: CUDA when there is one.")
+    seed: int = arg(0, "Seed of the initial weights (the same on every rank) and of caption dropout.", ge=0)
+    caption_dropout: float = arg(
+        0.0, "Probability of replacing a caption by the empty one (for classifier-free guidance).", ge=0, lt=1
+    )
+    ckpt_every: int = arg(500, "Updates between checkpoints (one is always written at the end).", gt=0)
+    keep: int = arg(3, "Checkpoints to keep.", ge=1)
+    stop_after: int | None = arg(
+        None, "Stop with a checkpoint after this many updates in this process (time-boxed jobs); resume later.", gt=0
+    )
+    val_every: int = arg(500, "Updates between validations (one always at the end).", gt=0)
+    val_shards: str | None = arg(None, "Validation shards (same kind as data.kind); null: no validation.")
+    val_batches: int = arg(8, "Batches per validation (0: the whole split).", ge=0)
+    sample_every: int = arg(1000, "Updates between sample grids from fixed captions (needs dvae).", gt=0)
+    sample_captions: int = arg(4, "Captions from the validation split in the sample grid.", ge=0)
+    sample_prompts: list[str] = arg(factory=list, doc="More captions for the sample grid.")
+    deterministic: Literal["auto", "on", "off"] = arg(
+        "auto",
+        "torch.use_deterministic_algorithms, which exact resume needs (2-thread CPU embedding gradients vary "
+        "otherwise; ~0-6% slower). auto: on for CPU, off for CUDA.",
+    )
+    max_nonfinite: int = arg(20, "Stop (with a checkpoint) after this many non-finite losses in a row.", ge=1)
+    copy_dvae: bool = arg(True, "Copy the dVAE folder into the export (else the export records its path).")
+
+
+@dataclass
+class PriorTrainConfig:
+    """Everything a prior run reads."""
+
+    model: TransformerArgs = arg(factory=TransformerArgs, doc="The transformer.")
+    precision: PrecisionArgs = arg(factory=PrecisionArgs, doc="Mixed precision (SPEC §3).")
+    text: TokenizerArgs = arg(factory=TokenizerArgs, doc="Caption encoding.")
+    dvae: str | None = arg(
+        None, "dVAE folder (train_dvae's RUN/dvae): encodes image shards on the fly and decodes sample grids."
+    )
+    data: DataArgs = arg(factory=DataArgs, doc="Training samples: token shards (data.kind: tokens) or images.")
+    schedule: PriorScheduleArgs = arg(factory=PriorScheduleArgs, doc="Learning-rate schedule.")
+    optim: PriorOptimArgs = arg(factory=PriorOptimArgs, doc="Optimiser and EMA.")
+    deepspeed: DeepSpeedArgs = arg(factory=DeepSpeedArgs, doc="DeepSpeed.")
+    run: PriorRunArgs = arg(factory=PriorRunArgs, doc="The run.")
+    log: LogArgs = arg(factory=LogArgs, doc="Logging.")
+
+    def __post_init__(self) -> None:
+        if self.text.text_len != self.model.text_len:
+            raise ConfigError(f"text.text_len ({self.text.text_len}) must equal model.text_len ({self.model.text_len})")
+        if self.data.kind == "images" and self.dvae is None:
+            raise ConfigError("dvae: image shards (data.kind: images) need a dVAE folder to encode them")
+        if self.precision.mode == "deepspeed" and self.precision.dtype == "fp32":
+            raise ConfigError("precision.dtype: precision.mode 'deepspeed' needs bf16 or fp16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate
+
+
+class LRSchedule:
+    """Warm-up, then cosine / plateau / constant. DeepSpeed calls :meth:`step` after each update and
+    saves :meth:`state_dict` in its checkpoint; :meth:`report` feeds the plateau rule."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, args: PriorScheduleArgs, total_steps: int):
+        self.optimizer, self.args, self.total = optimizer, args, total_steps
+        self.last_step = 0
+        self.factor = 1.0
+        self.best = math.inf
+        self.stale = 0
+        self.apply()
+
+    def lr_at(self, step: int) -> float:
+        a = self.args
+        if step < a.warmup_steps:
+            return a.lr * (step + 1) / a.warmup_steps
+        if a.decay == "cosine":
+            steps = a.decay_steps if a.decay_steps is not None else max(1, self.total - a.warmup_steps)
+            return cosine(step - a.warmup_steps, a.lr, a.lr_end, steps)
+        if a.decay == "plateau":
+            return max(a.lr * self.factor, a.lr_end)
+        return a.lr
+
+    def apply(self) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.last_step)
+
+    def step(self, **_: Any) -> None:
+        self.last_step += 1
+        self.apply()
+
+    def report(self, val_loss: float) -> None:
+        """The plateau rule: after ``plateau_patience`` validations without a new best, lower the rate."""
+        if val_loss < self.best:
+            self.best, self.stale = val_loss, 0
+            return
+        self.stale += 1
+        if self.args.decay == "plateau" and self.last_step >= self.args.warmup_steps:
+            if self.stale >= self.args.plateau_patience:
+                self.factor *= self.args.plateau_factor
+                self.stale = 0
+                log.info("validation loss stalled: learning rate now %.3g", self.lr_at(self.last_step))
+                self.apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "factor": self.factor, "best": self.best, "stale": self.stale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step, self.factor = int(state["last_step"]), float(state["factor"])
+        self.best, self.stale = float(state["best"]), int(state["stale"])
+        self.apply()
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+def deepspeed_config(cfg: PriorTrainConfig, world_size: int) -> dict[str, Any]:
+    """The engine's config, generated from ours, with the user's JSON (``deepspeed.config``) merged over it."""
+    b, gas = cfg.data.batch_size, cfg.deepspeed.grad_accum
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": b,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": b * gas * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": cfg.precision.mode == "deepspeed" and cfg.precision.dtype == "bf16"},
+        "fp16": {"enabled": cfg.precision.mode == "deepspeed" and cfg.precision.dtype == "fp16"},
+    }
+    if ds["fp16"]["enabled"]:
+        ds["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2)
+    if cfg.optim.impl == "deepspeed":
+        o = cfg.optim
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.schedule.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+            },
+        }
+    if cfg.deepspeed.config:
+        path = Path(cfg.deepspeed.config)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"deepspeed.config: cannot read {path} as JSON: {e}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"deepspeed.config: {path} must hold a JSON object")
+        ds = _deep_merge(ds, user)
+        micro = ds.get("train_micro_batch_size_per_gpu")
+        if micro != b:
+            raise ConfigError(
+                f"deepspeed.config: {path} sets train_micro_batch_size_per_gpu={micro}; "
+                f"set data.batch_size={micro} instead (the loader reads it)"
+            )
+        gas = ds.get("gradient_accumulation_steps", gas)
+        ds["train_batch_size"] = b * gas * world_size
+    return ds
+
+
+def _client_optimizer(model: torch.nn.Module, cfg: PriorTrainConfig) -> torch.optim.Optimizer | None:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if o.impl == "deepspeed":
+        return None
+    if o.impl == "apex":
+        try:
+            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError("optim.impl: apex is not installed; use torch or deepspeed") from None
+        return FusedAdam(groups, lr=cfg.schedule.lr, betas=(o.beta1, o.beta2), eps=o.eps, adam_w_mode=True)
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.schedule.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+
+
+def _init_process_group(device: str) -> distributed.Dist:
+    """A process group even in a world of one (DeepSpeed needs one): plain ``python`` gets a local one."""
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    d = distributed.init(device)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=0, world_size=1)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Counters:
+    """Events a run counts; part of the train state."""
+
+    skipped_steps: int = 0
+    nonfinite_in_row: int = 0
+    skipped_blocks: int = 0
+    caption_dropped: int = 0
+
+
+@dataclass
+class Run:
+    cfg: PriorTrainConfig
+    d: distributed.Dist
+    model: Transformer
+    engine: Any
+    scheduler: LRSchedule
+    scaler: BlockScaler | None
+    ema: EMA | None  # rank 0 only
+    loader: Loader
+    tokenizer: TextTokenizer
+    dvae: DVAE | None
+    empty_text: torch.Tensor
+    run_dir: Path
+    step: int = 0
+    counters: Counters = field(default_factory=Counters)
+
+    @property
+    def zero(self) -> int:
+        return int(self.engine.zero_optimization_stage())
+
+
+class StopRequested:
+    """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) after each update."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+        log.warning("%s received: the run stops after this update, with a checkpoint", self.signal)
+
+
+def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    model = Transformer(cfg.model).to(d.device)
+    scaler = model.enable_precision(cfg.precision, d.world_size) if cfg.precision.mode == "paper" else None
+    tokenizer = TextTokenizer(cfg.text.path, cfg.text.text_len)
+    if tokenizer.vocab_size != cfg.model.text_vocab:
+        raise ConfigError(
+            f"model.text_vocab: {cfg.model.text_vocab}, but {cfg.text.path} gives {tokenizer.vocab_size} text ids "
+            f"({tokenizer.bpe_vocab_size} BPE + {cfg.text.text_len} pads)"
+        )
+    dvae = None
+    if cfg.dvae is not None:
+        dvae = DVAE.from_pretrained(cfg.dvae).to(d.device).eval()
+        if dvae.args.vocab_size != cfg.model.image_vocab:
+            raise ConfigError(
+                f"model.image_vocab: {cfg.model.image_vocab}, but {cfg.dvae} has {dvae.args.vocab_size} codes"
+            )
+        if cfg.data.kind == "images" and dvae.args.image_size != cfg.data.image_size:
+            raise ConfigError(f"data.image_size: {cfg.data.image_size}, but the dVAE takes {dvae.args.image_size}")
+    ds_config = deepspeed_config(cfg, d.world_size)
+    optimizer = _client_optimizer(model, cfg)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None,
+        lr_scheduler=lambda opt: LRSchedule(opt, cfg.schedule, cfg.run.steps),
+        config=ds_config,
+    )
+    if d.is_main:
+        atomic_write_text(Path(cfg.run.run_dir) / "deepspeed.json", json.dumps(ds_config, indent=2) + "\n")
+    loader = Loader(
+        cfg.data.shards, cfg.data, tokenizer, text_dropout=cfg.text.dropout, rank=d.rank, world_size=d.world_size
+    )
+    ema = _gathered(engine, lambda: EMA(model, cfg.optim.ema_decay), d)  # rank 0 keeps the EMA
+    empty = torch.tensor(tokenizer.encode(""), dtype=torch.long)
+    torch.manual_seed(cfg.run.seed + 1000 * (d.rank + 1))  # caption dropout and model dropout differ per rank
+    return Run(
+        cfg, d, model, engine, engine.lr_scheduler, scaler, ema, loader, tokenizer, dvae, empty, Path(cfg.run.run_dir)
+    )
+
+
+def _gathered(engine: Any, fn: Any, d: distributed.Dist) -> Any:
+    """``fn()`` on rank 0 with ZeRO-3's partitioned weights gathered (every rank takes part)."""
+    if engine.zero_optimization_stage() < 3:
+        return fn() if d.is_main else None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        return fn() if d.is_main else None
+
+
+def batch_tokens(r: Run, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, image) LongTensors on the device; image shards go through the dVAE; caption dropout."""
+    a = r.cfg.model
+    text = batch["text"].to(r.d.device)
+    if "image_tokens" in batch:
+        image = batch["image_tokens"].to(r.d.device)
+    else:
+        assert r.dvae is not None
+        with torch.no_grad():
+            image = r.dvae.encode(batch["image"].to(r.d.device).float() / 255)
+    if tuple(image.shape[1:]) != (a.grid, a.grid):
+        raise ValueError(
+            f"image tokens of shape {tuple(image.shape[1:])} in shards {r.cfg.data.shards}, but model.grid is {a.grid}"
+        )
+    if train and r.cfg.run.caption_dropout > 0:
+        drop = torch.rand(text.shape[0]) < r.cfg.run.caption_dropout
+        if drop.any():
+            text = torch.where(drop.to(text.device)[:, None], r.empty_text.to(text.device), text)
+            r.counters.caption_dropped += int(drop.sum())
+    return text, image.flatten(1).long()
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    t = torch.tensor([float(flag)], device=device)
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train_step(r: Run, it: Any) -> dict[str, float]:
+    """One update: ``grad_accum`` micro-batches through the engine, the block scaler, the skip rules."""
+    engine = r.engine
+    gas = engine.gradient_accumulation_steps()
+    sums = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+    nonfinite = False
+    for micro in range(gas):
+        text, image = batch_tokens(r, next(it), train=True)
+        out = r.model.loss_from_logits(text, image, *engine(text, image))
+        loss_ok = bool(torch.isfinite(out.loss))
+        nonfinite |= not loss_ok
+        for k, v in (("loss", out.loss), ("text_loss", out.text), ("image_loss", out.image)):
+            sums[k] += v.item() / gas if loss_ok else 0.0
+        engine.backward(out.loss)
+        if micro < gas - 1:
+            engine.step()  # DeepSpeed counts micro-batches; it updates only at the boundary
+    skipped: list[int] = []
+    rest_bad = False
+    exact = r.zero == 0
+    if r.scaler is not None:
+        skipped, rest_bad = r.scaler.end_step(r.model.branch_params(), r.step, drop_grads=exact)
+    skip = _any_rank(nonfinite, r.d.device)
+    grad_norm = float("nan")
+    if exact:
+        if skip or rest_bad:
+            params = r.model.parameters() if skip else r.model.other_params()
+            for p in params:
+                p.grad = None
+        grads = [p.grad for p in r.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    elif skip:
+        for g in engine.optimizer.param_groups:
+            g["lr"] = 0.0  # the scheduler's step() after this update restores it
+    lr = r.scheduler.get_last_lr()[0]
+    engine.step()
+    if not exact:
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+    r.step += 1
+    if skip:
+        r.counters.skipped_steps += 1
+        r.counters.nonfinite_in_row += 1
+    else:
+        r.counters.nonfinite_in_row = 0
+        _gathered(engine, lambda: r.ema.update(r.model, r.step - 1), r.d)  # type: ignore[union-attr]
+    r.counters.skipped_blocks += len(skipped)
+    return sums | {
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "skipped_step": float(skip),
+        "blocks_skipped": float(len(skipped)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _gather_objects(obj: Any, d: distributed.Dist) -> list[Any]:
+    if d.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    torch_dist.all_gather_object(out, obj)
+    return out
+
+
+def save(r: Run, ckpts: Checkpoints) -> Path:
+    """DeepSpeed's checkpoint (every rank), then our state folder (rank 0), which completes it."""
+    tag = f"step_{r.step:08d}"
+    ds_root = ckpts.root / "deepspeed"
+    per_rank = _gather_objects({"loader": r.loader.state_dict(), "rng": rng_state()}, r.d)
+    r.engine.save_checkpoint(str(ds_root), tag=tag, save_latest=False)
+    distributed.barrier()
+    path = ckpts.root / tag
+    if r.d.is_main:
+        state = {
+            "step": r.step,
+            "ranks": per_rank,
+            "deepspeed_tag": tag,
+            "zero_stage": r.zero,
+            "block_scaler": r.scaler.state_dict() if r.scaler is not None else None,
+            "counters": dataclasses.asdict(r.counters),
+        }
+        assert r.ema is not None
+        path = ckpts.save(r.step, {"ema": r.ema.state_dict()}, state, r.cfg)
+        kept = {p.name for p in ckpts.all()}
+        for old in ds_root.iterdir():
+            if old.is_dir() and old.name not in kept:
+                _rmtree(old)
+    distributed.barrier()
+    return path
+
+
+def _rmtree(p: Path) -> None:
+    import shutil
+
+    shutil.rmtree(p, ignore_errors=True)
+
+
+def resume(r: Run, ckpts: Checkpoints) -> Path | None:
+    latest = ckpts.latest()
+    if latest is None:
+        return None
+    files, state = Checkpoints.load(latest)
+    if len(state["ranks"]) != r.d.world_size:
+        raise ValueError(f"{latest} was written by {len(state['ranks'])} ranks; this run has {r.d.world_size}")
+    tag = state["deepspeed_tag"]
+    ds_root = ckpts.root / "deepspeed"
+    if not (ds_root / tag).is_dir():
+        raise FileNotFoundError(f"{latest} needs DeepSpeed's checkpoint {ds_root / tag}, which is missing")
+    load_path, _ = r.engine.load_checkpoint(
+        str(ds_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {ds_root / tag}")
+    if r.ema is not None:
+        r.ema.load_state_dict(files["ema"])
+    mine = state["ranks"][r.d.rank]
+    r.loader.load_state_dict(mine["loader"])
+    set_rng_state(mine["rng"])
+    if r.scaler is not None and state.get("block_scaler"):
+        r.scaler.load_state_dict(state["block_scaler"])
+    r.counters = Counters(**state["counters"])
+    r.step = int(state["step"])
+    return latest
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation, samples, export
+
+
+def _eval_model(r: Run) -> Transformer | None:
+    """A plain copy of the model with the EMA weights, on rank 0 (half-precision blocks as in training)."""
+    if not r.d.is_main:
+        return None
+    assert r.ema is not None
+    m = Transformer(r.cfg.model).to(r.d.device)
+    load_state_strict(m, {k: v.to(r.d.device) for k, v in r.ema.state_dict().items()}, "EMA")
+    if r.cfg.precision.dtype != "fp32":
+        m.enable_precision(r.cfg.precision)
+    return m.eval()
+
+
+def _val_loader(r: Run) -> Loader | None:
+    if r.cfg.run.val_shards is None:
+        return None
+    args = dataclasses.replace(r.cfg.data, crop="center", shuffle=False, num_workers=0)
+    return Loader(r.cfg.run.val_shards, args, r.tokenizer, epochs=1)
+
+
+@torch.no_grad()
+def validate(r: Run, model: Transformer) -> dict[str, float]:
+    loader = _val_loader(r)
+    if loader is None:
+        return {}
+    sums, n = {"val_loss": 0.0, "val_text_loss": 0.0, "val_image_loss": 0.0}, 0
+    for i, batch in enumerate(loader):
+        if r.cfg.run.val_batches and i >= r.cfg.run.val_batches:
+            break
+        text, image = batch_tokens(r, batch, train=False)
+        out = model.loss(text, image)
+        b = text.shape[0]
+        sums["val_loss"] += out.loss.item() * b
+        sums["val_text_loss"] += out.text.item() * b
+        sums["val_image_loss"] += out.image.item() * b
+        n += b
+    if n == 0:
+        raise RuntimeError(f"no validation sample in {r.cfg.run.val_shards}")
+    return {k: v / n for k, v in sums.items()}
+
+
+def sample_captions(r: Run) -> list[str]:
+    """The grid's fixed captions: the first ``run.sample_captions`` of the validation split, then the prompts."""
+    captions: list[str] = []
+    loader = _val_loader(r)
+    if loader is not None and r.cfg.run.sample_captions:
+        for batch in loader:
+            captions += batch["caption"]
+            if len(captions) >= r.cfg.run.sample_captions:
+                break
+    return captions[: r.cfg.run.sample_captions] + list(r.cfg.run.sample_prompts)
+
+
+@torch.no_grad()
+def sample_grid(r: Run, model: Transformer, captions: list[str]) -> Path | None:
+    if r.dvae is None or not captions:
+        return None
+    text = torch.tensor([r.tokenizer.encode(c) for c in captions], dtype=torch.long, device=r.d.device)
+    gen = torch.Generator(device=r.d.device).manual_seed(r.cfg.run.seed)
+    tokens = model.generate(text, temperature=1.0, generator=gen)
+    images = r.dvae.decode(tokens.view(-1, r.cfg.model.grid, r.cfg.model.grid)).cpu()
+    sheet = grid(list(images), ncol=min(8, len(captions)), labels=captions, scale=2)
+    path = save_png(sheet, r.run_dir / "samples" / f"step_{r.step:08d}.png")
+    save_png(sheet, r.run_dir / "samples_latest.png")
+    return path
+
+
+def export(r: Run) -> Path | None:
+    """``RUN/export``: what launch/sample.py loads (prior_export.py); rank 0 writes."""
+    raw = _gathered(r.engine, lambda: {k: v.detach().cpu().clone() for k, v in r.model.state_dict().items()}, r.d)
+    if not r.d.is_main:
+        return None
+    assert r.ema is not None
+    info = {"step": r.step, "text_len": r.cfg.model.text_len, "caption_dropout": r.cfg.run.caption_dropout}
+    return write_export(
+        r.run_dir / "export", r.cfg, r.ema.state_dict(), raw, r.cfg.text.path, r.cfg.dvae, info, r.cfg.run.copy_dvae
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class NonFiniteLosses(RuntimeError):
+    """Too many non-finite losses in a row (the run wrote a checkpoint first)."""
+
+
+def train(cfg: PriorTrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
+    """Train (or continue) a prior run; returns the last validation metrics on rank 0."""
+    d = _init_process_group(cfg.run.device)
+    if cfg.run.deterministic == "on" or (cfg.run.deterministic == "auto" and d.device.type == "cpu"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    run_dir = Path(cfg.run.run_dir)
+    ckpts = Checkpoints(run_dir, cfg.run.keep)
+    latest = ckpts.latest()
+    if latest is not None and not resume_run:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints ({latest.name}); pass --resume, or set another run.run_dir"
+        )
+    if d.is_main:
+        save_config(cfg, run_dir)
+    r = build(cfg, d)
+    if resume_run and (found := resume(r, ckpts)) is not None:
+        log.info("resumed from %s at step %d", found, r.step)
+    stop = stop or StopRequested()
+    logger = MetricsLogger(run_dir, cfg.log, cfg, cfg.run.steps, r.step, d.is_main)
+    captions = sample_captions(r) if d.is_main else []
+    tokens_per_update = cfg.data.batch_size * cfg.model.seq_len * r.engine.gradient_accumulation_steps() * d.world_size
+    val: dict[str, Any] = {}
+    it = iter(r.loader)
+    t0, updates, start = time.perf_counter(), 0, r.step
+    ended = "done"
+    try:
+        while r.step < cfg.run.steps:
+            metrics = train_step(r, it)
+            updates += 1
+            logger.advance()
+            last = r.step == cfg.run.steps
+            if r.step % cfg.log.every == 0 or last:
+                metrics = distributed.mean(metrics, None)
+                errors = distributed.total({k: float(v) for k, v in r.loader.errors.items()})
+                rate = updates * tokens_per_update / (time.perf_counter() - t0)
+                counters = {k: v for k, v in dataclasses.asdict(r.counters).items() if k != "nonfinite_in_row"}
+                logger.log(
+                    r.step,
+                    metrics | {"tok_per_s": rate} | counters | {f"data_{k}": v for k, v in errors.items()},
+                    show=("loss", "text_loss", "image_loss", "lr"),
+                )
+                t0, updates = time.perf_counter(), 0
+            if r.step % cfg.run.val_every == 0 or last or r.step % cfg.run.sample_every == 0:
+                val = _validate_and_sample(r, logger, captions, validate_now=r.step % cfg.run.val_every == 0 or last)
+            if r.counters.nonfinite_in_row >= cfg.run.max_nonfinite:
+                save(r, ckpts)
+                raise NonFiniteLosses(
+                    f"{r.counters.nonfinite_in_row} non-finite losses in a row at step {r.step} "
+                    f"(run.max_nonfinite={cfg.run.max_nonfinite}); a checkpoint is in {ckpts.latest()}. "
+                    "Lower schedule.lr, check the data, or try precision.dtype=bf16."
+                )
+            stopping = _any_rank(stop.signal is not None, d.device)
+            time_boxed = cfg.run.stop_after is not None and r.step - start >= cfg.run.stop_after
+            if r.step % cfg.run.ckpt_every == 0 or last or stopping or time_boxed:
+                save(r, ckpts)
+            if (stopping or time_boxed) and not last:
+                ended = "signal" if stopping else "stop_after"
+                log.warning("stopped at step %d (%s); continue with --resume", r.step, ended)
+                break
+    finally:
+        it.close()  # shuts the loader's workers down (they ignore SIGTERM; see data.py)
+
+    if r.step == cfg.run.steps:
+        path = export(r)
+        if path is not None:
+            log.info("exported the model to %s", path)
+    logger.close()
+    distributed.barrier()
+    return val | {"step": r.step, "ended": ended}
+
+
+def _validate_and_sample(r: Run, logger: MetricsLogger, captions: list[str], validate_now: bool) -> dict[str, Any]:
+    model = _eval_model(r)
+    val: dict[str, Any] = {}
+    if model is not None:
+        if validate_now:
+            val = validate(r, model)
+        if r.step % r.cfg.run.sample_every == 0 or r.step == r.cfg.run.steps:
+            sample_grid(r, model, captions)
+        if val:
+            logger.log(r.step, val)
+    loss = [val.get("val_loss", math.nan)]
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.broadcast_object_list(loss, src=0)
+    if validate_now and not math.isnan(loss[0]):
+        r.scheduler.report(loss[0])  # every rank, so the plateau rule stays in step
+    return val
