@@ -60,6 +60,7 @@ from dalle_repro.optim import EMA, cosine, param_groups
 from dalle_repro.precision import BlockScaler, PrecisionArgs
 from dalle_repro.prior_export import write_export
 from dalle_repro.tokenizer import TextTokenizer, TokenizerArgs
+from dalle_repro.train_dvae import weights_digest
 from dalle_repro.transformer import Transformer, TransformerArgs
 from dalle_repro.viz import grid, save_png
 
@@ -473,7 +474,13 @@ def train_step(r: Run, it: Any) -> dict[str, float]:
         for g in engine.optimizer.param_groups:
             g["lr"] = 0.0  # the scheduler's step() after this update restores it
     lr = r.scheduler.get_last_lr()[0]
-    engine.step()
+    clip = engine._config.gradient_clipping
+    if exact and skip:
+        engine._config.gradient_clipping = 0.0  # DeepSpeed's clip fails when no parameter has a gradient
+    try:
+        engine.step()
+    finally:
+        engine._config.gradient_clipping = clip
     if not exact:
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
@@ -509,7 +516,12 @@ def save(r: Run, ckpts: Checkpoints) -> Path:
     """DeepSpeed's checkpoint (every rank), then our state folder (rank 0), which completes it."""
     tag = f"step_{r.step:08d}"
     ds_root = ckpts.root / "deepspeed"
-    per_rank = _gather_objects({"loader": r.loader.state_dict(), "rng": rng_state()}, r.d)
+    mine = {"loader": r.loader.state_dict(), "rng": rng_state()}
+    if r.zero < 3:  # every rank holds all weights: they must agree
+        mine["weights"] = weights_digest(r.model)
+    per_rank = _gather_objects(mine, r.d)
+    if len({p.get("weights") for p in per_rank}) != 1:
+        raise RuntimeError(f"data-parallel replicas diverged at step {r.step}: {[p['weights'] for p in per_rank]}")
     r.engine.save_checkpoint(str(ds_root), tag=tag, save_latest=False)
     distributed.barrier()
     path = ckpts.root / tag
@@ -659,9 +671,17 @@ class NonFiniteLosses(RuntimeError):
 def train(cfg: PriorTrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
     """Train (or continue) a prior run; returns the last validation metrics on rank 0."""
     d = _init_process_group(cfg.run.device)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if cfg.run.deterministic == "on" or (cfg.run.deterministic == "auto" and d.device.type == "cpu"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(cfg, d, resume_run, stop)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: StopRequested | None) -> dict[str, Any]:
     run_dir = Path(cfg.run.run_dir)
     ckpts = Checkpoints(run_dir, cfg.run.keep)
     latest = ckpts.latest()

@@ -223,11 +223,13 @@ class Transformer(nn.Module):
             x = block(x, caches[i] if caches is not None else None, start)
         return self.ln_f(x).float()
 
+    # The heads are called as modules (not through their .weight), so that ZeRO-3 gathers their
+    # weights in the order it traced. With fp32 weights (the paper's mode) the logits are fp32 throughout.
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.text_head.weight.float())
+        return self.text_head(h.to(self.text_head.weight.dtype)).float()
 
     def image_logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(h, self.image_head.weight.float())
+        return self.image_head(h.to(self.image_head.weight.dtype)).float()
 
     def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (fp32): text (B, text_len - 1, text_vocab) for text targets 1.., image (B, grid^2, image_vocab)."""

@@ -160,24 +160,18 @@ def test_generate_greedy_equals_uncached_greedy():
     assert torch.equal(a, m.generate(text[:2], temperature=1.0, top_k=5, generator=g))
 
 
-@dataclass
-class PriorModelConfig:
-    """The model sections of a prior config (the training script adds its own)."""
-
-    model: TransformerArgs = arg(factory=TransformerArgs, doc="The prior.")
-    precision: PrecisionArgs = arg(factory=PrecisionArgs, doc="Mixed precision.")
-
-
 def test_shipped_prior_configs_build():
+    from dalle_repro.train_prior import PriorTrainConfig
+
     root = Path(__file__).resolve().parents[1] / "configs"
-    paper = load_config(PriorModelConfig, root / "paper" / "prior.yaml")
+    paper = load_config(PriorTrainConfig, root / "paper" / "prior.yaml")
     a = paper.model
     assert (a.dim, a.depth, a.heads, a.text_len, a.grid, a.image_vocab) == (3968, 64, 62, 256, 32, 8192)
     assert a.dim // a.heads == 64 and a.seq_len == 1280
     # ~12B parameters: 12 d^2 per layer plus embeddings and heads
     params = a.depth * 12 * a.dim**2 + (a.text_vocab + a.image_vocab) * a.dim * 2
     assert 11.5e9 < params < 12.5e9
-    demo = load_config(PriorModelConfig, root / "demo" / "prior.yaml")
+    demo = load_config(PriorTrainConfig, root / "demo" / "prior.yaml")
     m = Transformer(demo.model)
     m.enable_precision(demo.precision)
     text = torch.randint(0, demo.model.text_vocab, (2, demo.model.text_len))

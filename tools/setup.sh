@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a machine for dalle-repro: Debian's emoji font and Unicode data (the demo data),
 # a venv in .venv, torch (the CPU wheel torch==2.13.0 when there is no GPU), and this package.
-# Usage: bash tools/setup.sh [--dev]     (--dev adds the test tools, deepspeed + wandb, and OpenAI's DALL-E package)
+# Usage: bash tools/setup.sh [--dev]     (--dev adds the test tools and OpenAI's DALL-E package)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0
@@ -38,12 +38,12 @@ have() { [ -f "$stamp" ] && grep -qx "$1 $want" "$stamp"; }
 if ! have base && ! have dev; then
   echo "setup: installing dalle_repro (editable)"
   pip install --no-build-isolation -e .
-  .venv/bin/python -c "import dalle_repro, tokenizers, webdataset, omegaconf" || { echo "setup: install failed" >&2; exit 1; }
+  .venv/bin/python -c "import dalle_repro, tokenizers, webdataset, omegaconf, deepspeed, transformers" || { echo "setup: install failed" >&2; exit 1; }
   echo "base $want" >>"$stamp"
 fi
 if [ $dev = 1 ] && ! have dev; then
-  echo "setup: installing test tools and the training extras (deepspeed, wandb)"
-  pip install --no-build-isolation -e ".[dev,train]"
+  echo "setup: installing the test tools and OpenAI's DALL-E package (parity tests)"
+  pip install --no-build-isolation -e ".[dev]"
   pip install --no-deps "DALL-E==0.1"
   .venv/bin/python -c "import pytest, hypothesis, dall_e" || { echo "setup: dev install failed" >&2; exit 1; }
   echo "dev $want" >>"$stamp"

@@ -1,0 +1,386 @@
+"""Prior training under DeepSpeed: exact resume at every ZeRO stage, the export, caption dropout,
+non-finite steps, the schedule, the generated DeepSpeed config, config errors, and multi-process
+runs under the deepspeed launcher (2 ranks, two --no_ssh "nodes", SIGTERM)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dalle_repro.config import ConfigError, load_config, save_config
+from dalle_repro.dvae import DVAE, DVAEArgs
+from dalle_repro.metrics import read_metrics
+from dalle_repro.pre_encode import encode_token_shards
+from dalle_repro.tokenizer import TextTokenizer
+from dalle_repro.train_prior import (
+    Counters,
+    LRSchedule,
+    NonFiniteLosses,
+    PriorScheduleArgs,
+    PriorTrainConfig,
+    batch_tokens,
+    deepspeed_config,
+    train,
+)
+
+pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="module")
+def prior_data(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A random tiny dVAE (16x16 -> 4x4 codes of 32) and the emoji encoded with it."""
+    root = tmp_path_factory.mktemp("prior_data")
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8))
+    dvae.save_pretrained(root / "dvae")
+    shards = sorted(str(p) for p in emoji_dir.glob("*/*.tar"))
+    encode_token_shards(root / "dvae", shards, root / "tokens")
+    return {"dvae": root / "dvae", "tokens": root / "tokens", "tokenizer": tokenizer_path}
+
+
+def overrides(data: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    vocab = TextTokenizer(data["tokenizer"], 8).vocab_size
+    return [
+        "model.dim=32",
+        "model.depth=4",
+        "model.heads=4",
+        "model.text_len=8",
+        f"model.text_vocab={vocab}",
+        "model.grid=4",
+        "model.image_vocab=32",
+        "model.conv_kernel=3",
+        "precision.dtype=bf16",
+        f"text.path={data['tokenizer']}",
+        "text.text_len=8",
+        f"dvae={data['dvae']}",
+        f"data.shards={data['tokens']}/train/*.tar",
+        "data.kind=tokens",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "schedule.lr=0.003",
+        "schedule.warmup_steps=2",
+        f"run.run_dir={run_dir}",
+        "run.steps=6",
+        "run.ckpt_every=100",
+        "run.val_every=100",
+        "run.sample_every=100",
+        f"run.val_shards={data['tokens']}/val/*.tar",
+        "run.val_batches=2",
+        "run.sample_captions=2",
+        "run.caption_dropout=0.3",
+        "log.every=1",
+        *extra,
+    ]
+
+
+def config(data: dict[str, Path], run_dir: Path, *extra: str) -> PriorTrainConfig:
+    return load_config(PriorTrainConfig, None, overrides(data, run_dir, *extra))
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_stop_and_resume_equals_an_uninterrupted_run(prior_data, tmp_path, zero):
+    """3 steps + stop + resume for 3 more = 6 steps: the same losses and bit-identical weights."""
+    whole = train(config(prior_data, tmp_path / "whole", f"deepspeed.zero_stage={zero}"))
+    assert whole["step"] == 6 and whole["ended"] == "done"
+    part = train(config(prior_data, tmp_path / "split", f"deepspeed.zero_stage={zero}", "run.stop_after=3"))
+    assert part["step"] == 3 and part["ended"] == "stop_after"
+    assert not (tmp_path / "split" / "export").exists()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(config(prior_data, tmp_path / "split", f"deepspeed.zero_stage={zero}"))
+    train(config(prior_data, tmp_path / "split", f"deepspeed.zero_stage={zero}"), resume_run=True)
+    assert losses(tmp_path / "split") == losses(tmp_path / "whole")
+    assert len(losses(tmp_path / "whole")) == 6
+    for name in ("model", "raw"):
+        a = load_file(str(tmp_path / "whole" / "export" / f"{name}.safetensors"))
+        b = load_file(str(tmp_path / "split" / "export" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    rows = read_metrics(tmp_path / "whole")
+    assert sum(r["caption_dropped"] for r in rows if r["step"] == 6 and "caption_dropped" in r) > 0
+    assert {"val_loss", "val_text_loss", "val_image_loss"} <= set(rows[-1])
+
+
+def test_stop_and_resume_at_zero_stage_3(prior_data, tmp_path):
+    """ZeRO-3 (partitioned weights) resumes exactly too; separate processes, as in real use (ZeRO-3's
+    parameter tracing does not survive several engines in one process)."""
+    script = str(ROOT / "launch" / "train_prior.py")
+    runs = {}
+    for name, extra in (("whole", []), ("split", ["run.stop_after=3"]), ("split", ["--resume"])):
+        cfg = _write_config(prior_data, tmp_path, tmp_path / name, "deepspeed.zero_stage=3", "run.ckpt_every=100")
+        r = subprocess.run(
+            [sys.executable, script, "--config", str(cfg), *extra], capture_output=True, text=True, env=_env(), cwd=ROOT
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = tmp_path / name
+    assert losses(runs["split"]) == losses(runs["whole"]) and len(losses(runs["whole"])) == 6
+    a = load_file(str(runs["whole"] / "export" / "raw.safetensors"))
+    b = load_file(str(runs["split"] / "export" / "raw.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_export_loads_and_samples_without_deepspeed(prior_data, tmp_path):
+    run = tmp_path / "run"
+    train(config(prior_data, run, "run.steps=2", "run.sample_every=2"))
+    export = run / "export"
+    assert {p.name for p in export.iterdir()} >= {
+        "model.safetensors",
+        "raw.safetensors",
+        "config.yaml",
+        "tokenizer.json",
+        "dvae",
+        "export.json",
+    }
+    assert (run / "samples_latest.png").is_file() and (run / "deepspeed.json").is_file()
+    code = f"""
+import sys
+sys.modules["deepspeed"] = None  # importing it now fails: the export must not need it
+import torch
+from dalle_repro.prior_export import load_prior
+p = load_prior({str(export)!r})
+text = torch.tensor([p.tokenizer.encode("a red heart")])
+tokens = p.model.generate(text, temperature=1.0, generator=torch.Generator().manual_seed(0))
+images = p.dvae.decode(tokens.view(1, 4, 4))
+assert images.shape == (1, 3, 16, 16), images.shape
+print(p.info["step"], p.info["caption_dropout"])
+"""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["2", "0.3"]
+    ema = load_file(str(export / "model.safetensors"))
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert all(torch.equal(ema[k], v) for k, v in load_file(str(last / "ema.safetensors")).items())
+
+
+def test_caption_dropout_replaces_captions_with_the_empty_one(prior_data):
+    tok = TextTokenizer(prior_data["tokenizer"], 8)
+    empty = torch.tensor(tok.encode(""))
+    cfg = SimpleNamespace(model=SimpleNamespace(grid=4), run=SimpleNamespace(caption_dropout=0.5), data=None)
+    r = SimpleNamespace(cfg=cfg, d=SimpleNamespace(device=torch.device("cpu")), empty_text=empty, counters=Counters())
+    text = torch.tensor([tok.encode("grinning face")] * 400)
+    batch = {"text": text, "image_tokens": torch.zeros(400, 4, 4, dtype=torch.long)}
+    torch.manual_seed(0)
+    out, image = batch_tokens(r, batch, train=True)  # type: ignore[arg-type]
+    dropped = (out == empty).all(1)
+    assert torch.equal(out[~dropped], text[~dropped])  # the others are untouched
+    assert 150 < int(dropped.sum()) < 250 and r.counters.caption_dropped == int(dropped.sum())
+    assert image.shape == (400, 16)
+    same, _ = batch_tokens(r, batch, train=False)  # never at validation
+    assert torch.equal(same, text)
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(prior_data, tmp_path, monkeypatch):
+    from dalle_repro.transformer import Transformer
+
+    real = Transformer.loss_from_logits
+    calls = {"n": 0}
+
+    def poisoned(self, text, image, tl, il):
+        calls["n"] += 1
+        out = real(self, text, image, tl, il)
+        if calls["n"] in (2, 3) or calls["n"] >= 5:  # steps 2, 3 and from 5 on
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "loss_from_logits", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteLosses, match="3 non-finite losses in a row at step 7"):
+        train(config(prior_data, run, "run.steps=20", "run.max_nonfinite=3", "run.val_shards=null"))
+    rows = [r for r in read_metrics(run) if "skipped_step" in r]
+    assert [r["skipped_step"] for r in rows] == [0, 1, 1, 0, 1, 1, 1]
+    assert rows[-1]["skipped_steps"] == 5
+    last = sorted((run / "checkpoints").glob("step_*"))[-1]
+    assert last.name == "step_00000007"
+    ema = load_file(str(last / "ema.safetensors"))
+    assert all(torch.isfinite(v).all() for v in ema.values())  # no checkpoint holds a NaN
+
+
+def test_skipped_step_moves_no_weight(prior_data, tmp_path, monkeypatch):
+    """At ZeRO 0 a skipped step leaves every weight and Adam's state as it was."""
+    from dalle_repro import train_prior as tp
+    from dalle_repro.transformer import Transformer
+
+    real = Transformer.loss_from_logits
+
+    def poisoned(self, *args):
+        out = real(self, *args)
+        out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "loss_from_logits", poisoned)
+    snapshots = []
+    real_step = tp.train_step
+
+    def watched(r, it):
+        before = {k: v.clone() for k, v in r.model.state_dict().items()}
+        out = real_step(r, it)
+        snapshots.append(all(torch.equal(before[k], v) for k, v in r.model.state_dict().items()))
+        return out
+
+    monkeypatch.setattr(tp, "train_step", watched)
+    with pytest.raises(NonFiniteLosses):
+        train(config(prior_data, tmp_path / "run", "run.max_nonfinite=2", "run.val_shards=null"))
+    assert snapshots == [True, True]
+
+
+def test_learning_rate_schedule():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = LRSchedule(opt, PriorScheduleArgs(lr=1e-3, warmup_steps=4, decay="cosine", lr_end=1e-5), total_steps=14)
+    seen = [s.get_last_lr()[0]]
+    for _ in range(14):
+        s.step()
+        seen.append(s.get_last_lr()[0])
+    assert seen[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])  # linear warm-up
+    assert seen[4] == pytest.approx(1e-3) and seen[14] == pytest.approx(1e-5)
+    assert all(a >= b for a, b in zip(seen[4:], seen[5:], strict=False))
+    p = LRSchedule(opt, PriorScheduleArgs(lr=1e-3, warmup_steps=0, decay="plateau", plateau_patience=2), 100)
+    for loss in (3.0, 2.0, 2.5, 2.4):  # two validations without a new best: halve
+        p.report(loss)
+    assert p.get_last_lr()[0] == pytest.approx(5e-4)
+    q = LRSchedule(opt, PriorScheduleArgs(lr=1e-3, warmup_steps=0, decay="plateau"), 100)
+    q.load_state_dict(p.state_dict())
+    assert q.get_last_lr()[0] == pytest.approx(5e-4)
+
+
+def test_generated_deepspeed_config_and_user_override(prior_data, tmp_path):
+    cfg = config(prior_data, tmp_path, "deepspeed.zero_stage=2", "deepspeed.grad_accum=3", "optim.impl=deepspeed")
+    ds = deepspeed_config(cfg, world_size=4)
+    assert ds["train_batch_size"] == 4 * 3 * 4 and ds["zero_optimization"] == {"stage": 2}
+    assert ds["gradient_clipping"] == 4.0 and ds["optimizer"]["params"]["betas"] == [0.9, 0.96]
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # paper mode: fp32 master weights
+    mine = tmp_path / "mine.json"
+    mine.write_text(
+        json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "gradient_accumulation_steps": 1})
+    )
+    ds = deepspeed_config(config(prior_data, tmp_path, f"deepspeed.config={mine}"), world_size=2)
+    assert ds["zero_optimization"] == {"stage": 3, "overlap_comm": True} and ds["train_batch_size"] == 8
+    mine.write_text(json.dumps({"train_micro_batch_size_per_gpu": 7}))
+    with pytest.raises(ConfigError, match="data.batch_size=7"):
+        deepspeed_config(config(prior_data, tmp_path, f"deepspeed.config={mine}"), world_size=1)
+    ds = deepspeed_config(config(prior_data, tmp_path, "precision.mode=deepspeed"), world_size=1)
+    assert ds["bf16"]["enabled"]
+
+
+def test_config_errors_name_the_field(prior_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"text.text_len \(9\) must equal model.text_len"):
+        config(prior_data, tmp_path, "text.text_len=9")
+    with pytest.raises(ConfigError, match="dvae: image shards"):
+        config(prior_data, tmp_path, "data.kind=images", "dvae=null")
+    with pytest.raises(ConfigError, match="model.text_vocab"):
+        train(config(prior_data, tmp_path / "v", "model.text_vocab=9999"))
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "train_prior.py"), "schedule.lr=-1"], capture_output=True, text=True
+    )
+    assert r.returncode == 2 and "schedule.lr" in r.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes
+
+
+def _launcher() -> str:
+    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    if not Path(launcher).exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    return launcher
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    return env | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def _write_config(prior_data, tmp_path: Path, run_dir: Path, *extra: str) -> Path:
+    path = tmp_path / f"{run_dir.name}.yaml"
+    save_config(config(prior_data, run_dir, "run.ckpt_every=2", *extra), tmp_path, path.name)
+    return path
+
+
+def _state(run_dir: Path, step: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "state.json").read_text())
+
+
+def test_two_ranks_under_the_deepspeed_launcher_agree(prior_data, tmp_path):
+    run = tmp_path / "ddp"
+    cfg = _write_config(prior_data, tmp_path, run, "run.steps=4", "deepspeed.zero_stage=1")
+    cmd = [_launcher(), "--num_gpus", "2", "--master_port", str(_port()), str(ROOT / "launch" / "train_prior.py")]
+    r = subprocess.run([*cmd, "--config", str(cfg)], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = _state(run, 4)["ranks"]
+    assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
+    assert [x["loader"]["rank"] for x in ranks] == [0, 1]
+    assert json.loads((run / "deepspeed.json").read_text())["train_batch_size"] == 8
+    assert (run / "export" / "model.safetensors").is_file()
+
+
+def test_two_nodes_started_separately_with_no_ssh(prior_data, tmp_path):
+    """`deepspeed --no_ssh --node_rank K` once per "node" (both on localhost): they train one model."""
+    run = tmp_path / "nodes"
+    cfg = _write_config(prior_data, tmp_path, run, "run.steps=4")
+    hosts = tmp_path / "hostfile"
+    hosts.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(_port())
+    procs = [
+        subprocess.Popen(
+            [_launcher(), "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(k), "--master_addr", "127.0.0.1"]
+            + ["--master_port", port, str(ROOT / "launch" / "train_prior.py"), "--config", str(cfg)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
+            cwd=ROOT,
+        )
+        for k in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    ranks = _state(run, 4)["ranks"]
+    assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(prior_data, tmp_path):
+    run = tmp_path / "term"
+    cfg = _write_config(prior_data, tmp_path, run, "run.steps=100000", "run.ckpt_every=100000")
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "launch" / "train_prior.py"), "--config", str(cfg)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").is_file() or len(read_metrics(run)) < 3:
+        assert p.poll() is None and time.time() < deadline, p.communicate()[0][-3000:]
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out[-3000:]
+    assert '"ended": "signal"' in out
+    steps = sorted(int(x.name[5:]) for x in (run / "checkpoints").glob("step_*"))
+    assert len(steps) == 1 and steps[0] >= 3
+    assert _state(run, steps[0])["step"] == steps[0]
