@@ -7,21 +7,27 @@ a stage's settings reruns it and the stages that read its output. An interrupted
 from its last checkpoint.
 
 Stages so far: the emoji shards, the tokenizer, a look at one loader batch (a preview image), the
-demo dVAE (with its reconstruction grid), and the token shards. Later stages (prior, CLIP,
-sampling) append to :func:`stages`.
+demo dVAE (with its reconstruction grid), the token shards, and the demo prior, trained by
+launch/train_prior.py under the ``deepspeed`` launcher with 2 CPU ranks (an interrupted run resumes
+from its last checkpoint). Later stages (CLIP, sampling) append to :func:`stages`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, ImageDraw
 
 from dalle_repro.checkpoint import Checkpoints
@@ -32,6 +38,7 @@ from dalle_repro.pre_encode import encode_token_shards
 from dalle_repro.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
 from dalle_repro.train_dvae import DVAETrainConfig
 from dalle_repro.train_dvae import train as train_dvae
+from dalle_repro.train_prior import PriorTrainConfig
 
 
 @dataclass
@@ -69,6 +76,11 @@ class DemoConfig:
         doc="key=value overrides for the dVAE config, after the demo's own (shards, run_dir), e.g. [run.steps=100].",
     )
     tokens_output: str = arg("data/emoji_tokens", "Folder for the token shards (train/ and val/).")
+    prior_config: str = arg("configs/demo/prior.yaml", "Config of the demo prior (launch/train_prior.py's format).")
+    prior_overrides: list[str] = arg(
+        factory=list, doc="key=value overrides for the prior config, after the demo's own, e.g. [run.steps=50]."
+    )
+    prior_ranks: int = arg(2, "Ranks the deepspeed launcher starts for the prior (CPU processes without a GPU).", ge=1)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -125,7 +137,7 @@ def dvae_config(cfg: DemoConfig) -> DVAETrainConfig:
     return load_config(DVAETrainConfig, cfg.dvae_config, [*own, *cfg.dvae_overrides])
 
 
-def _same_run(saved: Path, cfg: DVAETrainConfig) -> bool:
+def _same_run(saved: Path, cfg: Any) -> bool:
     """Whether a run folder's config equals ``cfg`` apart from its length (so it may continue)."""
     if not saved.is_file():
         return False
@@ -151,6 +163,55 @@ def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
     shards = sorted(str(p) for p in Path(cfg.emoji.output).glob("*/*.tar"))
     s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, cfg.tokens_output)
     return {k: s[k] for k in ("written", "skipped", "grid", "vocab_size")} | {"output": cfg.tokens_output}
+
+
+def prior_config(cfg: DemoConfig) -> PriorTrainConfig:
+    """The demo prior's config: its YAML, pointed at the demo's tokens, tokenizer, dVAE and run folder."""
+    t = cfg.tokens_output
+    own = [
+        f"data.shards={t}/train/*.tar",
+        "data.kind=tokens",
+        f"run.val_shards={t}/val/*.tar",
+        f"dvae={dvae_config(cfg).run.run_dir}/dvae",
+        f"text.path={cfg.text.path}",
+        f"run.run_dir={cfg.out_dir}/prior",
+    ]
+    return load_config(PriorTrainConfig, cfg.prior_config, [*own, *cfg.prior_overrides])
+
+
+def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
+    """Train the prior under the deepspeed launcher (``prior_ranks`` ranks), resuming a run of the same settings."""
+    pcfg = prior_config(cfg)
+    run_dir = Path(pcfg.run.run_dir)
+    resume = Checkpoints(run_dir).latest() is not None
+    if resume and not _same_run(run_dir / "config.yaml", pcfg):
+        shutil.rmtree(run_dir)
+        resume = False
+    path = save_config(pcfg, cfg.out_dir, "prior_config.yaml")
+    launcher = Path(sys.executable).with_name("deepspeed")
+    if not launcher.exists():
+        launcher = Path(shutil.which("deepspeed") or "deepspeed")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(launcher), "--num_gpus", str(cfg.prior_ranks), "--master_port", str(port)]
+    cmd += [str(Path(__file__).resolve().parents[1] / "launch" / "train_prior.py"), "--config", str(path)]
+    cmd += ["--resume"] if resume else []
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // cfg.prior_ranks))}
+    log_path = Path(cfg.out_dir, "prior_train.log")
+    with open(log_path, "w") as logf:
+        code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"prior training failed (exit {code}); its log is {log_path}:\n{tail}")
+    final = load_yaml(run_dir / "final_metrics.json") if (run_dir / "final_metrics.json").is_file() else {}
+    return final | {
+        "model": str(run_dir / "export"),
+        "samples": str(run_dir / "samples_latest.png"),
+        "log": str(log_path),
+    }
 
 
 @dataclass(frozen=True)
@@ -193,6 +254,13 @@ def stages() -> list[Stage]:
             lambda c: c.tokens_output,
             lambda c: [Path(c.tokens_output, "summary.json")],
             after=("emoji", "dvae"),
+        ),
+        Stage(
+            "prior",
+            stage_prior,
+            lambda c: [to_dict(prior_config(c)), c.prior_ranks],
+            lambda c: [Path(prior_config(c).run.run_dir, "export", "model.safetensors")],
+            after=("tokenizer", "dvae", "tokens"),
         ),
     ]
 

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as torch_dist
 
 from dalle_repro import distributed
-from dalle_repro.checkpoint import Checkpoints, load_state_strict, rng_state, set_rng_state
+from dalle_repro.checkpoint import Checkpoints, load_state_strict, rng_state, save_json, set_rng_state
 from dalle_repro.config import ConfigError, _deep_merge, arg, atomic_write_text, save_config
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.dvae import DVAE
@@ -743,6 +743,7 @@ def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: S
         path = export(r)
         if path is not None:
             log.info("exported the model to %s", path)
+            save_json(run_dir / "final_metrics.json", val | {"step": r.step})
     logger.close()
     distributed.barrier()
     return val | {"step": r.step, "ended": ended}

@@ -269,24 +269,44 @@ class Transformer(nn.Module):
         top_k: int | None = None,
         prime: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        top_p: float | None = None,
+        uncond: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        progress: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Sample image tokens (B, grid^2) for text (B, text_len) with the cache, this model's own forward.
 
-        ``temperature`` 0 is greedy. ``prime`` (B, P) fixes the first P image tokens (image-to-image).
+        ``temperature`` 0 is greedy; ``top_k`` / ``top_p`` restrict the candidates (sample_logits).
+        ``prime`` (B, P) fixes the first P image tokens (image-to-image). With ``uncond`` (B, text_len),
+        usually the empty caption, classifier-free guidance runs the conditional and unconditional
+        sequences as one batch and samples from ``c + (guidance - 1) * (c - u)`` (so 1 is plain
+        conditional sampling, exactly). ``progress`` is called with each finished position.
         """
         a = self.args
-        caches = self.new_caches(text.shape[0])
-        logits = self.start_decoding(text, caches)
-        out = torch.empty(text.shape[0], a.n_image, dtype=torch.long, device=text.device)
+        b = text.shape[0]
+        both = text if uncond is None else torch.cat([text, uncond.expand(b, -1)])
+        caches = self.new_caches(both.shape[0])
+        logits = self._guided(self.start_decoding(both, caches), b, guidance)
+        out = torch.empty(b, a.n_image, dtype=torch.long, device=text.device)
         n_prime = 0 if prime is None else prime.shape[1]
         for i in range(a.n_image):
             if i < n_prime:
                 out[:, i] = prime[:, i]  # type: ignore[index]
             else:
-                out[:, i] = sample_logits(logits, temperature, top_k, generator)
+                out[:, i] = sample_logits(logits, temperature, top_k, generator, top_p)
             if i + 1 < a.n_image:
-                logits = self.decode_step(out[:, i], i, caches)
+                token = out[:, i] if uncond is None else out[:, i].repeat(2)
+                logits = self._guided(self.decode_step(token, i, caches), b, guidance)
+            if progress is not None:
+                progress(i)
         return out
+
+    @staticmethod
+    def _guided(logits: torch.Tensor, b: int, guidance: float) -> torch.Tensor:
+        if logits.shape[0] == b:
+            return logits
+        c, u = logits[:b], logits[b:]
+        return c + (guidance - 1.0) * (c - u)
 
     def loss(self, text: torch.Tensor, image: torch.Tensor) -> PriorLoss:
         return self.loss_from_logits(text, image, *self(text, image))
@@ -302,13 +322,30 @@ class Transformer(nn.Module):
 
 
 def sample_logits(
-    logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None, generator: torch.Generator | None = None
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
-    """One id per row of (B, V) logits: greedy at temperature 0, else softmax(logits / T) over the top k."""
+    """One id per row of (B, V) logits: greedy at temperature 0, else softmax(logits / T) restricted
+    to the ``top_k`` largest and to the smallest set whose probability reaches ``top_p`` (nucleus)."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = logits / temperature
+    return torch.multinomial(allowed_probs(logits / temperature, top_k, top_p), 1, generator=generator)[:, 0]
+
+
+def allowed_probs(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """softmax(logits) with everything outside the top k and the top-p nucleus set to 0 (renormalised)."""
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+    probs = torch.softmax(logits.float(), -1)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        before = sorted_p.cumsum(-1) - sorted_p  # mass of the tokens ranked above each one
+        keep_sorted = before < top_p  # the top token is always kept
+        keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+        probs = torch.where(keep, probs, torch.zeros_like(probs))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs

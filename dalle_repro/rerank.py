@@ -1,0 +1,137 @@
+"""CLIP reranking (SPEC §5): score each candidate image against its caption, keep the best.
+
+The score is the cosine similarity of CLIP's image and text embeddings. Two model sources, both
+read from local files only (``local_files_only``; nothing is downloaded, ever):
+
+- a folder in Hugging Face's format: ``CLIPModel`` with its tokenizer and (optionally) its
+  ``preprocessor_config.json``, e.g. a downloaded ``openai/clip-vit-base-patch32`` or the small
+  CLIP that ``tools/train_clip.py`` trains for the demo;
+- an open_clip model: ``open_clip:ARCH:/path/weights.safetensors``, when open_clip is installed.
+
+Images are resized and normalised in torch (no torchvision). A missing or broken model raises
+:class:`RerankError` at load time, before any sampling starts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class RerankError(ValueError):
+    """The CLIP model cannot be loaded (names the path and what is wrong)."""
+
+
+class Reranker:
+    """``scores(images, captions)``: cosine similarities; ``rank(...)``: the order, best first."""
+
+    def __init__(self, source: str | Path, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        text = str(source)
+        if text.startswith("open_clip:"):
+            self._load_open_clip(text)
+        else:
+            self._load_hf(Path(text))
+
+    def _load_hf(self, d: Path) -> None:
+        if not d.is_dir():
+            raise RerankError(f"CLIP folder {d} does not exist (pass a local Hugging Face CLIP folder)")
+        if not (d / "config.json").is_file():
+            raise RerankError(f"{d} has no config.json: not a Hugging Face model folder")
+        try:
+            from transformers import AutoTokenizer, CLIPModel
+        except ImportError as e:
+            raise RerankError(f"transformers is needed to load {d}: {e}") from None
+        try:
+            self.model = CLIPModel.from_pretrained(d, local_files_only=True).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(d, local_files_only=True)
+        except Exception as e:  # transformers raises many kinds; all mean "this folder is not usable"
+            raise RerankError(f"cannot load CLIP from {d}: {type(e).__name__}: {e}") from None
+        pre = d / "preprocessor_config.json"
+        conf = json.loads(pre.read_text()) if pre.is_file() else {}
+        self.mean = tuple(conf.get("image_mean", CLIP_MEAN))
+        self.std = tuple(conf.get("image_std", CLIP_STD))
+        self.size = int(self.model.config.vision_config.image_size)
+        self.max_len = int(self.model.config.text_config.max_position_embeddings)
+        self._kind = "hf"
+
+    def _load_open_clip(self, spec: str) -> None:
+        try:
+            _, arch, path = spec.split(":", 2)
+        except ValueError:
+            raise RerankError(f"{spec!r}: expected open_clip:ARCH:/path/weights.safetensors") from None
+        try:
+            import open_clip  # type: ignore[import-not-found]
+        except ImportError:
+            raise RerankError("open_clip is not installed (pip install open_clip_torch), or use a HF folder") from None
+        if not Path(path).is_file() or not path.endswith(".safetensors"):
+            raise RerankError(f"{path}: open_clip weights must be a local .safetensors file (no pickles)")
+        try:
+            model = open_clip.create_model(arch, pretrained=path)
+        except Exception as e:
+            raise RerankError(f"cannot load open_clip {arch} from {path}: {type(e).__name__}: {e}") from None
+        self.model = model.to(self.device).eval()
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        self.mean = tuple(getattr(model.visual, "image_mean", None) or CLIP_MEAN)
+        self.std = tuple(getattr(model.visual, "image_std", None) or CLIP_STD)
+        size = model.visual.image_size
+        self.size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        self._kind = "open_clip"
+
+    def _pixels(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
+        x = F.interpolate(
+            images.float().to(self.device), size=(self.size, self.size), mode="bicubic", align_corners=False
+        )
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        return (x.clamp(0, 1) - mean) / std
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        x = self._pixels(images)
+        e = self.model.get_image_features(pixel_values=x) if self._kind == "hf" else self.model.encode_image(x)
+        return F.normalize(_features(e).float(), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, captions: list[str]) -> torch.Tensor:
+        if self._kind == "hf":
+            t = self.tokenizer(
+                captions, padding="max_length", truncation=True, max_length=self.max_len, return_tensors="pt"
+            ).to(self.device)
+            e = self.model.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"])
+        else:
+            e = self.model.encode_text(self.tokenizer(captions).to(self.device))
+        return F.normalize(_features(e).float(), dim=-1)
+
+    def scores(self, images: torch.Tensor, captions: str | list[str]) -> torch.Tensor:
+        """Cosine similarity of each image with its caption (one caption for all, or one per image)."""
+        caps = [captions] if isinstance(captions, str) else list(captions)
+        if len(caps) not in (1, images.shape[0]):
+            raise ValueError(f"{images.shape[0]} images but {len(caps)} captions")
+        t = self.embed_texts(caps)
+        return (self.embed_images(images) * t).sum(-1).cpu()
+
+    def rank(self, images: torch.Tensor, caption: str, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices of the best ``keep`` images for ``caption``, best first, and all scores."""
+        s = self.scores(images, caption)
+        order = torch.argsort(s, descending=True, stable=True)
+        return order[: keep or len(order)], s
+
+
+def _features(e: object) -> torch.Tensor:
+    """transformers 5 returns an output object from get_*_features; 4.x a tensor."""
+    if isinstance(e, torch.Tensor):
+        return e
+    for name in ("pooler_output", "image_embeds", "text_embeds"):
+        v = getattr(e, name, None)
+        if isinstance(v, torch.Tensor):
+            return v
+    raise TypeError(f"unexpected CLIP output {type(e).__name__}")

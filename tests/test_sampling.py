@@ -1,0 +1,198 @@
+"""Sampling and reranking: cached = uncached, seeds, top-k/top-p, guidance, priming, the rerank
+order, CLIP loading errors, tools/train_clip.py and launch/sample.py end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle_repro.dvae import DVAE, DVAEArgs
+from dalle_repro.prior_export import write_export
+from dalle_repro.rerank import Reranker, RerankError
+from dalle_repro.sampling import SampleSettings, generate
+from dalle_repro.tokenizer import TextTokenizer
+from dalle_repro.transformer import Transformer, TransformerArgs, allowed_probs, sample_logits
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def parts(tokenizer_path: Path):
+    torch.manual_seed(0)
+    tok = TextTokenizer(tokenizer_path, 8)
+    # depth 4: row, column, row, conv (every mask kind is cached)
+    args = TransformerArgs(
+        dim=32, depth=4, heads=4, text_len=8, text_vocab=tok.vocab_size, grid=4, image_vocab=32, conv_kernel=3
+    )
+    model = Transformer(args).eval()
+    dvae = DVAE(DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8)).eval()
+    return model, dvae, tok
+
+
+@pytest.fixture(scope="module")
+def clip_dir(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tools/train_clip.py's library call, a few steps at a tiny size."""
+    from dalle_repro.clip_train import ClipModelArgs, ClipTrainConfig, train_clip
+
+    out = tmp_path_factory.mktemp("clip") / "clip"
+    cfg = ClipTrainConfig(
+        model=ClipModelArgs(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16, text_len=12),
+        tokenizer=str(tokenizer_path),
+        shards=f"{emoji_dir}/train/*.tar",
+        val_shards=f"{emoji_dir}/val/*.tar",
+        output=str(out),
+        steps=4,
+        batch_size=8,
+        num_workers=0,
+    )
+    metrics = train_clip(cfg, progress=False)
+    assert 0 <= metrics["image_to_text_top1"] <= 1 and metrics["val_pairs"] > 0
+    return out
+
+
+def slow_greedy(model: Transformer, text: torch.Tensor) -> torch.Tensor:
+    """Greedy decoding with the full forward at every position (no cache)."""
+    a = model.args
+    image = torch.zeros(text.shape[0], a.n_image, dtype=torch.long)
+    for i in range(a.n_image):
+        _, logits = model(text, image)
+        image[:, i] = logits[:, i].argmax(-1)
+    return image
+
+
+def test_cached_sampling_equals_uncached_greedy_for_every_mask_kind(parts):
+    model, dvae, tok = parts
+    assert {b.kind for b in model.blocks} == {"row", "column", "conv"}
+    captions = ["grinning face", "red heart"]
+    res = generate(model, dvae, captions, tok, SampleSettings(candidates=2, keep=2, temperature=0), progress=False)
+    text = torch.tensor([tok.encode(c) for c in captions])
+    slow = slow_greedy(model, text)
+    for r, want in zip(res, slow, strict=True):
+        assert torch.equal(r.tokens[0].flatten(), want) and torch.equal(r.tokens[1].flatten(), want)
+    assert res[0].images.shape == (2, 3, 16, 16) and 0 <= res[0].images.min() and res[0].images.max() <= 1
+
+
+def test_seeds_reproduce_and_differ(parts):
+    model, dvae, tok = parts
+    run = lambda seed, bs: (
+        generate(  # noqa: E731
+            model,
+            dvae,
+            ["dog face"],
+            tok,
+            SampleSettings(candidates=5, keep=5, seed=seed, batch_size=bs),
+            progress=False,
+        )[0].tokens
+    )
+    assert torch.equal(run(3, 5), run(3, 5))
+    assert not torch.equal(run(3, 5), run(4, 5))
+
+
+def test_top_k_and_top_p_keep_only_the_allowed_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50)
+    p = allowed_probs(logits, top_k=5)
+    assert ((p > 0).sum(-1) == 5).all()
+    assert torch.equal((p > 0), logits >= logits.topk(5).values[:, -1:])
+    probs = torch.softmax(logits, -1)
+    q = allowed_probs(logits, top_p=0.5)
+    for row, full in zip(q, probs, strict=True):
+        kept = full[row > 0]
+        assert kept.sum() >= 0.5 and kept.sum() - kept.min() < 0.5  # the smallest set reaching 0.5
+        assert full[row > 0].min() >= full[row == 0].max()  # and it is the top of the distribution
+    assert torch.allclose(q.sum(-1), torch.ones(3))
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_logits(logits, 1.0, 5, g, 0.9) for _ in range(300)])
+    allowed = allowed_probs(logits, 5, 0.9) > 0
+    assert all(allowed[r, draws[:, r]].all() for r in range(3))
+
+
+def test_guidance_scale_one_equals_conditional_sampling(parts):
+    model, _, tok = parts
+    text = torch.tensor([tok.encode("red heart")] * 3)
+    empty = torch.tensor([tok.encode("")])
+    a = model.generate(text, generator=torch.Generator().manual_seed(1))
+    b = model.generate(text, generator=torch.Generator().manual_seed(1), uncond=empty, guidance=1.0)
+    c = model.generate(text, generator=torch.Generator().manual_seed(1), uncond=empty, guidance=200.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_image_priming_keeps_the_top_rows(parts):
+    model, dvae, tok = parts
+    init = torch.rand(3, 16, 16)
+    want = dvae.encode(init[None])[0]
+    s = SampleSettings(candidates=3, keep=3, init_rows=2)
+    res = generate(model, dvae, ["rocket"], tok, s, init_image=init, progress=False)[0]
+    assert all(torch.equal(t[:2], want[:2]) for t in res.tokens)
+    with pytest.raises(ValueError, match="init image"):
+        generate(model, dvae, ["rocket"], tok, s, progress=False)
+
+
+def test_rerank_order_equals_brute_force_cosine_order(clip_dir):
+    r = Reranker(clip_dir)
+    torch.manual_seed(0)
+    images = torch.rand(7, 3, 16, 16)
+    order, scores = r.rank(images, "grinning face", keep=4)
+    # brute force: CLIP's own forward, cosine of the normalised embeddings, one pair at a time
+    from transformers import AutoTokenizer, CLIPModel
+
+    model = CLIPModel.from_pretrained(clip_dir, local_files_only=True).eval()
+    t = AutoTokenizer.from_pretrained(clip_dir, local_files_only=True)(
+        ["grinning face"], padding="max_length", max_length=12, return_tensors="pt"
+    )
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    brute = []
+    with torch.no_grad():
+        for im in images:
+            out = model(
+                input_ids=t["input_ids"], attention_mask=t["attention_mask"], pixel_values=(im[None] - mean) / std
+            )
+            brute.append(F.cosine_similarity(out.image_embeds, out.text_embeds).item())
+    assert torch.allclose(scores, torch.tensor(brute), atol=1e-5)
+    assert order.tolist() == sorted(range(7), key=lambda i: -brute[i])[:4]
+
+
+def test_missing_or_broken_clip_is_a_clear_error(tmp_path):
+    with pytest.raises(RerankError, match="does not exist"):
+        Reranker(tmp_path / "nope")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    with pytest.raises(RerankError, match="cannot load CLIP"):
+        Reranker(tmp_path / "broken")
+    with pytest.raises(RerankError, match="open_clip"):
+        Reranker("open_clip:ViT-B-32:/nowhere.bin")
+
+
+def test_sample_cli_writes_grids_images_and_json(parts, clip_dir, tokenizer_path, tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "launch"))
+    import sample as cli
+
+    model, dvae, tok = parts
+    dvae_dir = tmp_path / "dvae"
+    dvae.save_pretrained(dvae_dir)
+    export = tmp_path / "export"
+    cfg = {"model": model.args, "precision": {"dtype": "fp32"}}
+    state = model.state_dict()
+    write_export(export, cfg, state, state, tokenizer_path, dvae_dir, {"step": 1, "caption_dropout": 0.1})
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("red heart\n\n")
+    argv = ["--model", str(export), "--prompt", "dog face", "--prompts-file", str(prompts), "--candidates", "4"]
+    argv += ["--keep", "2", "--clip", str(clip_dir), "--top-k", "10", "--guidance", "2", "--output", str(out)]
+    assert cli.main(argv) == 0
+    folders = sorted(p.name for p in out.iterdir())
+    assert folders == ["000-dog-face", "001-red-heart"]
+    info = json.loads((out / folders[0] / "result.json").read_text())
+    assert info["prompt"] == "dog face" and len(info["scores"]) == 2 and info["scores"][0] >= info["scores"][1]
+    assert info["settings"]["top_k"] == 10 and info["seed"] == 0
+    assert {p.name for p in (out / folders[0]).iterdir()} == {"grid.png", "00.png", "01.png", "result.json"}
+    # a broken CLIP folder stops the CLI before any sampling
+    assert cli.main([*argv[:-6], "--clip", str(tmp_path / "nope"), "--output", str(tmp_path / "o2")]) == 2
+    assert not (tmp_path / "o2").exists()

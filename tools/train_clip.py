@@ -1,0 +1,32 @@
+"""Train a small CLIP on image shards, for reranking without downloads (the demo's reranker).
+
+Usage: python tools/train_clip.py [--config FILE] [key=value ...]
+  e.g. python tools/train_clip.py shards='data/emoji/train/*.tar' val_shards='data/emoji/val/*.tar' \
+       tokenizer=data/emoji/tokenizer.json output=outputs/demo/clip steps=600
+
+Writes OUTPUT/ in Hugging Face's CLIP layout (config.json, model.safetensors, tokenizer,
+preprocessor_config.json), which launch/sample.py --clip OUTPUT loads, and OUTPUT/retrieval.json
+with the validation retrieval accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from dalle_repro.clip_train import ClipTrainConfig, chance_note, train_clip
+from dalle_repro.config import parse_cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, _ = parse_cli(ClipTrainConfig, argv, __doc__ or "")
+    if cfg is None:
+        return 0
+    metrics = train_clip(cfg)
+    print(json.dumps(metrics))
+    print(f"saved {cfg.output}: {chance_note(metrics)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
