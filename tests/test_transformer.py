@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_repro.config import ConfigError, arg, load_config
-from dalle_repro.precision import PrecisionArgs
+from dalle_repro.config import ConfigError, load_config
 from dalle_repro.transformer import Transformer, TransformerArgs
 
 ARGS = dict(dim=32, depth=4, heads=4, text_len=6, text_vocab=40, grid=4, image_vocab=24, conv_kernel=3)
