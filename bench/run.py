@@ -20,6 +20,11 @@ Workloads:
              16x16 image, vocab 4096 / 1024, batch 8, AdamW) with the paper's masks on the local
              backend, in fp32 and bf16 (per-branch scaling on); the peer with its axial/conv masks and
              with full attention (ANCHOR_VENV). Also the achieved GFLOP/s against a 2048^3 matmul.
+  sample     images/s generating 4 images (all 256 tokens) for 4 prompts on the prior_train shape with
+             the KV cache and top-k 102 (the peer's filter_thres 0.9 of 1024 codes), ours with the
+             cache of every mask kind, bf16 blocks; the peer (ANCHOR_VENV) caches only its full
+             layers. Also the bound set by reading every weight once per token at the measured memory
+             bandwidth, and our distance to it.
   attention  forward + backward ms of the local backend against dense SDPA, per mask kind, at
              grids 16, 24 and 32 (64 text tokens, 8 heads x 64), with each mask's density.
 
@@ -336,18 +341,83 @@ def bench_attention(rounds: int, threads: int) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def _sample_once(precision: str, threads: int) -> dict[str, float]:
+    """Our cached sampling on BENCH.md's sample workload (4 prompts, 256 tokens each), one timed run."""
+    from dalle_repro.precision import PrecisionArgs
+    from dalle_repro.transformer import Transformer, TransformerArgs
+
+    torch.manual_seed(0)
+    torch.set_num_threads(threads)
+    model = Transformer(TransformerArgs(**PRIOR_SHAPE)).eval()
+    if precision != "fp32":
+        model.enable_precision(PrecisionArgs(dtype=precision))
+    text = torch.randint(0, 4096, (4, 64))
+    g = torch.Generator().manual_seed(0)
+    model.generate(text[:, :], top_k=102, generator=g)  # warm-up (allocations, oneDNN kernels)
+    t = time.perf_counter()
+    model.generate(text, top_k=102, generator=g)
+    dt = time.perf_counter() - t
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"img_per_s": 4 / dt, "weight_bytes": weight_bytes, "tokens": 256}
+
+
+def memory_bandwidth(threads: int) -> float:
+    """Bytes/s of reading a 512 MiB fp32 tensor (a sum), the best of 5."""
+    torch.set_num_threads(threads)
+    x = torch.ones(128 * 2**20)
+    best = math.inf
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best
+
+
+def bench_sample(rounds: int, threads: int) -> dict[str, Any]:
+    anchor = os.environ.get("ANCHOR_VENV")
+    me = [sys.executable, __file__, "_sample_once", "--threads", str(threads)]
+    best: dict[str, float] = {}
+    info: dict[str, float] = {}
+    for _ in range(rounds):
+        for prec in ("bf16", "fp32"):
+            r = _subprocess_json([*me, "--precision", prec])
+            best[prec] = max(best.get(prec, 0.0), r["img_per_s"])
+            info = r
+        if anchor:
+            for label, extra in (("peer_axial", []), ("peer_full", ["--full"])):
+                cmd = [f"{anchor}/bin/python", str(ANCHOR_SCRIPT), "sample", str(threads), *extra]
+                best[label] = max(best.get(label, 0.0), _subprocess_json(cmd)["sample_img_per_s"])
+    bw = memory_bandwidth(threads)
+    # every new token reads every weight once: 256 tokens per image, 4 images share each read
+    bound = 4 / (info["tokens"] * info["weight_bytes"] / bw)
+    out: dict[str, Any] = {
+        "sample_img_per_s": round(best["bf16"], 3),
+        "sample_fp32_img_per_s": round(best["fp32"], 3),
+        "memory_gb_per_s": round(bw / 1e9, 1),
+        "weight_read_bound_img_per_s": round(bound, 3),
+        "fraction_of_bound_fp32": round(best["fp32"] / bound, 3),
+    }
+    for label in ("peer_axial", "peer_full"):
+        if label in best:
+            out[f"{label}_img_per_s"] = round(best[label], 4)
+            out[f"ratio_vs_{label}"] = round(best["bf16"] / best[label], 1)
+            out[f"ratio_fp32_vs_{label}"] = round(best["fp32"] / best[label], 1)
+    return out
+
+
 WORKLOADS = {
     "loader": lambda rounds, threads, minutes: bench_loader(rounds),
     "vae_train": lambda rounds, threads, minutes: bench_vae_train(rounds, threads),
     "vae_quality": lambda rounds, threads, minutes: bench_vae_quality(rounds, threads, minutes),
     "prior_train": lambda rounds, threads, minutes: bench_prior_train(rounds, threads),
     "attention": lambda rounds, threads, minutes: bench_attention(rounds, threads),
+    "sample": lambda rounds, threads, minutes: bench_sample(rounds, threads),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("workload", choices=[*WORKLOADS, "all", "_vae_train_once", "_prior_train_once"])
+    p.add_argument("workload", choices=[*WORKLOADS, "all", "_vae_train_once", "_prior_train_once", "_sample_once"])
     p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
     p.add_argument("--minutes", type=float, default=5.0, help="vae_quality: training minutes per side (default 5)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
@@ -356,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(a.threads)
     if a.workload == "_vae_train_once":  # one measurement in a fresh process (see bench_vae_train)
         print(json.dumps({"img_per_s": _vae_train_once(a.precision, a.threads)}))
+        return 0
+    if a.workload == "_sample_once":
+        print(json.dumps(_sample_once(a.precision, a.threads)))
         return 0
     if a.workload == "_prior_train_once":
         print(json.dumps(_prior_train_once(a.precision, a.threads)))

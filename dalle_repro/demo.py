@@ -14,6 +14,7 @@ from its last checkpoint). Later stages (CLIP, sampling) append to :func:`stages
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -31,14 +32,21 @@ import torch
 from PIL import Image, ImageDraw
 
 from dalle_repro.checkpoint import Checkpoints
+from dalle_repro.clip_train import ClipTrainConfig, train_clip
 from dalle_repro.config import arg, atomic_write_text, load_config, load_yaml, save_config, to_dict
-from dalle_repro.data import DataArgs, Loader
+from dalle_repro.data import DataArgs, Loader, clean_caption, iter_shard_samples
 from dalle_repro.emoji import build_emoji_dataset
 from dalle_repro.pre_encode import encode_token_shards
+from dalle_repro.precision import PrecisionArgs
+from dalle_repro.prior_export import load_prior
+from dalle_repro.report import write_report
+from dalle_repro.rerank import Reranker
+from dalle_repro.sampling import SampleSettings, generate
 from dalle_repro.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
 from dalle_repro.train_dvae import DVAETrainConfig
 from dalle_repro.train_dvae import train as train_dvae
 from dalle_repro.train_prior import PriorTrainConfig
+from dalle_repro.viz import grid, save_png
 
 
 @dataclass
@@ -81,6 +89,13 @@ class DemoConfig:
         factory=list, doc="key=value overrides for the prior config, after the demo's own, e.g. [run.steps=50]."
     )
     prior_ranks: int = arg(2, "Ranks the deepspeed launcher starts for the prior (CPU processes without a GPU).", ge=1)
+    clip: ClipTrainConfig = arg(factory=ClipTrainConfig, doc="The small CLIP (tools/train_clip.py's settings).")
+    captions_train: list[str] = arg(factory=list, doc="Training-split captions to sample (the report checks them).")
+    captions_val: int = arg(2, "Validation-split captions to sample, the first ones of the split.", ge=0)
+    captions_new: list[str] = arg(factory=list, doc="Captions in neither split.")
+    candidates: int = arg(32, "Images generated per caption.", ge=1)
+    keep: int = arg(4, "Images kept per caption after reranking.", ge=1)
+    top_k: int | None = arg(None, "Sampling top-k; null: the whole codebook.", gt=0)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -155,7 +170,12 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
         shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
         resume = False
     val = train_dvae(dcfg, resume_run=resume)
-    return val | {"model": f"{dcfg.run.run_dir}/dvae", "grid": f"{dcfg.run.run_dir}/recon_latest.png"}
+    return val | {
+        "model": f"{dcfg.run.run_dir}/dvae",
+        "grid": f"{dcfg.run.run_dir}/recon_latest.png",
+        "run_dir": dcfg.run.run_dir,
+        "vocab_size": dcfg.model.vocab_size,
+    }
 
 
 def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
@@ -168,7 +188,16 @@ def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
 def prior_config(cfg: DemoConfig) -> PriorTrainConfig:
     """The demo prior's config: its YAML, pointed at the demo's tokens, tokenizer, dVAE and run folder."""
     t = cfg.tokens_output
+    d = dvae_config(cfg).model
+    tok = Path(cfg.text.path)
+    # sizes that follow from the other stages: the tokenizer's vocabulary, the dVAE's grid and codebook
+    vocab = TextTokenizer(tok, cfg.text.text_len).vocab_size if tok.is_file() else None
     own = [
+        f"model.text_len={cfg.text.text_len}",
+        f"text.text_len={cfg.text.text_len}",
+        *([f"model.text_vocab={vocab}"] if vocab else []),
+        f"model.grid={d.image_size // d.downsample}",
+        f"model.image_vocab={d.vocab_size}",
         f"data.shards={t}/train/*.tar",
         "data.kind=tokens",
         f"run.val_shards={t}/val/*.tar",
@@ -211,6 +240,63 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
         "model": str(run_dir / "export"),
         "samples": str(run_dir / "samples_latest.png"),
         "log": str(log_path),
+    }
+
+
+def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
+    c = dataclasses.replace(
+        cfg.clip,
+        tokenizer=cfg.text.path,
+        shards=f"{cfg.emoji.output}/train/*.tar",
+        val_shards=f"{cfg.emoji.output}/val/*.tar",
+        output=f"{cfg.out_dir}/clip",
+    )
+    return train_clip(c) | {"model": c.output}
+
+
+def demo_captions(cfg: DemoConfig) -> list[tuple[str, str]]:
+    """(caption, split) pairs: the chosen training captions, the first validation ones, new ones."""
+    val: list[str] = []
+    if cfg.captions_val:
+        for _, members in iter_shard_samples(sorted(str(p) for p in Path(cfg.emoji.output, "val").glob("*.tar"))):
+            val.append(clean_caption(members.get("txt", b"")))
+            if len(val) >= cfg.captions_val:
+                break
+    return (
+        [(c, "train") for c in cfg.captions_train]
+        + [(c, "validation") for c in val]
+        + [(c, "new") for c in cfg.captions_new]
+    )
+
+
+def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
+    """Sample every demo caption from the exported prior, rerank with the small CLIP, write grids."""
+    prior = load_prior(Path(prior_config(cfg).run.run_dir, "export"))
+    if prior.config.get("precision", {}).get("dtype") == "bf16":
+        prior.model.enable_precision(PrecisionArgs(dtype="bf16"))
+    reranker = Reranker(Path(cfg.out_dir, "clip"))
+    pairs = demo_captions(cfg)
+    settings = SampleSettings(candidates=cfg.candidates, keep=cfg.keep, top_k=cfg.top_k, batch_size=cfg.candidates)
+    assert prior.dvae is not None
+    results = generate(prior.model, prior.dvae, [c for c, _ in pairs], prior.tokenizer, settings, reranker)
+    out = Path(cfg.out_dir, "samples")
+    prompts, kept, everything = [], [], []
+    for (caption, split), r in zip(pairs, results, strict=True):
+        path = save_png(
+            grid(list(r.images), ncol=len(r.images), labels=[f"{s:.3f}" for s in r.scores or []], scale=4),
+            out / f"{len(prompts):02d}-{split}.png",
+        )
+        prompts.append({"caption": caption, "split": split, "grid": str(path)} | r.summary())
+        kept += r.scores or []
+        everything += r.candidate_scores or []
+    mean_kept, mean_all = sum(kept) / len(kept), sum(everything) / len(everything)
+    atomic_write_text(out / "samples.json", json.dumps(prompts, indent=2))
+    return {
+        "prompts": prompts,
+        "mean_score_kept": mean_kept,
+        "mean_score_all": mean_all,
+        "rerank_gain": mean_kept - mean_all,
+        "settings": dataclasses.asdict(settings),
     }
 
 
@@ -262,6 +348,20 @@ def stages() -> list[Stage]:
             lambda c: [Path(prior_config(c).run.run_dir, "export", "model.safetensors")],
             after=("tokenizer", "dvae", "tokens"),
         ),
+        Stage(
+            "clip",
+            stage_clip,
+            lambda c: to_dict(c.clip),
+            lambda c: [Path(c.out_dir, "clip", "model.safetensors")],
+            after=("emoji", "tokenizer"),
+        ),
+        Stage(
+            "samples",
+            stage_samples,
+            lambda c: [c.captions_train, c.captions_val, c.captions_new, c.candidates, c.keep, c.top_k],
+            lambda c: [Path(c.out_dir, "samples", "samples.json")],
+            after=("prior", "clip"),
+        ),
     ]
 
 
@@ -271,6 +371,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, d
     save_config(cfg, out)
     results: dict[str, dict[str, Any]] = {}
     fps: dict[str, str] = {}
+    settings: dict[str, Any] = {}
     for stage in stages():
         name = stage.name
         marker = out / "stages" / f"{name}.json"
@@ -287,4 +388,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, d
             seconds = round(time.perf_counter() - t0, 1)
             atomic_write_text(marker, json.dumps({"fingerprint": fp, "seconds": seconds, "result": results[name]}))
             log(f"[{name}] finished in {seconds} s")
+            done = {"seconds": seconds}
+        settings[name] = {"seconds": done.get("seconds"), "settings": stage.settings(cfg)}
+    report = write_report(out, results, settings)
+    log(f"[report] {report} and {report.with_suffix('.html')}")
     return results

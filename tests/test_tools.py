@@ -16,6 +16,9 @@ TOOLS = [
     "tools/make_shards.py",
     "tools/make_emoji_dataset.py",
     "tools/train_tokenizer.py",
+    "tools/train_clip.py",
+    "launch/train_prior.py",
+    "launch/sample.py",
     "tools/convert_openai_dvae.py",
     "tools/encode_tokens.py",
 ]
@@ -115,6 +118,22 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
         f"tokens_output={tmp_path}/tokens",
         "dvae_overrides=[model.image_size=16,data.image_size=16,model.n_hid=8,model.vocab_size=32,"
         "run.steps=4,run.val_every=4,run.ckpt_every=4,data.batch_size=8,data.num_workers=0]",
+        "prior_overrides=[model.dim=32,model.depth=4,model.heads=4,model.conv_kernel=3,run.steps=3,"
+        "run.val_every=3,run.ckpt_every=3,run.sample_every=3,data.batch_size=4,data.num_workers=0,run.val_batches=1]",
+        "text.text_len=12",
+        "clip.model.image_size=16",
+        "clip.model.patch_size=8",
+        "clip.model.width=32",
+        "clip.model.layers=1",
+        "clip.model.text_len=12",
+        "clip.steps=3",
+        "clip.batch_size=8",
+        "clip.num_workers=0",
+        "captions_train=[red heart]",
+        "captions_val=1",
+        "captions_new=[a blue dog]",
+        "candidates=3",
+        "keep=2",
     ]
     r = run(str(ROOT / "launch/demo.py"), *over)
     assert r.returncode == 0, r.stderr
@@ -126,7 +145,12 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
     assert (tmp_path / "out" / "dvae" / "recon_latest.png").is_file()
     assert json.loads((tmp_path / "tokens" / "summary.json").read_text())["written"] == 60
     r = run(str(ROOT / "launch/demo.py"), *over)
-    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 5
+    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 8
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "validation PSNR" in report and "rerank" in report and "Samples for" in report
+    assert "data:image/png;base64," in (tmp_path / "out" / "report.html").read_text()
+    samples = json.loads((tmp_path / "out" / "samples" / "samples.json").read_text())
+    assert [s["split"] for s in samples] == ["train", "validation", "new"] and len(samples[0]["scores"]) == 2
     r = run(str(ROOT / "launch/demo.py"), *over, "bpe.vocab_size=280")  # tokenizer and preview rerun
     assert "[emoji] done before" in r.stdout and "[tokenizer] running" in r.stdout and "[preview] running" in r.stdout
     assert "[dvae] done before" in r.stdout and "[tokens] done before" in r.stdout  # they do not read the tokenizer
