@@ -337,32 +337,36 @@ class LayerCache:
     def __init__(self, spec: MaskSpec, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype):
         self.spec = spec
         self.capacity = cache_capacity(spec)
-        shape = (batch, heads, self.capacity, head_dim)
+        t = spec.text_len
+        # one buffer per layer: the text's keys in [0, t), the image ring after them, so that each
+        # step gathers its keys with one index_select (no concatenation)
+        shape = (batch, heads, t + self.capacity, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.text_k: torch.Tensor | None = None
-        self.text_v: torch.Tensor | None = None
+        self.has_text = False
         idx, valid = image_key_lists(spec)
-        self._keys = [(idx[i][valid[i]] % self.capacity).to(device) for i in range(spec.n_image)]
+        text = torch.arange(t)
+        self._keys = [torch.cat([text, t + idx[i][valid[i]] % self.capacity]).to(device) for i in range(spec.n_image)]
 
     def text(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """All text positions at once (causal); they are kept whole."""
-        self.text_k, self.text_v = k, v
+        t = self.spec.text_len
+        self.k[:, :, :t] = k
+        self.v[:, :, :t] = v
+        self.has_text = True
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     def image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor:
         """Image position ``i`` (q, k, v of shape (B, H, 1, d)): store it, attend text + reachable keys."""
-        if self.text_k is None:
+        if not self.has_text:
             raise RuntimeError("decode the text before the image")
-        self.k[:, :, i % self.capacity] = k[:, :, 0]
-        self.v[:, :, i % self.capacity] = v[:, :, 0]
-        slots = self._keys[i]
-        keys = torch.cat([self.text_k, self.k[:, :, slots]], 2)
-        vals = torch.cat([self.text_v, self.v[:, :, slots]], 2)
-        return F.scaled_dot_product_attention(q, keys, vals)  # every kept key is allowed: no mask
+        slot = self.spec.text_len + i % self.capacity
+        self.k[:, :, slot] = k[:, :, 0]
+        self.v[:, :, slot] = v[:, :, 0]
+        keys = self._keys[i]
+        # every kept key is allowed: no mask
+        return F.scaled_dot_product_attention(q, self.k.index_select(2, keys), self.v.index_select(2, keys))
 
     def keep_rows(self, index: torch.Tensor) -> None:
         """Select batch rows (e.g. to drop finished candidates)."""
         self.k, self.v = self.k[index], self.v[index]
-        if self.text_k is not None and self.text_v is not None:
-            self.text_k, self.text_v = self.text_k[index], self.text_v[index]
