@@ -17,6 +17,7 @@ TOOLS = [
     "tools/make_emoji_dataset.py",
     "tools/train_tokenizer.py",
     "tools/train_clip.py",
+    "tools/memory_table.py",
     "launch/train_prior.py",
     "launch/sample.py",
     "tools/convert_openai_dvae.py",
@@ -164,3 +165,15 @@ def test_lint_is_clean():
         pytest.skip("ruff is not installed in this environment")
     r = subprocess.run([str(ruff), "check", "."], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_memory_table_counts_parameters_and_shards_by_zero_stage():
+    r = run(str(ROOT / "tools/memory_table.py"), "--gpus", "8", "64")
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| `")]
+    assert len(rows) == 6
+    cells = {(row.split("|")[1].strip(), row.split("|")[6].strip()): row.split("|") for row in rows}
+    paper8, paper64 = cells[("`configs/paper/prior.yaml`", "8")], cells[("`configs/paper/prior.yaml`", "64")]
+    assert paper8[2].strip() == "12.29B"
+    gib = lambda c: float(c.strip().split()[0])  # noqa: E731
+    assert gib(paper8[7]) == pytest.approx(8 * gib(paper64[7]), rel=0.1)  # ZeRO-3 shards the weights
