@@ -36,6 +36,7 @@ from dalle_repro.clip_train import ClipTrainConfig, train_clip
 from dalle_repro.config import arg, atomic_write_text, load_config, load_yaml, save_config, to_dict
 from dalle_repro.data import DataArgs, Loader, clean_caption, iter_shard_samples
 from dalle_repro.emoji import build_emoji_dataset
+from dalle_repro.metrics import last_validation
 from dalle_repro.pre_encode import encode_token_shards
 from dalle_repro.precision import PrecisionArgs
 from dalle_repro.prior_export import load_prior
@@ -169,7 +170,7 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
     if resume and not _same_run(run_dir / "config.yaml", dcfg):
         shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
         resume = False
-    val = train_dvae(dcfg, resume_run=resume)
+    val = train_dvae(dcfg, resume_run=resume) or last_validation(run_dir, "val_psnr")
     return val | {
         "model": f"{dcfg.run.run_dir}/dvae",
         "grid": f"{dcfg.run.run_dir}/recon_latest.png",
@@ -240,6 +241,7 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
         "model": str(run_dir / "export"),
         "samples": str(run_dir / "samples_latest.png"),
         "log": str(log_path),
+        "run_dir": str(run_dir),
     }
 
 

@@ -102,3 +102,10 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def last_validation(run_dir: str | Path, key: str) -> dict[str, Any]:
+    """The last metrics row of a run that holds ``key`` (a validation row), or {}; for a run resumed
+    after its last step, whose loop logs nothing new."""
+    rows = [r for r in read_metrics(run_dir) if key in r] if Path(run_dir, "metrics.jsonl").is_file() else []
+    return {k: v for k, v in rows[-1].items() if k != "step"} if rows else {}

@@ -36,7 +36,7 @@ from dalle_repro.checkpoint import (
 from dalle_repro.config import ConfigError, arg, save_config
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.dvae import DVAE, DVAEArgs, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
-from dalle_repro.metrics import LogArgs, MetricsLogger
+from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
 from dalle_repro.optim import EMA, adamw, cosine, set_lr
 from dalle_repro.viz import grid, save_png
 
@@ -333,7 +333,7 @@ def train(cfg: DVAETrainConfig, resume_run: bool = False) -> dict[str, Any]:
             save(st, cfg, d, ckpts)
     if d.is_main:
         export(st, cfg, run_dir)
-        save_json(run_dir / "final_metrics.json", val | {"step": st.step})
+        save_json(run_dir / "final_metrics.json", (val or last_validation(run_dir, "val_psnr")) | {"step": st.step})
     logger.close()
     distributed.barrier()
     return val

@@ -55,7 +55,7 @@ from dalle_repro.checkpoint import Checkpoints, load_state_strict, rng_state, sa
 from dalle_repro.config import ConfigError, _deep_merge, arg, atomic_write_text, save_config
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.dvae import DVAE
-from dalle_repro.metrics import LogArgs, MetricsLogger
+from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
 from dalle_repro.optim import EMA, cosine, param_groups
 from dalle_repro.precision import BlockScaler, PrecisionArgs
 from dalle_repro.prior_export import write_export
@@ -743,6 +743,7 @@ def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: S
         path = export(r)
         if path is not None:
             log.info("exported the model to %s", path)
+            val = val or last_validation(run_dir, "val_loss")
             save_json(run_dir / "final_metrics.json", val | {"step": r.step})
     logger.close()
     distributed.barrier()

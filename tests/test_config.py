@@ -111,5 +111,14 @@ def test_every_shipped_config_validates():
     from dalle_repro.demo import DemoConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
+    from dalle_repro.train_dvae import DVAETrainConfig
+    from dalle_repro.train_prior import PriorTrainConfig
+
     cfg = load_config(DemoConfig, root / "demo" / "demo.yaml")
-    assert cfg.text.text_len == 64
+    assert cfg.text.text_len == 24 and cfg.prior_ranks == 2
+    for path in sorted(root.glob("*/dvae.yaml")):
+        load_config(DVAETrainConfig, path)
+    priors = sorted(root.glob("*/prior*.yaml"))
+    assert len(priors) == 4
+    for path in priors:
+        load_config(PriorTrainConfig, path)

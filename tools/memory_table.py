@@ -66,7 +66,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("configs", nargs="*", default=DEFAULT, help="prior configs (launch/train_prior.py's format)")
     ap.add_argument("--gpus", type=int, nargs="+", default=[8, 64], help="data-parallel ranks to tabulate")
     a = ap.parse_args(argv)
-    print("| config | params | ZeRO | micro-batch | act. ckpt | GPUs | weights | grads | optimizer | activations | total |")
+    cols = [
+        "config",
+        "params",
+        "ZeRO",
+        "micro-batch",
+        "act. ckpt",
+        "GPUs",
+        "weights",
+        "grads",
+        "optimizer",
+        "activations",
+        "total",
+    ]
+    print("| " + " | ".join(cols) + " |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for path in a.configs:
         if not Path(path).is_file():
