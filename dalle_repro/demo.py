@@ -285,7 +285,9 @@ def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
     prompts, kept, everything = [], [], []
     for (caption, split), r in zip(pairs, results, strict=True):
         path = save_png(
-            grid(list(r.images), ncol=len(r.images), labels=[f"{s:.3f}" for s in r.scores or []], scale=4),
+            grid(
+                list(r.images), ncol=len(r.images), labels=[f"{s:.3f}" for s in r.scores or []], scale=4, title=caption
+            ),
             out / f"{len(prompts):02d}-{split}.png",
         )
         prompts.append({"caption": caption, "split": split, "grid": str(path)} | r.summary())

@@ -28,18 +28,22 @@ def grid(
     scale: int = 1,
     pad: int = 2,
     label_height: int = 12,
+    title: str | None = None,
 ) -> Image.Image:
-    """Images in rows of ``ncol``, each optionally scaled up and labelled underneath."""
+    """Images in rows of ``ncol``, each optionally scaled up and labelled underneath, under an optional title."""
     pics = [to_pil(im) for im in images]
     if not pics:
         raise ValueError("no images to put in a grid")
     w, h = pics[0].size[0] * scale, pics[0].size[1] * scale
     lh = label_height if labels else 0
     nrow = -(-len(pics) // ncol)
-    sheet = Image.new("RGB", (ncol * (w + pad) + pad, nrow * (h + lh + pad) + pad), "white")
+    top = label_height + pad if title else 0
+    sheet = Image.new("RGB", (ncol * (w + pad) + pad, top + nrow * (h + lh + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((pad, pad), title, fill="black")
     for i, pic in enumerate(pics):
-        x, y = pad + (i % ncol) * (w + pad), pad + (i // ncol) * (h + lh + pad)
+        x, y = pad + (i % ncol) * (w + pad), top + pad + (i // ncol) * (h + lh + pad)
         sheet.paste(pic.resize((w, h), Image.Resampling.NEAREST), (x, y))
         if labels:
             text = labels[i]

@@ -1,4 +1,5 @@
-"""The main job on the embedded demo data: emoji shards -> tokenizer -> preview -> dVAE -> token shards.
+"""The main job on the embedded demo data: emoji shards -> tokenizer -> preview -> dVAE -> token shards
+-> prior (deepspeed launcher, 2 CPU ranks) -> small CLIP -> reranked samples -> report.
 
 Usage: python launch/demo.py [--config configs/demo/demo.yaml] [key.sub=value ...]
 Finished stages are skipped, so a rerun after an interruption continues where it stopped.
@@ -21,12 +22,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     results = run_demo(cfg)
     for name, r in results.items():
-        print(f"{name:10s} " + json.dumps({k: v for k, v in r.items() if k not in ("captions", "fingerprint")}))
+        print(f"{name:10s} " + json.dumps({k: v for k, v in r.items() if k not in ("captions", "fingerprint", "prompts", "settings")}))
     print(f"\noutputs:\n  shards     {cfg.emoji.output}/train/*.tar, {cfg.emoji.output}/val/*.tar")
     print(f"  summary    {cfg.emoji.output}/summary.json\n  tokenizer  {cfg.text.path}")
     print(f"  preview    {results['preview']['preview']}")
     print(f"  dVAE       {results['dvae']['model']}  (reconstructions: {results['dvae']['grid']})")
     print(f"  tokens     {results['tokens']['output']}/train/*.tar, {results['tokens']['output']}/val/*.tar")
+    print(f"  prior      {results['prior']['model']}  (log: {results['prior']['log']})")
+    print(f"  CLIP       {results['clip']['model']}")
+    print(f"  samples    {cfg.out_dir}/samples/*.png, {cfg.out_dir}/samples/samples.json")
+    print(f"  report     {cfg.out_dir}/report.md, {cfg.out_dir}/report.html")
     print(f"  config     {cfg.out_dir}/config.yaml")
     return 0
 

@@ -123,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         d = out / f"{i:03d}-{slug(r.caption)}"
         labels = [f"{s:.3f}" for s in r.scores] if r.scores else [f"#{k}" for k in r.kept]
         save_png(
-            grid(list(r.images), ncol=min(8, len(r.images)), labels=labels, scale=max(1, 128 // r.images.shape[-1])),
+            grid(
+                list(r.images),
+                ncol=min(8, len(r.images)),
+                labels=labels,
+                scale=max(1, 128 // r.images.shape[-1]),
+                title=r.caption,
+            ),
             d / "grid.png",
         )
         for j, im in enumerate(r.images):
