@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     results = run_demo(cfg)
     for name, r in results.items():
-        print(f"{name:10s} " + json.dumps({k: v for k, v in r.items() if k not in ("captions", "fingerprint", "prompts", "settings")}))
+        print(
+            f"{name:10s} "
+            + json.dumps({k: v for k, v in r.items() if k not in ("captions", "fingerprint", "prompts", "settings")})
+        )
     print(f"\noutputs:\n  shards     {cfg.emoji.output}/train/*.tar, {cfg.emoji.output}/val/*.tar")
     print(f"  summary    {cfg.emoji.output}/summary.json\n  tokenizer  {cfg.text.path}")
     print(f"  preview    {results['preview']['preview']}")

@@ -5,6 +5,7 @@ runs under the deepspeed launcher (2 ranks, two --no_ssh "nodes", SIGTERM)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -134,6 +135,15 @@ def test_stop_and_resume_at_zero_stage_3(prior_data, tmp_path):
     a = load_file(str(runs["whole"] / "export" / "raw.safetensors"))
     b = load_file(str(runs["split"] / "export" / "raw.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_image_shards_are_encoded_on_the_fly(prior_data, emoji_dir, tmp_path):
+    """data.kind=images: the dVAE encodes each batch; the same tokens as the pre-encoded shards."""
+    extra = ["data.kind=images", f"data.shards={emoji_dir}/train/*.tar", "data.image_size=16", "run.steps=2"]
+    out = train(config(prior_data, tmp_path / "img", *extra, f"run.val_shards={emoji_dir}/val/*.tar"))
+    assert out["step"] == 2 and math.isfinite(out["val_loss"])
+    with pytest.raises(ConfigError, match="data.image_size"):
+        train(config(prior_data, tmp_path / "bad", *extra, "data.image_size=32"))
 
 
 def test_export_loads_and_samples_without_deepspeed(prior_data, tmp_path):
