@@ -6,8 +6,8 @@ Usage: python bench/run.py WORKLOAD [--threads 2] [--rounds 3]
 Workloads:
   loader     images/s of our resumable Loader against a plain webdataset pipeline doing the same
              decode + center crop on the same shards, single process.
-  vae_quality  ours and the peer, each trained for --minutes on the emoji train split (the demo's
-             shape: 64x64 -> 16x16 codes of 512), then validation PSNR of the hard-code reconstruction.
+  vae_quality  ours and the peer, each trained for --minutes on the emoji train split at 64x64 -> 16x16
+             codes of 512 (the demo dVAE's settings at 64x64), then validation PSNR of the hard-code reconstruction.
   vae_train  dVAE train steps/s on shared/BENCH.md's shape (64x64 RGB, 8x down to 8x8, 1024 codes,
              batch 16). Ours is the paper's architecture at n_hid 28, one block per group: 0.87M
              parameters and 872 MFLOP per image (forward + backward), matched to the peer's
