@@ -390,6 +390,13 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
     )
     if d.is_main:
         atomic_write_text(Path(cfg.run.run_dir) / "deepspeed.json", json.dumps(ds_config, indent=2) + "\n")
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the optimizer
+        log.info(
+            "optimizer: %s (optim.impl=%s), ZeRO stage %d",
+            type(base).__name__,
+            cfg.optim.impl,
+            cfg.deepspeed.zero_stage,
+        )
     loader = Loader(
         cfg.data.shards, cfg.data, tokenizer, text_dropout=cfg.text.dropout, rank=d.rank, world_size=d.world_size
     )

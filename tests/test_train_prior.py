@@ -137,6 +137,18 @@ def test_stop_and_resume_at_zero_stage_3(prior_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_deepspeed_optimizer_from_the_generated_config(prior_data, tmp_path, caplog):
+    """optim.impl=deepspeed: DeepSpeed builds the optimizer from the config's section, and it trains."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="dalle_repro.train_prior"):
+        train(config(prior_data, tmp_path / "ds", "optim.impl=deepspeed", "run.steps=4", "run.caption_dropout=0"))
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("optimizer:"))
+    assert "optim.impl=deepspeed" in line and "AdamW (optim.impl=torch" not in line
+    seen = losses(tmp_path / "ds")
+    assert len(seen) == 4 and seen[-1][1] < seen[0][1]
+
+
 def test_image_shards_are_encoded_on_the_fly(prior_data, emoji_dir, tmp_path):
     """data.kind=images: the dVAE encodes each batch; the same tokens as the pre-encoded shards."""
     extra = ["data.kind=images", f"data.shards={emoji_dir}/train/*.tar", "data.image_size=16", "run.steps=2"]
