@@ -22,13 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dalle_repro.config import arg, save_config
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.optim import cosine
-from dalle_repro.rerank import CLIP_MEAN, CLIP_STD
+from dalle_repro.rerank import CLIP_MEAN, CLIP_STD, clip_pixels
 
 log = logging.getLogger(__name__)
 SPECIALS = ("<|startoftext|>", "<|endoftext|>", "<|pad|>")
@@ -111,12 +110,8 @@ def build_clip(args: ClipModelArgs, tokenizer: Any) -> Any:
 
 
 def _pixels(images: torch.Tensor, size: int) -> torch.Tensor:
-    x = images.float() / 255
-    if x.shape[-1] != size:
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    """uint8 images from the loader -> CLIP's normalised input."""
+    return clip_pixels(images.float() / 255, size)
 
 
 @torch.no_grad()

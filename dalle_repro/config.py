@@ -201,11 +201,11 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
 # Layers
 
 
-def _deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in top.items():
         if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _deep_merge(dict(out[k]), v)
+            out[k] = deep_merge(dict(out[k]), v)
         else:
             out[k] = v
     return out
@@ -252,7 +252,7 @@ def load_config(
 ) -> T:
     """Defaults of ``cls`` <- the YAML file <- ``key.sub=value`` overrides, validated."""
     data: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
-    data = _deep_merge(data, parse_overrides(overrides))
+    data = deep_merge(data, parse_overrides(overrides))
     return _build(cls, data)
 
 

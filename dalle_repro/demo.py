@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -35,10 +34,10 @@ from dalle_repro.checkpoint import Checkpoints
 from dalle_repro.clip_train import ClipTrainConfig, train_clip
 from dalle_repro.config import arg, atomic_write_text, load_config, load_yaml, save_config, to_dict
 from dalle_repro.data import DataArgs, Loader, clean_caption, iter_shard_samples
+from dalle_repro.distributed import free_port
 from dalle_repro.emoji import build_emoji_dataset
 from dalle_repro.metrics import last_validation
 from dalle_repro.pre_encode import encode_token_shards
-from dalle_repro.precision import PrecisionArgs
 from dalle_repro.prior_export import load_prior
 from dalle_repro.report import write_report
 from dalle_repro.rerank import Reranker
@@ -221,10 +220,7 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
     launcher = Path(sys.executable).with_name("deepspeed")
     if not launcher.exists():
         launcher = Path(shutil.which("deepspeed") or "deepspeed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [str(launcher), "--num_gpus", str(cfg.prior_ranks), "--master_port", str(port)]
+    cmd = [str(launcher), "--num_gpus", str(cfg.prior_ranks), "--master_port", str(free_port())]
     cmd += [str(Path(__file__).resolve().parents[1] / "launch" / "train_prior.py"), "--config", str(path)]
     cmd += ["--resume"] if resume else []
     env = dict(os.environ)
@@ -274,8 +270,7 @@ def demo_captions(cfg: DemoConfig) -> list[tuple[str, str]]:
 def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
     """Sample every demo caption from the exported prior, rerank with the small CLIP, write grids."""
     prior = load_prior(Path(prior_config(cfg).run.run_dir, "export"))
-    if prior.config.get("precision", {}).get("dtype") == "bf16":
-        prior.model.enable_precision(PrecisionArgs(dtype="bf16"))
+    prior.use_trained_precision()
     reranker = Reranker(Path(cfg.out_dir, "clip"))
     pairs = demo_captions(cfg)
     settings = SampleSettings(candidates=cfg.candidates, keep=cfg.keep, top_k=cfg.top_k, batch_size=cfg.candidates)

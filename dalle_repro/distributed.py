@@ -9,7 +9,9 @@ process group.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,15 +42,39 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def init(device: str = "auto") -> Dist:
-    """Join the process group the launcher described (if any) and return this process's place in it."""
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init(device: str = "auto", require_group: bool = False) -> Dist:
+    """Join the process group the launcher described (if any) and return this process's place in it.
+
+    ``require_group``: make a group even in a world of one (DeepSpeed needs one), so that a plain
+    ``python script.py`` gets a local group on a free port.
+    """
+    if require_group and "WORLD_SIZE" not in os.environ:
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or require_group) and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local, dev)
+
+
+def gather_objects(obj: Any, d: Dist) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+    if d.world_size == 1:
+        return [obj]
+    out: list[Any] = [None] * d.world_size
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

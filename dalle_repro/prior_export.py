@@ -24,6 +24,7 @@ import torch
 from dalle_repro.checkpoint import load_pretrained, load_state_strict, write_folder
 from dalle_repro.config import load_yaml, to_yaml
 from dalle_repro.dvae import DVAE
+from dalle_repro.precision import PrecisionArgs
 from dalle_repro.tokenizer import TextTokenizer
 from dalle_repro.transformer import Transformer, TransformerArgs
 
@@ -63,6 +64,13 @@ class Prior:
     dvae: DVAE | None
     info: dict[str, Any]
     config: dict[str, Any]
+
+    def use_trained_precision(self) -> None:
+        """Run the resblocks in the half precision the prior was trained with (bf16 instead of fp16 on a CPU)."""
+        dtype = self.config.get("precision", {}).get("dtype")
+        if dtype in ("bf16", "fp16"):
+            cpu = next(self.model.parameters()).device.type == "cpu"
+            self.model.enable_precision(PrecisionArgs(dtype="bf16" if cpu else dtype))
 
 
 def load_prior(directory: str | Path, weights: str = "model", device: str | torch.device = "cpu") -> Prior:

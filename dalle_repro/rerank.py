@@ -24,6 +24,18 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def clip_pixels(
+    images: torch.Tensor, size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+) -> torch.Tensor:
+    """(N, 3, H, W) floats in [0, 1] -> CLIP's input: bicubic resize to ``size`` (when needed), normalised."""
+    x = images.float()
+    if tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x.clamp(0, 1) - m) / s
+
+
 class RerankError(ValueError):
     """The CLIP model cannot be loaded (names the path and what is wrong)."""
 
@@ -87,12 +99,7 @@ class Reranker:
     def _pixels(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got {tuple(images.shape)}")
-        x = F.interpolate(
-            images.float().to(self.device), size=(self.size, self.size), mode="bicubic", align_corners=False
-        )
-        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        return (x.clamp(0, 1) - mean) / std
+        return clip_pixels(images.to(self.device), self.size, self.mean, self.std)
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:

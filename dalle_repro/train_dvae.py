@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dalle_repro import distributed
@@ -232,14 +231,6 @@ def build(cfg: DVAETrainConfig, d: distributed.Dist) -> State:
     return State(model, net, opt, ema, scaler, loader)
 
 
-def _gather(obj: Any, d: distributed.Dist) -> list[Any]:
-    if d.world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * d.world_size
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     """A hash of every weight's bytes, to check that data-parallel replicas agree."""
     h = hashlib.sha256()
@@ -251,7 +242,9 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 def save(st: State, cfg: DVAETrainConfig, d: distributed.Dist, ckpts: Checkpoints) -> None:
     """A checkpoint of everything needed to continue exactly (rank 0 writes, all ranks contribute)."""
-    per_rank = _gather({"loader": st.loader.state_dict(), "rng": rng_state(), "weights": weights_digest(st.model)}, d)
+    per_rank = distributed.gather_objects(
+        {"loader": st.loader.state_dict(), "rng": rng_state(), "weights": weights_digest(st.model)}, d
+    )
     if len({r["weights"] for r in per_rank}) != 1:  # DDP keeps replicas equal; a difference is a bug
         raise RuntimeError(f"data-parallel replicas diverged at step {st.step}: {[r['weights'] for r in per_rank]}")
     if d.is_main:

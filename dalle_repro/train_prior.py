@@ -40,8 +40,8 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +52,7 @@ import torch.distributed as torch_dist
 
 from dalle_repro import distributed
 from dalle_repro.checkpoint import Checkpoints, load_state_strict, rng_state, save_json, set_rng_state
-from dalle_repro.config import ConfigError, _deep_merge, arg, atomic_write_text, save_config
+from dalle_repro.config import ConfigError, arg, atomic_write_text, deep_merge, save_config
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.dvae import DVAE
 from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
@@ -266,7 +266,7 @@ def deepspeed_config(cfg: PriorTrainConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(f"deepspeed.config: cannot read {path} as JSON: {e}") from None
         if not isinstance(user, dict):
             raise ConfigError(f"deepspeed.config: {path} must hold a JSON object")
-        ds = _deep_merge(ds, user)
+        ds = deep_merge(ds, user)
         micro = ds.get("train_micro_batch_size_per_gpu")
         if micro != b:
             raise ConfigError(
@@ -291,19 +291,6 @@ def _client_optimizer(model: torch.nn.Module, cfg: PriorTrainConfig) -> torch.op
         return FusedAdam(groups, lr=cfg.schedule.lr, betas=(o.beta1, o.beta2), eps=o.eps, adam_w_mode=True)
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(groups, lr=cfg.schedule.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
-
-
-def _init_process_group(device: str) -> distributed.Dist:
-    """A process group even in a world of one (DeepSpeed needs one): plain ``python`` gets a local one."""
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    d = distributed.init(device)
-    if not torch_dist.is_initialized():
-        torch_dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", rank=0, world_size=1)
-    return d
 
 
 # ----------------------------------------------------------------------------------------------
@@ -441,10 +428,7 @@ def batch_tokens(r: Run, batch: dict[str, Any], train: bool) -> tuple[torch.Tens
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
-    t = torch.tensor([float(flag)], device=device)
-    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
-    return bool(t.item())
+    return distributed.total({"flag": float(flag)}, device)["flag"] > 0
 
 
 def train_step(r: Run, it: Any) -> dict[str, float]:
@@ -511,14 +495,6 @@ def train_step(r: Run, it: Any) -> dict[str, float]:
 # Checkpoints
 
 
-def _gather_objects(obj: Any, d: distributed.Dist) -> list[Any]:
-    if d.world_size == 1:
-        return [obj]
-    out: list[Any] = [None] * d.world_size
-    torch_dist.all_gather_object(out, obj)
-    return out
-
-
 def save(r: Run, ckpts: Checkpoints) -> Path:
     """DeepSpeed's checkpoint (every rank), then our state folder (rank 0), which completes it."""
     tag = f"step_{r.step:08d}"
@@ -526,7 +502,7 @@ def save(r: Run, ckpts: Checkpoints) -> Path:
     mine = {"loader": r.loader.state_dict(), "rng": rng_state()}
     if r.zero < 3:  # every rank holds all weights: they must agree
         mine["weights"] = weights_digest(r.model)
-    per_rank = _gather_objects(mine, r.d)
+    per_rank = distributed.gather_objects(mine, r.d)
     if len({p.get("weights") for p in per_rank}) != 1:
         raise RuntimeError(f"data-parallel replicas diverged at step {r.step}: {[p['weights'] for p in per_rank]}")
     r.engine.save_checkpoint(str(ds_root), tag=tag, save_latest=False)
@@ -546,15 +522,9 @@ def save(r: Run, ckpts: Checkpoints) -> Path:
         kept = {p.name for p in ckpts.all()}
         for old in ds_root.iterdir():
             if old.is_dir() and old.name not in kept:
-                _rmtree(old)
+                shutil.rmtree(old, ignore_errors=True)
     distributed.barrier()
     return path
-
-
-def _rmtree(p: Path) -> None:
-    import shutil
-
-    shutil.rmtree(p, ignore_errors=True)
 
 
 def resume(r: Run, ckpts: Checkpoints) -> Path | None:
@@ -677,7 +647,7 @@ class NonFiniteLosses(RuntimeError):
 
 def train(cfg: PriorTrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
     """Train (or continue) a prior run; returns the last validation metrics on rank 0."""
-    d = _init_process_group(cfg.run.device)
+    d = distributed.init(cfg.run.device, require_group=True)
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if cfg.run.deterministic == "on" or (cfg.run.deterministic == "auto" and d.device.type == "cpu"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -23,10 +23,9 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-
 from dalle_repro.config import atomic_write_text
 from dalle_repro.data import crop_resize, decode_image, image_to_tensor
+from dalle_repro.distributed import pick_device
 from dalle_repro.prior_export import load_prior
 from dalle_repro.rerank import Reranker, RerankError
 from dalle_repro.sampling import SampleSettings, generate
@@ -74,10 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.init_rows and not a.init_image:
         print("error: --init-rows needs --init-image", file=sys.stderr)
         return 2
-    device = torch.device(
-        "cuda" if a.device == "auto" and torch.cuda.is_available() else "cpu" if a.device == "auto" else a.device
-    )
     try:
+        device = pick_device(a.device)
         reranker = Reranker(a.clip, device) if a.clip else None  # fails here, before any sampling
         prior = load_prior(a.model, a.weights, device)
     except (RerankError, FileNotFoundError, ValueError) as e:
@@ -107,12 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         batch_size=a.batch_size,
     )
-    prior.model.to(device)
-    if prior.config.get("precision", {}).get("dtype") in ("bf16", "fp16"):
-        from dalle_repro.precision import PrecisionArgs
-
-        dtype = prior.config["precision"]["dtype"]
-        prior.model.enable_precision(PrecisionArgs(dtype="bf16" if device.type == "cpu" else dtype))
+    prior.use_trained_precision()
     try:
         results = generate(prior.model, prior.dvae, captions, prior.tokenizer, settings, reranker, init)
     except ValueError as e:

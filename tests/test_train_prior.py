@@ -9,7 +9,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from dalle_repro.config import ConfigError, load_config, save_config
+from dalle_repro.distributed import free_port
 from dalle_repro.dvae import DVAE, DVAEArgs
 from dalle_repro.metrics import read_metrics
 from dalle_repro.pre_encode import encode_token_shards
@@ -325,12 +325,6 @@ def _launcher() -> str:
     return launcher
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     return env | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
@@ -349,7 +343,7 @@ def _state(run_dir: Path, step: int) -> dict:
 def test_two_ranks_under_the_deepspeed_launcher_agree(prior_data, tmp_path):
     run = tmp_path / "ddp"
     cfg = _write_config(prior_data, tmp_path, run, "run.steps=4", "deepspeed.zero_stage=1")
-    cmd = [_launcher(), "--num_gpus", "2", "--master_port", str(_port()), str(ROOT / "launch" / "train_prior.py")]
+    cmd = [_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train_prior.py")]
     r = subprocess.run([*cmd, "--config", str(cfg)], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = _state(run, 4)["ranks"]
@@ -365,7 +359,7 @@ def test_two_nodes_started_separately_with_no_ssh(prior_data, tmp_path):
     cfg = _write_config(prior_data, tmp_path, run, "run.steps=4")
     hosts = tmp_path / "hostfile"
     hosts.write_text("node0 slots=1\nnode1 slots=1\n")
-    port = str(_port())
+    port = str(free_port())
     procs = [
         subprocess.Popen(
             [_launcher(), "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(k), "--master_addr", "127.0.0.1"]
