@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from dalle_repro import faults
 from dalle_repro.config import ConfigError, atomic_write_text, from_dict, load_yaml, to_yaml
 
 T = TypeVar("T")
@@ -138,6 +139,7 @@ def write_folder(
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
+        faults.point("checkpoint_write", final.name)
         if final.exists():
             old = final.with_name(f".{final.name}.old{os.getpid()}")
             os.replace(final, old)
@@ -244,6 +246,9 @@ class Checkpoints:
         path = write_folder(self.root / f"step_{step:08d}", all_files, texts)
         for old in self.all()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".step_*"):  # half-written folders of a killed writer (one writer per run)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
         return path
 
     @staticmethod

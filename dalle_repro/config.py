@@ -165,13 +165,30 @@ def _check_range(value: Any, meta: Mapping[str, Any], key: str) -> None:
                 raise ConfigError(f"{key}: got {v!r}; allowed: {word} {bound}")
 
 
+def _edit_distance(a: str, b: str) -> int:
+    """Insertions, deletions, substitutions and swaps of two neighbours, one each."""
+    d = [[i + j if i * j == 0 else 0 for j in range(len(b) + 1)] for i in range(len(a) + 1)]
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                d[i][j] = min(d[i][j], d[i - 2][j - 2] + 1)
+    return d[len(a)][len(b)]
+
+
+def nearest_key(key: str, valid: Sequence[str]) -> str | None:
+    """The valid key a misspelt one most likely meant (fewest edits among the similar ones), or None."""
+    near = difflib.get_close_matches(key, list(valid), n=5)
+    return min(near, key=lambda v: _edit_distance(key, v)) if near else None
+
+
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for k in data:
         if k not in fields:
-            near = difflib.get_close_matches(str(k), list(fields), n=1)
-            hint = f"; did you mean {prefix}{near[0]}?" if near else ""
+            near = nearest_key(str(k), list(fields))
+            hint = f"; did you mean {prefix}{near}?" if near else ""
             valid = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {prefix}{k}{hint} (valid keys here: {valid})")
     kwargs: dict[str, Any] = {}

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from dalle_repro import faults
 from dalle_repro.config import atomic_write_text
 from dalle_repro.data import (
     IMAGE_EXTS,
@@ -131,6 +132,7 @@ def encode_token_shards(
             counts = Counter(done["counts"])
         else:
             counts = encode_shard(model, path, target, batch_size, dev, max_pixels)
+            faults.point("shard_written", target.name)
             progress[str(rel)] = {"fingerprint": fp, "counts": dict(counts)}
             atomic_write_text(progress_path, json.dumps(progress))
         totals.update(counts)

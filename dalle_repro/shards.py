@@ -33,6 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from dalle_repro import faults
 from dalle_repro.config import atomic_write_text
 from dalle_repro.data import (
     DEFAULT_MAX_PIXELS,
@@ -451,6 +452,7 @@ def _write_split(
     pending = {"next": state["next_record"], "written": 0}
 
     def on_shard(path: Path, count: int) -> None:
+        faults.point("shard_written", path.name)
         state["shards"].append({"path": str(path.relative_to(out)), "count": count})
         state.update(next_record=pending["next"], written=state["written"] + count, skipped=dict(skipped))
         atomic_write_text(out / PROGRESS, json.dumps(progress))

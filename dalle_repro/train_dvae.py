@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dalle_repro import distributed
+from dalle_repro import distributed, faults
 from dalle_repro.checkpoint import (
     Checkpoints,
     load_state_strict,
@@ -307,6 +307,7 @@ def train(cfg: DVAETrainConfig, resume_run: bool = False) -> dict[str, Any]:
         images = batch["image"].to(d.device, non_blocking=True).float().div_(255)
         images = images.contiguous(memory_format=torch.channels_last)
         metrics = train_step(st, images, cfg, d.device)
+        faults.point("after_step", st.step)
         seen += images.shape[0]
         logger.advance()
         last = st.step == cfg.run.steps

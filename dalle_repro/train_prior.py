@@ -50,7 +50,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as torch_dist
 
-from dalle_repro import distributed
+from dalle_repro import distributed, faults
 from dalle_repro.checkpoint import Checkpoints, load_state_strict, rng_state, save_json, set_rng_state
 from dalle_repro.config import ConfigError, arg, atomic_write_text, deep_merge, save_config
 from dalle_repro.data import DataArgs, Loader
@@ -507,6 +507,7 @@ def save(r: Run, ckpts: Checkpoints) -> Path:
         raise RuntimeError(f"data-parallel replicas diverged at step {r.step}: {[p['weights'] for p in per_rank]}")
     r.engine.save_checkpoint(str(ds_root), tag=tag, save_latest=False)
     distributed.barrier()
+    faults.point("deepspeed_saved", tag)
     path = ckpts.root / tag
     if r.d.is_main:
         state = {
@@ -682,6 +683,7 @@ def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: S
     try:
         while r.step < cfg.run.steps:
             metrics = train_step(r, it)
+            faults.point("after_step", r.step)
             updates += 1
             logger.advance()
             last = r.step == cfg.run.steps

@@ -70,3 +70,20 @@ def copy_tree():
         return dst
 
     return _copy
+
+
+@pytest.fixture(scope="session")
+def prior_data(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A random tiny dVAE (16x16 -> 4x4 codes of 32) and the emoji encoded with it."""
+    import torch
+
+    from dalle_repro.dvae import DVAE, DVAEArgs
+    from dalle_repro.pre_encode import encode_token_shards
+
+    root = tmp_path_factory.mktemp("prior_data")
+    torch.manual_seed(0)
+    dvae = DVAE(DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8))
+    dvae.save_pretrained(root / "dvae")
+    shards = sorted(str(p) for p in emoji_dir.glob("*/*.tar"))
+    encode_token_shards(root / "dvae", shards, root / "tokens")
+    return {"dvae": root / "dvae", "tokens": root / "tokens", "tokenizer": tokenizer_path}

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import dvae_overrides
 from safetensors.torch import load_file
 
 from dalle_repro.config import load_config
@@ -25,31 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_config(emoji_dir: Path, run_dir: Path, *extra: str) -> DVAETrainConfig:
-    over = [
-        "model.image_size=16",
-        "model.n_hid=8",
-        "model.n_blk_per_group=1",
-        "model.group_count=3",
-        "model.vocab_size=32",
-        "model.n_init=8",
-        f"data.shards={emoji_dir}/train/*.tar",
-        "data.image_size=16",
-        "data.batch_size=8",
-        "data.num_workers=0",
-        f"run.val_shards={emoji_dir}/val/*.tar",
-        f"run.run_dir={run_dir}",
-        "run.steps=6",
-        "run.ckpt_every=3",
-        "run.val_every=3",
-        "run.val_batches=2",
-        "run.grid_images=4",
-        "log.every=1",
-        "schedule.lr_start=0.003",
-        "schedule.tau_steps=10",
-        "schedule.beta_steps=4",
-        "schedule.lr_steps=10",
-    ]
-    return load_config(DVAETrainConfig, None, [*over, *extra])
+    return load_config(DVAETrainConfig, None, dvae_overrides(emoji_dir, run_dir, *extra))
 
 
 def test_schedules_at_their_endpoints():

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,13 +16,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import LAUNCH_ENV, launch_env, launcher, prior_overrides
 from safetensors.torch import load_file
 
 from dalle_repro.config import ConfigError, load_config, save_config
 from dalle_repro.distributed import free_port
-from dalle_repro.dvae import DVAE, DVAEArgs
 from dalle_repro.metrics import read_metrics
-from dalle_repro.pre_encode import encode_token_shards
 from dalle_repro.tokenizer import TextTokenizer
 from dalle_repro.train_prior import (
     Counters,
@@ -39,58 +37,10 @@ from dalle_repro.train_prior import (
 pytest.importorskip("deepspeed")
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-@pytest.fixture(scope="module")
-def prior_data(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A random tiny dVAE (16x16 -> 4x4 codes of 32) and the emoji encoded with it."""
-    root = tmp_path_factory.mktemp("prior_data")
-    torch.manual_seed(0)
-    dvae = DVAE(DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8))
-    dvae.save_pretrained(root / "dvae")
-    shards = sorted(str(p) for p in emoji_dir.glob("*/*.tar"))
-    encode_token_shards(root / "dvae", shards, root / "tokens")
-    return {"dvae": root / "dvae", "tokens": root / "tokens", "tokenizer": tokenizer_path}
-
-
-def overrides(data: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
-    vocab = TextTokenizer(data["tokenizer"], 8).vocab_size
-    return [
-        "model.dim=32",
-        "model.depth=4",
-        "model.heads=4",
-        "model.text_len=8",
-        f"model.text_vocab={vocab}",
-        "model.grid=4",
-        "model.image_vocab=32",
-        "model.conv_kernel=3",
-        "precision.dtype=bf16",
-        f"text.path={data['tokenizer']}",
-        "text.text_len=8",
-        f"dvae={data['dvae']}",
-        f"data.shards={data['tokens']}/train/*.tar",
-        "data.kind=tokens",
-        "data.batch_size=4",
-        "data.num_workers=1",
-        "schedule.lr=0.003",
-        "schedule.warmup_steps=2",
-        f"run.run_dir={run_dir}",
-        "run.steps=6",
-        "run.ckpt_every=100",
-        "run.val_every=100",
-        "run.sample_every=100",
-        f"run.val_shards={data['tokens']}/val/*.tar",
-        "run.val_batches=2",
-        "run.sample_captions=2",
-        "run.caption_dropout=0.3",
-        "log.every=1",
-        *extra,
-    ]
 
 
 def config(data: dict[str, Path], run_dir: Path, *extra: str) -> PriorTrainConfig:
-    return load_config(PriorTrainConfig, None, overrides(data, run_dir, *extra))
+    return load_config(PriorTrainConfig, None, prior_overrides(data, run_dir, *extra))
 
 
 def losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -127,7 +77,11 @@ def test_stop_and_resume_at_zero_stage_3(prior_data, tmp_path):
     for name, extra in (("whole", []), ("split", ["run.stop_after=3"]), ("split", ["--resume"])):
         cfg = _write_config(prior_data, tmp_path, tmp_path / name, "deepspeed.zero_stage=3", "run.ckpt_every=100")
         r = subprocess.run(
-            [sys.executable, script, "--config", str(cfg), *extra], capture_output=True, text=True, env=_env(), cwd=ROOT
+            [sys.executable, script, "--config", str(cfg), *extra],
+            capture_output=True,
+            text=True,
+            env=launch_env(),
+            cwd=ROOT,
         )
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = tmp_path / name
@@ -318,18 +272,6 @@ def test_config_errors_name_the_field(prior_data, tmp_path):
 # Several processes
 
 
-def _launcher() -> str:
-    launcher = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
-    if not Path(launcher).exists():
-        pytest.skip("the deepspeed launcher is not installed")
-    return launcher
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    return env | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-
-
 def _write_config(prior_data, tmp_path: Path, run_dir: Path, *extra: str) -> Path:
     path = tmp_path / f"{run_dir.name}.yaml"
     save_config(config(prior_data, run_dir, "run.ckpt_every=2", *extra), tmp_path, path.name)
@@ -343,8 +285,9 @@ def _state(run_dir: Path, step: int) -> dict:
 def test_two_ranks_under_the_deepspeed_launcher_agree(prior_data, tmp_path):
     run = tmp_path / "ddp"
     cfg = _write_config(prior_data, tmp_path, run, "run.steps=4", "deepspeed.zero_stage=1")
-    cmd = [_launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train_prior.py")]
-    r = subprocess.run([*cmd, "--config", str(cfg)], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)
+    cmd = [launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train_prior.py")]
+    env = launch_env()
+    r = subprocess.run([*cmd, "--config", str(cfg)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     ranks = _state(run, 4)["ranks"]
     assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
@@ -362,12 +305,12 @@ def test_two_nodes_started_separately_with_no_ssh(prior_data, tmp_path):
     port = str(free_port())
     procs = [
         subprocess.Popen(
-            [_launcher(), "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(k), "--master_addr", "127.0.0.1"]
+            [launcher(), "--hostfile", str(hosts), "--no_ssh", "--node_rank", str(k), "--master_addr", "127.0.0.1"]
             + ["--master_port", port, str(ROOT / "launch" / "train_prior.py"), "--config", str(cfg)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_env(),
+            env=launch_env(),
             cwd=ROOT,
         )
         for k in (0, 1)
@@ -386,7 +329,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(prior_data, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=launch_env(),
         cwd=ROOT,
     )
     deadline = time.time() + 120

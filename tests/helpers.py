@@ -1,0 +1,98 @@
+"""Helpers shared by the test modules (tests/ is on sys.path through tests/conftest.py).
+
+Tiny configurations of both trainers as command-line overrides, so that the same settings serve
+in-process runs and runs started as processes, and the way the tests start the deepspeed launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from dalle_repro.tokenizer import TextTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def dvae_overrides(emoji_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A dVAE of 16x16 images -> 4x4 codes of 32 that trains a step in well under a second."""
+    return [
+        "model.image_size=16",
+        "model.n_hid=8",
+        "model.n_blk_per_group=1",
+        "model.group_count=3",
+        "model.vocab_size=32",
+        "model.n_init=8",
+        f"data.shards={emoji_dir}/train/*.tar",
+        "data.image_size=16",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        f"run.val_shards={emoji_dir}/val/*.tar",
+        f"run.run_dir={run_dir}",
+        "run.steps=6",
+        "run.ckpt_every=3",
+        "run.val_every=3",
+        "run.val_batches=2",
+        "run.grid_images=4",
+        "log.every=1",
+        "schedule.lr_start=0.003",
+        "schedule.tau_steps=10",
+        "schedule.beta_steps=4",
+        "schedule.lr_steps=10",
+        *extra,
+    ]
+
+
+def prior_overrides(data: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
+    """A 4-layer prior over 8 text tokens + 4x4 codes of 32 (the ``prior_data`` fixture's data)."""
+    vocab = TextTokenizer(data["tokenizer"], 8).vocab_size
+    return [
+        "model.dim=32",
+        "model.depth=4",
+        "model.heads=4",
+        "model.text_len=8",
+        f"model.text_vocab={vocab}",
+        "model.grid=4",
+        "model.image_vocab=32",
+        "model.conv_kernel=3",
+        "precision.dtype=bf16",
+        f"text.path={data['tokenizer']}",
+        "text.text_len=8",
+        f"dvae={data['dvae']}",
+        f"data.shards={data['tokens']}/train/*.tar",
+        "data.kind=tokens",
+        "data.batch_size=4",
+        "data.num_workers=1",
+        "schedule.lr=0.003",
+        "schedule.warmup_steps=2",
+        f"run.run_dir={run_dir}",
+        "run.steps=6",
+        "run.ckpt_every=100",
+        "run.val_every=100",
+        "run.sample_every=100",
+        f"run.val_shards={data['tokens']}/val/*.tar",
+        "run.val_batches=2",
+        "run.sample_captions=2",
+        "run.caption_dropout=0.3",
+        "log.every=1",
+        *extra,
+    ]
+
+
+def launcher() -> str:
+    """The deepspeed launcher beside this Python (skips the test when it is not installed)."""
+    path = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))
+    if not Path(path).exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    return path
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    """This environment without a parent launcher's rank variables, on CPU, one thread per rank."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    return env | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"} | extra
