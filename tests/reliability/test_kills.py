@@ -26,6 +26,7 @@ from dalle_repro.config import load_config, save_config
 from dalle_repro.distributed import free_port
 from dalle_repro.train_prior import PriorTrainConfig
 
+
 def run(cmd: list[str], kill: str | None = None, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
     extra = {"DALLE_REPRO_KILL": kill} if kill else {}
     return subprocess.run(
