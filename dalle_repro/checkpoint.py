@@ -193,23 +193,35 @@ def load_pretrained(
     return args, load_file(str(path))
 
 
+def shape_mismatch(own: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]], source: str) -> str | None:
+    """None when ``theirs`` (a checkpoint's tensor shapes) fits ``own`` (the model's), else a message
+    listing every missing, unexpected and misshapen tensor."""
+    missing = sorted(set(own) - set(theirs))
+    unexpected = sorted(set(theirs) - set(own))
+    shapes = sorted(
+        f"{k}: checkpoint {theirs[k]} vs model {own[k]}" for k in set(own) & set(theirs) if own[k] != theirs[k]
+    )
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"{source} does not fit the model:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
+            parts.append(f"  {title}: " + ", ".join(items[:20]) + more)
+    return "\n".join(parts)
+
+
+def model_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """The full shape of every state-dict entry (ZeRO-3's partitioned parameters included)."""
+    full = {n: tuple(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+    return {k: full.get(k, tuple(v.shape)) for k, v in module.state_dict().items()}
+
+
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Load a state dict, or raise ValueError listing every missing, unexpected and misshapen tensor."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state)
-        if tuple(own[k].shape) != tuple(state[k].shape)
-    )
-    if missing or unexpected or shapes:
-        parts = [f"{source} does not fit the model:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
-            if items:
-                more = f" (+{len(items) - 20} more)" if len(items) > 20 else ""
-                parts.append(f"  {title}: " + ", ".join(items[:20]) + more)
-        raise ValueError("\n".join(parts))
+    problem = shape_mismatch(model_shapes(module), {k: tuple(v.shape) for k, v in state.items()}, source)
+    if problem:
+        raise ValueError(problem)
     module.load_state_dict(state)
 
 

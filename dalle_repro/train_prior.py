@@ -26,9 +26,9 @@ Checkpoints (``RUN/checkpoints/``): DeepSpeed's own checkpoint of the engine (we
 scheduler; any ZeRO stage) in ``deepspeed/step_N/``, then ``step_N/`` written atomically by rank 0
 with the EMA weights (safetensors), the per-rank data positions and RNG states, the block scales,
 the counters and the config. ``step_N/state.json`` exists only once both are whole, and only such
-checkpoints are resumed from. [note] DeepSpeed writes its part with ``torch.save`` and reads it
-with ``torch.load``; these files come from the run itself. Exports and our own state are
-safetensors, JSON and YAML.
+checkpoints are resumed from. DeepSpeed's stock checkpoint engine pickles; the run swaps in
+``ds_checkpoint``'s, so DeepSpeed's files are safetensors too (in DeepSpeed's own file layout) and
+``--resume`` unpickles nothing. Exports and our own state are safetensors, JSON and YAML.
 
 SIGTERM (a preempted job) finishes the current step, writes a checkpoint and exits with status 0.
 """
@@ -51,9 +51,18 @@ import torch
 import torch.distributed as torch_dist
 
 from dalle_repro import distributed, faults
-from dalle_repro.checkpoint import Checkpoints, load_state_strict, rng_state, save_json, set_rng_state
-from dalle_repro.config import ConfigError, arg, atomic_write_text, deep_merge, save_config
+from dalle_repro.checkpoint import (
+    Checkpoints,
+    load_state_strict,
+    model_shapes,
+    rng_state,
+    save_json,
+    set_rng_state,
+    shape_mismatch,
+)
+from dalle_repro.config import ConfigError, arg, atomic_write_text, deep_merge, load_yaml, save_config, to_dict
 from dalle_repro.data import DataArgs, Loader
+from dalle_repro.ds_checkpoint import safe_checkpoint_engine
 from dalle_repro.dvae import DVAE
 from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
 from dalle_repro.optim import EMA, cosine, param_groups
@@ -375,6 +384,10 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
         lr_scheduler=lambda opt: LRSchedule(opt, cfg.schedule, cfg.run.steps),
         config=ds_config,
     )
+    engine.checkpoint_engine = safe_checkpoint_engine()  # no pickle in DeepSpeed's files either
+    # DeepSpeed copies zero_to_fp32.py beside ZeRO checkpoints; it torch.loads pickles, so it cannot read
+    # these files. RUN/export/ (raw.safetensors, model.safetensors) holds the consolidated weights instead.
+    engine._copy_recovery_script = lambda save_path: None
     if d.is_main:
         atomic_write_text(Path(cfg.run.run_dir) / "deepspeed.json", json.dumps(ds_config, indent=2) + "\n")
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the optimizer
@@ -533,6 +546,18 @@ def resume(r: Run, ckpts: Checkpoints) -> Path | None:
     if latest is None:
         return None
     files, state = Checkpoints.load(latest)
+    theirs = {k: tuple(v.shape) for k, v in files["ema"].items()}
+    problem = shape_mismatch(model_shapes(r.model), theirs, f"{latest} (written with {latest / 'config.yaml'})")
+    if problem:
+        was = load_yaml(latest / "config.yaml").get("model", {})
+        now = to_dict(r.cfg.model)
+        changed = [f"model.{k}: {was.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now if was.get(k) != now[k]]
+        raise ValueError(
+            problem
+            + "\n  settings that differ: "
+            + ("; ".join(changed) or "none in model.*")
+            + "\nResume with the model settings the run was started with."
+        )
     if len(state["ranks"]) != r.d.world_size:
         raise ValueError(f"{latest} was written by {len(state['ranks'])} ranks; this run has {r.d.world_size}")
     tag = state["deepspeed_tag"]
@@ -667,11 +692,11 @@ def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: S
         raise FileExistsError(
             f"{run_dir} already holds checkpoints ({latest.name}); pass --resume, or set another run.run_dir"
         )
-    if d.is_main:
-        save_config(cfg, run_dir)
     r = build(cfg, d)
     if resume_run and (found := resume(r, ckpts)) is not None:
         log.info("resumed from %s at step %d", found, r.step)
+    if d.is_main:  # after resume, so a config that cannot resume does not overwrite the run's own
+        save_config(cfg, run_dir)
     stop = stop or StopRequested()
     logger = MetricsLogger(run_dir, cfg.log, cfg, cfg.run.steps, r.step, d.is_main)
     captions = sample_captions(r) if d.is_main else []
