@@ -349,6 +349,8 @@ class ShardStream(IterableDataset):
 
     ``tokenizer`` is any object with ``encode_batch(captions, dropout, rngs)`` (see tokenizer.py);
     without one, the batch carries raw captions only. ``epochs=None`` streams forever.
+    ``token_grid``/``token_vocab`` (token shards): grids of another shape, or with ids outside the
+    codebook, are skipped and counted (``wrong_token_grid``, ``corrupt_tokens``) instead of failing a batch.
     """
 
     def __init__(
@@ -363,6 +365,8 @@ class ShardStream(IterableDataset):
         epochs: int | None = None,
         start: dict[int, dict[str, Any]] | None = None,
         rotation: int = 0,
+        token_grid: int | None = None,
+        token_vocab: int | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -373,6 +377,7 @@ class ShardStream(IterableDataset):
         self.rank, self.world_size, self.epochs = rank, world_size, epochs
         self.start = start or {}
         self.rotation = rotation
+        self.token_grid, self.token_vocab = token_grid, token_vocab
 
     def _order(self, epoch: int) -> list[int]:
         idx = list(range(len(self.shards)))
@@ -387,7 +392,13 @@ class ShardStream(IterableDataset):
         if a.kind == "tokens":
             if "tokens" not in members:
                 raise SampleError("missing_tokens", key)
-            out["image_tokens"] = decode_tokens(members["tokens"])
+            grid = decode_tokens(members["tokens"])
+            g, v = self.token_grid, self.token_vocab
+            if g is not None and tuple(grid.shape) != (g, g):
+                raise SampleError("wrong_token_grid", f"{key}: {tuple(grid.shape)}, the model takes ({g}, {g})")
+            if v is not None and grid.numel() and not (0 <= int(grid.min()) and int(grid.max()) < v):
+                raise SampleError("corrupt_tokens", f"{key}: ids outside [0, {v})")
+            out["image_tokens"] = grid
             return out
         ext = next((e for e in IMAGE_EXTS if e in members), None)
         if ext is None:
@@ -498,8 +509,11 @@ class Loader:
         rank: int = 0,
         world_size: int = 1,
         epochs: int | None = None,
+        token_grid: int | None = None,
+        token_vocab: int | None = None,
     ):
         self.paths = expand_shards(shards)
+        self.token_grid, self.token_vocab = token_grid, token_vocab
         self.args = args
         self.tokenizer, self.text_dropout = tokenizer, text_dropout
         self.rank, self.world_size, self.epochs = rank, world_size, epochs
@@ -525,6 +539,8 @@ class Loader:
             epochs=self.epochs,
             start={k: dict(v) for k, v in self.positions.items()},
             rotation=self.consumed % n,
+            token_grid=self.token_grid,
+            token_vocab=self.token_vocab,
         )
         if self.num_workers == 0:
             it: Any = stream.iter_worker(0, 1)

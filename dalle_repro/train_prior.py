@@ -398,7 +398,14 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
             cfg.deepspeed.zero_stage,
         )
     loader = Loader(
-        cfg.data.shards, cfg.data, tokenizer, text_dropout=cfg.text.dropout, rank=d.rank, world_size=d.world_size
+        cfg.data.shards,
+        cfg.data,
+        tokenizer,
+        text_dropout=cfg.text.dropout,
+        rank=d.rank,
+        world_size=d.world_size,
+        token_grid=cfg.model.grid,
+        token_vocab=cfg.model.image_vocab,
     )
     ema = _gathered(engine, lambda: EMA(model, cfg.optim.ema_decay), d)  # rank 0 keeps the EMA
     empty = torch.tensor(tokenizer.encode(""), dtype=torch.long)
@@ -601,7 +608,8 @@ def _val_loader(r: Run) -> Loader | None:
     if r.cfg.run.val_shards is None:
         return None
     args = dataclasses.replace(r.cfg.data, crop="center", shuffle=False, num_workers=0)
-    return Loader(r.cfg.run.val_shards, args, r.tokenizer, epochs=1)
+    m = r.cfg.model
+    return Loader(r.cfg.run.val_shards, args, r.tokenizer, epochs=1, token_grid=m.grid, token_vocab=m.image_vocab)
 
 
 @torch.no_grad()

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+from helpers import png_bytes
 
 from dalle_repro.emoji import EMOJI_TEST_PATH, FONT_PATH
-
-
-def png_bytes(size: tuple[int, int] = (24, 20), mode: str = "RGB", seed: int = 0, fmt: str = "PNG") -> bytes:
-    """A random image in the given mode, encoded."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    if mode in ("I;16",):
-        im = Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
-    else:
-        im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB").convert(mode)
-    buf = io.BytesIO()
-    im.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def make_folder(root: Path, n: int, size: tuple[int, int] = (24, 20)) -> Path:

@@ -6,12 +6,17 @@ in-process runs and runs started as processes, and the way the tests start the d
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import struct
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from dalle_repro.tokenizer import TextTokenizer
 
@@ -96,3 +101,26 @@ def launch_env(**extra: str) -> dict[str, str]:
     """This environment without a parent launcher's rank variables, on CPU, one thread per rank."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     return env | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"} | extra
+
+
+def png_bytes(size: tuple[int, int] = (24, 20), mode: str = "RGB", seed: int = 0, fmt: str = "PNG") -> bytes:
+    """A random image in the given mode, encoded."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    if mode in ("I;16",):
+        im = Image.fromarray(rng.integers(0, 65535, (h, w), dtype=np.uint16))
+    else:
+        im = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8), "RGB").convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def bomb_png(w: int = 30000, h: int = 30000) -> bytes:
+    """A tiny PNG whose header claims w x h pixels (never decoded: rejected by size)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
-import struct
 import tarfile
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import make_folder, png_bytes
+from helpers import bomb_png
 from PIL import Image
 
 from dalle_repro.data import decode_image, expand_shards, iter_shard_samples
@@ -79,23 +78,13 @@ def _truncated_png() -> bytes:
     return png_bytes((40, 40), seed=3)[:-60]
 
 
-def _bomb_png(w: int = 30000, h: int = 30000) -> bytes:
-    """A tiny PNG whose header claims w x h pixels (never decoded: rejected by size)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
-
-
 def test_every_bad_input_is_skipped_and_counted(tmp_path):
     src = make_folder(tmp_path / "src", 3)
     bad = {
         "trunc.png": _truncated_png(),
         "notimg.jpg": b"this is plain text, not a JPEG",
         "zero.png": b"",
-        "bomb.png": _bomb_png(),
+        "bomb.png": bomb_png(),
     }
     for name, data in bad.items():
         (src / name).write_bytes(data)
