@@ -7,6 +7,9 @@ the prior), so the deepspeed launcher is used here only to start and connect the
 Exact resume: a checkpoint holds the raw and EMA weights, the optimizer, the step, every rank's
 data position and RNG states, and the fp16 scaler. Resuming from it continues with the same
 batches and the same Gumbel noise, so N steps + resume + N steps equals 2N steps (CPU, fp32/bf16).
+
+A step whose gradient norm is not finite (a NaN in the data, an fp16 overflow) changes no weight
+and no optimizer state; it is counted in ``skipped_steps`` (metrics and checkpoints).
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class State:
     scaler: torch.amp.GradScaler | None
     loader: Loader
     step: int = 0
+    skipped_steps: int = 0  # updates dropped for a non-finite gradient (bad data, an overflow)
 
 
 def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch.device) -> dict[str, float]:
@@ -158,11 +162,13 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
         out.loss.backward()
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip is not None else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(st.model.parameters(), clip).item()
+    finite = math.isfinite(grad_norm)
     if st.scaler is not None:
-        st.scaler.step(st.opt)
+        st.scaler.step(st.opt)  # skips the update itself when the gradients are not finite
         st.scaler.update()
-    elif math.isfinite(grad_norm):
+    elif finite:
         st.opt.step()
+    st.skipped_steps += not finite
     st.ema.update(st.model, st.step)
     st.step += 1
     counts = torch.bincount(out.logits.argmax(1).flatten(), minlength=cfg.model.vocab_size)
@@ -172,6 +178,7 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
         "kl": out.kl.item(),
         "grad_norm": grad_norm,
         "batch_codes_used": int((counts > 0).sum()),
+        "skipped_steps": float(st.skipped_steps),
         **sched,
     }
 
@@ -253,6 +260,7 @@ def save(st: State, cfg: DVAETrainConfig, d: distributed.Dist, ckpts: Checkpoint
             "optimizer": st.opt.state_dict(),
             "ranks": per_rank,
             "scaler": st.scaler.state_dict() if st.scaler is not None else None,
+            "skipped_steps": st.skipped_steps,
         }
         ckpts.save(st.step, {"model": st.model.state_dict(), "ema": st.ema.state_dict()}, state, cfg)
     distributed.barrier()
@@ -271,6 +279,7 @@ def resume(st: State, path: Path, d: distributed.Dist) -> None:
     if st.scaler is not None and state["scaler"]:
         st.scaler.load_state_dict(state["scaler"])
     st.step = int(state["step"])
+    st.skipped_steps = int(state.get("skipped_steps", 0))
 
 
 def export(st: State, cfg: DVAETrainConfig, run_dir: Path) -> Path:
