@@ -251,36 +251,50 @@ def split_key(name: str) -> tuple[str, str]:
 class Shard:
     """An open tar shard with an index of its samples, for random access by sample number.
 
-    ``truncated`` is set when the tar ends early; the samples indexed before the damage stay usable.
+    ``truncated`` is set when the tar is damaged: cut short, or with unreadable bytes where a member
+    header should be. Reading goes on past a damaged header to the next readable one (tarfile's
+    ``ignore_zeros``), so one flipped byte costs one member, not the rest of the shard; the samples
+    that lose a member are then skipped by the reader and counted (``missing_image``...).
     """
 
     def __init__(self, path: str):
         self.path = path
         self.truncated = False
-        self._tar = tarfile.open(path, "r:")  # raises OSError / tarfile.ReadError
+        self._tar = tarfile.open(path, "r:", ignore_zeros=True)  # raises OSError / tarfile.ReadError
         groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+        expected, damage = 0, None  # where the next header should start; what was wrong
         try:
             while True:
                 info = self._tar.next()
                 if info is None:
-                    # A whole tar ends in zero blocks; a cut one just stops.
-                    self._tar.fileobj.seek(self._tar.offset)
-                    if len(self._tar.fileobj.read(512)) < 512:
-                        raise EOFError("no end-of-archive marker")
                     break
+                if info.offset != expected and damage is None:
+                    damage = f"unreadable bytes {expected}-{info.offset}"
+                expected = info.offset_data + -(-info.size // 512) * 512
                 if not info.isfile():
                     continue
                 key, ext = split_key(info.name)
                 if ext:
                     groups.setdefault(key, {})[ext] = info
+            # A whole tar ends in at least two zero blocks after its last member; a cut one does not.
+            self._tar.fileobj.seek(expected)
+            tail = self._tar.fileobj.read()
+            cut = len(tail) < 1024 or bool(tail.strip(b"\0"))
+            if cut:
+                damage = damage or "no end-of-archive marker"
         except (tarfile.TarError, OSError, EOFError) as e:
+            damage, cut = damage or str(e), True
+        if damage is not None:
+            if not groups:
+                self._tar.close()
+                raise tarfile.ReadError(f"no readable member ({damage})")
             self.truncated = True
-            log.warning("shard %s is damaged after %d samples (%s); using what precedes", path, len(groups), e)
+            log.warning("shard %s is damaged (%s); using its %d readable samples", path, damage, len(groups))
         end = os.path.getsize(path)
         for members in groups.values():
             if any(i.offset_data + i.size > end for i in members.values()):
-                self.truncated = True
-        if self.truncated and groups:
+                self.truncated = cut = True
+        if self.truncated and cut and groups:
             groups.popitem()  # the sample at the cut may have lost members: drop it whole
         self.samples = [(k, m) for k, m in groups.items() if all(i.offset_data + i.size <= end for i in m.values())]
 

@@ -6,24 +6,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import png_bytes
 
 from dalle_repro.emoji import EMOJI_TEST_PATH, FONT_PATH
-
-
-def make_folder(root: Path, n: int, size: tuple[int, int] = (24, 20)) -> Path:
-    """``n`` captioned images ``img_000.png`` + ``img_000.txt`` in ``root``."""
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        (root / f"img_{i:03d}.png").write_bytes(png_bytes(size, seed=i))
-        (root / f"img_{i:03d}.txt").write_text(f"a picture number {i}")
-    return root
-
-
-needs_emoji = pytest.mark.skipif(
-    not (Path(FONT_PATH).is_file() and Path(EMOJI_TEST_PATH).is_file()),
-    reason="needs Debian's fonts-noto-color-emoji and unicode-data (tools/setup.sh installs them)",
-)
 
 
 @pytest.fixture(scope="session")

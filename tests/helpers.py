@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dalle_repro.emoji import EMOJI_TEST_PATH, FONT_PATH
 from dalle_repro.tokenizer import TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,3 +125,18 @@ def bomb_png(w: int = 30000, h: int = 30000) -> bytes:
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+
+
+def make_folder(root: Path, n: int, size: tuple[int, int] = (24, 20)) -> Path:
+    """``n`` captioned images ``img_000.png`` + ``img_000.txt`` in ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (root / f"img_{i:03d}.png").write_bytes(png_bytes(size, seed=i))
+        (root / f"img_{i:03d}.txt").write_text(f"a picture number {i}")
+    return root
+
+
+needs_emoji = pytest.mark.skipif(
+    not (Path(FONT_PATH).is_file() and Path(EMOJI_TEST_PATH).is_file()),
+    reason="needs Debian's fonts-noto-color-emoji and unicode-data (tools/setup.sh installs them)",
+)

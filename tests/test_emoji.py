@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from conftest import needs_emoji
+from helpers import needs_emoji
 
 from dalle_repro.data import decode_image, iter_shard_samples
 from dalle_repro.emoji import EMOJI_TEST_PATH, build_emoji_dataset, read_emoji_names, render_emoji

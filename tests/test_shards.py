@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_folder, png_bytes
-from helpers import bomb_png
+from helpers import bomb_png, make_folder, png_bytes
 from PIL import Image
 
 from dalle_repro.data import decode_image, expand_shards, iter_shard_samples

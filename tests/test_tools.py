@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import make_folder, needs_emoji
+from helpers import make_folder, needs_emoji
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = [
