@@ -59,6 +59,7 @@ class EmojiArgs:
     val_fraction: float = arg(0.05, "Fraction of emoji held out for validation, by key.", gt=0, lt=1)
     workers: int = arg(2, "Rendering processes.", gt=0)
     limit: int | None = arg(None, "Render only this many emoji, spread over all groups (quick runs); null: all.", gt=0)
+    skin_tones: bool = arg(True, "Include the skin-tone variants (the same pictures recoloured, half of all emoji).")
 
 
 @dataclass
@@ -111,6 +112,7 @@ def stage_emoji(cfg: DemoConfig) -> dict[str, Any]:
         val_fraction=e.val_fraction,
         workers=e.workers,
         limit=e.limit,
+        skin_tones=e.skin_tones,
     )
     return {"written": s["written"], "skipped": s["skipped"], "splits": s["splits"], "fingerprint": s["fingerprint"]}
 

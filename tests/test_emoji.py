@@ -55,3 +55,21 @@ def test_undrawable_emoji_are_skipped_and_counted(tmp_path):
     names.write_text("".join(lines), encoding="utf-8")
     s = build_emoji_dataset(tmp_path / "out", image_size=16, names_path=str(names), val_fraction=0.2)
     assert s["written"] == 5 and s["skipped"] == {"not_drawable": 2}
+
+
+@needs_emoji
+def test_skin_tone_variants_can_be_left_out(tmp_path):
+    names = tmp_path / "emoji-test.txt"
+    lines = [ln for ln in open(EMOJI_TEST_PATH, encoding="utf-8") if "; fully-qualified" in ln]
+    waving = [ln for ln in lines if " waving hand" in ln]  # the hand and its 5 skin tones
+    assert len(waving) == 6
+    names.write_text("".join(waving), encoding="utf-8")
+    every = build_emoji_dataset(tmp_path / "all", image_size=16, names_path=str(names), val_fraction=0.2)
+    plain = build_emoji_dataset(
+        tmp_path / "plain", image_size=16, names_path=str(names), val_fraction=0.2, skin_tones=False
+    )
+    assert every["written"] == 6 and plain["written"] == 1
+    captions = [
+        m["txt"].decode() for _, m in iter_shard_samples(sorted(str(p) for p in (tmp_path / "plain").rglob("*.tar")))
+    ]
+    assert captions == ["waving hand"]

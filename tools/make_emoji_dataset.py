@@ -23,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard (default 256)")
     p.add_argument("--val-fraction", type=float, default=0.05, help="fraction held out by key (default 0.05)")
     p.add_argument("--limit", type=int, default=None, help="render only N emoji spread over all groups (tests)")
+    p.add_argument(
+        "--no-skin-tones",
+        action="store_true",
+        help="leave out the skin-tone variants (1785 of the 3655 emoji: the same picture recoloured)",
+    )
     p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
     p.add_argument("--font", default=FONT_PATH, help=f"the emoji font (default {FONT_PATH})")
     p.add_argument("--names", default=EMOJI_TEST_PATH, help=f"Unicode's emoji-test.txt (default {EMOJI_TEST_PATH})")
@@ -40,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=a.shard_size,
             val_fraction=a.val_fraction,
             limit=a.limit,
+            skin_tones=not a.no_skin_tones,
             workers=a.workers,
             font_path=a.font,
             names_path=a.names,
