@@ -97,6 +97,7 @@ class DemoConfig:
     candidates: int = arg(32, "Images generated per caption.", ge=1)
     keep: int = arg(4, "Images kept per caption after reranking.", ge=1)
     top_k: int | None = arg(None, "Sampling top-k; null: the whole codebook.", gt=0)
+    temperature: float = arg(1.0, "Sampling softmax temperature (lower: safer, less varied images).", gt=0)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -275,7 +276,13 @@ def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
     prior.use_trained_precision()
     reranker = Reranker(Path(cfg.out_dir, "clip"))
     pairs = demo_captions(cfg)
-    settings = SampleSettings(candidates=cfg.candidates, keep=cfg.keep, top_k=cfg.top_k, batch_size=cfg.candidates)
+    settings = SampleSettings(
+        candidates=cfg.candidates,
+        keep=cfg.keep,
+        top_k=cfg.top_k,
+        temperature=cfg.temperature,
+        batch_size=cfg.candidates,
+    )
     assert prior.dvae is not None
     results = generate(prior.model, prior.dvae, [c for c, _ in pairs], prior.tokenizer, settings, reranker)
     out = Path(cfg.out_dir, "samples")
@@ -359,7 +366,7 @@ def stages() -> list[Stage]:
         Stage(
             "samples",
             stage_samples,
-            lambda c: [c.captions_train, c.captions_val, c.captions_new, c.candidates, c.keep, c.top_k],
+            lambda c: [c.captions_train, c.captions_val, c.captions_new, c.candidates, c.keep, c.top_k, c.temperature],
             lambda c: [Path(c.out_dir, "samples", "samples.json")],
             after=("prior", "clip"),
         ),
