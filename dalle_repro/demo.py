@@ -60,6 +60,7 @@ class EmojiArgs:
     workers: int = arg(2, "Rendering processes.", gt=0)
     limit: int | None = arg(None, "Render only this many emoji, spread over all groups (quick runs); null: all.", gt=0)
     skin_tones: bool = arg(True, "Include the skin-tone variants (the same pictures recoloured, half of all emoji).")
+    groups: list[str] | None = arg(None, "Unicode emoji groups to keep, e.g. ['Food & Drink']; null: all.")
 
 
 @dataclass
@@ -114,6 +115,7 @@ def stage_emoji(cfg: DemoConfig) -> dict[str, Any]:
         workers=e.workers,
         limit=e.limit,
         skin_tones=e.skin_tones,
+        groups=e.groups,
     )
     return {"written": s["written"], "skipped": s["skipped"], "splits": s["splits"], "fingerprint": s["fingerprint"]}
 

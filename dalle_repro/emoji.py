@@ -105,6 +105,7 @@ def build_emoji_dataset(
     val_fraction: float = 0.05,
     limit: int | None = None,
     skin_tones: bool = True,
+    groups: list[str] | None = None,
     workers: int = 1,
     font_path: str = FONT_PATH,
     names_path: str = EMOJI_TEST_PATH,
@@ -117,12 +118,20 @@ def build_emoji_dataset(
     records = read_emoji_names(names_path)
     if not skin_tones:  # the skin-tone variants repeat an image with another caption suffix
         records = [r for r in records if "skin tone" not in r.caption]
+    if groups:
+        known = sorted({r.meta["group"] for r in records})
+        unknown = sorted(set(groups) - set(known))
+        if unknown:
+            raise ValueError(f"unknown emoji group(s) {unknown}; the groups are {known}")
+        records = [r for r in records if r.meta["group"] in groups]
     if limit is not None:
         step = max(1, len(records) // limit)
         records = records[::step][:limit]  # a spread over all groups, not the first few
     options = {"image_size": image_size, "shard_size": shard_size, "val_fraction": val_fraction, "limit": limit}
     if not skin_tones:
         options["skin_tones"] = False  # only when set, so that earlier full data sets keep their fingerprint
+    if groups:
+        options["groups"] = sorted(groups)
     # the records carry the names; the font's bytes decide the pixels
     fp = fingerprint(records, options, extra=[_file_stamp(font_path)])
     return write_dataset(

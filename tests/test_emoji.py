@@ -73,3 +73,18 @@ def test_skin_tone_variants_can_be_left_out(tmp_path):
         m["txt"].decode() for _, m in iter_shard_samples(sorted(str(p) for p in (tmp_path / "plain").rglob("*.tar")))
     ]
     assert captions == ["waving hand"]
+
+
+@needs_emoji
+def test_groups_select_and_unknown_groups_are_named(tmp_path):
+    import pytest
+
+    s = build_emoji_dataset(tmp_path / "food", image_size=16, groups=["Food & Drink"], limit=12, val_fraction=0.2)
+    captions = [
+        m["txt"].decode() for _, m in iter_shard_samples(sorted(str(p) for p in (tmp_path / "food").rglob("*.tar")))
+    ]
+    assert s["written"] == len(captions) == 12
+    food = {r.caption for r in read_emoji_names() if r.meta["group"] == "Food & Drink"}
+    assert set(captions) <= food
+    with pytest.raises(ValueError, match="unknown emoji group.*Fod"):
+        build_emoji_dataset(tmp_path / "x", image_size=16, groups=["Fod"])

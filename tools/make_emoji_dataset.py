@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="leave out the skin-tone variants (1785 of the 3655 emoji: the same picture recoloured)",
     )
+    p.add_argument(
+        "--groups",
+        default=None,
+        help="comma-separated Unicode emoji groups to keep, e.g. 'Smileys & Emotion,Food & Drink' (default: all)",
+    )
     p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
     p.add_argument("--font", default=FONT_PATH, help=f"the emoji font (default {FONT_PATH})")
     p.add_argument("--names", default=EMOJI_TEST_PATH, help=f"Unicode's emoji-test.txt (default {EMOJI_TEST_PATH})")
@@ -46,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             val_fraction=a.val_fraction,
             limit=a.limit,
             skin_tones=not a.no_skin_tones,
+            groups=[g.strip() for g in a.groups.split(",") if g.strip()] if a.groups else None,
             workers=a.workers,
             font_path=a.font,
             names_path=a.names,
