@@ -140,3 +140,19 @@ needs_emoji = pytest.mark.skipif(
     not (Path(FONT_PATH).is_file() and Path(EMOJI_TEST_PATH).is_file()),
     reason="needs Debian's fonts-noto-color-emoji and unicode-data (tools/setup.sh installs them)",
 )
+
+
+def odd_mode_image(mode: str, height: int, width: int, seed: int = 0) -> Image.Image:
+    """A random image in PIL mode ``mode`` (16-bit and float ones made directly, P with a transparent index)."""
+    rng = np.random.default_rng(seed)
+    base = Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8), "RGB")
+    if mode == "I;16":
+        return Image.fromarray(rng.integers(0, 65535, (height, width), dtype=np.uint16))
+    if mode == "F":
+        return Image.fromarray(rng.random((height, width), dtype=np.float32))
+    if mode == "PA":
+        return base.convert("P").convert("PA")
+    im = base.convert(mode)
+    if mode == "P":
+        im.info["transparency"] = 0
+    return im

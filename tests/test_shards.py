@@ -9,9 +9,8 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from helpers import bomb_png, make_folder, png_bytes
+from helpers import bomb_png, make_folder, odd_mode_image, png_bytes
 from PIL import Image
 
 from dalle_repro.data import decode_image, expand_shards, iter_shard_samples
@@ -109,20 +108,8 @@ def test_every_bad_input_is_skipped_and_counted(tmp_path):
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "PA", "RGBA", "CMYK", "I;16", "I", "F", "1", "YCbCr", "RGBX"])
 def test_odd_modes_become_rgb(mode):
-    rng = np.random.default_rng(0)
-    base = Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8), "RGB")
-    if mode == "I;16":
-        im = Image.fromarray(rng.integers(0, 65535, (12, 10), dtype=np.uint16))
-    elif mode == "F":
-        im = Image.fromarray(rng.random((12, 10), dtype=np.float32))
-    elif mode == "P":
-        im = base.convert("P")
-        im.info["transparency"] = 0
-    else:
-        im = base.convert(mode)
+    im = odd_mode_image(mode, 12, 10)
     fmt = {"CMYK": "JPEG", "YCbCr": "JPEG", "F": "TIFF", "I": "TIFF", "PA": "PNG"}.get(mode, "PNG")
-    if mode == "PA":
-        im = base.convert("P").convert("PA")
     buf = io.BytesIO()
     try:
         im.save(buf, format=fmt, **({"transparency": 0} if mode == "P" else {}))

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import ROOT, bomb_png, dvae_overrides, png_bytes, prior_overrides
-from PIL import Image
+from helpers import ROOT, bomb_png, dvae_overrides, odd_mode_image, png_bytes, prior_overrides
 
 from dalle_repro.config import load_config
 from dalle_repro.data import DataArgs, Loader, Shard, expand_shards
@@ -52,18 +51,7 @@ MODES = {  # mode -> file format that can carry it
 
 
 def odd_mode_bytes(mode: str, fmt: str, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    base = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8), "RGB")
-    if mode == "I;16":
-        im = Image.fromarray(rng.integers(0, 65535, (20, 24), dtype=np.uint16))
-    elif mode == "F":
-        im = Image.fromarray(rng.random((20, 24), dtype=np.float32))
-    elif mode == "PA":
-        im = base.convert("P").convert("PA")
-    else:
-        im = base.convert(mode)
-        if mode == "P":
-            im.info["transparency"] = 0
+    im = odd_mode_image(mode, 20, 24, seed)
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue()
