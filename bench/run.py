@@ -13,8 +13,10 @@ Workloads:
              parameters and 872 MFLOP per image (forward + backward), matched to the peer's
              DiscreteVAE (0.83M, 864 MFLOP) by FLOPs. Measured like the peer's script (2 warm-up,
              5 timed steps, random images), as our real train step: autocast, channels_last, AdamW,
-             EMA. Reported in fp32 and in bf16 (our CPU default); with ANCHOR_VENV set, the peer's
-             shared/anchors script runs in the same run, alternating, and the ratios are added.
+             EMA, with the allocator tuning our trainers apply on CPU. Reported in fp32 and in bf16
+             (our CPU default); with ANCHOR_VENV set, the peer's shared/anchors script runs in the
+             same run, alternating, as shipped and again under our allocator settings, and the
+             ratios to both are added.
 
   prior_train  the prior's train step on BENCH.md's shape (d 512, 8 layers, 8 heads, text 64 +
              16x16 image, vocab 4096 / 1024, batch 8, AdamW) with the paper's masks on the local
@@ -131,28 +133,42 @@ def _vae_train_once(precision: str, threads: int) -> float:
     return 16 * 5 / (time.perf_counter() - t)
 
 
-def _subprocess_json(cmd: list[str]) -> dict[str, float]:
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800).stdout
+def _subprocess_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800, env=env).stdout
     return json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
 
 
 def bench_vae_train(rounds: int, threads: int) -> dict[str, float]:
+    """Ours against the peer as shipped and against the peer under our allocator settings.
+
+    Our trainers tune glibc's allocator on CPU (distributed.tune_cpu_allocator); the peer's script
+    does not. Running it a second time with the same settings, through glibc's MALLOC_* variables,
+    shows how much of the ratio is that tuning and how much is the step itself.
+    """
+    from dalle_repro.distributed import CPU_MALLOC
+
     anchor = os.environ.get("ANCHOR_VENV")
     me = [sys.executable, __file__, "_vae_train_once", "--threads", str(threads)]
+    peer_cmd = [f"{anchor}/bin/python", str(ANCHOR_SCRIPT), "vae_train", str(threads)]
+    mmap, trim = CPU_MALLOC[-3], CPU_MALLOC[-1]  # glibc's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    tuned_env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(mmap), "MALLOC_TRIM_THRESHOLD_": str(trim)}
     best: dict[str, float] = {}
     for _ in range(rounds):
         for prec in ("fp32", "bf16"):
             r = _subprocess_json([*me, "--precision", prec])["img_per_s"]
             best[f"ours_{prec}"] = max(best.get(f"ours_{prec}", 0.0), r)
         if anchor:
-            peer = _subprocess_json([f"{anchor}/bin/python", str(ANCHOR_SCRIPT), "vae_train", str(threads)])
-            best["peer"] = max(best.get("peer", 0.0), peer["vae_train_img_per_s"])
+            for name, env in (("peer", None), ("peer_tuned", tuned_env)):
+                r = _subprocess_json(peer_cmd, env)["vae_train_img_per_s"]
+                best[name] = max(best.get(name, 0.0), r)
     out = {"vae_train_img_per_s": round(best["ours_bf16"], 2), "vae_train_fp32_img_per_s": round(best["ours_fp32"], 2)}
     if "peer" in best:
         out |= {
             "peer_vae_train_img_per_s": round(best["peer"], 2),
             "ratio_bf16_vs_peer": round(best["ours_bf16"] / best["peer"], 3),
             "ratio_fp32_vs_peer": round(best["ours_fp32"] / best["peer"], 3),
+            "peer_same_allocator_img_per_s": round(best["peer_tuned"], 2),
+            "ratio_bf16_vs_peer_same_allocator": round(best["ours_bf16"] / best["peer_tuned"], 3),
         }
     return out | {"matched": "FLOPs (872 vs 864 MFLOP/img fwd+bwd; params 0.87M vs 0.83M)"}
 
@@ -424,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each side counts")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.workload.startswith("_"):  # our side runs as our trainers and sampler run on CPU
+        from dalle_repro.distributed import tune_cpu_allocator
+
+        tune_cpu_allocator()
     if a.workload == "_vae_train_once":  # one measurement in a fresh process (see bench_vae_train)
         print(json.dumps({"img_per_s": _vae_train_once(a.precision, a.threads)}))
         return 0
