@@ -165,6 +165,26 @@ def test_pb_relax_is_the_same_softmax(kind, backend):
     assert torch.allclose(flex.double(), ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_local_backend_under_bf16_autocast(kind):
+    """The hand-written backward under CPU autocast: fp32 inputs get fp32 gradients, and output and
+    gradients stay within bf16 rounding of the float64 reference."""
+    spec = MaskSpec(kind, 6, 8, conv_kernel=5)
+    q, k, v = _qkv(spec, seed=7, d=16)
+    g = torch.randn(2, 3, spec.n, 16, dtype=torch.float64)
+    ref = attend(q, k, v, spec, "dense")
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q32, k32, v32, spec, "local")
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad(out, (q32, k32, v32), g.to(out.dtype))
+    assert all(x.dtype == torch.float32 for x in grads)
+    assert (out.double() - ref).abs().max() < 0.05
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert (a.double() - b).abs().max() < 0.05 * max(1.0, b.abs().max().item())
+
+
 def test_pb_relax_keeps_fp16_scores_finite():
     """q.k of 100,000 overflows fp16 (max 65,504); PB-relax forms q.k from q / alpha instead."""
     spec = MaskSpec("row", 2, 3)
