@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 Kind = Literal["row", "column", "conv"]
 KINDS: tuple[Kind, ...] = ("row", "column", "conv")
@@ -201,7 +202,8 @@ class _BlockAttention(torch.autograd.Function):
     Autograd's own backward of the same few ops ran its batched products on sliced, transposed
     operands (the text/image split of the probabilities), at 20-40 GFLOP/s where the same products
     on contiguous operands reach 100-150 on this CPU; here every product's operands are laid out
-    for it. Scores and probabilities are float32 (or float64 for float64 inputs); products run in the inputs' dtype.
+    for it. Scores and probabilities are float32 (float64 for float64 inputs); products run in the
+    inputs' dtype.
     """
 
     @staticmethod
@@ -227,6 +229,7 @@ class _BlockAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # a clear error, not a silent zero, if anyone asks for a second derivative
     def backward(ctx, d_out):  # type: ignore[override]
         qs, k_text, v_text, k, v, p = ctx.saved_tensors
         t, dt, acc = ctx.t, qs.dtype, p.dtype
