@@ -141,7 +141,7 @@ Backend = Literal["dense", "local", "flex"]
 BACKENDS: tuple[Backend, ...] = ("dense", "local", "flex")
 
 _DENSE: dict[MaskSpec, torch.Tensor] = {}
-_LOCAL: dict[MaskSpec, tuple[torch.Tensor, torch.Tensor]] = {}
+_LOCAL: dict[MaskSpec, tuple[torch.Tensor | None, torch.Tensor]] = {}
 _FLEX: dict[tuple[MaskSpec, str], object] = {}
 
 
@@ -169,13 +169,14 @@ def reach_rows(spec: MaskSpec) -> int:
     return min(spec.conv_kernel // 2, spec.grid - 1)
 
 
-def _local_index(spec: MaskSpec, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The local backend's layout for row and conv kinds, from the predicate.
+def _local_index(spec: MaskSpec, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The local backend's layout, from the predicate: each block's image key indices and mask.
 
-    The image queries of grid row ``y`` form a block that reads the image keys of rows
-    ``y - R .. y`` (R = ``reach_rows``). Returns the (rows, (R+1) W) key indices into the image
-    keys followed by one zero key (index ``n_image``, for rows above the grid), and the
-    (rows, W, text + (R+1) W) mask of each block's queries against the text and its window.
+    Row and conv kinds: the image queries of grid row ``y`` form a block that reads the image keys
+    of rows ``y - R .. y`` (R = ``reach_rows``). Returns the (rows, (R+1) W) key indices (slots
+    above the grid point at key 0 and are masked out) and the (rows, W, text + (R+1) W) mask of
+    each block's queries against the text and its window. Column kind: each column is a block
+    over its own keys, so no indices, and the (rows, text + rows) mask, causal over the rows.
 
     Narrower blocks (part of a row, against a window only ``kernel - 1`` wider, for conv) score
     fewer keys, but were slower here: at grid 32, kernel 11, fp32 on 2 CPU threads, blocks of
@@ -183,17 +184,21 @@ def _local_index(spec: MaskSpec, device: torch.device) -> tuple[torch.Tensor, to
     """
     if spec not in _LOCAL:
         g = w = spec.grid
-        rr = reach_rows(spec)
-        y = torch.arange(g).view(g, 1, 1)
-        ky = y - rr + torch.arange(rr + 1).view(1, -1, 1)  # (rows, R+1, 1)
-        kx = torch.arange(w).view(1, 1, w)
-        key = torch.where(ky >= 0, ky * w + kx, spec.n_image).flatten(1)  # (rows, (R+1) W)
-        query = y.view(g, 1) * w + torch.arange(w)  # (rows, W)
-        image = (key[:, None, :] < spec.n_image) & image_predicate(spec, query[..., None], key[:, None, :])
-        text = torch.ones(g, w, spec.text_len, dtype=torch.bool)
-        _LOCAL[spec] = (key, torch.cat([text, image], -1))
+        if spec.kind == "column":
+            image = torch.ones(g, g, dtype=torch.bool).tril()
+            _LOCAL[spec] = (None, torch.cat([torch.ones(g, spec.text_len, dtype=torch.bool), image], 1))
+        else:
+            rr = reach_rows(spec)
+            y = torch.arange(g).view(g, 1, 1)
+            ky = y - rr + torch.arange(rr + 1).view(1, -1, 1)  # (rows, R+1, 1)
+            inside = (ky >= 0).expand(g, rr + 1, w).flatten(1)  # (rows, (R+1) W)
+            key = (ky * w + torch.arange(w)).clamp(min=0).flatten(1)  # (rows, (R+1) W)
+            query = y.view(g, 1) * w + torch.arange(w)  # (rows, W)
+            image = inside[:, None, :] & image_predicate(spec, query[..., None], key[:, None, :])
+            text = torch.ones(g, w, spec.text_len, dtype=torch.bool)
+            _LOCAL[spec] = (key, torch.cat([text, image], -1))
     key, mask = _LOCAL[spec]
-    return key.to(device), mask.to(device)
+    return (None if key is None else key.to(device)), mask.to(device)
 
 
 class _BlockAttention(torch.autograd.Function):
@@ -298,7 +303,6 @@ def local_attention(
     64 + 64, conv 11x11 64 + 192, column 64 + 32, against 1088 for dense.
     """
     t, g, w = spec.text_len, spec.grid, spec.grid
-    b, h, _, d = q.shape
     parts = []
     if t and pb_relax:
         causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
@@ -308,18 +312,15 @@ def local_attention(
         parts.append(F.scaled_dot_product_attention(q[:, :, :t], k[:, :, :t], v[:, :, :t], is_causal=True))
     qi, ki, vi = q[:, :, t:], k[:, :, t:], v[:, :, t:]
     kt, vt = k[:, :, :t], v[:, :, :t]
-    if spec.kind == "column":
-        image = torch.ones(g, g, dtype=torch.bool, device=q.device).tril()  # per column: causal over rows
-        mask = torch.cat([torch.ones(g, t, dtype=torch.bool, device=q.device), image], 1)
+    key, mask = _local_index(spec, q.device)
+    if key is None:  # column kind
         qc, kc, vc = (x.unflatten(2, (g, w)).transpose(2, 3) for x in (qi, ki, vi))  # (B, H, W, rows, d)
         out = _masked_attention(qc, kt, vt, kc, vc, mask, pb_relax)  # (B, H, W, rows, d)
         parts.append(out.transpose(2, 3).flatten(2, 3))
     else:
-        key, mask = _local_index(spec, q.device)
-        zero = ki.new_zeros(b, h, 1, d)
 
-        def window(x: torch.Tensor) -> torch.Tensor:  # (B, H, M, d) -> (B, H, blocks, L, d)
-            return torch.cat([x, zero], 2).index_select(2, key.flatten()).unflatten(2, key.shape)
+        def window(x: torch.Tensor) -> torch.Tensor:  # (B, H, M, d) -> (B, H, rows, (R+1) W, d)
+            return x.index_select(2, key.flatten()).unflatten(2, key.shape)
 
         out = _masked_attention(qi.unflatten(2, (g, w)), kt, vt, window(ki), window(vi), mask, pb_relax)
         parts.append(out.flatten(2, 3))
