@@ -280,14 +280,13 @@ class DVAE(nn.Module):
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self._check_images(images, values=False)  # no per-step device sync; the loader yields [0, 1]
-        logits = self.encoder(map_pixels(images.float()))  # (B, V, h, w), fp32
         x = map_pixels(images.float())
+        logits = self.encoder(x)  # (B, V, h, w), fp32
         # The per-position softmaxes run over the last dim of a (B, h, w, V) view. The encoder's
         # output is channels_last in training, so the view is contiguous and free; softmax over
         # dim 1 of a channels_last tensor instead copied it to NCHW and back, six 1M-element
         # layout copies per step, about 8% of a vae_train step.
-        lg = logits.permute(0, 2, 3, 1)
-        lg = lg if lg.is_contiguous() else lg.contiguous()
+        lg = logits.permute(0, 2, 3, 1).contiguous()  # a no-op when channels_last
         gumbel = torch.rand_like(lg).clamp_(min=1e-20).log_().neg_().log_().neg_()  # -log(-log u), u in [1e-20, 1)
         z = F.softmax((lg + gumbel) / tau, dim=-1).permute(0, 3, 1, 2)
         out = self.decoder(z).float()
