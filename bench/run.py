@@ -148,13 +148,12 @@ def bench_vae_train(rounds: int, threads: int) -> dict[str, float]:
     does not. Running it a second time with the same settings, through glibc's MALLOC_* variables,
     shows how much of the ratio is that tuning and how much is the step itself.
     """
-    from dalle_repro.distributed import CPU_MALLOC
+    from dalle_repro.distributed import cpu_malloc_env
 
     anchor = os.environ.get("ANCHOR_VENV")
     me = [sys.executable, __file__, "_vae_train_once", "--threads", str(threads)]
     peer_cmd = [f"{anchor}/bin/python", str(ANCHOR_SCRIPT), "vae_train", str(threads)]
-    mmap, trim = CPU_MALLOC[-3], CPU_MALLOC[-1]  # glibc's M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    tuned_env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(mmap), "MALLOC_TRIM_THRESHOLD_": str(trim)}
+    tuned_env = os.environ | cpu_malloc_env()
     best: dict[str, float] = {}
     for _ in range(rounds):
         for prec in ("fp32", "bf16"):

@@ -47,9 +47,17 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-CPU_MALLOC = {_M_MMAP_THRESHOLD: 32 << 20, _M_TRIM_THRESHOLD: 1 << 30}
+# What tune_cpu_allocator sets: name, glibc's mallopt parameter (malloc.h), the environment
+# variable glibc reads for it at start-up, and our value.
+CPU_MALLOC = (
+    ("mmap_threshold", -3, "MALLOC_MMAP_THRESHOLD_", 32 << 20),
+    ("trim_threshold", -1, "MALLOC_TRIM_THRESHOLD_", 1 << 30),
+)
+
+
+def cpu_malloc_env() -> dict[str, str]:
+    """The same settings as glibc environment variables, for a process we do not control."""
+    return {var: str(value) for _, _, var, value in CPU_MALLOC}
 
 
 def tune_cpu_allocator() -> dict[str, int]:
@@ -77,8 +85,7 @@ def tune_cpu_allocator() -> dict[str, int]:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # musl, macOS, Windows: no mallopt
         return {}
-    names = {_M_MMAP_THRESHOLD: "mmap_threshold", _M_TRIM_THRESHOLD: "trim_threshold"}
-    return {names[k]: v for k, v in CPU_MALLOC.items() if mallopt(k, v) == 1}
+    return {name: value for name, param, _, value in CPU_MALLOC if mallopt(param, value) == 1}
 
 
 def free_port() -> int:
