@@ -352,27 +352,39 @@ def bench_prior_train(rounds: int, threads: int) -> dict[str, Any]:
 def _attention_flops(spec: Any, backend: str, heads: int = 8, d: int = 64) -> float:
     """FLOPs of one forward + backward: 12 d per scored (query, key) pair (QK^T and PV forward; dP,
     dQ, dK, dV backward), counting what the backend computes, masked pairs included. Dense scores
-    every pair; local scores the causal text, and per image query the text and its window."""
-    from dalle_repro.attention import reach_rows
+    every pair. Local (the CPU kernel) scores every query against the text in one product, and each
+    image query's listed image keys. Blocked scores the causal text, and per image query the text
+    and its whole window of grid rows (a column, for the column kind)."""
+    from dalle_repro.attention import image_key_lists, reach_rows
 
     t, g = spec.text_len, spec.grid
     if backend == "dense":
         pairs = spec.n**2
+    elif backend == "local":
+        pairs = spec.n * t + int(image_key_lists(spec)[1].sum())
     else:
         window = g if spec.kind == "column" else (reach_rows(spec) + 1) * g
         pairs = t * (t + 1) // 2 + spec.n_image * (t + window)
     return 12.0 * d * heads * pairs
 
 
+ATTENTION_BACKENDS = ("dense", "local", "blocked")
+
+
 def bench_attention(rounds: int, threads: int) -> dict[str, Any]:
     """Forward + backward time of the local backend against dense, per mask kind, as the grid grows.
 
-    In fp32 and in bf16 (what CPU training runs under autocast). Also the paper's 64-layer
-    schedule (47 row, 16 column, 1 conv layers) at each grid, and the GFLOP/s each backend reaches
-    on what it computes, against a 2048^3 matmul in the same run.
+    ``local`` is what training on CPU runs: the compiled kernel (dalle_repro/cpu_kernels.py).
+    ``blocked`` is its pure-PyTorch fallback (blocked matrix products), timed beside it. In fp32
+    and in bf16 (what CPU training runs under autocast). Also the paper's 64-layer schedule (47
+    row, 16 column, 1 conv layers) at each grid, and the GFLOP/s each backend reaches on what it
+    computes, against a 2048^3 matmul in the same run.
     """
-    from dalle_repro.attention import MaskSpec, attend, dense_mask, layer_kind
+    from dalle_repro import cpu_kernels
+    from dalle_repro.attention import MaskSpec, attend, blocked_attention, dense_mask, layer_kind
 
+    if cpu_kernels.load() is None:
+        raise SystemExit("the CPU attention kernel is unavailable (see the warning above); nothing to compare")
     torch.set_num_threads(threads)
     schedule = [layer_kind(i, 64) for i in range(1, 65)]
     rows, stacks = [], []
@@ -384,10 +396,13 @@ def bench_attention(rounds: int, threads: int) -> dict[str, Any]:
                 spec = MaskSpec(kind, 64, grid)
                 q, k, v = (torch.randn(1, 8, spec.n, 64, dtype=dtype, requires_grad=True) for _ in range(3))
                 times = {}
-                for backend in ("dense", "local"):
+                for backend in ATTENTION_BACKENDS:
 
                     def run() -> None:
-                        out = attend(q, k, v, spec, backend)  # noqa: B023
+                        if backend == "blocked":  # noqa: B023
+                            out = blocked_attention(q, k, v, spec)  # noqa: B023
+                        else:
+                            out = attend(q, k, v, spec, backend)  # noqa: B023
                         out.sum().backward()
 
                     run()
@@ -398,27 +413,26 @@ def bench_attention(rounds: int, threads: int) -> dict[str, Any]:
                         best = min(best, time.perf_counter() - t)
                     times[backend] = best
                 per_kind[kind] = times
-                rows.append(
-                    {
-                        "dtype": name,
-                        "grid": grid,
-                        "kind": kind,
-                        "density": round(dense_mask(kind, 64, grid).float().mean().item(), 4),
-                        "dense_ms": round(times["dense"] * 1e3, 2),
-                        "local_ms": round(times["local"] * 1e3, 2),
-                        "speedup": round(times["dense"] / times["local"], 2),
-                        "dense_gflops": round(_attention_flops(spec, "dense") / times["dense"] / 1e9, 1),
-                        "local_gflops": round(_attention_flops(spec, "local") / times["local"] / 1e9, 1),
-                    }
-                )
-            stack = {b: sum(per_kind[kind][b] for kind in schedule) for b in ("dense", "local")}
+                row: dict[str, Any] = {
+                    "dtype": name,
+                    "grid": grid,
+                    "kind": kind,
+                    "density": round(dense_mask(kind, 64, grid).float().mean().item(), 4),
+                }
+                for b in ATTENTION_BACKENDS:
+                    row[f"{b}_ms"] = round(times[b] * 1e3, 2)
+                for b in ATTENTION_BACKENDS[1:]:
+                    row[f"{b}_speedup"] = round(times["dense"] / times[b], 2)
+                for b in ATTENTION_BACKENDS:
+                    row[f"{b}_gflops"] = round(_attention_flops(spec, b) / times[b] / 1e9, 1)
+                rows.append(row)
+            stack = {b: sum(per_kind[kind][b] for kind in schedule) for b in ATTENTION_BACKENDS}
             stacks.append(
                 {
                     "dtype": name,
                     "grid": grid,
-                    "dense_ms": round(stack["dense"] * 1e3, 1),
-                    "local_ms": round(stack["local"] * 1e3, 1),
-                    "speedup": round(stack["dense"] / stack["local"], 2),
+                    **{f"{b}_ms": round(stack[b] * 1e3, 1) for b in ATTENTION_BACKENDS},
+                    **{f"{b}_speedup": round(stack["dense"] / stack[b], 2) for b in ATTENTION_BACKENDS[1:]},
                 }
             )
     peak = {k: round(v, 1) for k, v in matmul_peak(threads).items()}

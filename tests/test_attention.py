@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dalle_repro import attention, cpu_kernels
 from dalle_repro.attention import KINDS, MaskSpec, attend, dense_mask, image_key_lists, layer_kind
 
 T, G = 3, 4  # 3 text tokens, a 4x4 image grid
@@ -97,6 +98,23 @@ def test_bad_specs():
 # Backends against the dense reference
 
 
+@pytest.fixture(params=["kernel", "blocked"])
+def local_path(request, monkeypatch):
+    """Runs a test of the local backend through each of its two paths: the compiled CPU kernel
+    (with the blocked path made to fail, so a silent fallback cannot pass), and the blocked
+    matrix products (with the kernel switched off)."""
+    if request.param == "blocked":
+        monkeypatch.setenv(cpu_kernels.SWITCH, "off")
+    else:
+        assert cpu_kernels.load() is not None, "the CPU attention kernel did not build"
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("the kernel path fell back to blocked products")
+
+        monkeypatch.setattr(attention, "blocked_attention", refuse)
+    return request.param
+
+
 def _qkv(spec: MaskSpec, seed: int, b: int = 2, h: int = 3, d: int = 8):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(b, h, spec.n, d, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3)]
@@ -107,7 +125,7 @@ def _qkv(spec: MaskSpec, seed: int, b: int = 2, h: int = 3, d: int = 8):
     "text, grid, kernel, wrap",
     [(5, 4, 3, False), (7, 6, 5, True), (3, 8, 11, False), (4, 16, 3, False), (2, 16, 5, True), (0, 10, 1, False)],
 )
-def test_local_backend_equals_dense_forward_and_backward(kind, text, grid, kernel, wrap):
+def test_local_backend_equals_dense_forward_and_backward(kind, text, grid, kernel, wrap, local_path):
     spec = MaskSpec(kind, text, grid, conv_kernel=kernel, wrap=wrap)
     q, k, v = _qkv(spec, seed=grid)
     g_out = torch.randn(2, 3, spec.n, 8, dtype=torch.float64)
@@ -134,7 +152,7 @@ def test_flex_backend_equals_dense_forward(kind, grid, wrap):
 
 @pytest.mark.parametrize("backend", ["dense", "local", "flex"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_no_leak(kind, backend):
+def test_no_leak(kind, backend, local_path):
     """Changing the key and value at position t changes no output before t."""
     spec = MaskSpec(kind, 3, 5, conv_kernel=3)
     q, k, v = (x.detach().float() for x in _qkv(spec, seed=2))
@@ -151,7 +169,7 @@ def test_no_leak(kind, backend):
 
 @pytest.mark.parametrize("backend", ["dense", "local"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_pb_relax_is_the_same_softmax(kind, backend):
+def test_pb_relax_is_the_same_softmax(kind, backend, local_path):
     spec = MaskSpec(kind, 4, 5, conv_kernel=3)
     q, k, v = _qkv(spec, seed=4)
     g = torch.randn(2, 3, spec.n, 8, dtype=torch.float64)
@@ -166,8 +184,8 @@ def test_pb_relax_is_the_same_softmax(kind, backend):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_local_backend_under_bf16_autocast(kind):
-    """The hand-written backward under CPU autocast: fp32 inputs get fp32 gradients, and output and
+def test_local_backend_under_bf16_autocast(kind, local_path):
+    """The hand-written backwards under CPU autocast: fp32 inputs get fp32 gradients, and output and
     gradients stay within bf16 rounding of the float64 reference."""
     spec = MaskSpec(kind, 6, 8, conv_kernel=5)
     q, k, v = _qkv(spec, seed=7, d=16)
@@ -185,7 +203,7 @@ def test_local_backend_under_bf16_autocast(kind):
         assert (a.double() - b).abs().max() < 0.05 * max(1.0, b.abs().max().item())
 
 
-def test_pb_relax_keeps_fp16_scores_finite():
+def test_pb_relax_keeps_fp16_scores_finite(local_path):
     """q.k of 100,000 overflows fp16 (max 65,504); PB-relax forms q.k from q / alpha instead."""
     spec = MaskSpec("row", 2, 3)
     g = torch.Generator().manual_seed(0)

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a machine for dalle-repro: Debian's emoji font and Unicode data (the demo data),
+# g++ when there is no C++ compiler,
 # a venv in .venv, torch (the CPU wheel torch==2.13.0 when there is no GPU), and this package.
 # Usage: bash tools/setup.sh [--dev]     (--dev adds the test tools and OpenAI's DALL-E package)
 set -euo pipefail
@@ -10,6 +11,8 @@ dev=0
 need=()
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need+=(fonts-noto-color-emoji)
 [ -f /usr/share/unicode/emoji/emoji-test.txt ] || need+=(unicode-data)
+# a C++ compiler: the CPU attention kernel (dalle_repro/cpu_kernels.py) and DeepSpeed's CPU ops build with it
+command -v "${CXX:-g++}" >/dev/null 2>&1 || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
