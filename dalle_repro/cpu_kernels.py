@@ -1,8 +1,11 @@
 """Compiled CPU kernels: built on first use with the system's C++ compiler, cached, loaded with ctypes.
 
-One kernel so far, ``csrc/local_attention.cpp``: attention over per-query key lists, the CPU
-``local`` backend's inner loop (see ``attention._ListAttention``). It is plain C++ with a C ABI, so it
-builds in about two seconds with ``g++`` and needs neither PyTorch's headers nor ninja.
+- ``csrc/local_attention.cpp``: attention over per-query key lists, the CPU ``local`` backend
+  (``attention._ListAttention``);
+- ``csrc/gumbel_softmax.cpp``: the dVAE's Gumbel-softmax sample and KL, fused (``dvae.py``).
+
+Plain C++ with a C ABI, one shared library: it builds in a few seconds with ``g++`` and needs
+neither PyTorch's headers nor ninja.
 
 - Cache: ``$DALLE_REPRO_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/dalle_repro/kernels``, else
   ``~/.cache/dalle_repro/kernels``. The file name holds a hash of the source, the compiler, its flags
@@ -12,7 +15,7 @@ builds in about two seconds with ``g++`` and needs neither PyTorch's headers nor
 - Compiler: ``$CXX``, else ``g++``.
 - ``DALLE_REPRO_CPU_KERNELS=off`` turns the kernels off. Where the build fails (no compiler), a
   warning says why, once, and the callers fall back to their pure-PyTorch paths, which give the same
-  numbers more slowly.
+  numbers more slowly (the dVAE's fallback draws its noise from PyTorch's generator instead).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loaded first, so that the kernel binds to PyTorch's OpenMP runtime)
 
-SOURCE = Path(__file__).with_name("csrc") / "local_attention.cpp"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("local_attention.cpp", "gumbel_softmax.cpp"))
 # Compiled with -ffast-math (it vectorises the exp and the reductions) but linked without it: a
 # shared library *linked* with -ffast-math carries crtfastmath.o, which switches the whole process to
 # flush-to-zero for subnormals on load, PyTorch and numpy included.
@@ -39,6 +42,7 @@ LINK_FLAGS = ("-shared", "-fopenmp")
 SWITCH = "DALLE_REPRO_CPU_KERNELS"
 CACHE = "DALLE_REPRO_KERNEL_CACHE"
 ABI_VERSION = 1
+NAME = "dalle_repro_cpu"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -72,29 +76,34 @@ def _cpu_signature() -> str:
 def library_path() -> Path:
     key = hashlib.sha256()
     flags = " ".join((*FLAGS, *LINK_FLAGS)).encode()
-    for part in (SOURCE.read_bytes(), compiler().encode(), flags, _cpu_signature().encode()):
+    for part in (*(src.read_bytes() for src in SOURCES), compiler().encode(), flags, _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / f"{SOURCE.stem}-{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"{NAME}-{key.hexdigest()[:16]}.so"
 
 
 def build(path: Path) -> None:
-    """Compile ``SOURCE`` to ``path`` atomically; RuntimeError with the compiler's message on failure."""
+    """Compile ``SOURCES`` into ``path`` atomically; RuntimeError with the compiler's message on failure."""
     cxx = shutil.which(compiler())
     if cxx is None:
         raise RuntimeError(f"no C++ compiler: {compiler()!r} is not on PATH (set CXX)")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     os.close(fd)
-    obj = tmp + ".o"
+    objects = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
+
+    def run(cmd: list[str], what: str) -> None:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cxx} failed on {what}:\n{res.stderr.strip()[-2000:]}")
+
     try:
-        for cmd in ([cxx, *FLAGS, "-c", str(SOURCE), "-o", obj], [cxx, *LINK_FLAGS, obj, "-o", tmp]):
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                raise RuntimeError(f"{cxx} failed on {SOURCE.name}:\n{res.stderr.strip()[-2000:]}")
+        for src, obj in zip(SOURCES, objects, strict=True):
+            run([cxx, *FLAGS, "-c", str(src), "-o", obj], src.name)
+        run([cxx, *LINK_FLAGS, *objects, "-o", tmp], "linking " + path.name)
         os.replace(tmp, path)
     finally:
-        for leftover in (tmp, obj):
+        for leftover in (tmp, *objects):
             if os.path.exists(leftover):
                 os.unlink(leftover)
 
@@ -109,10 +118,17 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd.argtypes = [i64] * 5 + [ptr] * 11 + [f64, i64]
         bwd.restype = None
     lib.dr_abi_version.restype = ctypes.c_int
+    u64, f32p = ctypes.c_uint64, ptr
+    lib.dr_gumbel_noise.argtypes = [i64, u64, f32p]
+    lib.dr_gumbel_noise.restype = None
+    lib.dr_gumbel_softmax_kl_forward.argtypes = [i64, i64, ptr, f64, u64, ptr, ptr, i64]
+    lib.dr_gumbel_softmax_kl_forward.restype = None
+    lib.dr_gumbel_softmax_kl_backward.argtypes = [i64, i64, ptr, ptr, ptr, f64, ptr, ptr, i64]
+    lib.dr_gumbel_softmax_kl_backward.restype = None
 
 
 def load() -> ctypes.CDLL | None:
-    """The kernel library, building it on first use; None when turned off or it cannot be built."""
+    """The kernels' library, building it on first use; None when turned off or it cannot be built."""
     if not enabled():
         return None
     with _lock:
@@ -129,8 +145,9 @@ def load() -> ctypes.CDLL | None:
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
                 lib = None
                 warnings.warn(
-                    f"dalle_repro: the CPU attention kernel is unavailable ({err}); the local attention backend "
-                    "falls back to blocked matrix products: the same numbers, about 2x slower on the conv mask",
+                    f"dalle_repro: the CPU kernels are unavailable ({err}); the local attention backend falls back "
+                    "to blocked matrix products (the same numbers, 2-3x slower on the conv mask) and the dVAE "
+                    "step to PyTorch ops",
                     RuntimeWarning,
                     stacklevel=2,
                 )

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
+from dalle_repro import cpu_kernels
 from dalle_repro.checkpoint import load_pretrained, load_state_strict, save_pretrained
 from dalle_repro.config import ConfigError, arg
 
@@ -212,6 +214,58 @@ class DVAELoss:
     recon: torch.Tensor  # unmap(sigmoid(mu)), (B, C, H, W)
 
 
+class _GumbelSoftmaxKL(torch.autograd.Function):
+    """``gumbel_softmax_kl`` through the fused CPU kernel (``csrc/gumbel_softmax.cpp``)."""
+
+    @staticmethod
+    def forward(ctx, lg, tau, seed, lib):  # type: ignore[override]
+        v = lg.shape[-1]
+        z = torch.empty_like(lg)
+        kl = torch.empty(lg.shape[:-1], dtype=lg.dtype)
+        ptr = cpu_kernels.pointer
+        lib.dr_gumbel_softmax_kl_forward(
+            lg.numel() // v, v, ptr(lg), tau, seed, ptr(z), ptr(kl), torch.get_num_threads()
+        )
+        ctx.save_for_backward(lg, z)
+        ctx.tau, ctx.lib = tau, lib
+        return z, kl
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_z, d_kl):  # type: ignore[override]
+        lg, z = ctx.saved_tensors
+        d_z = torch.zeros_like(z) if d_z is None else d_z.float().contiguous()
+        d_kl = torch.zeros(z.shape[:-1]) if d_kl is None else d_kl.float().contiguous()
+        d_lg = torch.empty_like(lg)
+        v, ptr = lg.shape[-1], cpu_kernels.pointer
+        ctx.lib.dr_gumbel_softmax_kl_backward(
+            lg.numel() // v, v, ptr(lg), ptr(z), ptr(d_z), ctx.tau, ptr(d_kl), ptr(d_lg), torch.get_num_threads()
+        )
+        return d_lg, None, None, None
+
+
+def gumbel_softmax_kl(lg: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (..., V) -> the relaxed sample softmax((lg + g) / tau), g ~ Gumbel(0, 1), and the
+    KL of softmax(lg) to the uniform prior at each position (...,), both differentiable.
+
+    On CPU this is one fused kernel (``cpu_kernels``): the same functions, with the noise drawn by
+    a counter-based generator from a seed that PyTorch's generator supplies, so runs stay
+    reproducible under ``torch.manual_seed`` and resume. PyTorch's own ops made about a dozen
+    memory-bound passes over the logits, 8% of a ``vae_train`` step. Elsewhere, or without the
+    kernel, those ops run, with the noise from ``torch.rand``.
+    """
+    lib = cpu_kernels.load() if lg.device.type == "cpu" else None
+    if lib is not None:
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64).item())
+        z, kl = _GumbelSoftmaxKL.apply(lg.float().contiguous(), float(tau), seed, lib)
+        return z, kl
+    gumbel = torch.rand_like(lg).clamp_(min=1e-20).log_().neg_().log_().neg_()  # -log(-log u), u in [1e-20, 1)
+    z = F.softmax((lg + gumbel) / tau, dim=-1)
+    log_q = F.log_softmax(lg, dim=-1)
+    kl = (log_q.exp() * (log_q + math.log(lg.shape[-1]))).sum(-1)
+    return z, kl
+
+
 class DVAE(nn.Module):
     """Encoder + decoder with the paper's likelihood; see the module docstring."""
 
@@ -287,14 +341,12 @@ class DVAE(nn.Module):
         # dim 1 of a channels_last tensor instead copied it to NCHW and back, six 1M-element
         # layout copies per step, about 8% of a vae_train step.
         lg = logits.permute(0, 2, 3, 1).contiguous()  # a no-op when channels_last
-        gumbel = torch.rand_like(lg).clamp_(min=1e-20).log_().neg_().log_().neg_()  # -log(-log u), u in [1e-20, 1)
-        z = F.softmax((lg + gumbel) / tau, dim=-1).permute(0, 3, 1, 2)
-        out = self.decoder(z).float()
+        z, kl = gumbel_softmax_kl(lg, tau)
+        out = self.decoder(z.permute(0, 3, 1, 2)).float()
         c = self.args.input_channels
         mu, ln_b = out[:, :c], out[:, c:]
         nll = logit_laplace_nll(x, mu, ln_b).flatten(1).sum(1)  # (B,)
-        log_q = F.log_softmax(lg, dim=-1)
-        kl = (log_q.exp() * (log_q + math.log(self.args.vocab_size))).sum(-1).flatten(1).sum(1)  # (B,)
+        kl = kl.flatten(1).sum(1)  # (B,)
         dims = x[0].numel()
         loss = ((nll + beta * kl) / dims).mean()
         positions = logits.shape[2] * logits.shape[3]

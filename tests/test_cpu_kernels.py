@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -50,7 +51,7 @@ def test_compiler_error_names_the_source_and_leaves_nothing(fresh, monkeypatch):
     bad = fresh / "src" / "broken.cpp"
     bad.parent.mkdir()
     bad.write_text("int main( {\n")
-    monkeypatch.setattr(cpu_kernels, "SOURCE", bad)
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (bad,))
     target = fresh / "out" / "broken.so"
     with pytest.raises(RuntimeError, match="failed on broken.cpp"):
         cpu_kernels.build(target)
@@ -90,3 +91,74 @@ def test_loading_keeps_subnormals(fresh):
     assert cpu_kernels.load() is not None
     assert np.float32(1e-38) / np.float32(100) > 0
     assert (torch.tensor([1e-38]) / 100).item() > 0
+
+
+# ------------------------------------------------------------------------------------------
+# The dVAE's fused Gumbel-softmax + KL (dvae.gumbel_softmax_kl)
+
+
+def _noise(lib, shape, seed):
+    out = torch.empty(shape)
+    lib.dr_gumbel_noise(out.numel(), seed, cpu_kernels.pointer(out))
+    return out
+
+
+def _reference(lg, g, tau):
+    z = torch.softmax((lg + g) / tau, dim=-1)
+    log_q = torch.log_softmax(lg, dim=-1)
+    kl = (log_q.exp() * (log_q + math.log(lg.shape[-1]))).sum(-1)
+    return z, kl
+
+
+def test_gumbel_noise_has_the_gumbel_moments():
+    lib = cpu_kernels.load()
+    g = _noise(lib, (1 << 20,), seed=123).double()
+    assert abs(g.mean().item() - 0.5772) < 0.005  # Euler-Mascheroni
+    assert abs(g.var().item() - math.pi**2 / 6) < 0.01
+    assert not torch.equal(g[:1000], _noise(lib, (1000,), seed=124).double())
+
+
+@pytest.mark.parametrize("tau", [1.0, 1 / 16])
+def test_fused_gumbel_softmax_kl_matches_the_formulas_forward_and_backward(tau):
+    from dalle_repro.dvae import _GumbelSoftmaxKL
+
+    lib = cpu_kernels.load()
+    gen = torch.Generator().manual_seed(0)
+    lg = (3 * torch.randn(2, 3, 4, 37, generator=gen)).requires_grad_()
+    d_z, d_kl = torch.randn(2, 3, 4, 37, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    z, kl = _GumbelSoftmaxKL.apply(lg, tau, 99, lib)
+    grad = torch.autograd.grad((z * d_z).sum() + (kl * d_kl).sum(), lg)[0]
+    z_ref, kl_ref = _reference(lg, _noise(lib, lg.shape, 99), tau)
+    grad_ref = torch.autograd.grad((z_ref * d_z).sum() + (kl_ref * d_kl).sum(), lg)[0]
+    assert torch.allclose(z, z_ref, atol=1e-5)
+    assert torch.allclose(kl, kl_ref, atol=1e-5)
+    assert torch.allclose(grad, grad_ref, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_gumbel_softmax_follows_the_torch_seed_not_the_thread_count():
+    from dalle_repro.dvae import gumbel_softmax_kl
+
+    lg = torch.randn(4, 8, 8, 64)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n_threads, seed in ((1, 5), (2, 5), (2, 6)):
+            torch.set_num_threads(n_threads)
+            torch.manual_seed(seed)
+            runs.append(gumbel_softmax_kl(lg, 0.5)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.allclose(runs[1], runs[2])
+
+
+def test_gumbel_softmax_kl_fallback_gives_the_same_kl(monkeypatch):
+    from dalle_repro.dvae import gumbel_softmax_kl
+
+    lg = torch.randn(2, 4, 4, 32)
+    z_fast, kl_fast = gumbel_softmax_kl(lg, 0.5)
+    monkeypatch.setenv(cpu_kernels.SWITCH, "off")
+    z_slow, kl_slow = gumbel_softmax_kl(lg, 0.5)
+    assert torch.allclose(kl_fast, kl_slow, atol=1e-5)
+    for z in (z_fast, z_slow):
+        assert torch.allclose(z.sum(-1), torch.ones(2, 4, 4), atol=1e-5) and (z >= 0).all()
