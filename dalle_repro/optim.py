@@ -32,13 +32,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def adamw(
     model: torch.nn.Module, lr: float, betas: tuple[float, float], eps: float, weight_decay: float
 ) -> torch.optim.AdamW:
-    """torch AdamW on the model's parameters: the fused kernel on CUDA, foreach on CPU.
+    """torch AdamW on the model's parameters, with the fused kernel (one pass over each tensor).
 
-    The CPU fused kernel (torch >= 2.4) is faster but broke exact resume in our test (the second
-    update after loading its state differed in the 5th digit), so it is not used there.
+    On CPU the fused kernel took 0.84 ms per step on the vae_train dVAE where foreach took 3.2 ms
+    (86 tensors, 0.87M parameters). It pairs a parameter's elements with its state's by raw
+    memory order, so state loaded from a checkpoint must be given the parameter's layout again:
+    ``load_optimizer_state`` does that (a channels_last conv weight with contiguous state updated
+    the wrong elements, which the exact-resume test caught).
     """
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None)
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=True)
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """``opt.load_state_dict(state)``, then each per-parameter state tensor in its parameter's
+    memory layout (checkpoints store tensors contiguous; parameters may be channels_last)."""
+    opt.load_state_dict(state)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:

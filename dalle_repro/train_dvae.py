@@ -39,7 +39,7 @@ from dalle_repro.config import ConfigError, arg, save_config
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.dvae import DVAE, DVAEArgs, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
 from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
-from dalle_repro.optim import EMA, adamw, cosine, set_lr
+from dalle_repro.optim import EMA, adamw, cosine, load_optimizer_state, set_lr
 from dalle_repro.viz import grid, save_png
 
 log = logging.getLogger(__name__)
@@ -270,7 +270,7 @@ def resume(st: State, path: Path, d: distributed.Dist) -> None:
     files, state = Checkpoints.load(path)
     load_state_strict(st.model, files["model"], str(path / "model.safetensors"))
     st.ema.load_state_dict(files["ema"])
-    st.opt.load_state_dict(state["optimizer"])
+    load_optimizer_state(st.opt, state["optimizer"])
     if len(state["ranks"]) != d.world_size:
         raise ValueError(f"{path} was written by {len(state['ranks'])} ranks; this run has {d.world_size}")
     mine = state["ranks"][d.rank]

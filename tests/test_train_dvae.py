@@ -193,3 +193,42 @@ def test_fp16_on_cpu_fails_before_any_work(emoji_dir, tmp_path):
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         train(tiny_config(emoji_dir, tmp_path / "r", "run.precision=fp16", "run.device=cpu"))
     assert not (tmp_path / "r").exists()
+
+
+def test_fused_adamw_state_gets_its_parameters_layout_back():
+    """Checkpoints store optimizer state contiguous; the fused AdamW pairs elements by memory order,
+    so a channels_last weight must get channels_last state back, or the resumed run drifts."""
+    from dalle_repro.optim import adamw, load_optimizer_state
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3)).to(memory_format=torch.channels_last)
+
+    x = torch.randn(2, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+
+    def step(model, opt):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+    model = make()
+    opt = adamw(model, 1e-2, (0.9, 0.999), 1e-8, 1e-4)
+    for _ in range(3):
+        step(model, opt)
+    saved_model = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    saved_opt = opt.state_dict()
+    saved_opt = {
+        **saved_opt,
+        "state": {i: {k: v.contiguous().clone() for k, v in s.items()} for i, s in saved_opt["state"].items()},
+    }
+    for _ in range(2):
+        step(model, opt)
+
+    resumed = make()
+    resumed.load_state_dict(saved_model)
+    opt2 = adamw(resumed, 1e-2, (0.9, 0.999), 1e-8, 1e-4)
+    load_optimizer_state(opt2, saved_opt)
+    for _ in range(2):
+        step(resumed, opt2)
+    for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
