@@ -288,9 +288,9 @@ class _ListAttention(torch.autograd.Function):
     for text queries and folds them into each query's softmax. Image keys: the kernel scores each
     query's listed keys and no others (conv at grid 32: 61, where whole grid rows are 192), and
     accumulates dK and dV per key. Computes in float32 (float64 for float64 inputs) and returns
-    the inputs' dtype. Measured at grid 32, 64 text tokens, 8 heads x 64, fp32, 2 threads, forward
-    + backward against dense SDPA: row 5.4x, column 4.9x, conv 3.9x, where blocked products gave
-    4.5x, 5.0x and 1.7-2.0x (bench/run.py attention has the current figures).
+    the inputs' dtype. ``bench/run.py attention``, grid 32, 64 text tokens, 8 heads x 64, 2 threads,
+    forward + backward against dense SDPA: fp32 row 8.1x, column 7.9x, conv 5.7x (blocked products:
+    4.2x, 5.1x, 1.7x); bf16 6.0x, 6.4x, 4.5x (blocked: 4.3x, 5.0x, 2.3x).
     """
 
     @staticmethod
