@@ -162,3 +162,21 @@ def test_gumbel_softmax_kl_fallback_gives_the_same_kl(monkeypatch):
     assert torch.allclose(kl_fast, kl_slow, atol=1e-5)
     for z in (z_fast, z_slow):
         assert torch.allclose(z.sum(-1), torch.ones(2, 4, 4), atol=1e-5) and (z >= 0).all()
+
+
+def test_ranks_that_start_together_build_and_load_one_library(fresh):
+    """Two processes building into the same empty cache at once (as DeepSpeed's ranks do) both
+    load a whole library: each compiles to its own temporary file and renames it into place."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from dalle_repro import cpu_kernels; lib = cpu_kernels.load(); print(lib.dr_abi_version())"
+    env = os.environ | {cpu_kernels.CACHE: str(fresh)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert outs == [str(cpu_kernels.ABI_VERSION)] * 2
+    assert [p.name for p in fresh.iterdir()] == [cpu_kernels.library_path().name]
