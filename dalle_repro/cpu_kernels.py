@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loaded first, so that the kernel binds to PyTorch's OpenMP runtime)
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / name for name in ("local_attention.cpp", "gumbel_softmax.cpp"))
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = tuple(CSRC / name for name in ("local_attention.cpp", "gumbel_softmax.cpp"))
+HEADERS = (CSRC / "parallel.h",)  # included by the sources: part of the cache key
 # Compiled with -ffast-math (it vectorises the exp and the reductions) but linked without it: a
 # shared library *linked* with -ffast-math carries crtfastmath.o, which switches the whole process to
 # flush-to-zero for subnormals on load, PyTorch and numpy included.
@@ -76,7 +78,8 @@ def _cpu_signature() -> str:
 def library_path() -> Path:
     key = hashlib.sha256()
     flags = " ".join((*FLAGS, *LINK_FLAGS)).encode()
-    for part in (*(src.read_bytes() for src in SOURCES), compiler().encode(), flags, _cpu_signature().encode()):
+    code = (src.read_bytes() for src in (*SOURCES, *HEADERS))
+    for part in (*code, compiler().encode(), flags, _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
     return cache_dir() / f"{NAME}-{key.hexdigest()[:16]}.so"

@@ -14,14 +14,9 @@
 #include <cmath>
 #include <cstdint>
 
-namespace {
+#include "parallel.h"
 
-template <typename F>
-void for_rows(int64_t rows, int64_t threads, F fn) {
-  threads = std::max<int64_t>(1, std::min(threads, rows));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t r = 0; r < rows; ++r) fn(r);
-}
+namespace {
 
 // A uniform in (0, 1), never 0 or 1: 24 random bits, centred in their bin.
 inline float uniform(uint64_t seed, uint64_t i) {
@@ -60,7 +55,7 @@ void dr_gumbel_noise(int64_t n, uint64_t seed, float* out) {
 void dr_gumbel_softmax_kl_forward(int64_t rows, int64_t V, const float* logits, double tau, uint64_t seed, float* z,
                                   float* kl, int64_t threads) {
   const float inv_tau = float(1.0 / tau), log_v = std::log(float(V));
-  for_rows(rows, threads, [=](int64_t r) {
+  dalle_repro::parallel_for(rows, threads, [=](int64_t r) {
     const float* __restrict l = logits + r * V;
     float* __restrict zr = z + r * V;
     float lse, plogp;
@@ -87,7 +82,7 @@ void dr_gumbel_softmax_kl_forward(int64_t rows, int64_t V, const float* logits, 
 void dr_gumbel_softmax_kl_backward(int64_t rows, int64_t V, const float* logits, const float* z, const float* d_z,
                                    double tau, const float* d_kl, float* d_logits, int64_t threads) {
   const float inv_tau = float(1.0 / tau);
-  for_rows(rows, threads, [=](int64_t r) {
+  dalle_repro::parallel_for(rows, threads, [=](int64_t r) {
     const float *__restrict l = logits + r * V, *__restrict zr = z + r * V, *__restrict dz = d_z + r * V;
     float* __restrict dl = d_logits + r * V;
     float lse, plogp;

@@ -18,17 +18,9 @@
 #include <limits>
 #include <vector>
 
-namespace {
+#include "parallel.h"
 
-// OpenMP shares out the heads. Loaded after PyTorch, this library binds to the libgomp PyTorch has
-// already loaded (the loader matches the soname), so it runs on PyTorch's own worker threads. With
-// threads of its own it competed with PyTorch's spinning workers, and two threads ran slower than one.
-template <typename F>
-void for_heads(int64_t bh, int64_t threads, F fn) {
-  threads = std::max<int64_t>(1, std::min(threads, bh));
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t h = 0; h < bh; ++h) fn(h);
-}
+namespace {
 
 // D > 0 fixes the head size at compile time, so the 64-wide loops unroll; D == 0 reads d.
 template <int D, typename T>
@@ -54,7 +46,7 @@ template <int D, typename T>
 void forward(int64_t bh, int64_t n, int64_t d, int64_t kmax, int64_t t, const T* q, const T* k, const T* v,
              const int32_t* idx, T* text, T* p_keys, T* out, double alpha, int64_t threads) {
   const T a = alpha > 0 ? T(alpha) : T(1);
-  for_heads(bh, threads, [=](int64_t h) {
+  dalle_repro::parallel_for(bh, threads, [=](int64_t h) {
     const T *qh = q + h * n * d, *kh = k + h * n * d, *vh = v + h * n * d;
     for (int64_t i = 0; i < n; ++i) {
       const T* qi = qh + i * d;
@@ -97,7 +89,7 @@ void backward(int64_t bh, int64_t n, int64_t d, int64_t kmax, int64_t t, const T
               const int32_t* idx, const T* p_keys, const T* p_text, const T* d_out, T* text, T* dq, T* dk, T* dv,
               double alpha, int64_t threads) {
   const T a = alpha > 0 ? T(alpha) : T(1);
-  for_heads(bh, threads, [=](int64_t h) {
+  dalle_repro::parallel_for(bh, threads, [=](int64_t h) {
     std::vector<T> dp(kmax);
     const T *qh = q + h * n * d, *kh = k + h * n * d, *vh = v + h * n * d;
     T *dkh = dk + h * n * d, *dvh = dv + h * n * d;
