@@ -266,6 +266,16 @@ class _BlockAttention(torch.autograd.Function):
         return dq, dk_text, dv_text, dk, dv, None, None, None
 
 
+def _autocast_inputs(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The inputs in autocast's dtype when autocast is on for their device, as autocast would cast a
+    matmul's: the hand-written autograd Functions below turn autocast off inside."""
+    device = xs[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return xs
+    dt = torch.get_autocast_dtype(device)
+    return tuple(x.to(dt) for x in xs)
+
+
 def _key_lists(spec: MaskSpec) -> torch.Tensor:
     """(N, K) int32: each position's listed keys for the CPU kernel, as whole-sequence positions.
 
@@ -349,9 +359,7 @@ def kernel_attention(
     lib = cpu_kernels.load()
     if lib is None:
         return None
-    if torch.is_autocast_enabled("cpu"):  # as autocast would cast a matmul's inputs
-        dt = torch.get_autocast_dtype("cpu")
-        q, k, v = (x.to(dt) for x in (q, k, v))
+    q, k, v = _autocast_inputs(q, k, v)
     scale = q.shape[-1] ** -0.5 / (pb_relax or 1.0)
     return _ListAttention.apply(q, k, v, _key_lists(spec), spec.text_len, scale, pb_relax, lib)  # type: ignore[no-any-return]
 
@@ -376,10 +384,7 @@ def _masked_attention(
     overflow in half precision, shifted by their row maximum, and only then multiplied by alpha.
     The result is the same softmax in exact arithmetic.
     """
-    device = q.device.type
-    if torch.is_autocast_enabled(device):
-        dt = torch.get_autocast_dtype(device)
-        q, k_text, v_text, k, v = (x.to(dt) for x in (q, k_text, v_text, k, v))
+    q, k_text, v_text, k, v = _autocast_inputs(q, k_text, v_text, k, v)
     scale = q.shape[-1] ** -0.5 / (pb_relax or 1.0)
     out = _BlockAttention.apply(q, k_text, v_text, k, v, mask, scale, pb_relax)
     return out  # type: ignore[no-any-return]
