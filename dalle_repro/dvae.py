@@ -211,7 +211,12 @@ class DVAELoss:
     nll: torch.Tensor  # NLL per subpixel (mapped space, nats)
     kl: torch.Tensor  # KL per code position (nats)
     logits: torch.Tensor  # encoder logits (B, vocab, h, w), for code statistics
-    recon: torch.Tensor  # unmap(sigmoid(mu)), (B, C, H, W)
+    mu: torch.Tensor  # the decoder's location, logit space, detached (B, C, H, W)
+
+    @property
+    def recon(self) -> torch.Tensor:
+        """unmap(sigmoid(mu)), (B, C, H, W); made on demand, as no train step needs it."""
+        return unmap_pixels(torch.sigmoid(self.mu))
 
 
 class _GumbelSoftmaxKL(torch.autograd.Function):
@@ -350,8 +355,8 @@ class DVAE(nn.Module):
         dims = x[0].numel()
         loss = ((nll + beta * kl) / dims).mean()
         positions = logits.shape[2] * logits.shape[3]
-        recon = unmap_pixels(torch.sigmoid(mu.detach()))
-        return DVAELoss(loss, (nll / dims).mean().detach(), (kl / positions).mean().detach(), logits.detach(), recon)
+        nll_mean, kl_mean = (nll / dims).mean().detach(), (kl / positions).mean().detach()
+        return DVAELoss(loss, nll_mean, kl_mean, logits.detach(), mu.detach())
 
     # -- storage ------------------------------------------------------------------------------
 
