@@ -210,8 +210,9 @@ def _fixed_scale_nll(x: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor) -> t
 
 
 def _mse_nll(x: torch.Tensor, mu: torch.Tensor, ln_b: torch.Tensor) -> torch.Tensor:
-    """Squared error of sigmoid(mu) in the mapped pixel space: PSNR's own loss, as the peer trains."""
-    return (torch.sigmoid(mu) - x) ** 2 + ln_b * 0
+    """Squared error of sigmoid(mu) in the mapped pixel space: PSNR's own loss, as the peer trains.
+    ln b is not used (its channels get zero gradient through the slice)."""
+    return (torch.sigmoid(mu) - x) ** 2
 
 
 # --ablation: the same run with the likelihood swapped, to measure how much of the PSNR gap is the
