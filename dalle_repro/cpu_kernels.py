@@ -121,8 +121,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         bwd.argtypes = [i64] * 5 + [ptr] * 11 + [f64, i64]
         bwd.restype = None
     lib.dr_abi_version.restype = ctypes.c_int
-    u64, f32p = ctypes.c_uint64, ptr
-    lib.dr_gumbel_noise.argtypes = [i64, u64, f32p]
+    u64 = ctypes.c_uint64
+    lib.dr_gumbel_noise.argtypes = [i64, u64, ptr]
     lib.dr_gumbel_noise.restype = None
     lib.dr_gumbel_softmax_kl_forward.argtypes = [i64, i64, ptr, f64, u64, ptr, ptr, i64]
     lib.dr_gumbel_softmax_kl_forward.restype = None
