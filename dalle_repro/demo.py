@@ -230,7 +230,8 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
     cmd += ["--resume"] if resume else []
     env = dict(os.environ)
     if not torch.cuda.is_available():
-        env |= {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // cfg.prior_ranks))}
+        # Each rank sets its own threads (distributed.set_cpu_threads: usable cores / LOCAL_SIZE)
+        env |= {"DS_ACCELERATOR": "cpu"}
     log_path = Path(cfg.out_dir, "prior_train.log")
     with open(log_path, "w") as logf:
         code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env).returncode

@@ -5,20 +5,26 @@ MASTER_PORT); :func:`init` reads them, picks the device and the backend (NCCL on
 CPU), and returns a :class:`Dist`. A plain ``python script.py`` is a world of one and needs no
 process group.
 
-On CPU, :func:`pick_device` also tunes glibc's allocator (:func:`tune_cpu_allocator`).
+On CPU, :func:`pick_device` also tunes glibc's allocator (:func:`tune_cpu_allocator`) and sets
+the intra-op thread count (:func:`set_cpu_threads`): the usable cores divided among the ranks on
+this node, so that the 2 CPU ranks of the demo on 2 cores run one thread each instead of 2 x 2.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,69 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name != "cpu":
         raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
     tune_cpu_allocator()
+    threads, why = set_cpu_threads()
+    if local_rank == 0:
+        log.info("intra-op threads per rank: %d (%s)", threads, why)
     return torch.device("cpu")
+
+
+# Where launchers put the number of ranks on this node: torchrun, DeepSpeed's launcher (CPU and GPU
+# alike; launcher/launch.py), Open MPI (DeepSpeed's MPI runners), MPICH / Intel MPI.
+LOCAL_SIZE_VARS = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
+# Set by the user (or a launcher that binds cores, e.g. deepspeed --bind_cores_to_rank, torchrun's
+# OMP_NUM_THREADS=1): PyTorch reads them at start-up, and they win over our default.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, cgroups cpusets, SLURM)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def cpu_threads(environ: Mapping[str, str], cores: int) -> tuple[int | None, str]:
+    """The default intra-op threads of one rank, and why; None where the environment chose already.
+
+    PyTorch's own default gives each process every core it may run on: two ranks on two cores then
+    run four busy OpenMP threads, and each parallel region waits at its barrier for whichever thread
+    is off its core, so a step can slow far more than the lost cores explain (bench/contention.py
+    measures it). Ours: ``cores // ranks on this node``, at least 1. It assumes the ranks share one
+    affinity mask, as the launchers leave it; a launcher that binds cores per rank sets
+    OMP_NUM_THREADS too, which wins.
+    """
+    for var in THREAD_VARS:
+        if environ.get(var, "").strip():
+            return None, f"{var}={environ[var].strip()} in the environment"
+    for var in LOCAL_SIZE_VARS:
+        value = environ.get(var, "").strip()
+        if value.isdigit() and int(value) > 0:
+            ranks = int(value)
+            return max(1, cores // ranks), f"{cores} usable cores / {ranks} ranks on this node ({var}={ranks})"
+    return cores, f"{cores} usable cores, one rank on this node"
+
+
+# The thread count as we last left it (at import: PyTorch's default, or what the caller set before):
+# a different count at the next call means the caller set one since, and theirs stays.
+_threads_left = torch.get_num_threads()
+
+
+def set_cpu_threads() -> tuple[int, str]:
+    """Apply :func:`cpu_threads` to this process (torch.set_num_threads) unless the user chose: an
+    OMP_NUM_THREADS / MKL_NUM_THREADS, or a torch.set_num_threads call after this module was imported
+    (one that sets the count it already had cannot be told apart). Returns the threads this process
+    now runs and why. Data-loader workers run one thread each (PyTorch's worker loop sets that)."""
+    global _threads_left
+    now = torch.get_num_threads()
+    if now != _threads_left:
+        return now, "torch.set_num_threads by the caller"
+    n, why = cpu_threads(os.environ, usable_cores())
+    if n is None:
+        return now, why
+    if n != now:
+        torch.set_num_threads(n)
+    _threads_left = torch.get_num_threads()
+    return _threads_left, why
 
 
 # What tune_cpu_allocator sets: name, glibc's mallopt parameter (malloc.h), the environment

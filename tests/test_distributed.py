@@ -1,4 +1,4 @@
-"""dalle_repro.distributed: device picking and the CPU allocator tuning."""
+"""dalle_repro.distributed: device picking, the CPU allocator tuning and the threads per rank."""
 
 import os
 import platform
@@ -30,3 +30,45 @@ def test_allocator_tuning_applies_on_glibc(monkeypatch):
 def test_allocator_tuning_steps_aside_when_the_user_chose(monkeypatch, var, value):
     monkeypatch.setenv(var, value)
     assert distributed.tune_cpu_allocator() == {}
+
+
+def test_cpu_threads_divides_the_usable_cores_among_the_ranks_on_the_node():
+    assert distributed.cpu_threads({"LOCAL_WORLD_SIZE": "2"}, 2)[0] == 1  # torchrun
+    assert distributed.cpu_threads({"LOCAL_SIZE": "2"}, 2)[0] == 1  # deepspeed's launcher
+    assert distributed.cpu_threads({"LOCAL_SIZE": "3"}, 8)[0] == 2  # never more threads than cores
+    assert distributed.cpu_threads({"LOCAL_WORLD_SIZE": "4"}, 2)[0] == 1  # at least one
+    assert distributed.cpu_threads({}, 6)[0] == 6  # one rank: every usable core
+
+
+@pytest.mark.parametrize("var", ["OMP_NUM_THREADS", "MKL_NUM_THREADS"])
+def test_cpu_threads_leaves_an_explicit_thread_count_alone(var):
+    n, why = distributed.cpu_threads({var: "3", "LOCAL_WORLD_SIZE": "2"}, 2)
+    assert n is None and f"{var}=3" in why
+
+
+@pytest.fixture
+def threads_restored(monkeypatch):
+    before = torch.get_num_threads()
+    monkeypatch.setattr(distributed, "_threads_left", before)
+    for var in (*distributed.THREAD_VARS, *distributed.LOCAL_SIZE_VARS):
+        monkeypatch.delenv(var, raising=False)
+    yield before
+    torch.set_num_threads(before)
+
+
+def test_pick_device_runs_one_thread_per_rank_of_two_on_two_cores(monkeypatch, threads_restored):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    distributed.pick_device("cpu")
+    assert torch.get_num_threads() == 1
+
+
+def test_pick_device_respects_omp_num_threads_and_set_num_threads(monkeypatch, threads_restored):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    monkeypatch.setenv("OMP_NUM_THREADS", str(threads_restored))
+    assert distributed.set_cpu_threads() == (threads_restored, f"OMP_NUM_THREADS={threads_restored} in the environment")
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    torch.set_num_threads(3)  # the caller's own choice, after import
+    assert distributed.set_cpu_threads() == (3, "torch.set_num_threads by the caller")
+    assert torch.get_num_threads() == 3
