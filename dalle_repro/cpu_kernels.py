@@ -9,9 +9,14 @@ neither PyTorch's headers nor ninja.
 
 - Cache: ``$DALLE_REPRO_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/dalle_repro/kernels``, else
   ``~/.cache/dalle_repro/kernels``. The file name holds a hash of the source, the compiler, its flags
-  and this CPU's model and flags, because the code is built with ``-march=native``: nodes with
-  different CPUs that share a home directory each build their own. The build writes a temporary file
-  and renames it into place, so ranks that start together never load a half-written library.
+  and, for the ``-march=native`` build that training loads, this CPU's model and flags: nodes with
+  different CPUs that share a home directory each build their own. The build writes a temporary
+  file and renames it into place, so ranks that start together never load a half-written library.
+- Numbers: the kernels are compiled without ``-ffast-math``, with ``-ffp-contract=off``, their exp,
+  log and sums written out in ``csrc/fmath.h``, so a build for any x86-64 level (``x86-64``,
+  ``x86-64-v3`` (AVX2), native AVX-512) gives bit-identical float32 results: a run's numbers do not
+  depend on the CPU it lands on. :func:`load_build` builds and loads one for a named ``-march``
+  (the tests compare them).
 - Compiler: ``$CXX``, else ``g++``.
 - ``DALLE_REPRO_CPU_KERNELS=off`` turns the kernels off. Where the build fails (no compiler), a
   warning says why, once, and the callers fall back to their pure-PyTorch paths, which give the same
@@ -35,15 +40,19 @@ import torch  # noqa: F401  (loaded first, so that the kernel binds to PyTorch's
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = tuple(CSRC / name for name in ("local_attention.cpp", "gumbel_softmax.cpp"))
-HEADERS = (CSRC / "parallel.h",)  # included by the sources: part of the cache key
-# Compiled with -ffast-math (it vectorises the exp and the reductions) but linked without it: a
-# shared library *linked* with -ffast-math carries crtfastmath.o, which switches the whole process to
-# flush-to-zero for subnormals on load, PyTorch and numpy included.
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c++17", "-fPIC")
+HEADERS = (CSRC / "parallel.h", CSRC / "fmath.h")  # included by the sources: part of the cache key
+# No -ffast-math: it let the vector width (reduction order), libmvec's per-ISA exp and log, and FMA
+# contraction change the numbers from one CPU to the next (see csrc/fmath.h). -ffp-contract=off for
+# the same reason: x86-64-v3 and up would fuse a * b + c into one rounding, the baseline cannot.
+# -fno-trapping-math changes no result (no FP trap is enabled): it lets the vectoriser compute both
+# sides of a select, which exp_f's underflow branch needs. Nothing here may be *linked* with
+# -ffast-math: crtfastmath.o would switch the whole process to flush-to-zero on load.
+FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-fPIC")
+MARCH = "native"  # what training loads; load_build() takes another (x86-64, x86-64-v3, ...)
 LINK_FLAGS = ("-shared", "-fopenmp")
 SWITCH = "DALLE_REPRO_CPU_KERNELS"
 CACHE = "DALLE_REPRO_KERNEL_CACHE"
-ABI_VERSION = 1
+ABI_VERSION = 2
 NAME = "dalle_repro_cpu"
 
 _lock = threading.Lock()
@@ -75,18 +84,25 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(keep)) or platform.machine()
 
 
-def library_path() -> Path:
+def _march_flags(march: str) -> tuple[str, ...]:
+    return (f"-march={march}",)
+
+
+def library_path(march: str = MARCH) -> Path:
     key = hashlib.sha256()
-    flags = " ".join((*FLAGS, *LINK_FLAGS)).encode()
+    flags = " ".join((*FLAGS, *_march_flags(march), *LINK_FLAGS)).encode()
     code = (src.read_bytes() for src in (*SOURCES, *HEADERS))
-    for part in (*code, compiler().encode(), flags, _cpu_signature().encode()):
+    cpu = _cpu_signature() if march == "native" else ""  # only a native build depends on this CPU
+    for part in (*code, compiler().encode(), flags, cpu.encode()):
         key.update(part)
         key.update(b"\0")
-    return cache_dir() / f"{NAME}-{key.hexdigest()[:16]}.so"
+    suffix = "" if march == MARCH else "-" + march
+    return cache_dir() / f"{NAME}{suffix}-{key.hexdigest()[:16]}.so"
 
 
-def build(path: Path) -> None:
-    """Compile ``SOURCES`` into ``path`` atomically; RuntimeError with the compiler's message on failure."""
+def build(path: Path, march: str = MARCH) -> None:
+    """Compile ``SOURCES`` for ``-march=march`` into ``path`` atomically; RuntimeError with the
+    compiler's message on failure."""
     cxx = shutil.which(compiler())
     if cxx is None:
         raise RuntimeError(f"no C++ compiler: {compiler()!r} is not on PATH (set CXX)")
@@ -102,13 +118,28 @@ def build(path: Path) -> None:
 
     try:
         for src, obj in zip(SOURCES, objects, strict=True):
-            run([cxx, *FLAGS, "-c", str(src), "-o", obj], src.name)
+            run([cxx, *FLAGS, *_march_flags(march), "-c", str(src), "-o", obj], src.name)
         run([cxx, *LINK_FLAGS, *objects, "-o", tmp], "linking " + path.name)
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, *objects):
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def load_build(march: str) -> ctypes.CDLL:
+    """The kernels built for ``-march=march`` (built into the cache on first use), loaded beside
+    any other build: for comparing the numbers of builds for different CPUs. Raises RuntimeError
+    or OSError where it cannot be built or loaded (a CPU that lacks the target's instructions
+    loads it, but would fault in it: check the CPU first)."""
+    path = library_path(march)
+    if not path.exists():
+        build(path, march)
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    if lib.dr_abi_version() != ABI_VERSION:
+        raise RuntimeError(f"{path} has ABI {lib.dr_abi_version()}, expected {ABI_VERSION}")
+    return lib
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -124,6 +155,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     u64 = ctypes.c_uint64
     lib.dr_gumbel_noise.argtypes = [i64, u64, ptr]
     lib.dr_gumbel_noise.restype = None
+    lib.dr_gumbel_of_bits.argtypes = [i64, ptr, ptr]
+    lib.dr_gumbel_of_bits.restype = None
     lib.dr_gumbel_softmax_kl_forward.argtypes = [i64, i64, ptr, f64, u64, ptr, ptr, i64]
     lib.dr_gumbel_softmax_kl_forward.restype = None
     lib.dr_gumbel_softmax_kl_backward.argtypes = [i64, i64, ptr, ptr, ptr, f64, ptr, ptr, i64]
@@ -138,13 +171,7 @@ def load() -> ctypes.CDLL | None:
         if "lib" not in _state:
             lib = None
             try:
-                path = library_path()
-                if not path.exists():
-                    build(path)
-                lib = ctypes.CDLL(str(path))
-                _declare(lib)
-                if lib.dr_abi_version() != ABI_VERSION:
-                    raise RuntimeError(f"{path} has ABI {lib.dr_abi_version()}, expected {ABI_VERSION}")
+                lib = load_build(MARCH)
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as err:
                 lib = None
                 warnings.warn(

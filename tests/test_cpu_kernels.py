@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import platform
 import warnings
 
 import pytest
@@ -84,8 +86,8 @@ def test_pointer_refuses_what_the_kernel_cannot_read():
 
 
 def test_loading_keeps_subnormals(fresh):
-    """Built with -ffast-math but not linked with it: loading must not switch the process to
-    flush-to-zero (crtfastmath), which would change every later float op, PyTorch's and numpy's."""
+    """Loading must not switch the process to flush-to-zero (a library linked with -ffast-math
+    carries crtfastmath), which would change every later float op, PyTorch's and numpy's."""
     import numpy as np
 
     assert cpu_kernels.load() is not None
@@ -180,3 +182,180 @@ def test_ranks_that_start_together_build_and_load_one_library(fresh):
     assert [p.returncode for p in procs] == [0, 0]
     assert outs == [str(cpu_kernels.ABI_VERSION)] * 2
     assert [p.name for p in fresh.iterdir()] == [cpu_kernels.library_path().name]
+
+
+# ------------------------------------------------------------------------------------------
+# The noise at its extremes, and the same bits from a build for any x86-64 level
+
+M64 = (1 << 64) - 1
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _mix(seed: int, i: int) -> int:
+    """csrc/gumbel_softmax.cpp's mix(): the 64 random bits of element i (splitmix64)."""
+    x = (seed + (i + 1) * GOLDEN) & M64
+    x = ((x ^ (x >> 30)) * MIX1) & M64
+    x = ((x ^ (x >> 27)) * MIX2) & M64
+    return x ^ (x >> 31)
+
+
+def _seed_for(bits: int, i: int) -> int:
+    """The seed whose element i gets exactly ``bits``: splitmix64's finaliser is a bijection, undone
+    step by step (xor-shifts by repeated application, products by the modular inverse)."""
+
+    def unshift(y: int, s: int) -> int:
+        x = y
+        for _ in range(64 // s + 1):
+            x = y ^ (x >> s)
+        return x
+
+    x = unshift(bits, 31)
+    x = unshift((x * pow(MIX2, -1, 1 << 64)) & M64, 27)
+    x = unshift((x * pow(MIX1, -1, 1 << 64)) & M64, 30)
+    return (x - (i + 1) * GOLDEN) & M64
+
+
+# the generator's extreme outputs: the top and bottom bins of the 23 bits kept, and their edges
+EXTREME_BITS = [0, 1, (1 << 41) - 1, 1 << 41, M64 - (1 << 41) + 1, M64 - (1 << 40), M64 - 1, M64]
+
+
+def _noise_of_bits(lib, bits: list[int]) -> torch.Tensor:
+    raw = torch.tensor([b - (1 << 64) if b >= 1 << 63 else b for b in bits], dtype=torch.int64)
+    out = torch.empty(len(bits))
+    lib.dr_gumbel_of_bits(len(bits), cpu_kernels.pointer(raw), cpu_kernels.pointer(out))
+    return out
+
+
+def test_the_seed_inversion_reaches_any_bits():
+    for bits in (*EXTREME_BITS, 0x0123456789ABCDEF):
+        for i in (0, 7, 511):
+            assert _mix(_seed_for(bits, i), i) == bits
+
+
+def test_gumbel_noise_is_finite_at_its_extreme_random_bits():
+    """The top bin used to give u = 1.0 exactly (16777215.5 is not a float32) and noise +inf."""
+    lib = cpu_kernels.load()
+    g = _noise_of_bits(lib, EXTREME_BITS)
+    assert torch.isfinite(g).all(), g
+    top = -math.log(-math.log1p(-(2.0**-24)))  # u = 1 - 2^-24, the largest the generator makes
+    bottom = -math.log(-math.log(2.0**-24))  # u = 2^-24, the smallest
+    assert g.max().item() == pytest.approx(top, rel=1e-5) and g.max().item() < 17
+    assert g.min().item() == pytest.approx(bottom, rel=1e-5)
+    # the old 24-bit formula, in float32 as the kernel computed it: the top bin rounds to 1.0
+    import numpy as np
+
+    old_top = (np.float32(float(M64 >> 40)) + np.float32(0.5)) * np.float32(1 / 16777216)
+    assert old_top == np.float32(1.0)
+
+
+def test_a_seed_that_hits_the_top_bin_gives_a_finite_sample():
+    """Seeds made to give element 3 of row 1 (and element 0) the largest and smallest random
+    bits: the noise, the relaxed sample and its gradient stay finite, through the real path."""
+    from dalle_repro.dvae import _GumbelSoftmaxKL
+
+    lib = cpu_kernels.load()
+    V = 64
+    for bits in (M64, 0):
+        for i in (0, V + 3):
+            seed = _seed_for(bits, i)
+            noise = _noise(lib, (2 * V,), seed)
+            assert torch.isfinite(noise).all()
+            lg = torch.randn(2, V, requires_grad=True)
+            z, kl = _GumbelSoftmaxKL.apply(lg, 1 / 16, seed, lib)
+            assert torch.isfinite(z).all() and torch.isfinite(kl).all()
+            assert torch.allclose(z.sum(-1), torch.ones(2))
+            (grad,) = torch.autograd.grad((z * torch.randn(2, V)).sum() + kl.sum(), lg)
+            assert torch.isfinite(grad).all()
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return {f for ln in text.splitlines() if ln.startswith("flags") for f in ln.split(":", 1)[1].split()}
+
+
+def _kernel_outputs(lib) -> list[torch.Tensor]:
+    """Forward and backward of both kernels, float32, on fixed inputs."""
+    from dalle_repro.attention import MaskSpec, _key_lists
+
+    gen = torch.Generator().manual_seed(0)
+    rows, V = 300, 512
+    lg = 4 * torch.randn(rows, V, generator=gen)
+    z, kl = torch.empty(rows, V), torch.empty(rows)
+    ptr = cpu_kernels.pointer
+    lib.dr_gumbel_softmax_kl_forward(rows, V, ptr(lg), 1 / 16, 12345, ptr(z), ptr(kl), 2)
+    d_z, d_kl, d_lg = torch.randn(rows, V, generator=gen), torch.randn(rows, generator=gen), torch.empty(rows, V)
+    lib.dr_gumbel_softmax_kl_backward(rows, V, ptr(lg), ptr(z), ptr(d_z), 1 / 16, ptr(d_kl), ptr(d_lg), 2)
+    outs = [z, kl, d_lg, _noise(lib, (4096,), 7)]
+    # the attention kernel on the conv mask (listed keys with empty slots, text keys, PB-relax)
+    spec = MaskSpec("conv", 6, 8, conv_kernel=5)
+    idx = _key_lists(spec)
+    bh, n, d, t, kmax = 3, spec.n, 64, spec.text_len, idx.shape[1]
+    q, k, v, d_out = (torch.randn(bh, n, d, generator=gen) for _ in range(4))
+    text, p = torch.randn(bh, n, t, generator=gen), torch.empty(bh, n, kmax)
+    out = torch.empty(bh, n, d)
+    lib.dr_local_forward_f32(bh, n, d, kmax, t, ptr(q), ptr(k), ptr(v), ptr(idx), ptr(text), ptr(p), ptr(out), 2.0, 2)
+    g_text = torch.randn(bh, n, t, generator=gen)
+    dq, dk, dv = torch.zeros(bh, n, d), torch.zeros(bh, n, d), torch.zeros(bh, n, d)
+    args = (ptr(q), ptr(k), ptr(v), ptr(idx), ptr(p), ptr(text), ptr(d_out), ptr(g_text), ptr(dq), ptr(dk), ptr(dv))
+    lib.dr_local_backward_f32(bh, n, d, kmax, t, *args, 2.0, 2)
+    return [*outs, text, p, out, g_text, dq, dk, dv]
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 builds")
+@pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"])
+def test_a_build_for_another_x86_level_gives_the_same_bits(march, tmp_path, monkeypatch):
+    """The library built for AVX2 only (x86-64-v3) and for the x86-64 baseline (SSE2, no FMA)
+    computes bit for bit what the native build (AVX-512 where the CPU has it) computes."""
+    if march == "x86-64-v3" and not {"avx2", "fma", "bmi2"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run an x86-64-v3 build")
+    monkeypatch.setenv(cpu_kernels.CACHE, str(tmp_path))
+    native, other = cpu_kernels.load_build("native"), cpu_kernels.load_build(march)
+    assert native._name != other._name
+    for i, (a, b) in enumerate(zip(_kernel_outputs(native), _kernel_outputs(other), strict=True)):
+        assert torch.isfinite(a).all()
+        assert torch.equal(a, b), f"output {i} differs: max {(a - b).abs().max().item():.3g}"
+
+
+@pytest.fixture(scope="module")
+def emoji32(tmp_path_factory: pytest.TempPathFactory):
+    """The emoji at 32x32, as the demo dVAE sees them (a few hundred, decoded once)."""
+    from dalle_repro.data import DataArgs, Loader
+    from dalle_repro.emoji import EMOJI_TEST_PATH, FONT_PATH, build_emoji_dataset
+
+    if not (os.path.isfile(FONT_PATH) and os.path.isfile(EMOJI_TEST_PATH)):
+        pytest.skip("needs Debian's fonts-noto-color-emoji and unicode-data")
+    out = tmp_path_factory.mktemp("emoji32")
+    build_emoji_dataset(out, image_size=32, shard_size=256, val_fraction=0.0, limit=512)
+    shards = sorted(str(p) for p in out.glob("**/*.tar"))
+    loader = Loader(shards, DataArgs(image_size=32, batch_size=256, num_workers=0, shuffle=False), epochs=1)
+    return torch.cat([b["image"] for b in loader]).float().div_(255)
+
+
+@pytest.mark.parametrize("kernel", ["on", "off"])
+def test_demo_dvae_skips_no_update_in_fp32(emoji32, kernel, monkeypatch):
+    """300 fp32 updates of the demo dVAE (narrowed to n_hid 16 for time) on the emoji: no update
+    is skipped for a non-finite gradient. With the old noise about one step in 16 was (2048 rows
+    of 512 codes a step, one draw in 2^24 infinite): about 19 of these 300."""
+    from dalle_repro.config import load_config
+    from dalle_repro.dvae import DVAE
+    from dalle_repro.optim import EMA, adamw
+    from dalle_repro.train_dvae import DVAETrainConfig, State, train_step
+
+    monkeypatch.setenv(cpu_kernels.SWITCH, kernel)
+    cfg = load_config(
+        DVAETrainConfig, "configs/demo/dvae.yaml", ["model.n_hid=16", "run.precision=fp32", "data.batch_size=32"]
+    )
+    torch.manual_seed(0)
+    model = DVAE(cfg.model).to(memory_format=torch.channels_last)
+    o = cfg.optim
+    opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)
+    st = State(model, model, opt, EMA(model, o.ema_decay), None, None)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        idx = torch.randint(0, len(emoji32), (32,), generator=gen)
+        train_step(st, emoji32[idx].contiguous(memory_format=torch.channels_last), cfg, torch.device("cpu"))
+    assert st.step == 300
+    assert st.skipped_steps == 0

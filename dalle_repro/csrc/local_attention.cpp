@@ -18,19 +18,21 @@
 #include <limits>
 #include <vector>
 
+#include "fmath.h"
 #include "parallel.h"
 
 namespace {
 
 // D > 0 fixes the head size at compile time, so the 64-wide loops unroll; D == 0 reads d.
+// Dot products add over fmath.h's fixed lanes, so float32 results do not depend on the vector width.
 template <int D, typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t d) {
   if constexpr (D > 0) d = D;
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t c = 0; c < d; ++c) acc += a[c] * b[c];
-  return acc;
+  return dalle_repro::lane_dot(a, b, d);
 }
+
+inline float exp_of(float x) { return dalle_repro::exp_f(x); }
+inline double exp_of(double x) { return std::exp(x); }
 
 template <int D, typename T>
 inline void axpy(T a, const T* __restrict x, T* __restrict y, int64_t d) {
@@ -56,21 +58,16 @@ void forward(int64_t bh, int64_t n, int64_t d, int64_t kmax, int64_t t, const T*
       const int64_t tv = text_visible(i, t);
       T m = std::numeric_limits<T>::lowest();
       for (int64_t j = 0; j < kmax; ++j) {
-        if (keys[j] < 0) continue;
-        p[j] = dot<D>(qi, kh + keys[j] * d, d);
+        p[j] = keys[j] < 0 ? -std::numeric_limits<T>::infinity() : dot<D>(qi, kh + keys[j] * d, d);
         m = std::max(m, p[j]);
       }
       for (int64_t j = 0; j < tv; ++j) m = std::max(m, st[j]);
-      T sum = 0;
-      for (int64_t j = 0; j < kmax; ++j) {
-        p[j] = keys[j] < 0 ? T(0) : std::exp(a * (p[j] - m));
-        sum += p[j];
-      }
-      for (int64_t j = 0; j < tv; ++j) {
-        st[j] = std::exp(a * (st[j] - m));
-        sum += st[j];
-      }
-      const T inv = T(1) / sum;
+      // exp in loops of their own, so that they vectorise; the sums in fmath.h's fixed order
+#pragma omp simd
+      for (int64_t j = 0; j < kmax; ++j) p[j] = exp_of(a * (p[j] - m));  // empty slots: e^-inf = 0
+#pragma omp simd
+      for (int64_t j = 0; j < tv; ++j) st[j] = exp_of(a * (st[j] - m));
+      const T inv = T(1) / (dalle_repro::lane_sum(p, kmax) + dalle_repro::lane_sum(st, tv));
       for (int64_t j = 0; j < kmax; ++j) p[j] *= inv;
       for (int64_t j = 0; j < tv; ++j) st[j] *= inv;
       std::fill(st + tv, st + t, T(0));
@@ -146,7 +143,7 @@ void backward(int64_t bh, int64_t n, int64_t d, int64_t kmax, int64_t t, const T
   }
 
 extern "C" {
-int dr_abi_version() { return 1; }
+int dr_abi_version() { return 2; }
 DR_DEFINE(f32, float)
 DR_DEFINE(f64, double)
 }
