@@ -121,3 +121,58 @@ def test_scaler_state_round_trips():
     assert torch.equal(t.scales, s.scales) and torch.equal(t.last_decay, s.last_decay)
     with pytest.raises(ValueError, match="branches"):
         BlockScaler(2, PrecisionArgs(dtype="fp16")).load_state_dict(s.state_dict())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_unscaled_filter_hands_back_a_finite_gradient_untouched_and_zeros_nonfinite_values(dtype):
+    s = BlockScaler(2, PrecisionArgs(dtype=dtype))
+    g = torch.randn(64, 32)
+    assert s._filter(0, g, 1.0) is g  # no copy, no rounding
+    big = torch.full((8,), 3e38)  # finite, but its sum overflows: still finite, not flagged
+    assert s._filter(1, big, 1.0) is big
+    assert not s.flags.any()
+    for bad_value in (float("nan"), float("inf"), float("-inf")):
+        s.flags.zero_()
+        bad = g.clone()
+        bad[3, 5] = bad_value
+        out = s._filter(1, bad, 1.0)
+        assert s.flags.tolist() == [False, True, False]
+        assert out[3, 5] == 0 and torch.isnan(bad[3, 5]) == math.isnan(bad_value)  # the input is left alone
+        keep = torch.ones_like(g, dtype=torch.bool)
+        keep[3, 5] = False
+        assert torch.equal(out[keep], g[keep])
+
+
+def test_scaled_filter_divides_and_zeros():
+    s = BlockScaler(1, PrecisionArgs(dtype="fp16"))
+    g = torch.tensor([2.0, 4.0, float("inf"), float("nan")])
+    assert s._filter(0, g[:2], 4.0).tolist() == [0.5, 1.0] and not s.flags.any()
+    assert s._filter(0, g, 4.0).tolist() == [0.5, 1.0, 0.0, 0.0] and bool(s.flags[0])
+    assert math.isinf(g[2]) and math.isnan(g[3])
+
+
+def test_fp32_model_gradients_are_bit_identical_and_a_nan_skips_only_its_branch():
+    """fp32 (s = 1): the hooks leave finite gradients exactly as a plain model's; a NaN produced in
+    one branch flags that branch only, and what leaves it is zeroed."""
+    torch.manual_seed(0)
+    plain = Transformer(TransformerArgs(**ARGS))
+    hooked = Transformer(TransformerArgs(**ARGS))
+    hooked.load_state_dict(plain.state_dict())
+    scaler = hooked.enable_precision(PrecisionArgs(dtype="fp32"))
+    text, image = batch()
+    plain.loss(text, image).loss.backward()
+    hooked.loss(text, image).loss.backward()
+    assert scaler.end_step(hooked.branch_params(), step=1) == ([], False)
+    for (name, a), b in zip(plain.named_parameters(), hooked.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
+
+    hooked.zero_grad(set_to_none=True)
+    nan_grad = lambda mod, gin, gout: (torch.full_like(gin[0], float("nan")),)  # noqa: E731
+    hooked.blocks[2].attn.proj.register_full_backward_hook(nan_grad)  # branch 4: attention of layer 3
+    leaving = []
+    hooked.blocks[2].register_full_backward_hook(lambda mod, gin, gout: leaving.append(gin[0]))
+    hooked.loss(text, image).loss.backward()
+    assert scaler.end_step(hooked.branch_params(), step=2) == ([4], False)
+    assert all(p.grad is None for p in hooked.branch_params()[4])
+    assert all(torch.isfinite(p.grad).all() for p in hooked.parameters() if p.grad is not None)
+    assert torch.isfinite(leaving[0]).all()
