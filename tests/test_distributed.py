@@ -1,10 +1,13 @@
 """dalle_repro.distributed: device picking, the CPU allocator tuning and the threads per rank."""
 
+import json
 import os
 import platform
+import subprocess
 
 import pytest
 import torch
+from helpers import launch_env, launcher
 
 from dalle_repro import distributed
 
@@ -72,3 +75,21 @@ def test_pick_device_respects_omp_num_threads_and_set_num_threads(monkeypatch, t
     torch.set_num_threads(3)  # the caller's own choice, after import
     assert distributed.set_cpu_threads() == (3, "torch.set_num_threads by the caller")
     assert torch.get_num_threads() == 3
+
+
+def test_ranks_under_the_deepspeed_launcher_split_the_cores(tmp_path):
+    """The real launcher's variables (LOCAL_SIZE on CPU) reach the default: cores // 2 per rank."""
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import json, os, torch\n"
+        "from dalle_repro import distributed\n"
+        "distributed.pick_device('cpu', int(os.environ['LOCAL_RANK']))\n"
+        "print('THREADS', json.dumps([os.environ['LOCAL_RANK'], torch.get_num_threads()]), flush=True)\n"
+    )
+    env = {k: v for k, v in launch_env().items() if k not in distributed.THREAD_VARS}
+    cmd = [launcher(), "--num_gpus", "2", "--master_port", str(distributed.free_port()), str(script)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    seen = sorted(json.loads(line.split(" ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("THREADS"))
+    expected = max(1, distributed.usable_cores() // 2)
+    assert seen == [["0", expected], ["1", expected]], r.stdout[-2000:]
