@@ -15,6 +15,7 @@ each averaged over its own tokens, mixed 1/8 text + 7/8 image (options).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ import torch.utils.checkpoint
 
 from dalle_repro.attention import BACKENDS, LayerCache, MaskSpec, attend, layer_kind, pick_backend
 from dalle_repro.config import ConfigError, arg
-from dalle_repro.precision import BlockScaler, PrecisionArgs
+from dalle_repro.precision import BlockScaler, PrecisionArgs, pick_precision
 
 
 @dataclass
@@ -177,7 +178,10 @@ class Transformer(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
 
     def enable_precision(self, args: PrecisionArgs, world_size: int = 1) -> BlockScaler:
-        """Run the resblocks in ``args.dtype`` with per-branch gradient scaling (SPEC §3)."""
+        """Run the resblocks in ``args.dtype`` with per-branch gradient scaling (SPEC §3); ``auto`` is
+        resolved for the device the weights are on (precision.pick_precision)."""
+        if args.dtype == "auto":
+            args = dataclasses.replace(args, dtype=pick_precision("auto", next(self.parameters()).device).dtype)
         self.scaler = BlockScaler(2 * self.args.depth, args, world_size)
         for b in self.blocks:
             b.scaler = self.scaler
