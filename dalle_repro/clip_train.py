@@ -19,7 +19,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm import tqdm
@@ -27,6 +27,7 @@ from tqdm import tqdm
 from dalle_repro.config import arg, save_config
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.optim import cosine
+from dalle_repro.precision import pick_precision
 from dalle_repro.rerank import CLIP_MEAN, CLIP_STD, clip_pixels
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,9 @@ class ClipTrainConfig:
     batch_size: int = arg(64, "Pairs per batch (the contrastive negatives).", gt=1)
     lr: float = arg(1e-3, "Peak learning rate (AdamW), after a 5% warm-up, cosine to 0.", gt=0)
     weight_decay: float = arg(0.1, "AdamW weight decay.", ge=0)
-    precision: str = arg("bf16", "Autocast precision: fp32 or bf16.")
+    precision: Literal["auto", "fp32", "bf16"] = arg(
+        "auto", "Autocast precision (CPU): fp32, bf16, or auto: bf16 where the CPU runs it natively and fast."
+    )
     num_workers: int = arg(1, "Loader workers.", ge=0)
     seed: int = arg(0, "Seed of the weights and the data order.", ge=0)
 
@@ -152,6 +155,8 @@ def retrieval(model: Any, tokenizer: Any, shards: str, args: ClipModelArgs) -> d
 def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate and save the small CLIP; returns the retrieval metrics."""
     torch.manual_seed(cfg.seed)
+    pick = pick_precision(cfg.precision, "cpu", "precision")
+    log.info("precision: %s", pick.reason)
     a = cfg.model
     tokenizer = hf_tokenizer(cfg.tokenizer, a.text_len)
     model = build_clip(a, tokenizer)
@@ -171,7 +176,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict[str, Any]:
         t = tokenizer(
             batch["caption"], padding="max_length", truncation=True, max_length=a.text_len, return_tensors="pt"
         )
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=pick.dtype == "bf16"):
             out = model(
                 input_ids=t["input_ids"],
                 attention_mask=t["attention_mask"],
@@ -190,6 +195,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict[str, Any]:
         "train_loss_last": sum(losses[-10:]) / len(losses[-10:]),
         "seconds": round(time.perf_counter() - t0, 1),
         "steps": cfg.steps,
+        "precision": pick.reason,
     }
     save_clip(model, tokenizer, cfg, metrics)
     return metrics
@@ -208,7 +214,7 @@ def save_clip(model: Any, tokenizer: Any, cfg: ClipTrainConfig, metrics: dict[st
         pre = {"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "size": cfg.model.image_size}
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         (tmp / "retrieval.json").write_text(json.dumps(metrics, indent=2))
-        save_config(cfg, tmp, "train_clip.yaml")
+        save_config(cfg, tmp, "train_clip.yaml", header=f"precision: {metrics.get('precision', cfg.precision)}")
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

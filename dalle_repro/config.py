@@ -309,10 +309,18 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
-def save_config(cfg: Any, run_dir: str | os.PathLike[str], name: str = "config.yaml") -> Path:
-    """Write the resolved config into the run directory (atomically) and return its path."""
+def yaml_comment(text: str) -> str:
+    """``text`` as YAML comment lines: notes that readers of the file (load_yaml) skip."""
+    return "".join(f"# {line}".rstrip() + "\n" for line in text.splitlines())
+
+
+def save_config(cfg: Any, run_dir: str | os.PathLike[str], name: str = "config.yaml", header: str = "") -> Path:
+    """Write the resolved config into the run directory (atomically) and return its path.
+
+    ``header`` goes above it as YAML comments: what the run decided on its machine (the precision
+    ``auto`` picked, and why) without changing the values, so the file still loads as the config."""
     path = Path(run_dir) / name
-    atomic_write_text(path, to_yaml(cfg))
+    atomic_write_text(path, yaml_comment(header) + to_yaml(cfg))
     return path
 
 

@@ -40,6 +40,7 @@ from dalle_repro.data import DataArgs, Loader
 from dalle_repro.dvae import DVAE, DVAEArgs, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
 from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
 from dalle_repro.optim import EMA, adamw, cosine, load_optimizer_state, set_lr
+from dalle_repro.precision import PrecisionChoice, agree_across_ranks, pick_precision
 from dalle_repro.viz import grid, save_png
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,11 @@ class RunArgs:
 
     run_dir: str = arg("runs/dvae", "Folder for checkpoints, metrics, grids and the exported model.")
     steps: int = arg(1000, "Updates to train for.", gt=0)
-    precision: Literal["fp32", "bf16", "fp16"] = arg(
-        "fp32", "Autocast precision of the convolutions (fp16 on CUDA only, with loss scaling)."
+    precision: PrecisionChoice = arg(
+        "auto",
+        "Autocast precision of the convolutions. auto: bf16 where the device runs it natively and fast (CUDA with "
+        "bf16; a CPU with AVX512-BF16 or AMX, confirmed by a measured matmul), else fp32; the run's config.yaml "
+        "keeps auto and notes the pick. fp16: CUDA only, with loss scaling.",
     )
     device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: CUDA when there is one.")
     seed: int = arg(0, "Seed of the weights and the Gumbel noise (each rank adds its rank).", ge=0)
@@ -120,10 +124,12 @@ def schedule_at(s: ScheduleArgs, step: int) -> dict[str, float]:
 
 
 def autocast(device: torch.device, precision: str) -> Any:
+    """The autocast context of ``run.precision`` (``auto`` resolved by precision.pick_precision; fp16
+    on a CPU raises a ConfigError naming the key)."""
+    if precision not in ("fp32", "bf16"):
+        precision = pick_precision(precision, device, "run.precision").dtype
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("run.precision: fp16 needs CUDA; use bf16 on CPU")
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
@@ -291,12 +297,18 @@ def export(st: State, cfg: DVAETrainConfig, run_dir: Path) -> Path:
 
 
 def train(cfg: DVAETrainConfig, resume_run: bool = False) -> dict[str, Any]:
-    """Train (or continue) a dVAE run; returns the last validation metrics (rank 0)."""
+    """Train (or continue) a dVAE run; returns the last validation metrics (rank 0).
+
+    ``cfg`` is what the run's config.yaml, checkpoints and export keep (``auto`` stays ``auto``); the
+    loop runs a copy with the picked precision, noted in config.yaml's header and the log."""
     d = distributed.init(cfg.run.device)
-    autocast(d.device, cfg.run.precision)  # fp16 on a CPU fails here, before any work
+    pick = agree_across_ranks(pick_precision(cfg.run.precision, d.device, "run.precision"))  # fp16 on CPU fails
+    if d.is_main:
+        log.info("precision: %s", pick.reason)
+    run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=pick.dtype))
     run_dir = Path(cfg.run.run_dir)
     ckpts = Checkpoints(run_dir, cfg.run.keep)
-    st = build(cfg, d)
+    st = build(run_cfg, d)
     latest = ckpts.latest()
     if resume_run and latest is not None:
         resume(st, latest, d)
@@ -306,7 +318,7 @@ def train(cfg: DVAETrainConfig, resume_run: bool = False) -> dict[str, Any]:
             f"{run_dir} already holds checkpoints ({latest.name}); pass --resume, or set another run.run_dir"
         )
     if d.is_main:
-        save_config(cfg, run_dir)
+        save_config(cfg, run_dir, header=f"precision: {pick.reason}")
     logger = MetricsLogger(run_dir, cfg.log, cfg, cfg.run.steps, st.step, d.is_main)
     val: dict[str, Any] = {}
     it = iter(st.loader)
@@ -315,7 +327,7 @@ def train(cfg: DVAETrainConfig, resume_run: bool = False) -> dict[str, Any]:
         batch = next(it)
         images = batch["image"].to(d.device, non_blocking=True).float().div_(255)
         images = images.contiguous(memory_format=torch.channels_last)
-        metrics = train_step(st, images, cfg, d.device)
+        metrics = train_step(st, images, run_cfg, d.device)
         faults.point("after_step", st.step)
         seen += images.shape[0]
         logger.advance()

@@ -15,6 +15,8 @@ Precision (``precision.mode``):
 - ``paper`` (default): the engine keeps fp32 weights; each resblock computes in ``precision.dtype``
   with per-resblock gradient scaling and the non-finite filter (precision.py), so an overflow in
   one block skips only that block's update. The scales are part of the train state.
+  ``precision.dtype: auto`` (the default) is bf16 where the device runs it natively and fast, else
+  fp32 (precision.pick_precision), decided at start; config.yaml keeps ``auto`` and notes the pick.
 - ``deepspeed``: DeepSpeed's own bf16/fp16 (half weights, one loss scale), for comparison.
 
 A step whose loss is non-finite on any rank is skipped (at ZeRO stage 0: no parameter moves and
@@ -66,7 +68,7 @@ from dalle_repro.ds_checkpoint import safe_checkpoint_engine
 from dalle_repro.dvae import DVAE
 from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
 from dalle_repro.optim import EMA, cosine, param_groups
-from dalle_repro.precision import BlockScaler, PrecisionArgs
+from dalle_repro.precision import BlockScaler, Pick, PrecisionArgs, agree_across_ranks, pick_precision
 from dalle_repro.prior_export import write_export
 from dalle_repro.tokenizer import TextTokenizer, TokenizerArgs
 from dalle_repro.train_dvae import weights_digest
@@ -241,7 +243,10 @@ class LRSchedule:
 
 
 def deepspeed_config(cfg: PriorTrainConfig, world_size: int) -> dict[str, Any]:
-    """The engine's config, generated from ours, with the user's JSON (``deepspeed.config``) merged over it."""
+    """The engine's config, generated from ours, with the user's JSON (``deepspeed.config``) merged over it.
+    ``cfg.precision.dtype`` must be resolved already (``auto`` is picked in :func:`picked_precision`)."""
+    if cfg.precision.dtype == "auto":
+        raise ValueError("deepspeed_config: precision.dtype 'auto' must be picked first (picked_precision)")
     b, gas = cfg.data.batch_size, cfg.deepspeed.grad_accum
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": b,
@@ -332,6 +337,7 @@ class Run:
     run_dir: Path
     step: int = 0
     counters: Counters = field(default_factory=Counters)
+    written_cfg: PriorTrainConfig | None = None  # what checkpoints and the export store (precision auto kept)
 
     @property
     def zero(self) -> int:
@@ -539,7 +545,7 @@ def save(r: Run, ckpts: Checkpoints) -> Path:
             "counters": dataclasses.asdict(r.counters),
         }
         assert r.ema is not None
-        path = ckpts.save(r.step, {"ema": r.ema.state_dict()}, state, r.cfg)
+        path = ckpts.save(r.step, {"ema": r.ema.state_dict()}, state, r.written_cfg or r.cfg)
         kept = {p.name for p in ckpts.all()}
         for old in ds_root.iterdir():
             if old.is_dir() and old.name not in kept:
@@ -666,9 +672,9 @@ def export(r: Run) -> Path | None:
         return None
     assert r.ema is not None
     info = {"step": r.step, "text_len": r.cfg.model.text_len, "caption_dropout": r.cfg.run.caption_dropout}
-    return write_export(
-        r.run_dir / "export", r.cfg, r.ema.state_dict(), raw, r.cfg.text.path, r.cfg.dvae, info, r.cfg.run.copy_dvae
-    )
+    cfg = r.written_cfg or r.cfg  # precision auto stays auto: the sampler picks on its own machine
+    ema = r.ema.state_dict()
+    return write_export(r.run_dir / "export", cfg, ema, raw, cfg.text.path, cfg.dvae, info, cfg.run.copy_dvae)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -692,6 +698,16 @@ def train(cfg: PriorTrainConfig, resume_run: bool = False, stop: StopRequested |
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
+def picked_precision(cfg: PriorTrainConfig, d: distributed.Dist) -> Pick:
+    """``precision.dtype`` resolved on this machine (rank 0's pick on every rank), logged on rank 0."""
+    pick = agree_across_ranks(pick_precision(cfg.precision.dtype, d.device, "precision.dtype"))
+    if cfg.precision.mode == "deepspeed" and pick.dtype == "fp32":
+        raise ConfigError(f"precision.dtype: precision.mode 'deepspeed' needs bf16 or fp16, and {pick.reason}")
+    if d.is_main:
+        log.info("precision: %s (mode %s)", pick.reason, cfg.precision.mode)
+    return pick
+
+
 def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: StopRequested | None) -> dict[str, Any]:
     run_dir = Path(cfg.run.run_dir)
     ckpts = Checkpoints(run_dir, cfg.run.keep)
@@ -700,11 +716,13 @@ def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: S
         raise FileExistsError(
             f"{run_dir} already holds checkpoints ({latest.name}); pass --resume, or set another run.run_dir"
         )
-    r = build(cfg, d)
+    pick = picked_precision(cfg, d)
+    r = build(dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype)), d)
+    r.written_cfg = cfg
     if resume_run and (found := resume(r, ckpts)) is not None:
         log.info("resumed from %s at step %d", found, r.step)
     if d.is_main:  # after resume, so a config that cannot resume does not overwrite the run's own
-        save_config(cfg, run_dir)
+        save_config(cfg, run_dir, header=f"precision: {pick.reason}")
     stop = stop or StopRequested()
     logger = MetricsLogger(run_dir, cfg.log, cfg, cfg.run.steps, r.step, d.is_main)
     captions = sample_captions(r) if d.is_main else []

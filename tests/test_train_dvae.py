@@ -195,6 +195,29 @@ def test_fp16_on_cpu_fails_before_any_work(emoji_dir, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_config_yaml_notes_the_precision_auto_picked_and_still_loads(emoji_dir, tmp_path, monkeypatch):
+    from dalle_repro import precision
+    from dalle_repro.precision import Pick, pick_precision
+
+    extra = ("run.device=cpu", "run.ckpt_every=2", "run.val_every=2")
+    cfg = tiny_config(emoji_dir, tmp_path, "run.steps=2", *extra)
+    assert cfg.run.precision == "auto"  # the default
+    train(cfg)
+    path = tmp_path / "config.yaml"
+    pick = pick_precision("auto", "cpu", "run.precision")
+    assert path.read_text().startswith(f"# precision: {pick.reason}\n")
+    assert pick.reason.startswith(f"run.precision=auto picked {pick.dtype}: this CPU (")
+    assert load_config(DVAETrainConfig, path) == cfg  # the user's value, auto, is what is kept
+    # resumed on a machine where auto picks the other way: it picks again, and says so
+    other = "fp32" if pick.dtype == "bf16" else "bf16"
+    monkeypatch.setattr(precision, "_auto", lambda *_: Pick(other, f"{other}: another machine"))
+    train(tiny_config(emoji_dir, tmp_path, "run.steps=3", *extra), resume_run=True)
+    assert path.read_text().startswith(f"# precision: run.precision=auto picked {other}: another machine\n")
+    assert load_config(DVAETrainConfig, path).run.precision == "auto"
+    for kept in (tmp_path / "dvae" / "config.yaml", tmp_path / "checkpoints" / "step_00000003" / "config.yaml"):
+        assert load_config(DVAETrainConfig, kept).run.precision == "auto"
+
+
 def test_fused_adamw_state_gets_its_parameters_layout_back():
     """Checkpoints store optimizer state contiguous; the fused AdamW pairs elements by memory order,
     so a channels_last weight must get channels_last state back, or the resumed run drifts."""

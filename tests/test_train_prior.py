@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -114,7 +115,14 @@ def test_image_shards_are_encoded_on_the_fly(prior_data, emoji_dir, tmp_path):
 
 def test_export_loads_and_samples_without_deepspeed(prior_data, tmp_path):
     run = tmp_path / "run"
-    train(config(prior_data, run, "run.steps=2", "run.sample_every=2"))
+    train(config(prior_data, run, "run.steps=2", "run.sample_every=2", "precision.dtype=auto"))
+    # the run's config keeps auto and notes the pick; the export keeps auto for the sampler to pick
+    from dalle_repro.precision import auto_precision
+
+    picked = auto_precision("cpu")
+    assert (run / "config.yaml").read_text().startswith(f"# precision: precision.dtype=auto picked {picked.reason}")
+    assert load_config(PriorTrainConfig, run / "config.yaml").precision.dtype == "auto"
+    assert load_config(PriorTrainConfig, run / "export" / "config.yaml").precision.dtype == "auto"
     export = run / "export"
     assert {p.name for p in export.iterdir()} >= {
         "model.safetensors",
@@ -135,12 +143,12 @@ text = torch.tensor([p.tokenizer.encode("a red heart")])
 tokens = p.model.generate(text, temperature=1.0, generator=torch.Generator().manual_seed(0))
 images = p.dvae.decode(tokens.view(1, 4, 4))
 assert images.shape == (1, 3, 16, 16), images.shape
-print(p.info["step"], p.info["caption_dropout"])
+print(p.info["step"], p.info["caption_dropout"], p.use_trained_precision().dtype)
 """
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.split() == ["2", "0.3"]
+    assert r.stdout.split() == ["2", "0.3", picked.dtype]
     ema = load_file(str(export / "model.safetensors"))
     last = sorted((run / "checkpoints").glob("step_*"))[-1]
     assert all(torch.equal(ema[k], v) for k, v in load_file(str(last / "ema.safetensors")).items())
@@ -262,6 +270,14 @@ def test_config_errors_name_the_field(prior_data, tmp_path):
         config(prior_data, tmp_path, "data.kind=images", "dvae=null")
     with pytest.raises(ConfigError, match="model.text_vocab"):
         train(config(prior_data, tmp_path / "v", "model.text_vocab=9999"))
+    with pytest.raises(ConfigError, match="precision.dtype: fp16 needs CUDA"):
+        train(config(prior_data, tmp_path / "h", "precision.dtype=fp16", "run.device=cpu"))
+    from dalle_repro import precision
+    from dalle_repro.precision import Pick
+
+    with mock.patch.object(precision, "_auto", lambda *_: Pick("fp32", "fp32: no native bf16 here")):
+        with pytest.raises(ConfigError, match="'deepspeed' needs bf16 or fp16, and precision.dtype=auto picked fp32"):
+            train(config(prior_data, tmp_path / "d", "precision.mode=deepspeed", "precision.dtype=auto"))
     r = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "train_prior.py"), "schedule.lr=-1"], capture_output=True, text=True
     )

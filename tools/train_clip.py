@@ -12,6 +12,7 @@ with the validation retrieval accuracy.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 
 from dalle_repro.clip_train import ClipTrainConfig, chance_note, train_clip
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, _ = parse_cli(ClipTrainConfig, argv, __doc__ or "")
     if cfg is None:
         return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # the precision picked, and why
     metrics = train_clip(cfg)
     print(json.dumps(metrics))
     print(f"saved {cfg.output}: {chance_note(metrics)}")
