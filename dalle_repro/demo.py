@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -47,6 +48,8 @@ from dalle_repro.train_dvae import DVAETrainConfig
 from dalle_repro.train_dvae import train as train_dvae
 from dalle_repro.train_prior import PriorTrainConfig
 from dalle_repro.viz import grid, save_png
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -276,7 +279,8 @@ def demo_captions(cfg: DemoConfig) -> list[tuple[str, str]]:
 def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
     """Sample every demo caption from the exported prior, rerank with the small CLIP, write grids."""
     prior = load_prior(Path(prior_config(cfg).run.run_dir, "export"))
-    prior.use_trained_precision()
+    pick = prior.use_trained_precision()
+    log.info("sampling precision: %s", pick.reason)
     reranker = Reranker(Path(cfg.out_dir, "clip"))
     pairs = demo_captions(cfg)
     settings = SampleSettings(
@@ -308,6 +312,7 @@ def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
         "mean_score_all": mean_all,
         "rerank_gain": mean_kept - mean_all,
         "settings": dataclasses.asdict(settings),
+        "precision": pick.reason,
     }
 
 

@@ -3,7 +3,8 @@
 ``EXPORT/`` holds:
 
 - ``model.safetensors``: the EMA weights (what sampling uses), ``raw.safetensors``: the raw ones;
-- ``config.yaml``: the run's full config (its ``model`` section rebuilds the transformer);
+- ``config.yaml``: the run's full config (its ``model`` section rebuilds the transformer; its
+  ``precision.dtype`` is the user's, ``auto`` by default, which the sampler picks on its own machine);
 - ``tokenizer.json``: the BPE tokenizer the prior was trained with;
 - ``dvae/``: a copy of the dVAE folder (or, with ``copy_dvae`` off, ``export.json`` names its path);
 - ``export.json``: the step, the text length, the caption-dropout rate (whether classifier-free
@@ -24,7 +25,7 @@ import torch
 from dalle_repro.checkpoint import load_pretrained, load_state_strict, write_folder
 from dalle_repro.config import load_yaml, to_yaml
 from dalle_repro.dvae import DVAE
-from dalle_repro.precision import PrecisionArgs
+from dalle_repro.precision import Pick, PrecisionArgs, pick_precision, slow_bf16_note
 from dalle_repro.tokenizer import TextTokenizer
 from dalle_repro.transformer import Transformer, TransformerArgs
 
@@ -65,12 +66,20 @@ class Prior:
     info: dict[str, Any]
     config: dict[str, Any]
 
-    def use_trained_precision(self) -> None:
-        """Run the resblocks in the half precision the prior was trained with (bf16 instead of fp16 on a CPU)."""
-        dtype = self.config.get("precision", {}).get("dtype")
-        if dtype in ("bf16", "fp16"):
-            cpu = next(self.model.parameters()).device.type == "cpu"
-            self.model.enable_precision(PrecisionArgs(dtype="bf16" if cpu else dtype))
+    def use_trained_precision(self) -> Pick:
+        """Run the resblocks in the precision of the prior's config, picked on this machine: ``auto``
+        (the default) is decided here (precision.pick_precision), fp16 becomes bf16 on a CPU. Returns
+        the pick, whose reason says why."""
+        requested = self.config.get("precision", {}).get("dtype") or "fp32"
+        device = next(self.model.parameters()).device
+        if requested == "fp16" and device.type != "cuda":  # as near as a CPU comes
+            note = slow_bf16_note(device, "precision.dtype")
+            pick = Pick("bf16", f"precision.dtype=fp16 (the export's) runs as bf16 on {device.type}{note}")
+        else:
+            pick = pick_precision(requested, device, "precision.dtype")
+        if pick.dtype != "fp32":
+            self.model.enable_precision(PrecisionArgs(dtype=pick.dtype))
+        return pick
 
 
 def load_prior(directory: str | Path, weights: str = "model", device: str | torch.device = "cpu") -> Prior:

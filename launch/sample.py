@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
         batch_size=a.batch_size,
     )
-    prior.use_trained_precision()
+    print(f"precision: {prior.use_trained_precision().reason}", file=sys.stderr)
     try:
         results = generate(prior.model, prior.dvae, captions, prior.tokenizer, settings, reranker, init)
     except ValueError as e:

@@ -196,3 +196,32 @@ def test_sample_cli_writes_grids_images_and_json(parts, clip_dir, tokenizer_path
     # a broken CLIP folder stops the CLI before any sampling
     assert cli.main([*argv[:-6], "--clip", str(tmp_path / "nope"), "--output", str(tmp_path / "o2")]) == 2
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("dtype", ["auto", "fp32", "bf16", "fp16", None])
+def test_the_sampler_picks_the_precision_on_its_own_machine(parts, dtype):
+    """An export's precision.dtype: auto is picked on the sampling machine, fp16 becomes bf16 on a CPU,
+    and an export without one samples in fp32."""
+    from dalle_repro.precision import auto_precision
+    from dalle_repro.prior_export import Prior
+
+    model, dvae, tok = parts
+    fresh = Transformer(model.args).eval()  # enable_precision changes the model: not the shared one
+    prior = Prior(fresh, tok, dvae, {}, {"precision": {"dtype": dtype}} if dtype else {})
+    pick = prior.use_trained_precision()
+    expected = {"auto": auto_precision("cpu").dtype, "fp16": "bf16", None: "fp32"}.get(dtype, dtype)
+    assert pick.dtype == expected
+    assert (fresh.scaler.args.dtype if fresh.scaler is not None else "fp32") == expected
+    assert ("picked" in pick.reason) == (dtype == "auto")
+
+
+def test_train_clip_picks_and_notes_its_precision(clip_dir):
+    from dalle_repro.clip_train import ClipTrainConfig
+    from dalle_repro.config import load_config
+    from dalle_repro.precision import auto_precision
+
+    reason = f"precision=auto picked {auto_precision('cpu').reason}"
+    assert json.loads((clip_dir / "retrieval.json").read_text())["precision"] == reason
+    saved = clip_dir / "train_clip.yaml"
+    assert saved.read_text().startswith(f"# precision: {reason}\n")
+    assert load_config(ClipTrainConfig, saved).precision == "auto"
