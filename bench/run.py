@@ -3,6 +3,16 @@
 Usage: python bench/run.py WORKLOAD [--threads 2] [--rounds 3]
        ANCHOR_VENV=~/.cache/dalle-anchor-venv python bench/run.py vae_train   (adds the peer, alternating)
 
+Our side runs at precision auto, as our trainers and sampler do by default: bf16 where this CPU runs
+it natively and fast (AVX512-BF16 or AMX, confirmed by a measured matmul; precision.pick_precision),
+else fp32. The headline figure of each workload (``vae_train_img_per_s``, ``prior_train_tok_per_s``,
+``sample_img_per_s``, ``ratio_vs_*``) is at that pick, named in ``precision`` with its reason in
+``precision_reason``; where both are measured, the fp32 and bf16 figures are extra keys
+(``*_fp32_*``, ``*_bf16_*``, ``ratio_fp32_*``, ``ratio_bf16_*``). Every result carries a ``machine``
+record: the CPU model, its x86-64 ISA level (v1-v4, from /proc/cpuinfo's flags), the bf16
+instructions PyTorch sees and whether auto picks bf16 here, ATen's CPU capability, the torch
+version, the thread count, the probe auto measured, and the matmul peak per dtype (fp32, bf16).
+
 Workloads:
   loader     images/s of our resumable Loader against a plain webdataset pipeline doing the same
              decode + center crop on the same shards, single process.
@@ -16,31 +26,34 @@ Workloads:
              parameters and 872 MFLOP per image (forward + backward), matched to the peer's
              DiscreteVAE (0.83M, 864 MFLOP) by FLOPs. Measured like the peer's script (2 warm-up,
              5 timed steps, random images), as our real train step: autocast, channels_last, AdamW,
-             EMA, with the allocator tuning our trainers apply on CPU. Reported in fp32 and in bf16
-             (our CPU default); with ANCHOR_VENV set, the peer's shared/anchors script runs in the
+             EMA, with the allocator tuning our trainers apply on CPU. Measured in fp32 and in bf16;
+             the headline is auto's pick; with ANCHOR_VENV set, the peer's shared/anchors script runs in the
              same run, alternating, as shipped and again under our allocator settings, and the
              ratios to both are added.
 
   prior_train  the prior's train step on BENCH.md's shape (d 512, 8 layers, 8 heads, text 64 +
              16x16 image, vocab 4096 / 1024, batch 8, AdamW) with the paper's masks on the local
-             backend, in fp32 and bf16 (per-branch scaling on); the peer with its axial/conv masks and
-             with full attention (ANCHOR_VENV). Also the achieved GFLOP/s against a 2048^3 matmul.
+             backend, in fp32 and bf16 (per-branch scaling on; the headline at auto's pick); the peer
+             with its axial/conv masks and with full attention (ANCHOR_VENV). Also the achieved
+             GFLOP/s against a 2048^3 matmul.
   sample     images/s generating 4 images (all 256 tokens) for 4 prompts on the prior_train shape with
              the KV cache and top-k 102 (the peer's filter_thres 0.9 of 1024 codes), ours with the
-             cache of every mask kind, bf16 blocks; the peer (ANCHOR_VENV) caches only its full
-             layers. Also the bound set by reading every weight once per token at the measured memory
-             bandwidth, and our distance to it.
+             cache of every mask kind, in bf16 and fp32 blocks (the headline at auto's pick); the peer
+             (ANCHOR_VENV) caches only its full layers. Also the bound set by reading every weight
+             once per token at the measured memory bandwidth, and our distance to it.
   attention  forward + backward ms of the local backend against dense SDPA, per mask kind, at
              grids 16, 24 and 32 (64 text tokens, 8 heads x 64), in fp32 and bf16, with each mask's
              density, the GFLOP/s each backend reaches on the pairs it scores, the matmul peaks, and
              the sum over the paper's 64-layer schedule (47 row, 16 column, 1 conv).
 
-Each side runs in a fresh process per round; the best round of each side counts.
+Each side runs in a fresh process per round; the best round of each side counts. The hidden
+``--precision`` (default auto) sets what the headline is measured at.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -55,8 +68,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from dalle_repro.cpuinfo import cpu_record
 from dalle_repro.data import DataArgs, Loader, crop_resize, decode_image, expand_shards, image_to_tensor
 from dalle_repro.dvae import logit_laplace_nll
+from dalle_repro.precision import Pick, auto_precision, cpu_matmul_probe, pick_precision
 
 
 def _shards(tmp: Path) -> list[str]:
@@ -118,7 +133,8 @@ ANCHOR_SCRIPT = Path(__file__).resolve().parents[1].parent / "shared" / "anchors
 
 
 def _vae_train_once(precision: str, threads: int) -> float:
-    """Our dVAE train step, images/s, measured as the peer's script measures (2 warm, 5 timed)."""
+    """Our dVAE train step, images/s, measured as the peer's script measures (2 warm, 5 timed).
+    ``precision``: run.precision (auto: picked as the trainer picks)."""
     from dalle_repro.dvae import DVAE, DVAEArgs
     from dalle_repro.optim import EMA, adamw
     from dalle_repro.train_dvae import DVAETrainConfig, State, train_step
@@ -139,12 +155,21 @@ def _vae_train_once(precision: str, threads: int) -> float:
     return 16 * 5 / (time.perf_counter() - t)
 
 
-def _subprocess_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
+def _subprocess_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=1800, env=env).stdout
     return json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])
 
 
-def bench_vae_train(rounds: int, threads: int) -> dict[str, float]:
+def _pick(precision: str) -> Pick:
+    """What our side's headline runs at: ``--precision`` (auto by default) resolved on this CPU."""
+    return pick_precision(precision, "cpu", "--precision")
+
+
+def _picked(pick: Pick) -> dict[str, str]:
+    return {"precision": pick.dtype, "precision_reason": pick.reason}
+
+
+def bench_vae_train(rounds: int, threads: int, precision: str = "auto") -> dict[str, Any]:
     """Ours against the peer as shipped and against the peer under our allocator settings.
 
     Our trainers tune glibc's allocator on CPU (distributed.tune_cpu_allocator); the peer's script
@@ -166,13 +191,22 @@ def bench_vae_train(rounds: int, threads: int) -> dict[str, float]:
             for name, env in (("peer", None), ("peer_tuned", tuned_env)):
                 r = _subprocess_json(peer_cmd, env)["vae_train_img_per_s"]
                 best[name] = max(best.get(name, 0.0), r)
-    out = {"vae_train_img_per_s": round(best["ours_bf16"], 2), "vae_train_fp32_img_per_s": round(best["ours_fp32"], 2)}
+    pick = _pick(precision)
+    ours = best[f"ours_{pick.dtype}"]
+    out: dict[str, Any] = {
+        "vae_train_img_per_s": round(ours, 2),
+        **_picked(pick),
+        "vae_train_fp32_img_per_s": round(best["ours_fp32"], 2),
+        "vae_train_bf16_img_per_s": round(best["ours_bf16"], 2),
+    }
     if "peer" in best:
         out |= {
             "peer_vae_train_img_per_s": round(best["peer"], 2),
+            "ratio_vs_peer": round(ours / best["peer"], 3),
             "ratio_bf16_vs_peer": round(best["ours_bf16"] / best["peer"], 3),
             "ratio_fp32_vs_peer": round(best["ours_fp32"] / best["peer"], 3),
             "peer_same_allocator_img_per_s": round(best["peer_tuned"], 2),
+            "ratio_vs_peer_same_allocator": round(ours / best["peer_tuned"], 3),
             "ratio_bf16_vs_peer_same_allocator": round(best["ours_bf16"] / best["peer_tuned"], 3),
         }
     return out | {"matched": "FLOPs (872 vs 864 MFLOP/img fwd+bwd; params 0.87M vs 0.83M)"}
@@ -221,8 +255,13 @@ ABLATION_LIKELIHOODS = {"fixed_scale": _fixed_scale_nll, "mse": _mse_nll}
 
 
 def _ours_quality(
-    train_npy: Path, val_npy: Path, minutes: float, threads: int, likelihood: str = "logit_laplace"
-) -> dict[str, float]:
+    train_npy: Path,
+    val_npy: Path,
+    minutes: float,
+    threads: int,
+    likelihood: str = "logit_laplace",
+    precision: str = "auto",
+) -> dict[str, Any]:
     """Our demo dVAE (configs/demo/dvae.yaml + QUALITY_OVERRIDES) trained for ``minutes``, then
     validation PSNR (EMA weights). ``likelihood`` other than the paper's swaps the training loss
     for one of ABLATION_LIKELIHOODS.
@@ -242,13 +281,14 @@ def _ours_quality(
 
     if likelihood != "logit_laplace":
         with mock.patch.object(dvae, "logit_laplace_nll", ABLATION_LIKELIHOODS[likelihood]):
-            return _ours_quality(train_npy, val_npy, minutes, threads) | {"likelihood": likelihood}
+            swapped = _ours_quality(train_npy, val_npy, minutes, threads, precision=precision)
+            return swapped | {"likelihood": likelihood}
     # As our trainers do on CPU (distributed.pick_device). Without it, the first run in a process
     # made 19% fewer steps than the third (331 against 407 in 45 s), while glibc's thresholds adapted.
     tune_cpu_allocator()
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    cfg = load_config(DVAETrainConfig, "configs/demo/dvae.yaml", QUALITY_OVERRIDES)
+    cfg = load_config(DVAETrainConfig, "configs/demo/dvae.yaml", [*QUALITY_OVERRIDES, f"run.precision={precision}"])
     model = DVAE(cfg.model).to(memory_format=torch.channels_last)
     o = cfg.optim
     opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)
@@ -282,11 +322,14 @@ def _ours_quality(
         "val_mse": mse,
         "val_psnr": 10 * math.log10(1 / mse),
         "params": params,
+        **_picked(_pick(precision)),
         "schedule_steps": {"tau": cfg.schedule.tau_steps, "beta": cfg.schedule.beta_steps, "lr": cfg.schedule.lr_steps},
     }
 
 
-def bench_vae_quality(rounds: int, threads: int, minutes: float = 5.0, ablation: bool = False) -> dict[str, Any]:
+def bench_vae_quality(
+    rounds: int, threads: int, minutes: float = 5.0, ablation: bool = False, precision: str = "auto"
+) -> dict[str, Any]:
     """Ours and the peer, each trained for the same wall-clock minutes on the emoji train split.
 
     With ``ablation``, ours also trains once per ABLATION_LIKELIHOODS entry, for the same minutes,
@@ -295,12 +338,12 @@ def bench_vae_quality(rounds: int, threads: int, minutes: float = 5.0, ablation:
     anchor = os.environ.get("ANCHOR_VENV")
     with tempfile.TemporaryDirectory() as tmp:
         train_npy, val_npy = _emoji_arrays(Path(tmp))
-        ours = _ours_quality(train_npy, val_npy, minutes, threads)
+        ours = _ours_quality(train_npy, val_npy, minutes, threads, precision=precision)
         images = {"train": len(np.load(train_npy, mmap_mode="r")), "val": len(np.load(val_npy, mmap_mode="r"))}
         out: dict[str, Any] = {"minutes": minutes, "images": images, "ours": ours}
         if ablation:
             for name in ABLATION_LIKELIHOODS:
-                r = _ours_quality(train_npy, val_npy, minutes, threads, likelihood=name)
+                r = _ours_quality(train_npy, val_npy, minutes, threads, likelihood=name, precision=precision)
                 out[f"ours_{name}"] = r
                 out[f"{name}_gain_db"] = round(r["val_psnr"] - ours["val_psnr"], 2)
         if anchor:
@@ -314,22 +357,55 @@ def bench_vae_quality(rounds: int, threads: int, minutes: float = 5.0, ablation:
 PRIOR_SHAPE = dict(dim=512, depth=8, heads=8, text_len=64, text_vocab=4096 + 64, grid=16, image_vocab=1024)
 
 
+def peak_sizes(threads: int) -> dict[str, int]:
+    """The matmul side per dtype for :func:`matmul_peak`: 2048, unless a 2048^3 product would take
+    over a second at the speed precision's probe measured (bf16 without native support runs near
+    1 GFLOP/s: 20 s a product); then a multiple of 256 sized for about 0.25 s."""
+    torch.set_num_threads(threads)
+    probe = cpu_matmul_probe()
+    sizes = {}
+    for name, gflops in (("fp32", probe.fp32_gflops), ("bf16", probe.bf16_gflops)):
+        if 2 * 2048**3 / (gflops * 1e9) <= 1.0:
+            sizes[name] = 2048
+        else:
+            sizes[name] = max(256, int((0.25 * gflops * 1e9 / 2) ** (1 / 3)) // 256 * 256)
+    return sizes
+
+
+@functools.cache
 def matmul_peak(threads: int) -> dict[str, float]:
-    """GFLOP/s of a 2048^3 matmul in fp32 and bf16: the machine's reference peak."""
+    """GFLOP/s of a 2048^3 matmul in fp32 and bf16 (smaller where slow: :func:`peak_sizes`), the
+    machine's reference peak; measured once per process."""
     torch.set_num_threads(threads)
     out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    for name, n in peak_sizes(threads).items():
+        dtype = torch.float32 if name == "fp32" else torch.bfloat16
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b
         t = time.perf_counter()
         for _ in range(3):
             a @ b
-        out[f"peak_{name}_gflops"] = 3 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+        out[f"peak_{name}_gflops"] = 3 * 2 * n**3 / (time.perf_counter() - t) / 1e9
     return out
 
 
-def _prior_train_once(precision: str, threads: int) -> dict[str, float]:
-    """Our prior's train step on BENCH.md's shape, timed like the peer's script (1 warm, 3 timed)."""
+def machine_record(threads: int) -> dict[str, Any]:
+    """What every result carries about the machine: the CPU (cpuinfo.cpu_record), whether auto picks
+    bf16 here and why, the probe it measured, and the matmul peak per dtype."""
+    torch.set_num_threads(threads)
+    pick, probe = auto_precision("cpu"), cpu_matmul_probe()
+    return cpu_record() | {
+        "bf16_native": pick.dtype == "bf16",
+        "auto_precision": pick.reason,
+        "probe_gflops": {"size": probe.size, "fp32": round(probe.fp32_gflops, 1), "bf16": round(probe.bf16_gflops, 1)},
+        "peak_size": peak_sizes(threads),
+        "peak_gflops": {k.split("_")[1]: round(v, 1) for k, v in matmul_peak(threads).items()},
+    }
+
+
+def _prior_train_once(precision: str, threads: int) -> dict[str, Any]:
+    """Our prior's train step on BENCH.md's shape, timed like the peer's script (1 warm, 3 timed).
+    ``precision``: precision.dtype (auto: picked as the trainer picks)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dalle_repro.precision import PrecisionArgs
@@ -358,10 +434,10 @@ def _prior_train_once(precision: str, threads: int) -> dict[str, float]:
     for _ in range(3):
         step()
     dt = (time.perf_counter() - t) / 3
-    return {"tok_per_s": 8 * 320 / dt, "gflops": fc.get_total_flops() / dt / 1e9}
+    return {"tok_per_s": 8 * 320 / dt, "gflops": fc.get_total_flops() / dt / 1e9, "precision": scaler.args.dtype}
 
 
-def bench_prior_train(rounds: int, threads: int) -> dict[str, Any]:
+def bench_prior_train(rounds: int, threads: int, precision: str = "auto") -> dict[str, Any]:
     anchor = os.environ.get("ANCHOR_VENV")
     me = [sys.executable, __file__, "_prior_train_once", "--threads", str(threads)]
     best: dict[str, dict[str, float]] = {}
@@ -376,9 +452,13 @@ def bench_prior_train(rounds: int, threads: int) -> dict[str, Any]:
                 r = _subprocess_json(cmd)["prior_train_tok_per_s"]
                 best[label] = {"tok_per_s": max(best.get(label, {}).get("tok_per_s", 0.0), r)}
     peak = matmul_peak(threads)
+    pick = _pick(precision)
+    ours = best[pick.dtype]["tok_per_s"]
     out: dict[str, Any] = {
-        "prior_train_tok_per_s": round(best["bf16"]["tok_per_s"], 1),
+        "prior_train_tok_per_s": round(ours, 1),
+        **_picked(pick),
         "prior_train_fp32_tok_per_s": round(best["fp32"]["tok_per_s"], 1),
+        "prior_train_bf16_tok_per_s": round(best["bf16"]["tok_per_s"], 1),
         "bf16_gflops": round(best["bf16"]["gflops"], 1),
         "fp32_gflops": round(best["fp32"]["gflops"], 1),
         **{k: round(v, 1) for k, v in peak.items()},
@@ -388,6 +468,7 @@ def bench_prior_train(rounds: int, threads: int) -> dict[str, Any]:
     for label in ("peer_axial", "peer_full"):
         if label in best:
             out[f"{label}_tok_per_s"] = round(best[label]["tok_per_s"], 1)
+            out[f"ratio_vs_{label}"] = round(ours / best[label]["tok_per_s"], 2)
             out[f"ratio_bf16_vs_{label}"] = round(best["bf16"]["tok_per_s"] / best[label]["tok_per_s"], 2)
             out[f"ratio_fp32_vs_{label}"] = round(best["fp32"]["tok_per_s"] / best[label]["tok_per_s"], 2)
     return out
@@ -415,7 +496,7 @@ def _attention_flops(spec: Any, backend: str, heads: int = 8, d: int = 64) -> fl
 ATTENTION_BACKENDS = ("dense", "local", "blocked")
 
 
-def bench_attention(rounds: int, threads: int) -> dict[str, Any]:
+def bench_attention(rounds: int, threads: int, precision: str = "auto") -> dict[str, Any]:
     """Forward + backward time of the local backend against dense, per mask kind, as the grid grows.
 
     ``local`` is what training on CPU runs: the compiled kernel (dalle_repro/cpu_kernels.py).
@@ -480,11 +561,12 @@ def bench_attention(rounds: int, threads: int) -> dict[str, Any]:
                 }
             )
     peak = {k: round(v, 1) for k, v in matmul_peak(threads).items()}
-    return {"rows": rows, "paper_64_layer_stack": stacks, **peak}
+    return {"rows": rows, "paper_64_layer_stack": stacks, **peak, **_picked(_pick(precision))}
 
 
-def _sample_once(precision: str, threads: int) -> dict[str, float]:
-    """Our cached sampling on BENCH.md's sample workload (4 prompts, 256 tokens each), one timed run."""
+def _sample_once(precision: str, threads: int) -> dict[str, Any]:
+    """Our cached sampling on BENCH.md's sample workload (4 prompts, 256 tokens each), one timed run.
+    ``precision``: of the blocks (auto: picked as the sampler picks)."""
     from dalle_repro.precision import PrecisionArgs
     from dalle_repro.transformer import Transformer, TransformerArgs
 
@@ -500,7 +582,8 @@ def _sample_once(precision: str, threads: int) -> dict[str, float]:
     model.generate(text, top_k=102, generator=g)
     dt = time.perf_counter() - t
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return {"img_per_s": 4 / dt, "weight_bytes": weight_bytes, "tokens": 256}
+    picked = model.scaler.args.dtype if model.scaler is not None else "fp32"
+    return {"img_per_s": 4 / dt, "weight_bytes": weight_bytes, "tokens": 256, "precision": picked}
 
 
 def memory_bandwidth(threads: int) -> float:
@@ -515,7 +598,7 @@ def memory_bandwidth(threads: int) -> float:
     return x.numel() * 4 / best
 
 
-def bench_sample(rounds: int, threads: int) -> dict[str, Any]:
+def bench_sample(rounds: int, threads: int, precision: str = "auto") -> dict[str, Any]:
     anchor = os.environ.get("ANCHOR_VENV")
     me = [sys.executable, __file__, "_sample_once", "--threads", str(threads)]
     best: dict[str, float] = {}
@@ -532,9 +615,13 @@ def bench_sample(rounds: int, threads: int) -> dict[str, Any]:
     bw = memory_bandwidth(threads)
     # every new token reads every weight once: 256 tokens per image, 4 images share each read
     bound = 4 / (info["tokens"] * info["weight_bytes"] / bw)
+    pick = _pick(precision)
+    ours = best[pick.dtype]
     out: dict[str, Any] = {
-        "sample_img_per_s": round(best["bf16"], 3),
+        "sample_img_per_s": round(ours, 3),
+        **_picked(pick),
         "sample_fp32_img_per_s": round(best["fp32"], 3),
+        "sample_bf16_img_per_s": round(best["bf16"], 3),
         "memory_gb_per_s": round(bw / 1e9, 1),
         "weight_read_bound_img_per_s": round(bound, 3),
         "fraction_of_bound_fp32": round(best["fp32"] / bound, 3),
@@ -542,25 +629,26 @@ def bench_sample(rounds: int, threads: int) -> dict[str, Any]:
     for label in ("peer_axial", "peer_full"):
         if label in best:
             out[f"{label}_img_per_s"] = round(best[label], 4)
-            out[f"ratio_vs_{label}"] = round(best["bf16"] / best[label], 1)
+            out[f"ratio_vs_{label}"] = round(ours / best[label], 1)
+            out[f"ratio_bf16_vs_{label}"] = round(best["bf16"] / best[label], 1)
             out[f"ratio_fp32_vs_{label}"] = round(best["fp32"] / best[label], 1)
     return out
 
 
 WORKLOADS = {
     "loader": lambda a: bench_loader(a.rounds),
-    "vae_train": lambda a: bench_vae_train(a.rounds, a.threads),
-    "vae_quality": lambda a: bench_vae_quality(a.rounds, a.threads, a.minutes, a.ablation),
-    "prior_train": lambda a: bench_prior_train(a.rounds, a.threads),
-    "attention": lambda a: bench_attention(a.rounds, a.threads),
-    "sample": lambda a: bench_sample(a.rounds, a.threads),
+    "vae_train": lambda a: bench_vae_train(a.rounds, a.threads, a.precision),
+    "vae_quality": lambda a: bench_vae_quality(a.rounds, a.threads, a.minutes, a.ablation, a.precision),
+    "prior_train": lambda a: bench_prior_train(a.rounds, a.threads, a.precision),
+    "attention": lambda a: bench_attention(a.rounds, a.threads, a.precision),
+    "sample": lambda a: bench_sample(a.rounds, a.threads, a.precision),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workload", choices=[*WORKLOADS, "all", "_vae_train_once", "_prior_train_once", "_sample_once"])
-    p.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
+    p.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--minutes", type=float, default=5.0, help="vae_quality: training minutes per side (default 5)")
     p.add_argument(
         "--ablation",
@@ -577,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tune_cpu_allocator()
     if a.workload == "_vae_train_once":  # one measurement in a fresh process (see bench_vae_train)
-        print(json.dumps({"img_per_s": _vae_train_once(a.precision, a.threads)}))
+        pick = _pick(a.precision)
+        print(json.dumps({"img_per_s": _vae_train_once(pick.dtype, a.threads), "precision": pick.dtype}))
         return 0
     if a.workload == "_sample_once":
         print(json.dumps(_sample_once(a.precision, a.threads)))
@@ -586,7 +675,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_prior_train_once(a.precision, a.threads)))
         return 0
     for name in WORKLOADS if a.workload == "all" else [a.workload]:
-        print(json.dumps({"workload": name, "threads": a.threads} | WORKLOADS[name](a)))
+        result = WORKLOADS[name](a)
+        print(json.dumps({"workload": name, "threads": a.threads} | result | {"machine": machine_record(a.threads)}))
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -55,3 +57,58 @@ def test_ablation_likelihood_reaches_the_training_loss(bench, name):
         assert torch.allclose(fn(xm, mu, ln_b), logit_laplace_nll(xm, mu, torch.zeros_like(ln_b)))
     else:
         assert torch.allclose(fn(xm, mu, ln_b), (torch.sigmoid(mu) - xm) ** 2)
+
+
+def test_every_result_carries_the_machine_record(bench, monkeypatch, capsys):
+    from dalle_repro.cpuinfo import cpu_flags, read_cpuinfo, x86_level
+    from dalle_repro.precision import auto_precision
+
+    peaks = {"peak_fp32_gflops": 123.4, "peak_bf16_gflops": 234.5}
+    monkeypatch.setattr(bench, "matmul_peak", lambda threads: peaks)  # a 2048^3 product takes seconds
+    monkeypatch.setitem(bench.WORKLOADS, "tiny", lambda a: {"tiny_per_s": 1.0})
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["tiny", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    [line] = capsys.readouterr().out.splitlines()
+    result = json.loads(line)
+    assert result["workload"] == "tiny" and result["tiny_per_s"] == 1.0
+    m = result["machine"]
+    assert m["cpu"] and m["torch"] == torch.__version__ and m["threads"] == 1
+    flags = cpu_flags(read_cpuinfo())
+    assert m["isa_level"] == (x86_level(flags) if m["arch"].lower() in ("x86_64", "amd64") else None)
+    assert m["aten_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    pick = auto_precision("cpu")
+    assert m["bf16_native"] == (pick.dtype == "bf16") and m["auto_precision"] == pick.reason
+    assert m["peak_gflops"] == {"fp32": 123.4, "bf16": 234.5}
+    assert set(m["peak_size"]) == {"fp32", "bf16"} and m["probe_gflops"]["size"] == 256
+
+
+def _fake_child(cmd, env=None):
+    """What a measuring child process prints: bf16 twice as fast as fp32."""
+    rate = 200.0 if "bf16" in cmd else 100.0
+    return {"img_per_s": rate, "tok_per_s": rate, "gflops": rate, "weight_bytes": 10**6, "tokens": 256}
+
+
+@pytest.mark.parametrize("picked", ["fp32", "bf16"])
+@pytest.mark.parametrize("workload, unit", [("vae_train", "img"), ("prior_train", "tok"), ("sample", "img")])
+def test_the_headline_is_at_the_precision_auto_picks(bench, monkeypatch, workload, unit, picked):
+    from dalle_repro.precision import Pick
+
+    monkeypatch.delenv("ANCHOR_VENV", raising=False)
+    monkeypatch.setattr(bench, "_subprocess_json", _fake_child)
+    monkeypatch.setattr(bench, "matmul_peak", lambda threads: {"peak_fp32_gflops": 1.0, "peak_bf16_gflops": 2.0})
+    monkeypatch.setattr(bench, "memory_bandwidth", lambda threads: 1e10)
+    seen = []
+
+    def pick(requested, device, key):
+        seen.append(requested)
+        return Pick(picked, f"{picked}: the test's machine")
+
+    monkeypatch.setattr(bench, "pick_precision", pick)
+    out = bench.WORKLOADS[workload](SimpleNamespace(rounds=1, threads=1, precision="auto"))
+    assert seen == ["auto"]
+    assert out["precision"] == picked and out["precision_reason"] == f"{picked}: the test's machine"
+    assert out[f"{workload}_{unit}_per_s"] == (200.0 if picked == "bf16" else 100.0)
+    assert out[f"{workload}_fp32_{unit}_per_s"] == 100.0 and out[f"{workload}_bf16_{unit}_per_s"] == 200.0
