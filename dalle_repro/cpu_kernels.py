@@ -48,7 +48,9 @@ HEADERS = (CSRC / "parallel.h", CSRC / "fmath.h")  # included by the sources: pa
 # sides of a select, which exp_f's underflow branch needs. Nothing here may be *linked* with
 # -ffast-math: crtfastmath.o would switch the whole process to flush-to-zero on load.
 FLAGS = ("-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-fPIC")
-MARCH = "native"  # what training loads; load_build() takes another (x86-64, x86-64-v3, ...)
+# What training loads: native, unless DALLE_REPRO_KERNEL_MARCH names another -march (bench/run.py
+# --isa avx2 uses x86-64-v3). The numbers are the same either way; only the speed differs.
+MARCH = os.environ.get("DALLE_REPRO_KERNEL_MARCH") or "native"
 LINK_FLAGS = ("-shared", "-fopenmp")
 SWITCH = "DALLE_REPRO_CPU_KERNELS"
 CACHE = "DALLE_REPRO_KERNEL_CACHE"
