@@ -290,6 +290,33 @@ def _key_lists(spec: MaskSpec) -> torch.Tensor:
     return _LISTS[spec]
 
 
+def check_kernel_operands(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, text_len: int) -> None:
+    """ValueError, naming the operand, unless q, k, v and the key lists are what the C++ kernel may
+    read and write: q, k, v CPU floating tensors of one shape (B, H, N, d) and dtype; keys an
+    (N, K) int32 tensor of positions in [-1, N); 0 <= text_len <= N. The kernel trusts its pointers
+    (a k of another batch or length read and wrote out of bounds), so this runs before any crosses."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.device.type != "cpu" or not x.dtype.is_floating_point or x.dim() != 4:
+            raise ValueError(
+                f"kernel attention: {name} must be a 4-d floating CPU tensor, "
+                f"got {x.dtype} {tuple(x.shape)} on {x.device}"
+            )
+    if not (q.shape == k.shape == v.shape) or not (q.dtype == k.dtype == v.dtype):
+        shapes = ", ".join(f"{n} {x.dtype} {tuple(x.shape)}" for n, x in (("q", q), ("k", k), ("v", v)))
+        raise ValueError(f"kernel attention: q, k and v must share shape and dtype, got {shapes}")
+    n = q.shape[2]
+    if keys.dtype != torch.int32 or keys.device.type != "cpu" or keys.dim() != 2 or keys.shape[0] != n:
+        raise ValueError(
+            f"kernel attention: key lists must be ({n}, K) int32 on the CPU, got {keys.dtype} {tuple(keys.shape)}"
+        )
+    if keys.numel() and (int(keys.min()) < -1 or int(keys.max()) >= n):
+        raise ValueError(
+            f"kernel attention: key lists hold positions {int(keys.min())}..{int(keys.max())}, outside [-1, {n})"
+        )
+    if not 0 <= text_len <= n:
+        raise ValueError(f"kernel attention: text_len {text_len} outside [0, {n}]")
+
+
 class _ListAttention(torch.autograd.Function):
     """The whole masked attention on CPU through ``csrc/local_attention.cpp``, forward and backward.
 
@@ -305,6 +332,7 @@ class _ListAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, keys, text_len, scale, alpha, lib):  # type: ignore[override]
+        check_kernel_operands(q, k, v, keys, text_len)
         dt = q.dtype
         acc = torch.float64 if dt == torch.float64 else torch.float32
         with torch.autocast("cpu", enabled=False):

@@ -11,7 +11,10 @@ neither PyTorch's headers nor ninja.
   ``~/.cache/dalle_repro/kernels``. The file name holds a hash of the source, the compiler, its flags
   and, for the ``-march=native`` build that training loads, this CPU's model and flags: nodes with
   different CPUs that share a home directory each build their own. The build writes a temporary
-  file and renames it into place, so ranks that start together never load a half-written library.
+  file, syncs it and renames it into place, so ranks that start together never load a half-written
+  library. The folder is made 0700; a folder or library that another user owns, or that group or
+  others may write, is not trusted: such a library (or one that fails to load, such as a 0-byte
+  file) is built anew, and such a folder turns the kernels off with a warning that names it.
 - Numbers: the kernels are compiled without ``-ffast-math``, with ``-ffp-contract=off``, their exp,
   log and sums written out in ``csrc/fmath.h``, so a build for any x86-64 level (``x86-64``,
   ``x86-64-v3`` (AVX2), native AVX-512) gives bit-identical float32 results: a run's numbers do not
@@ -30,6 +33,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -108,7 +112,7 @@ def build(path: Path, march: str = MARCH) -> None:
     cxx = shutil.which(compiler())
     if cxx is None:
         raise RuntimeError(f"no C++ compiler: {compiler()!r} is not on PATH (set CXX)")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
     os.close(fd)
     objects = [f"{tmp}.{i}.o" for i in range(len(SOURCES))]
@@ -122,7 +126,15 @@ def build(path: Path, march: str = MARCH) -> None:
         for src, obj in zip(SOURCES, objects, strict=True):
             run([cxx, *FLAGS, *_march_flags(march), "-c", str(src), "-o", obj], src.name)
         run([cxx, *LINK_FLAGS, *objects, "-o", tmp], "linking " + path.name)
+        os.chmod(tmp, 0o755)  # whatever the umask: a group-writable library would be refused on load
+        with open(tmp, "rb") as f:  # on disk before its name is: a crash leaves no torn library
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     finally:
         for leftover in (tmp, *objects):
             if os.path.exists(leftover):
@@ -135,13 +147,41 @@ def load_build(march: str) -> ctypes.CDLL:
     or OSError where it cannot be built or loaded (a CPU that lacks the target's instructions
     loads it, but would fault in it: check the CPU first)."""
     path = library_path(march)
-    if not path.exists():
+    private_dir(path.parent)
+    built = not path.exists()
+    if built:
         build(path, march)
-    lib = ctypes.CDLL(str(path))
+    try:
+        check_private(path, "library")
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError):
+        if built:
+            raise
+        build(path, march)  # a 0-byte or torn file, or one planted by someone else: build it anew
+        check_private(path, "library")
+        lib = ctypes.CDLL(str(path))
     _declare(lib)
     if lib.dr_abi_version() != ABI_VERSION:
         raise RuntimeError(f"{path} has ABI {lib.dr_abi_version()}, expected {ABI_VERSION}")
     return lib
+
+
+def check_private(path: Path, what: str) -> None:
+    """RuntimeError unless ``path`` belongs to this user and nobody else may write it: a library
+    loaded from the cache runs as this process, so one planted by another user must not be."""
+    st = os.stat(path)
+    uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
+    if st.st_uid != uid:
+        raise RuntimeError(f"kernel cache {what} {path} belongs to uid {st.st_uid}, not to this user (uid {uid})")
+    if st.st_mode & 0o022:
+        raise RuntimeError(f"kernel cache {what} {path} is writable by others (mode {stat.filemode(st.st_mode)})")
+
+
+def private_dir(path: Path) -> None:
+    """Create the cache folder readable by this user only (0700), or check an existing one with
+    :func:`check_private` (RuntimeError: the kernels stay off, with a warning that names it)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    check_private(path, "folder")
 
 
 def _declare(lib: ctypes.CDLL) -> None:

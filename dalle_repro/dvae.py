@@ -224,6 +224,15 @@ class _GumbelSoftmaxKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, lg, tau, seed, lib):  # type: ignore[override]
+        # the kernel trusts its pointers: check what it will read and write before any crosses
+        if lg.dtype != torch.float32 or lg.device.type != "cpu" or not lg.is_contiguous() or lg.dim() < 1:
+            raise ValueError(
+                f"gumbel kernel: logits must be contiguous float32 on the CPU, got {lg.dtype} {tuple(lg.shape)}"
+            )
+        if lg.shape[-1] < 1 or not (math.isfinite(tau) and tau > 0):
+            raise ValueError(
+                f"gumbel kernel: needs at least one code and a finite tau > 0, got {tuple(lg.shape)}, tau {tau}"
+            )
         v = lg.shape[-1]
         z = torch.empty_like(lg)
         kl = torch.empty(lg.shape[:-1], dtype=lg.dtype)

@@ -359,3 +359,94 @@ def test_demo_dvae_skips_no_update_in_fp32(emoji32, kernel, monkeypatch):
         train_step(st, emoji32[idx].contiguous(memory_format=torch.channels_last), cfg, torch.device("cpu"))
     assert st.step == 300
     assert st.skipped_steps == 0
+
+
+# ------------------------------------------------------------------------------------------
+# The boundary: nothing the kernels cannot read crosses it
+
+
+def _list_attention(q, k, v, keys=None, text_len=None):
+    from dalle_repro.attention import MaskSpec, _key_lists, _ListAttention
+
+    spec = MaskSpec("conv", 4, 4, conv_kernel=3)
+    keys = _key_lists(spec) if keys is None else keys
+    t = spec.text_len if text_len is None else text_len
+    return _ListAttention.apply(q, k, v, keys, t, 0.125, None, cpu_kernels.load())
+
+
+@pytest.mark.parametrize(
+    "what, k_shape, match",
+    [
+        ("another batch", (2, 2, 20, 8), "share shape"),  # used to return NaN
+        ("another length", (1, 2, 12, 8), "share shape"),  # used to read past k's end
+        ("another head size", (1, 2, 20, 4), "share shape"),
+        ("3-d", (2, 20, 8), "4-d"),
+    ],
+)
+def test_attention_kernel_refuses_mismatched_operands(what, k_shape, match):
+    q, v = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    k = torch.randn(*k_shape)
+    with pytest.raises(ValueError, match=match):
+        _list_attention(q, k, v)
+
+
+def test_attention_kernel_refuses_bad_key_lists_and_text_len():
+    from dalle_repro.attention import MaskSpec, _key_lists
+
+    q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
+    keys = _key_lists(MaskSpec("conv", 4, 4, conv_kernel=3))
+    with pytest.raises(ValueError, match="outside"):
+        _list_attention(q, k, v, keys=keys.clone().fill_(20))  # a position past the sequence
+    with pytest.raises(ValueError, match="int32"):
+        _list_attention(q, k, v, keys=keys.long())
+    with pytest.raises(ValueError, match="int32"):
+        _list_attention(q, k, v, keys=keys[:10])
+    with pytest.raises(ValueError, match="text_len"):
+        _list_attention(q, k, v, text_len=21)
+    with pytest.raises(ValueError, match="dtype"):
+        _list_attention(q, k.double(), v)
+    out = _list_attention(q, k, v)  # and the well-formed call still runs
+    assert torch.isfinite(out).all()
+
+
+def test_gumbel_kernel_refuses_what_it_cannot_read():
+    from dalle_repro.dvae import _GumbelSoftmaxKL
+
+    lib = cpu_kernels.load()
+    for bad in (torch.randn(4, 16).double(), torch.randn(16, 4).t(), torch.randn(4, 0)):
+        with pytest.raises(ValueError, match="gumbel kernel"):
+            _GumbelSoftmaxKL.apply(bad, 1.0, 0, lib)
+    with pytest.raises(ValueError, match="tau"):
+        _GumbelSoftmaxKL.apply(torch.randn(4, 16), 0.0, 0, lib)
+
+
+def test_a_new_cache_folder_is_private(tmp_path, monkeypatch):
+    cache = tmp_path / "a" / "kernels"
+    monkeypatch.setenv(cpu_kernels.CACHE, str(cache))
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert cpu_kernels.load() is not None
+    assert cache.stat().st_mode & 0o777 == 0o700
+    assert cpu_kernels.library_path().stat().st_mode & 0o022 == 0
+
+
+def test_a_zero_byte_cached_library_is_built_anew(fresh):
+    """It used to keep the kernels off for good: the file existed, so it was never rebuilt."""
+    path = cpu_kernels.library_path()
+    path.write_bytes(b"")
+    assert cpu_kernels.load() is not None
+    assert path.stat().st_size > 0
+
+
+def test_a_library_others_may_write_is_not_loaded_as_it_is(fresh):
+    path = cpu_kernels.library_path()
+    path.write_bytes(b"planted: not the library we built")
+    path.chmod(0o666)
+    assert cpu_kernels.load() is not None  # built anew over it
+    assert b"planted" not in path.read_bytes() and path.stat().st_mode & 0o022 == 0
+
+
+def test_a_cache_folder_others_may_write_turns_the_kernels_off(fresh):
+    fresh.chmod(0o777)
+    with pytest.warns(RuntimeWarning, match="writable by others"):
+        assert cpu_kernels.load() is None
+    assert not list(fresh.glob("*.so"))
