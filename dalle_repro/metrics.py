@@ -97,11 +97,24 @@ def _start_wandb(run_dir: str | Path, project: str, config: dict[str, Any]) -> A
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The rows of ``RUN/metrics.jsonl``."""
+    """The rows of ``RUN/metrics.jsonl``. The file is appended to as a run goes, so a run killed
+    mid-write leaves a torn last line: it is dropped (with a warning). A bad line before the last
+    is damage of another kind, and raises ValueError naming the file and the line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)]
+    lines = [(i, ln) for i, ln in lines if ln.strip()]
+    rows = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if n == len(lines) - 1:
+                log.warning("%s: line %d is torn (a run stopped while writing it); dropped", path, i)
+                break
+            raise ValueError(f"{path}: line {i} is not JSON ({e})") from e
+    return rows
 
 
 def last_validation(run_dir: str | Path, key: str) -> dict[str, Any]:

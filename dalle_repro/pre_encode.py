@@ -71,7 +71,7 @@ def _samples(path: str, size: int, errors: Counter, max_pixels: int) -> Iterator
             continue
         try:
             meta = json.loads(members["json"]) if "json" in members else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # bad or deeply nested JSON: the sample keeps no metadata
             meta = {}
         caption = clean_caption(members.get("txt", b""))
         yield key, caption, meta if isinstance(meta, dict) else {}, image_to_tensor(crop_resize(im, size))

@@ -67,3 +67,24 @@ def test_missing_wandb_never_breaks_a_run(tmp_path, monkeypatch):
     m.log(1, {"loss": 1.0})
     m.close()
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}]
+
+
+def test_a_torn_last_line_is_dropped_and_resume_goes_on(tmp_path):
+    """A run killed mid-append leaves half a JSON line; resuming used to raise JSONDecodeError."""
+    m = MetricsLogger(tmp_path, LogArgs(), {}, total=10)
+    for s in range(1, 4):
+        m.log(s, {"loss": float(s)})
+    m.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3]
+    again = MetricsLogger(tmp_path, LogArgs(), {}, total=10, start=3)
+    again.log(4, {"loss": 4.0})
+    again.close()
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_damage_before_the_last_line_names_the_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(ValueError, match="line 2"):
+        read_metrics(tmp_path)

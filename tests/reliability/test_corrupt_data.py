@@ -215,3 +215,16 @@ def _npy(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, a, allow_pickle=False)
     return buf.getvalue()
+
+
+def test_deeply_nested_json_metadata_does_not_end_pre_encoding(prior_data, tmp_path):
+    """json.loads raises RecursionError, not ValueError, on a deeply nested document: it used to end the job."""
+    shard = tmp_path / "nested.tar"
+    with tarfile.open(shard, "w") as t:
+        for key, meta in (("a_nested", b"[" * 200_000 + b"]" * 200_000), ("b_plain", b'{"w": 24}')):
+            for ext, data in (("png", png_bytes()), ("txt", b"a caption"), ("json", meta)):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    s = encode_token_shards(prior_data["dvae"], [str(shard)], tmp_path / "tokens")
+    assert s["written"] == 2
