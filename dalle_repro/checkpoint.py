@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dalle_repro import faults
-from dalle_repro.config import ConfigError, atomic_write_text, from_dict, load_yaml, to_yaml
+from dalle_repro.config import ConfigError, atomic_write_text, from_dict, honour_umask, load_yaml, to_yaml
 
 T = TypeVar("T")
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -136,9 +136,11 @@ def write_folder(
         for name, src in (folders or {}).items():
             shutil.copytree(src, tmp / name)
         for p in tmp.rglob("*"):
+            honour_umask(p)  # safetensors writes its files 0600
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
+        honour_umask(tmp)
         faults.point("checkpoint_write", final.name)
         if final.exists():
             old = final.with_name(f".{final.name}.old{os.getpid()}")

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from dalle_repro.config import arg, save_config
+from dalle_repro.config import arg, honour_umask, save_config
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.optim import cosine
 from dalle_repro.precision import pick_precision
@@ -215,6 +215,8 @@ def save_clip(model: Any, tokenizer: Any, cfg: ClipTrainConfig, metrics: dict[st
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         (tmp / "retrieval.json").write_text(json.dumps(metrics, indent=2))
         save_config(cfg, tmp, "train_clip.yaml", header=f"precision: {metrics.get('precision', cfg.precision)}")
+        for p in (tmp, *tmp.rglob("*")):
+            honour_umask(p)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from dalle_repro.checkpoint import flatten_state, unflatten_state
+from dalle_repro.config import honour_umask
 
 FORMAT = "dalle-repro/deepspeed-state/1"
 
@@ -129,6 +130,7 @@ def save_state(state: Any, path: str | Path) -> None:
         save_file(_unshared(tensors), str(tmp), metadata={"format": FORMAT, "skeleton": json.dumps(skeleton)})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        honour_umask(tmp)  # safetensors writes its files 0600
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

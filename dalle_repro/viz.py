@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from dalle_repro.config import honour_umask
+
 
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) float in [0, 1] or uint8 -> RGB PIL image."""
@@ -61,6 +63,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     os.close(fd)
     try:
         image.save(tmp, format="PNG")
+        honour_umask(tmp)
         os.replace(tmp, p)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

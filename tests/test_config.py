@@ -122,3 +122,30 @@ def test_every_shipped_config_validates():
     assert len(priors) == 4
     for path in priors:
         load_config(PriorTrainConfig, path)
+
+
+def test_files_written_atomically_honour_the_umask(tmp_path):
+    """Temporary files keep their 0600 (folders 0700) through the rename: weights, configs,
+    tokenizers and pictures came out readable by their owner only, whatever the umask said."""
+    import os
+
+    import torch
+    from PIL import Image
+
+    from dalle_repro.checkpoint import write_folder
+    from dalle_repro.config import atomic_write_text
+    from dalle_repro.viz import save_png
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.yaml", "x: 1\n")
+        save_png(Image.new("RGB", (2, 2)), tmp_path / "a.png")
+        folder = write_folder(tmp_path / "model", {"model": {"w": torch.zeros(2)}}, {"config.yaml": "x: 1\n"})
+        os.umask(0o077)
+        atomic_write_text(tmp_path / "private.yaml", "x: 1\n")
+    finally:
+        os.umask(old)
+    mode = {p: (tmp_path / p).stat().st_mode & 0o777 for p in ("a.yaml", "a.png", "private.yaml")}
+    assert mode == {"a.yaml": 0o644, "a.png": 0o644, "private.yaml": 0o600}
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
