@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import tempfile
 import types
@@ -240,8 +241,26 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
 
 
-def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML config file into a dict, with an error naming the file when it is unusable."""
+ENV_FLAG = "--config-env"
+
+
+def _env_reference(value: Any, key: str = "") -> str | None:
+    """The dotted key of the first value that reads an environment variable (``${oc.env:...}``)."""
+    if isinstance(value, dict):
+        return next((k for k2, v in value.items() if (k := _env_reference(v, f"{key}{k2}."))), None)
+    if isinstance(value, list):
+        return next((k for i, v in enumerate(value) if (k := _env_reference(v, f"{key}{i}."))), None)
+    if isinstance(value, str) and re.search(r"\$\{\s*(oc\.)?env\s*:", value):
+        return key.rstrip(".")
+    return None
+
+
+def load_yaml(path: str | os.PathLike[str], allow_env: bool = False) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with an error naming the file when it is unusable.
+
+    A value that reads an environment variable (``${oc.env:WANDB_API_KEY}``) is refused unless
+    ``allow_env`` (the launch scripts' ``--config-env``): a shared config could otherwise copy a
+    secret into the run's config.yaml, its checkpoints and wandb."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
@@ -249,6 +268,11 @@ def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         conf = OmegaConf.load(p)
     except Exception as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if not allow_env and (key := _env_reference(OmegaConf.to_container(conf, resolve=False))) is not None:
+        raise ConfigError(
+            f"{key}: config file {p} reads an environment variable; configs resolve none unless you pass {ENV_FLAG} "
+            "(the value would be written into the run's config.yaml, checkpoints and wandb)"
+        )
     data = OmegaConf.to_container(conf, resolve=True)
     if data is None:
         return {}
@@ -266,9 +290,11 @@ def load_config(
     cls: type[T],
     yaml_path: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
+    allow_env: bool = False,
 ) -> T:
-    """Defaults of ``cls`` <- the YAML file <- ``key.sub=value`` overrides, validated."""
-    data: dict[str, Any] = load_yaml(yaml_path) if yaml_path else {}
+    """Defaults of ``cls`` <- the YAML file <- ``key.sub=value`` overrides, validated.
+    ``allow_env``: let the YAML file read environment variables (see :func:`load_yaml`)."""
+    data: dict[str, Any] = load_yaml(yaml_path, allow_env) if yaml_path else {}
     data = deep_merge(data, parse_overrides(overrides))
     return _build(cls, data)
 
@@ -374,7 +400,11 @@ def describe(cls: type, prefix: str = "") -> list[str]:
 
 def cli_help(cls: type, usage: str) -> str:
     """A ``--help`` text listing every config key of ``cls``."""
-    return usage.rstrip() + "\n\nConfig keys (set in YAML or as key.sub=value):\n" + "\n".join(describe(cls))
+    env = (
+        f"\n\n{ENV_FLAG}: let the YAML config read environment variables (${{oc.env:NAME}}); off by default, so "
+        "that a shared config cannot copy a secret into the run's config.yaml, checkpoints and wandb."
+    )
+    return usage.rstrip() + env + "\n\nConfig keys (set in YAML or as key.sub=value):\n" + "\n".join(describe(cls))
 
 
 def parse_cli(
@@ -389,6 +419,7 @@ def parse_cli(
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--config", default=default_config)
     p.add_argument("--local_rank", type=int, default=None)
+    p.add_argument(ENV_FLAG, action="store_true")
     p.add_argument("-h", "--help", action="store_true")
     for flag in flags:
         p.add_argument(flag, action="store_true")
@@ -397,7 +428,7 @@ def parse_cli(
         print(cli_help(cls, doc))
         return None, {}
     try:
-        cfg = load_config(cls, a.config, overrides)
+        cfg = load_config(cls, a.config, overrides, allow_env=a.config_env)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -149,3 +149,24 @@ def test_files_written_atomically_honour_the_umask(tmp_path):
     assert mode == {"a.yaml": 0o644, "a.png": 0o644, "private.yaml": 0o600}
     assert folder.stat().st_mode & 0o777 == 0o755
     assert (folder / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_config_resolves_no_environment_variable_without_the_flag(tmp_path, monkeypatch):
+    """A shared config used to copy ${oc.env:...} (a wandb key, say) into config.yaml and wandb."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dalle_repro.config import ConfigError, load_config
+    from dalle_repro.train_dvae import DVAETrainConfig
+
+    monkeypatch.setenv("DALLE_REPRO_TEST_SECRET", "s3cret")
+    path = tmp_path / "shared.yaml"
+    path.write_text("model:\n  image_size: 64\nrun:\n  run_dir: ${oc.env:DALLE_REPRO_TEST_SECRET}\n")
+    with pytest.raises(ConfigError, match="run.run_dir.*--config-env"):
+        load_config(DVAETrainConfig, path)
+    assert load_config(DVAETrainConfig, path, allow_env=True).run.run_dir == "s3cret"
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "launch/train_dvae.py"), "--config", str(path), "run.steps=0"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--config-env" in r.stderr and "s3cret" not in r.stderr + r.stdout
