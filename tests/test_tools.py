@@ -71,6 +71,14 @@ def test_make_shards_cli(tmp_path):
         "1.5",
     )
     assert r.returncode == 2 and "--val-fraction" in r.stderr
+    # nothing to write used to exit 0: an empty folder, and captions in files of another name
+    (tmp_path / "empty").mkdir()
+    r = run(str(ROOT / "tools/make_shards.py"), "--input", str(tmp_path / "empty"), "--output", str(tmp_path / "o4"))
+    assert r.returncode == 1 and "nothing was written" in r.stderr
+    for txt in src.glob("*.txt"):
+        txt.rename(txt.with_suffix(".caption"))
+    r = run(str(ROOT / "tools/make_shards.py"), "--input", str(src), "--output", str(tmp_path / "o5"))
+    assert r.returncode == 1 and "missing_caption 5" in r.stderr and "STEM.txt" in r.stderr
 
 
 @needs_emoji

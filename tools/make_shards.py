@@ -85,6 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("written", "skipped", "splits")}))
+    if summary["written"] == 0:  # a silent success here would be found hours later, by the trainer
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())) or "no image found"
+        print(
+            f"error: nothing was written from {a.input} ({skipped}). A folder needs each image with its caption "
+            "in a file beside it named STEM.txt (cat.jpg + cat.txt); a table needs the columns --image-col and "
+            "--caption-col name.",
+            file=sys.stderr,
+        )
+        return 1
     print(f"shards and summary.json in {a.output}")
     return 0
 
