@@ -121,7 +121,7 @@ def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
     n = 0
     try:
         with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for sample in samples:
                     _add_sample(tar, sample)
                     n += 1
@@ -172,7 +172,7 @@ class ShardWriter:
         if self._tar is None:
             tmp = self._path().with_name(self._path().name + f".tmp{os.getpid()}")
             self._file = open(tmp, "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
             self._tmp = tmp
         _add_sample(self._tar, sample)
         self._count += 1

@@ -285,3 +285,16 @@ def test_kill_between_a_shard_rename_and_its_progress_record(tmp_path, monkeypat
     monkeypatch.setattr(shards_mod, "atomic_write_text", real)
     again = make_shards(src, tmp_path / "out", shard_size=4)
     assert again["shards"] == clean["shards"] and again["written"] == 9
+
+
+def test_a_long_file_name_is_written_and_read_back(tmp_path):
+    """USTAR keeps 100 characters of a member name: a 150-character file name raised 'name is too
+    long' and ended the job, on every rerun. Shards are PAX tars now."""
+    src = make_folder(tmp_path / "src", 3)
+    stem = "a_very_long_name_" + "x" * 133
+    (src / "img_000.png").rename(src / f"{stem}.png")
+    (src / "img_000.txt").rename(src / f"{stem}.txt")
+    s = make_shards(src, tmp_path / "out", shard_size=8)
+    assert s["written"] == 3 and s["skipped"] == {}
+    samples = dict(iter_shard_samples(sorted(str(p) for p in (tmp_path / "out").glob("*.tar"))))
+    assert samples[stem]["txt"] == b"a picture number 0" and len(stem) == 150
