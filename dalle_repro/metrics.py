@@ -1,5 +1,8 @@
 """Training logs: a progress bar, a jsonl file, and wandb when it is installed and enabled.
 
+The progress bar shows only on a terminal; where stderr is not one (a cluster's log file, a pipe),
+every logged row is also printed as one plain line instead, so that a run is never silent there.
+
 Only rank 0 writes. wandb is optional: a missing package, or no account (it then runs offline),
 never breaks a run; a failing wandb call is logged once and wandb is switched off.
 """
@@ -10,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +42,8 @@ class MetricsLogger:
         self.path = Path(run_dir) / "metrics.jsonl"
         self._wandb = None
         self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not main or None)
+        self.total = total
+        self.plain = main and not sys.stderr.isatty()  # no bar there: plain lines instead
         if not main:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -55,6 +61,10 @@ class MetricsLogger:
             f.write(json.dumps(row) + "\n")
         if show:
             self.bar.set_postfix({k: f"{row[k]:.4g}" for k in show if isinstance(row.get(k), (int, float))})
+        if self.plain:
+            keys = [k for k in (*show, "img_per_s", "tok_per_s") if k in row] or [k for k in row if k != "step"][:6]
+            values = " ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys)
+            print(f"step {step}/{self.total} {values}", file=sys.stderr, flush=True)
         if self._wandb is not None:
             try:
                 self._wandb.log(row, step=step)

@@ -88,3 +88,13 @@ def test_damage_before_the_last_line_names_the_line(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
     with pytest.raises(ValueError, match="line 2"):
         read_metrics(tmp_path)
+
+
+def test_plain_lines_where_stderr_is_no_terminal(tmp_path, capsys):
+    """In a cluster's log file the bar is off, and train_dvae used to print nothing until its end."""
+    m = MetricsLogger(tmp_path, LogArgs(), {}, total=10)
+    m.log(2, {"loss": 1.25, "img_per_s": 300.0}, show=("loss",))
+    m.log(2, {"val_psnr": 18.5})
+    m.close()
+    err = capsys.readouterr().err
+    assert "step 2/10 loss=1.25 img_per_s=300" in err and "val_psnr=18.5" in err
