@@ -17,6 +17,7 @@ same token splits as an uninterrupted one. At dropout 0 our loop and ``tokenizer
 
 from __future__ import annotations
 
+import heapq
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -121,18 +122,60 @@ class TextTokenizer:
         return self.bpe_vocab_size + position
 
     def _bpe_word(self, word: str, dropout: float, rng: np.random.Generator) -> list[int]:
-        symbols = list(word)
-        while len(symbols) > 1:
-            pairs = enumerate(zip(symbols, symbols[1:], strict=False))
-            cands = sorted((self._ranks[p], i) for i, p in pairs if p in self._ranks)
-            chosen = next((i for _, i in cands if rng.random() >= dropout), None)
+        """BPE with dropout over one word: each round, the candidate pairs in (rank, position) order
+        each survive with probability 1 - dropout, and the first survivor merges; a round where
+        none survives ends the word.
+
+        The candidates sit in a heap over a linked list of symbols (keyed by each symbol's start in
+        the word, which orders them as their index would), so a word of L symbols costs
+        O(L log L): rescanning and sorting every pair each round cost O(L^2 log L), and one
+        4,096-character word took 6 s. The draws and merges are the same as the rescan's."""
+        n = len(word)
+        if n <= 1:
+            return [self._vocab[s] for s in word]
+        ranks = self._ranks
+        sym = {i: c for i, c in enumerate(word)}  # start -> symbol, for the symbols alive
+        nxt = {i: i + 1 for i in range(n - 1)}
+        prv = {i + 1: i for i in range(n - 1)}
+        heap = [(r, i, i + 1) for i in range(n - 1) if (r := ranks.get((word[i], word[i + 1]))) is not None]
+        heapq.heapify(heap)
+
+        def valid(r: int, a: int, b: int) -> bool:
+            return a in sym and nxt.get(a) == b and ranks.get((sym[a], sym[b])) == r
+
+        while heap:
+            dropped, chosen = [], None
+            while heap:
+                cand = heapq.heappop(heap)
+                if not valid(*cand):
+                    continue
+                if rng.random() >= dropout:
+                    chosen = cand
+                    break
+                dropped.append(cand)
             if chosen is None:  # no merge left, or every candidate dropped this round
                 break
-            symbols[chosen : chosen + 2] = [symbols[chosen] + symbols[chosen + 1]]
-        return [self._vocab[s] for s in symbols]
+            _, a, b = chosen
+            sym[a] += sym.pop(b)
+            c = nxt.pop(b, None)
+            prv.pop(b, None)
+            if c is None:
+                nxt.pop(a, None)
+            else:
+                nxt[a], prv[c] = c, a
+                if (r := ranks.get((sym[a], sym[c]))) is not None:
+                    heapq.heappush(heap, (r, a, c))
+            if (p := prv.get(a)) is not None and (r := ranks.get((sym[p], sym[a]))) is not None:
+                heapq.heappush(heap, (r, p, a))
+            for cand in dropped:  # dropped for this round only
+                heapq.heappush(heap, cand)
+        return [self._vocab[sym[i]] for i in sorted(sym)]
 
-    def bpe_ids(self, caption: str, dropout: float = 0.0, rng: np.random.Generator | None = None) -> list[int]:
-        """BPE ids of a caption, untruncated and unpadded."""
+    def bpe_ids(
+        self, caption: str, dropout: float = 0.0, rng: np.random.Generator | None = None, limit: int | None = None
+    ) -> list[int]:
+        """BPE ids of a caption, unpadded; with dropout, words after the first ``limit`` ids (if
+        given) are not encoded, which bounds the work on a long caption that will be truncated."""
         if not isinstance(caption, str):
             raise TypeError(f"caption must be str, got {type(caption).__name__}")
         if dropout <= 0:
@@ -142,12 +185,14 @@ class TextTokenizer:
         text = self.tok.normalizer.normalize_str(caption)
         ids: list[int] = []
         for word, _ in self.tok.pre_tokenizer.pre_tokenize_str(text):
+            if limit is not None and len(ids) >= limit:  # later words cannot change the first `limit` ids
+                break
             ids.extend(self._bpe_word(word, dropout, rng))
         return ids
 
     def encode(self, caption: str, dropout: float = 0.0, rng: np.random.Generator | None = None) -> list[int]:
         """Exactly ``text_len`` ids: the truncated BPE ids, then the per-position pads."""
-        ids = self.bpe_ids(caption, dropout, rng)[: self.text_len]
+        ids = self.bpe_ids(caption, dropout, rng, limit=self.text_len)[: self.text_len]
         return ids + [self.pad_id(i) for i in range(len(ids), self.text_len)]
 
     def encode_batch(

@@ -101,3 +101,51 @@ def test_save_and_load(tok, tmp_path):
 def test_fuzz_any_text_encodes_to_valid_ids(tok, text, dropout, seed):
     ids = tok.encode(text, dropout, np.random.default_rng(seed))
     assert len(ids) == 16 and all(0 <= i < tok.vocab_size for i in ids)
+
+
+def _rescan_bpe_word(tok, word, dropout, rng):
+    """The merge loop before the heap: every round, all pairs rescanned and sorted (O(L^2 log L))."""
+    symbols = list(word)
+    while len(symbols) > 1:
+        pairs = enumerate(zip(symbols, symbols[1:], strict=False))
+        cands = sorted((tok._ranks[p], i) for i, p in pairs if p in tok._ranks)
+        chosen = next((i for _, i in cands if rng.random() >= dropout), None)
+        if chosen is None:
+            break
+        symbols[chosen : chosen + 2] = [symbols[chosen] + symbols[chosen + 1]]
+    return [tok._vocab[s] for s in symbols]
+
+
+def test_the_heap_merge_loop_draws_and_merges_as_the_rescan_did(tok):
+    words = ["Ġastronaut", "Ġgrinning", "ĠfaceĠwithĠtearsĠofĠjoy", "aaaaaaaaaaaaaaaaaaaa", "Ġapple" * 5, "x"]
+    for word in words:
+        for seed in range(25):
+            for dropout in (0.1, 0.5):
+                new = tok._bpe_word(word, dropout, np.random.default_rng(seed))
+                old = _rescan_bpe_word(tok, word, dropout, np.random.default_rng(seed))
+                assert new == old, (word, seed, dropout)
+
+
+@pytest.fixture(scope="module")
+def repetitive() -> TextTokenizer:
+    """A BPE rich in merges of repeated letters, so that a long word of them keeps merging."""
+    captions = [c * n for c in ("a", "é", "ab") for n in (2, 3, 4, 6, 8, 12, 16, 24, 32, 64)] * 3
+    return TextTokenizer(train_bpe(captions, vocab_size=400, min_frequency=1), text_len=256)
+
+
+@pytest.mark.parametrize("word", ["a" * 4096, "é" * 2048, "ab" * 2048])
+def test_bpe_dropout_on_a_long_word_is_bounded(repetitive, word):
+    """One 4,096-character word took 6.2 s, and 2,048 x 'é' 6.5 s: a few such captions stalled training."""
+    import time
+
+    tok = repetitive
+    assert len(tok.bpe_ids(word)) < len(word.encode()) // 4  # the merges do apply to it
+    t = time.perf_counter()
+    full = tok.bpe_ids(word, 0.1, np.random.default_rng(0))
+    took = time.perf_counter() - t
+    assert tok.decode(full) == word and len(tok.encode(word, 0.1, np.random.default_rng(0))) == 256
+    assert took < 0.5, f"{took:.2f} s"  # 0.015 s here, the rescan 2.0 s (2-core AMD EPYC, 2026-11-30)
+    short = word[:64]  # and the same splits as the rescan on a piece of it
+    for seed in range(5):
+        rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)
+        assert tok._bpe_word(short, 0.1, rng_a) == _rescan_bpe_word(tok, short, 0.1, rng_b)
