@@ -114,18 +114,39 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # Folders
 
 
+def check_replaceable(final: Path, new_entries: set[str], overwrite: bool) -> None:
+    """FileExistsError unless ``final`` may be replaced by a folder holding ``new_entries``: it is
+    absent, or everything in it is a name the new folder has (a folder of ours, written before),
+    or ``overwrite``. A user's folder with other files in it is never wiped by accident."""
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise FileExistsError(f"{final} exists and is not a folder")
+    foreign = sorted(set(os.listdir(final)) - new_entries)
+    if foreign and not overwrite:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"{final} already holds files that are not this model's ({shown}); refusing to replace it: "
+            "choose an empty or new folder, or pass --overwrite"
+        )
+
+
 def write_folder(
     directory: str | Path,
     files: dict[str, dict[str, torch.Tensor]],
     texts: dict[str, str],
     folders: dict[str, str | Path] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``NAME.safetensors`` for each entry of ``files``, each text file and a copy of each of
     ``folders`` (name -> source folder), then rename the whole into place.
 
-    An existing folder of that name is replaced only once the new one is whole.
+    An existing folder of that name is replaced only once the new one is whole, and only if it holds
+    nothing but what the new one holds (:func:`check_replaceable`; ``overwrite`` lifts that).
     """
     final = Path(directory)
+    names = {f"{n}.safetensors" for n in files} | set(texts) | set(folders or {})
+    check_replaceable(final, names, overwrite)  # before any work
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     try:
@@ -156,14 +177,19 @@ def write_folder(
 
 
 def save_pretrained(
-    directory: str | Path, args: Any, files: dict[str, dict[str, torch.Tensor]], full_config: Any = None
+    directory: str | Path,
+    args: Any,
+    files: dict[str, dict[str, torch.Tensor]],
+    full_config: Any = None,
+    overwrite: bool = False,
 ) -> Path:
     """A folder that rebuilds the model alone: ``config.yaml`` + ``{name}.safetensors`` per entry.
 
     ``config.yaml`` is the full run config when given (it has a ``model`` section), else ``{model: args}``.
+    An existing folder with other files in it is refused unless ``overwrite`` (:func:`write_folder`).
     """
     config = full_config if full_config is not None else {"model": args}
-    return write_folder(directory, files, {"config.yaml": to_yaml(config)})
+    return write_folder(directory, files, {"config.yaml": to_yaml(config)}, overwrite=overwrite)
 
 
 def read_model_args(directory: str | Path, args_cls: type[T]) -> T:

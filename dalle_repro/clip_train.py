@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -24,6 +25,7 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
+from dalle_repro.checkpoint import check_replaceable
 from dalle_repro.config import arg, honour_umask, save_config
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.optim import cosine
@@ -56,6 +58,7 @@ class ClipTrainConfig:
     shards: str = arg("data/emoji/train/*.tar", "Training image shards.")
     val_shards: str = arg("data/emoji/val/*.tar", "Validation shards for the retrieval accuracy.")
     output: str = arg("outputs/demo/clip", "Folder to write (Hugging Face's CLIP layout).")
+    overwrite: bool = arg(False, "Replace output even if it holds files that are not a CLIP folder of ours.")
     steps: int = arg(600, "Updates.", gt=0)
     batch_size: int = arg(64, "Pairs per batch (the contrastive negatives).", gt=1)
     lr: float = arg(1e-3, "Peak learning rate (AdamW), after a 5% warm-up, cosine to 0.", gt=0)
@@ -154,6 +157,9 @@ def retrieval(model: Any, tokenizer: Any, shards: str, args: ClipModelArgs) -> d
 
 def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate and save the small CLIP; returns the retrieval metrics."""
+    out = Path(cfg.output)  # before any work: a folder of someone's other files is never replaced
+    if out.is_dir() and any(out.iterdir()) and not (out / "train_clip.yaml").is_file() and not cfg.overwrite:
+        check_replaceable(out, set(), False)
     torch.manual_seed(cfg.seed)
     pick = pick_precision(cfg.precision, "cpu", "precision")
     log.info("precision: %s", pick.reason)
@@ -217,6 +223,7 @@ def save_clip(model: Any, tokenizer: Any, cfg: ClipTrainConfig, metrics: dict[st
         save_config(cfg, tmp, "train_clip.yaml", header=f"precision: {metrics.get('precision', cfg.precision)}")
         for p in (tmp, *tmp.rglob("*")):
             honour_umask(p)
+        check_replaceable(final, set(os.listdir(tmp)), cfg.overwrite)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -369,9 +369,9 @@ class DVAE(nn.Module):
 
     # -- storage ------------------------------------------------------------------------------
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write ``config.yaml`` and ``model.safetensors`` into ``directory`` (atomically)."""
-        return save_pretrained(directory, self.args, {"model": self.state_dict()})
+        return save_pretrained(directory, self.args, {"model": self.state_dict()}, overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, weights: str = "model", map_location: str = "cpu") -> DVAE:

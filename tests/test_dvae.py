@@ -194,3 +194,20 @@ def test_openai_parity(tmp_path):
         theirs_img = dall_e.unmap_pixels(torch.sigmoid(dec(one_hot)[:, :3]))
         assert torch.allclose(ours.decode(theirs_tokens), theirs_img, atol=1e-5, rtol=0)
         assert torch.allclose(ours.logits(x), theirs_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_saving_into_a_folder_of_other_files_is_refused(tmp_path):
+    """convert_openai_dvae --output (save_pretrained) replaced the whole folder: a user's other files were lost."""
+    from dalle_repro.dvae import DVAE, DVAEArgs
+
+    model = DVAE(DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8))
+    mine = tmp_path / "downloads"
+    mine.mkdir()
+    (mine / "encoder.pkl").write_bytes(b"the user's")
+    with pytest.raises(FileExistsError, match="encoder.pkl"):
+        model.save_pretrained(mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["encoder.pkl"]
+    ours = model.save_pretrained(tmp_path / "dvae")
+    model.save_pretrained(ours)  # a folder of ours is replaced, as before
+    model.save_pretrained(mine, overwrite=True)
+    assert (mine / "model.safetensors").is_file()

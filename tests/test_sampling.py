@@ -225,3 +225,16 @@ def test_train_clip_picks_and_notes_its_precision(clip_dir):
     saved = clip_dir / "train_clip.yaml"
     assert saved.read_text().startswith(f"# precision: {reason}\n")
     assert load_config(ClipTrainConfig, saved).precision == "auto"
+
+
+def test_clip_training_refuses_a_folder_of_other_files_before_any_work(tmp_path, monkeypatch):
+    """save_clip replaced the whole output folder: a user's other files came back gone."""
+    from dalle_repro import clip_train
+
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.md").write_text("the user's")
+    monkeypatch.setattr(clip_train, "hf_tokenizer", lambda *a: pytest.fail("training started"))
+    with pytest.raises(FileExistsError, match="notes.md"):
+        clip_train.train_clip(clip_train.ClipTrainConfig(output=str(out)))
+    assert [p.name for p in out.iterdir()] == ["notes.md"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dalle_repro.checkpoint import load_state_strict
+from dalle_repro.checkpoint import check_replaceable, load_state_strict
 from dalle_repro.dvae import DVAE, args_from_openai, state_from_openai
 
 ENC_ATTRS = ("n_hid", "n_blk_per_group", "input_channels", "vocab_size", "group_count")
@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output", required=True, type=Path, help="folder to write (config.yaml, model.safetensors)")
     p.add_argument("--image-size", type=int, default=256, help="input size recorded in the config (default 256)")
     p.add_argument("--trust-pickle", action="store_true", help="allow unpickling the two files (runs their code)")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace --output even if it holds files that are not a dVAE's"
+    )
     a = p.parse_args(argv)
     if not a.trust_pickle:
         print(
@@ -51,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
             "Pass --trust-pickle only for files from a source you trust.",
             file=sys.stderr,
         )
+        return 2
+    try:  # before the (slow) unpickling: a folder of the user's other files is never replaced
+        check_replaceable(a.output, {"config.yaml", "model.safetensors"}, a.overwrite)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     enc, dec = _unpickle(a.encoder), _unpickle(a.decoder)
     enc_attrs = {k: getattr(enc, k) for k in ENC_ATTRS if hasattr(enc, k)}
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.save_pretrained(a.output)
+    model.save_pretrained(a.output, overwrite=a.overwrite)
     print(f"converted: {args} -> {a.output}")
     return 0
 

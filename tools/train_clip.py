@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")  # the precision picked, and why
-    metrics = train_clip(cfg)
+    try:
+        metrics = train_clip(cfg)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(metrics))
     print(f"saved {cfg.output}: {chance_note(metrics)}")
     return 0
