@@ -38,7 +38,7 @@ from dalle_repro.data import (
     iter_shard_samples,
 )
 from dalle_repro.dvae import DVAE
-from dalle_repro.shards import Sample, write_tar
+from dalle_repro.shards import Sample, safe_key, write_tar
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ def _samples(path: str, size: int, errors: Counter, max_pixels: int) -> Iterator
         except (ValueError, RecursionError):  # bad or deeply nested JSON: the sample keeps no metadata
             meta = {}
         caption = clean_caption(members.get("txt", b""))
+        if (safe := safe_key(key)) != key:  # '../../x' or '/abs/x' from the input: not into our tars
+            errors["unsafe_key_renamed"] += 1
+            key = safe
         yield key, caption, meta if isinstance(meta, dict) else {}, image_to_tensor(crop_resize(im, size))
 
 

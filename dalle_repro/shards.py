@@ -84,6 +84,16 @@ def sanitize_key(text: str) -> str:
     return key or "_"
 
 
+def safe_key(key: str) -> str:
+    """``key`` itself when it is a plain relative path (webdataset keys may name folders, as in
+    ``part1/000017``); else :func:`sanitize_key`'s form. A key that is absolute, has an empty, '.'
+    or '..' part, a backslash or an unprintable character would make a tool that extracts the shard
+    write outside its folder (``../../x``, ``/abs/x``)."""
+    parts = key.split("/")
+    plain = key.isprintable() and "\\" not in key and all(p not in ("", ".", "..") for p in parts)
+    return key if plain else sanitize_key(key)
+
+
 def split_of(key: str, val_fraction: float) -> str:
     """Deterministic train/val split by key."""
     if val_fraction <= 0:
@@ -136,6 +146,8 @@ def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
 
 
 def _add_sample(tar: tarfile.TarFile, sample: Sample) -> None:
+    if safe_key(sample.key) != sample.key:  # the writers' callers make keys safe; nothing else may pass
+        raise ValueError(f"unsafe sample key {sample.key!r}: it would name a path outside the shard's folder")
     _add_member(tar, f"{sample.key}.{sample.ext}", sample.image)
     _add_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
     _add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, ensure_ascii=False).encode("utf-8"))

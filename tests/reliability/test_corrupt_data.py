@@ -228,3 +228,27 @@ def test_deeply_nested_json_metadata_does_not_end_pre_encoding(prior_data, tmp_p
                 t.addfile(info, io.BytesIO(data))
     s = encode_token_shards(prior_data["dvae"], [str(shard)], tmp_path / "tokens")
     assert s["written"] == 2
+
+
+def test_keys_that_name_paths_outside_the_folder_are_not_copied_into_token_shards(prior_data, tmp_path):
+    """'../../x' and '/abs/x' went into pre_encode's tars as they were: other tools would extract them outside."""
+    shard = tmp_path / "keys.tar"
+    with tarfile.open(shard, "w") as t:
+        for key in ("../../evil", "/abs/x", "part1/000017"):
+            for ext, data in (("png", png_bytes()), ("txt", b"a caption")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    s = encode_token_shards(prior_data["dvae"], [str(shard)], tmp_path / "tokens")
+    assert s["written"] == 3 and s["skipped"].get("unsafe_key_renamed") == 2
+    names = [n for p in (tmp_path / "tokens").glob("**/*.tar") for n in tarfile.open(p).getnames()]
+    assert names and not any(n.startswith(("/", "..")) or "/../" in n for n in names)
+    assert "part1/000017.tokens" in names  # a plain folder key is kept as it is
+
+
+def test_the_shard_writer_refuses_an_unsafe_key(tmp_path):
+    from dalle_repro.shards import Sample, write_tar
+
+    with pytest.raises(ValueError, match="unsafe sample key"):
+        write_tar(tmp_path / "x.tar", [Sample("../x", b"", "tokens", "c", {})])
+    assert not list(tmp_path.iterdir())
