@@ -209,7 +209,7 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
 def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
     dcfg = dvae_config(cfg)
     shards = sorted(str(p) for p in Path(cfg.emoji.output).glob("*/*.tar"))
-    s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, cfg.tokens_output)
+    s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, cfg.tokens_output, overwrite=True)  # ours
     return {k: s[k] for k in ("written", "skipped", "grid", "vocab_size")} | {"output": cfg.tokens_output}
 
 

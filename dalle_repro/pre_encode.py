@@ -49,6 +49,13 @@ def tokens_bytes(grid: np.ndarray, vocab_size: int) -> bytes:
     return buf.getvalue()
 
 
+def _dvae_identity(dvae_dir: Path) -> str:
+    """Which dVAE weights made a token folder: the weights file, its size and its time."""
+    weights = dvae_dir / "model.safetensors"
+    wst = os.stat(weights)
+    return f"{weights.resolve()}:{wst.st_size}:{wst.st_mtime_ns}"
+
+
 def _fingerprint(dvae_dir: Path, path: str) -> str:
     st = os.stat(path)
     weights = dvae_dir / "model.safetensors"
@@ -113,8 +120,12 @@ def encode_token_shards(
     batch_size: int = 64,
     device: str = "cpu",
     max_pixels: int = 64_000_000,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Encode every shard (see the module docstring); returns the summary, also in OUTPUT/summary.json."""
+    """Encode every shard (see the module docstring); returns the summary, also in OUTPUT/summary.json.
+
+    An output folder that holds token shards made with other dVAE weights is refused (before any
+    work) unless ``overwrite``: it used to be overwritten shard by shard, as make_shards refuses to."""
     dvae_dir, out_root = Path(dvae_dir), Path(output)
     dev = torch.device(device)
     model = DVAE.from_pretrained(dvae_dir).to(dev, memory_format=torch.channels_last).eval()
@@ -124,6 +135,18 @@ def encode_token_shards(
         progress = json.loads(progress_path.read_text())
     except (OSError, ValueError):
         progress = {}
+    ident = _dvae_identity(dvae_dir)
+    theirs = progress.get("__dvae__") or (
+        "unknown weights" if any(out_root.glob("**/*.tar")) and not progress else ident
+    )
+    if theirs != ident and not overwrite:
+        raise FileExistsError(
+            f"{out_root} holds token shards made with another dVAE ({theirs.split(':')[0]}); pass --overwrite "
+            "to replace them, or choose another --output"
+        )
+    if theirs != ident:
+        progress = {}
+    progress["__dvae__"] = ident
     totals: Counter = Counter()
     written_shards = []
     for path in tqdm(shards, desc="encode", unit="shard", disable=None):

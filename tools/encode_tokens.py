@@ -27,13 +27,16 @@ def main(argv: list[str] | None = None) -> int:
         default="cuda" if __import__("torch").cuda.is_available() else "cpu",
         help="cpu or cuda (default: cuda when present)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace token shards that another dVAE made in --output")
     a = p.parse_args(argv)
     if a.batch_size <= 0:
         p.error(f"--batch-size must be > 0, got {a.batch_size}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        summary = encode_token_shards(a.dvae, expand_shards(a.shards), a.output, a.batch_size, a.device)
-    except (FileNotFoundError, ValueError) as e:
+        summary = encode_token_shards(
+            a.dvae, expand_shards(a.shards), a.output, a.batch_size, a.device, overwrite=a.overwrite
+        )
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("written", "skipped", "grid", "vocab_size")}))

@@ -252,3 +252,24 @@ def test_the_shard_writer_refuses_an_unsafe_key(tmp_path):
     with pytest.raises(ValueError, match="unsafe sample key"):
         write_tar(tmp_path / "x.tar", [Sample("../x", b"", "tokens", "c", {})])
     assert not list(tmp_path.iterdir())
+
+
+def test_token_shards_of_another_dvae_are_not_overwritten_silently(prior_data, emoji_dir, tmp_path):
+    """encode_tokens into a folder made with another dVAE overwrote every shard; make_shards would have refused."""
+    import torch
+
+    from dalle_repro.dvae import DVAE, DVAEArgs
+
+    shards = sorted(str(p) for p in (emoji_dir / "train").glob("*.tar"))[:2]
+    out = tmp_path / "tokens"
+    encode_token_shards(prior_data["dvae"], shards, out)
+    before = {p: p.read_bytes() for p in out.glob("**/*.tar")}
+    encode_token_shards(prior_data["dvae"], shards, out)  # the same dVAE again: a no-op, as before
+    torch.manual_seed(1)
+    other = DVAE(DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8))
+    other.save_pretrained(tmp_path / "other_dvae")
+    with pytest.raises(FileExistsError, match="another dVAE"):
+        encode_token_shards(tmp_path / "other_dvae", shards, out)
+    assert {p: p.read_bytes() for p in out.glob("**/*.tar")} == before
+    s = encode_token_shards(tmp_path / "other_dvae", shards, out, overwrite=True)
+    assert s["dvae"] == str(tmp_path / "other_dvae") and {p: p.read_bytes() for p in out.glob("**/*.tar")} != before
