@@ -158,7 +158,7 @@ def retrieval(model: Any, tokenizer: Any, shards: str, args: ClipModelArgs) -> d
 def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate and save the small CLIP; returns the retrieval metrics."""
     out = Path(cfg.output)  # before any work: a folder of someone's other files is never replaced
-    if out.is_dir() and any(out.iterdir()) and not (out / "train_clip.yaml").is_file() and not cfg.overwrite:
+    if not cfg.overwrite and not (out / "train_clip.yaml").is_file():  # ours has it; save_clip checks again
         check_replaceable(out, set(), False)
     torch.manual_seed(cfg.seed)
     pick = pick_precision(cfg.precision, "cpu", "precision")

@@ -113,8 +113,8 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         return []
-    lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)]
-    lines = [(i, ln) for i, ln in lines if ln.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
     rows = []
     for n, (i, line) in enumerate(lines):
         try:

@@ -56,13 +56,10 @@ def _dvae_identity(dvae_dir: Path) -> str:
     return f"{weights.resolve()}:{wst.st_size}:{wst.st_mtime_ns}"
 
 
-def _fingerprint(dvae_dir: Path, path: str) -> str:
+def _fingerprint(dvae_identity: str, path: str) -> str:
+    """One input shard encoded by one dVAE (:func:`_dvae_identity`): the shard's path, size and time."""
     st = os.stat(path)
-    weights = dvae_dir / "model.safetensors"
-    wst = os.stat(weights)
-    return hashlib.sha256(
-        f"{weights.resolve()}:{wst.st_size}:{wst.st_mtime_ns}:{path}:{st.st_size}:{st.st_mtime_ns}".encode()
-    ).hexdigest()[:16]
+    return hashlib.sha256(f"{dvae_identity}:{path}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def _samples(path: str, size: int, errors: Counter, max_pixels: int) -> Iterator[tuple[str, str, dict, torch.Tensor]]:
@@ -152,7 +149,7 @@ def encode_token_shards(
     for path in tqdm(shards, desc="encode", unit="shard", disable=None):
         rel = Path(os.path.abspath(path)).relative_to(parent)
         target = out_root / rel
-        fp = _fingerprint(dvae_dir, path)
+        fp = _fingerprint(ident, path)
         done = progress.get(str(rel))
         if done and done["fingerprint"] == fp and target.is_file():
             counts = Counter(done["counts"])
