@@ -5,7 +5,7 @@ core it may run on, so the two ranks ran 2 x 2 OpenMP threads; distributed.set_c
 gives each rank ``usable cores // ranks on this node`` (distributed.cpu_threads). This script
 stands in for one rank: one process training the demo prior's shape (configs/demo/prior.yaml: dim
 256, 8 layers, 8 heads, 24 text tokens + 8x8 image tokens, batch 16) in fp32, with the paper's
-per-branch hooks (precision mode paper) and AdamW, while ``--competitors`` busy processes (default
+per-branch hooks (precision mode block_scaled) and AdamW, while ``--competitors`` busy processes (default
 ``--ranks`` - 1; each a Python spin loop, pinned to nothing) stand in for the other ranks. It times
 a train step in four settings:
 

@@ -146,7 +146,7 @@ BACKENDS: tuple[Backend, ...] = ("dense", "local", "flex")
 _DENSE: dict[MaskSpec, torch.Tensor] = {}
 _LOCAL: dict[MaskSpec, tuple[torch.Tensor | None, torch.Tensor]] = {}
 _LISTS: dict[MaskSpec, torch.Tensor] = {}
-_FLEX: dict[tuple[MaskSpec, str], object] = {}
+_FLEX: dict[tuple[MaskSpec, str, int], object] = {}
 
 
 def _dense_mask(spec: MaskSpec, device: torch.device) -> torch.Tensor:
@@ -467,47 +467,104 @@ def blocked_attention(
     return torch.cat(parts, 2)
 
 
-def flex_block_mask(spec: MaskSpec, device: torch.device) -> object:
-    """FlexAttention's block mask from the same predicate, cached per (spec, device)."""
+# FlexAttention's tile: the block mask's block side, in tokens. 128 is flex's own default and the
+# tile its CUDA kernels are tuned for; smaller blocks follow the masks more closely (flex_densities).
+FLEX_BLOCK = 128
+
+
+def flex_order(spec: MaskSpec) -> torch.Tensor | None:
+    """The order FlexAttention computes a layer in: for each position of that order, its position
+    in the model's (raster) sequence; ``None`` where it is the raster order itself.
+
+    Column layers run on a column-major image order (text first, as always): there a query's keys,
+    the same column at this and earlier rows, lie in one run of ``grid`` positions next to it, where
+    in raster order they are ``grid`` apart and every key block holds one of them. The mask is the
+    same predicate, read through this order, and the output goes back to raster order, so nothing
+    outside the attention sees the difference."""
+    if spec.kind != "column" or spec.grid == 1:
+        return None
+    g, t = spec.grid, spec.text_len
+    image = torch.arange(g * g).view(g, g).t().reshape(-1)  # column-major: (x, y) -> y * g + x
+    return torch.cat([torch.arange(t), image + t])
+
+
+def flex_block_mask(spec: MaskSpec, device: torch.device | str, block: int = FLEX_BLOCK) -> object:
+    """FlexAttention's block mask, in :func:`flex_order`, from the same predicate; cached."""
     from torch.nn.attention.flex_attention import create_block_mask
 
-    key = (spec, str(device))
+    key = (spec, str(device), block)
     if key not in _FLEX:
+        order = flex_order(spec)
+        pos = (order if order is not None else torch.arange(spec.n)).to(device)
 
         def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-            return allowed(spec, q_idx, kv_idx)
+            return allowed(spec, pos[q_idx], pos[kv_idx])
 
-        _FLEX[key] = create_block_mask(mask_mod, None, None, spec.n, spec.n, device=str(device))
+        _FLEX[key] = create_block_mask(mask_mod, None, None, spec.n, spec.n, device=str(device), BLOCK_SIZE=block)
     return _FLEX[key]
+
+
+def flex_densities(spec: MaskSpec, block: int = FLEX_BLOCK) -> tuple[float, float]:
+    """(block density, element density) of a layer's mask, both as fractions of causal attention:
+    key blocks FlexAttention visits over the blocks a causal mask visits at the same block size, and
+    allowed pairs over N (N + 1) / 2. Read off the block mask itself (CPU; no CUDA needed)."""
+    blocks = flex_block_mask(spec, "cpu", block).to_dense()[0, 0].bool()  # (N / block, N / block)
+    n = blocks.shape[0]
+    causal = n * (n + 1) // 2  # blocks on or below the diagonal, in raster and column-major order alike
+    pos = torch.arange(spec.n)
+    elements = int(allowed(spec, pos[:, None], pos[None, :]).sum())
+    return int(blocks.sum()) / causal, elements / (spec.n * (spec.n + 1) / 2)
 
 
 _FLEX_FN: dict[str, object] = {}
 
 
-def flex_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, pb_relax: float | None = None
-) -> torch.Tensor:
-    """FlexAttention with a block-sparse mask (compiled on CUDA; eager, and without backward, on CPU).
-
-    Eager FlexAttention materialises the full score matrix, so on CPU it checks correctness but is
-    not the fast path: ``auto`` picks ``local`` there.
-    """
+def _flex_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: object, block: int) -> torch.Tensor:
+    """flex_attention itself: compiled on CUDA, with tiles that divide ``block``; eager on CPU."""
     import warnings
 
     from torch.nn.attention.flex_attention import flex_attention as flex
 
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
-        raise RuntimeError("FlexAttention has no backward on CPU: use attention backend 'local' to train on CPU")
-    kwargs: dict = {"block_mask": flex_block_mask(spec, q.device)}
-    if pb_relax:  # q.k formed from q / alpha; the kernel's own max shift follows the score_mod
-        q = q / pb_relax
-        kwargs["score_mod"] = lambda score, b, h, qi, ki: score * pb_relax
     if q.device.type == "cuda":
         fn = _FLEX_FN.setdefault("cuda", torch.compile(flex, dynamic=False))
-        return fn(q, k, v, **kwargs)  # type: ignore[operator]
+        options = None
+        if block < 128:  # the kernel's tiles must divide the block mask's blocks
+            options = {k: block for k in ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")}
+        return fn(q, k, v, block_mask=block_mask, kernel_options=options)  # type: ignore[operator]
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        raise RuntimeError("FlexAttention has no backward on CPU: use attention backend 'local' to train on CPU")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return flex(q, k, v, **kwargs)
+        return flex(q, k, v, block_mask=block_mask)
+
+
+def flex_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: MaskSpec,
+    pb_relax: float | None = None,
+    block: int = FLEX_BLOCK,
+) -> torch.Tensor:
+    """FlexAttention with a block-sparse mask (compiled on CUDA; eager, and without backward, on CPU),
+    computed in :func:`flex_order` and returned in raster order.
+
+    ``pb_relax`` changes nothing here, and is ignored: PB-relax divides the scores by alpha so that a
+    half-precision score matrix cannot overflow before the max is subtracted; flex forms its scores
+    in fp32 and subtracts the running max itself, so there is no half-precision score to protect (a
+    ``score_mod`` multiplying alpha back in, as before, was the identity plus a rounding).
+
+    Eager FlexAttention materialises the full score matrix, so on CPU it checks correctness but is
+    not the fast path: ``auto`` picks ``local`` there.
+    """
+    order = flex_order(spec)
+    if order is not None:
+        order = order.to(q.device)
+        q, k, v = (x.index_select(2, order) for x in (q, k, v))  # (B, H, N, d) in column-major image order
+    out = _flex_kernel(q, k, v, flex_block_mask(spec, q.device, block), block)
+    if order is not None:
+        out = out.index_select(2, torch.argsort(order))  # back to raster order
+    return out
 
 
 def pick_backend(name: str, device: torch.device, training: bool) -> Backend:
@@ -521,12 +578,21 @@ def pick_backend(name: str, device: torch.device, training: bool) -> Backend:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: MaskSpec, backend: Backend, pb_relax: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: MaskSpec,
+    backend: Backend,
+    pb_relax: float | None = None,
+    flex_block: int = FLEX_BLOCK,
 ) -> torch.Tensor:
-    """Masked attention of (B, H, N, d) tensors with the named backend (PB-relax with alpha if given)."""
+    """Masked attention of (B, H, N, d) tensors with the named backend (PB-relax with alpha if given;
+    ``flex_block``: the flex backend's block side)."""
     if q.shape[2] != spec.n:
         raise ValueError(f"expected {spec.n} positions for text {spec.text_len} + grid {spec.grid}^2, got {q.shape[2]}")
-    fn = {"dense": dense_attention, "local": local_attention, "flex": flex_attention}[backend]
+    if backend == "flex":
+        return flex_attention(q, k, v, spec, pb_relax, flex_block)
+    fn = {"dense": dense_attention, "local": local_attention}[backend]
     return fn(q, k, v, spec, pb_relax)
 
 

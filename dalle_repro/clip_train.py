@@ -168,7 +168,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict[str, Any]:
     model = build_clip(a, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     data = DataArgs(image_size=a.image_size, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
-    data = dataclasses.replace(data, crop="random", random_crop_min=0.85)
+    data = dataclasses.replace(data, crop="random_square", random_crop_min=0.85)
     it = iter(Loader(cfg.shards, data))
     warm = max(1, cfg.steps // 20)
     t0 = time.perf_counter()

@@ -64,12 +64,15 @@ class DataArgs:
         "images", "images: decode KEY.jpg/KEY.png; tokens: read KEY.tokens grids made by encode_tokens."
     )
     image_size: int = arg(64, "Side of the square image given to the model, in pixels.", gt=0)
-    crop: Literal["center", "random"] = arg(
+    crop: Literal["center", "random_square", "paper_dvae", "paper_prior"] = arg(
         "center",
-        "center: resize the shorter side and take the central square. random: the paper's augmentation, "
-        "a square of side U(random_crop_min, 1) x shorter side at a random place, then resized.",
+        "center: resize the shorter side and take the central square. paper_dvae / paper_prior: the paper's "
+        "listings (SPEC §6): a square of the full shorter side at a random place, resized by area to t x image_size "
+        "(t ~ U[9/8, 12/8] for the dVAE, U[1, 9/8] for the prior), a random image_size crop of that, and for the "
+        "dVAE a random horizontal flip. random_square: a square of side U(random_crop_min, 1) x shorter side at a "
+        "random place, resized bicubic (this project's own; it was called 'random' and 'the paper's' before).",
     )
-    random_crop_min: float = arg(0.75, "Smallest random crop, as a fraction of the shorter side.", gt=0, le=1)
+    random_crop_min: float = arg(0.75, "random_square's smallest crop, as a fraction of the shorter side.", gt=0, le=1)
     batch_size: int = arg(8, "Samples per batch on each rank (the micro-batch).", gt=0)
     num_workers: int = arg(2, "Loader worker processes per rank (0 reads in the main process).", ge=0)
     shuffle: bool = arg(True, "Shuffle shard order and sample order within a shard, per epoch.")
@@ -159,10 +162,16 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Ima
     try:
         im.seek(0)
         im.load()
+        facts["orientation"] = int(im.getexif().get(0x0112, 1) or 1)  # EXIF's; exif_transpose applies it
         im = ImageOps.exif_transpose(im) or im
     except Exception as e:
         raise SampleError("corrupt_image", f"{type(e).__name__}: {e}") from None
     return _to_rgb(im), facts
+
+
+# The paper's listings (SPEC §6): the range of t, the resize factor before the final crop, and the flip.
+PAPER_CROPS = {"paper_dvae": (9 / 8, 12 / 8, True), "paper_prior": (1.0, 9 / 8, False)}
+CROPS = ("center", "random_square", *PAPER_CROPS)
 
 
 def crop_resize(
@@ -172,21 +181,44 @@ def crop_resize(
     rng: np.random.Generator | None = None,
     random_crop_min: float = 0.75,
 ) -> Image.Image:
-    """Square crop (central or random) resized to ``size`` x ``size``."""
+    """Square crop resized to ``size`` x ``size``: ``crop`` is one of :data:`CROPS` (DataArgs.crop says
+    what each does); every mode but center draws from ``rng``."""
+    if crop not in CROPS:
+        raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
     w, h = im.size
     short = min(w, h)
     if crop == "center":
         side, left, top = short, (w - short) // 2, (h - short) // 2
-    elif crop == "random":
-        if rng is None:
-            raise ValueError("crop='random' needs an rng")
+    elif rng is None:
+        raise ValueError(f"crop={crop!r} needs an rng")
+    elif crop == "random_square":
         side = max(1, int(round(short * rng.uniform(random_crop_min, 1.0))))
-        left = int(rng.integers(0, w - side + 1))
-        top = int(rng.integers(0, h - side + 1))
+        left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
     else:
-        raise ValueError(f"crop must be 'center' or 'random', got {crop!r}")
+        return paper_crop(im, size, rng, *PAPER_CROPS[crop])
     box = (left, top, left + side, top + side)
     return im.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+
+
+def paper_crop(im: Image.Image, size: int, rng: np.random.Generator, lo: float, hi: float, flip: bool) -> Image.Image:
+    """The paper's listing: a random full-side square, resized by area to t x t with t an integer
+    drawn uniformly from [min(s, round(lo size)), min(s, round(hi size))] (s the shorter side), a
+    random ``size`` crop of it, and a horizontal flip with probability 1/2 where ``flip``.
+
+    [departure] An image whose shorter side is under ``size`` is scaled up to t = ``size`` (the
+    listing's crop would fail on it; the paper's data had no such images)."""
+    w, h = im.size
+    s = min(w, h)
+    left, top = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+    t_min, t_max = min(s, round(lo * size)), min(s, round(hi * size))
+    t = max(size, int(rng.integers(t_min, t_max + 1)))
+    # BOX averages each output pixel's footprint: the area resize of the listing
+    im = im.resize((t, t), Image.Resampling.BOX, box=(left, top, left + s, top + s))
+    x, y = int(rng.integers(0, t - size + 1)), int(rng.integers(0, t - size + 1))
+    im = im.crop((x, y, x + size, y + size))
+    if flip and rng.random() < 0.5:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return im
 
 
 def image_to_tensor(im: Image.Image) -> torch.Tensor:
@@ -194,14 +226,38 @@ def image_to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def decode_tokens(data: bytes) -> torch.Tensor:
-    """A ``KEY.tokens`` member (a .npy array of shape (h, w), integer dtype) -> LongTensor (h, w)."""
+MAX_TOKEN_GRID = 256  # the largest token grid side read without a model to compare with (the paper's: 32)
+
+
+def decode_tokens(data: bytes, grid: int | None = None) -> torch.Tensor:
+    """A ``KEY.tokens`` member (a .npy array of shape (h, w), integer dtype) -> LongTensor (h, w).
+
+    The .npy header (shape, dtype) is read and checked first, against ``grid`` when given (then a
+    wrong shape is ``wrong_token_grid``) or else against :data:`MAX_TOKEN_GRID`: nothing is loaded
+    or widened to int64 for a member whose header describes something else."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f".npy version {version}")
+    except Exception as e:
+        raise SampleError("corrupt_tokens", f"{type(e).__name__}: {e}") from None
+    if len(shape) != 2 or dtype.kind not in "iu" or dtype.itemsize > 8:
+        raise SampleError("corrupt_tokens", f"expected an integer (h, w) grid, got {dtype} {shape}")
+    if grid is not None and tuple(shape) != (grid, grid):
+        raise SampleError("wrong_token_grid", f"{tuple(shape)}, the model takes ({grid}, {grid})")
+    if max(shape) > MAX_TOKEN_GRID:
+        raise SampleError("corrupt_tokens", f"a {shape} grid is larger than {MAX_TOKEN_GRID} x {MAX_TOKEN_GRID}")
+    if len(data) - f.tell() != shape[0] * shape[1] * dtype.itemsize:
+        raise SampleError("corrupt_tokens", f"{len(data) - f.tell()} data bytes for a {dtype} {shape} grid")
     try:
         a = np.load(io.BytesIO(data), allow_pickle=False)
     except Exception as e:
         raise SampleError("corrupt_tokens", f"{type(e).__name__}: {e}") from None
-    if a.ndim != 2 or a.dtype.kind not in "iu":
-        raise SampleError("corrupt_tokens", f"expected an integer (h, w) grid, got {a.dtype} {a.shape}")
     return torch.from_numpy(a.astype(np.int64))
 
 
@@ -418,7 +474,7 @@ class ShardStream(IterableDataset):
         if ext is None:
             raise SampleError("missing_image", key)
         im, _ = decode_image(members[ext], a.max_pixels)
-        rng = np.random.default_rng(_seed(a.seed, "crop", *where)) if a.crop == "random" else None
+        rng = np.random.default_rng(_seed(a.seed, "crop", *where)) if a.crop != "center" else None
         im = crop_resize(im, a.image_size, a.crop, rng, a.random_crop_min)
         out["image"] = image_to_tensor(im)
         return out

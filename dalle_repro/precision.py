@@ -1,5 +1,11 @@
-"""The paper's mixed precision (SPEC §3): fp32 residual stream, half-precision resblocks, and
-per-resblock gradient scaling with a non-finite filter.
+"""The paper's mixed-precision *compute* (SPEC §3): fp32 residual stream, half-precision resblocks,
+and per-resblock gradient scaling with a non-finite filter (``precision.mode=block_scaled``).
+
+[departure] Not the paper's *storage*: the paper keeps parameters and Adam moments in 16 bits
+(gains, biases, embeddings and unembeddings in fp32); here every weight, gradient and moment is
+fp32 (16 bytes per parameter with Adam's two moments). ``tools/memory_table.py`` prints what the
+paper's storage would take beside it. The mode was called ``paper`` until 2026-12; it was renamed
+because only the compute is the paper's.
 
 Each residual branch (a block's attention and its MLP: each is a "resblock" here) runs under
 autocast in fp16 or bf16 while the residual stream, the parameters (gains, biases, embeddings)
@@ -17,8 +23,21 @@ sees it, so the same code works at every ZeRO stage and under gradient accumulat
 also raise a per-branch flag; :meth:`BlockScaler.end_step` reads the flags (agreed across ranks),
 skips the flagged branches' updates (their grads are set to None, which torch's optimisers skip)
 while every other branch updates, and applies the scale rule. Scale rule: s_j starts at
-M * 2^13 (M = data-parallel ranks); a finite step multiplies it by 2^(1/1000); a non-finite one
-divides it by sqrt(2), at most once per 125 updates; s_j stays within [M * 2^7, M * 2^24].
+2^13; a finite step multiplies it by 2^(1/1000); a non-finite one divides it by sqrt(2), at most
+once per 125 updates; s_j stays within [2^7, 2^24].
+
+The factor M. SPEC §3 (after the paper) starts the scales at M * 2^13 and clamps them to
+[M * 2^7, M * 2^24], M the data-parallel ranks, because there the loss of each rank is its sum
+divided by the *global* batch: a rank's gradient is 1/M of a one-rank run's on the same global
+batch, and M * s puts the half-precision gradients inside a block back in one rank's range. Here
+each rank's loss is the mean over its *own* micro-batch (DeepSpeed averages the ranks' gradients
+after the hooks have run, and divides by the accumulation steps G as the paper's global-batch
+divisor does), so a rank's gradient already has one rank's range and the same s keeps it there:
+``mean_local * s`` equals ``(sum_local / B_global) * (M * s)`` up to the factor G both share. So
+the scales carry no M, the rule above is SPEC's rule in SPEC's units, and at M ranks the scales,
+and the overflows they cause, follow one rank's on the same global batch (tests/test_exact_skip.py).
+With the factor the scales of a 256-rank run started 256x too high and, at one decrease per 125
+updates, took some 2,000 updates of skipped blocks to come down.
 In bf16 and fp32 there is no scaling (s_j = 1) but the filter and the per-branch skip stay: there
 they catch a NaN or inf from bad data or a diverging run rather than an fp16 overflow. Parameters
 outside the branches (embeddings, heads, the final LayerNorm) get the filter and a flag of their own.
@@ -27,10 +46,10 @@ The filter costs what it must: where a gradient is finite (nearly always) a hook
 (one reduction) and, with s_j = 1 on a CPU, hands it back as it is; only a non-finite gradient
 is copied with its non-finite values zeroed. :class:`BlockScaler` lists the cost of each mode.
 
-[departure] Under ZeRO stage 1-3, DeepSpeed owns the (partitioned) gradients, so a skipped branch
-cannot have its gradient removed: its gradient, with the non-finite values zeroed, still reaches
-the optimizer, and Adam's moments move for that step. At stage 0 and without DeepSpeed the skip
-is exact.
+The skip is exact at every ZeRO stage: at stage 0 the skipped branches' gradients are dropped
+(``drop_grads``), at stages 1-3 :func:`dalle_repro.exact_skip.step_without` puts their weights and
+Adam moments back after DeepSpeed's step (the one exception, Adam's step counter, is shared by a
+flat group there; that module says what it changes).
 
 This works with or without DeepSpeed: it is ordinary autograd hooks and a step-time function.
 
@@ -254,14 +273,18 @@ class PrecisionArgs:
         "natively and fast (CUDA with bf16; a CPU with AVX512-BF16 or AMX, confirmed by a measured matmul), "
         "else fp32.",
     )
-    mode: Literal["paper", "deepspeed"] = arg(
-        "paper",
-        "paper: fp32 weights and residual stream, half-precision resblocks with per-resblock gradient scaling "
-        "(SPEC §3). deepspeed: DeepSpeed's own bf16/fp16 (half weights, one global loss scale), as the peers do.",
+    mode: Literal["block_scaled", "deepspeed"] = arg(
+        "block_scaled",
+        "block_scaled: the paper's per-resblock gradient scaling and skip (SPEC §3), half-precision resblocks, an fp32 "
+        "residual stream, and fp32 weights, gradients and Adam moments (16 bytes per parameter, not the paper's "
+        "16-bit storage; called 'paper' before). deepspeed: DeepSpeed's own bf16/fp16 (half weights, fp32 master "
+        "copy and moments, one global loss scale), as the peers do.",
     )
-    init_log2: float = arg(13.0, "log2 of each branch's initial gradient scale, before x M ranks.")
-    min_log2: float = arg(7.0, "log2 of the smallest scale, before x M.")
-    max_log2: float = arg(24.0, "log2 of the largest scale, before x M.")
+    init_log2: float = arg(
+        13.0, "log2 of each branch's initial gradient scale (no factor of the ranks: see precision.py)."
+    )
+    min_log2: float = arg(7.0, "log2 of the smallest scale.")
+    max_log2: float = arg(24.0, "log2 of the largest scale.")
     growth_steps: int = arg(1000, "A finite step multiplies the scale by 2^(1/growth_steps).", gt=0)
     decay_every: int = arg(125, "A scale drops (by sqrt 2) at most once per this many updates.", gt=0)
 
@@ -301,13 +324,12 @@ class BlockScaler:
       a shared machine) timed the filter at about 48 ms of a 0.55 s backward before, 4 ms after.
     """
 
-    def __init__(self, n_branches: int, args: PrecisionArgs, world_size: int = 1):
+    def __init__(self, n_branches: int, args: PrecisionArgs):
         self.args = args
         self.n = n_branches
         self.scaled = args.dtype == "fp16"
-        m = float(world_size)
-        self.lo, self.hi = m * 2**args.min_log2, m * 2**args.max_log2
-        init = m * 2**args.init_log2 if self.scaled else 1.0
+        self.lo, self.hi = 2**args.min_log2, 2**args.max_log2
+        init = 2**args.init_log2 if self.scaled else 1.0
         self.scales = torch.full((n_branches,), init, dtype=torch.float64)
         self.last_decay = torch.full((n_branches,), -(10**9), dtype=torch.long)
         self.flags = torch.zeros(n_branches + 1, dtype=torch.bool)  # non-finite seen this step; [n]: the rest

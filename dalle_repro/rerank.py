@@ -27,10 +27,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def clip_pixels(
     images: torch.Tensor, size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
 ) -> torch.Tensor:
-    """(N, 3, H, W) floats in [0, 1] -> CLIP's input: bicubic resize to ``size`` (when needed), normalised."""
+    """(N, 3, H, W) floats in [0, 1] -> CLIP's input: bicubic resize to ``size`` (when needed), normalised.
+
+    The resize is antialiased, as CLIP's own preprocessing (PIL's bicubic) is: a 256 -> 224
+    downscale without it aliases fine texture, and the scores drift from the ones CLIP was trained
+    to give (tests/test_sampling.py compares with PIL)."""
     x = images.float()
     if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False)
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x.clamp(0, 1) - m) / s

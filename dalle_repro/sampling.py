@@ -7,6 +7,10 @@ classifier-free guidance (conditional and unconditional rows in one batch) and i
 (the top rows of an init image's tokens), decodes them with the dVAE, scores them with a
 :class:`~dalle_repro.rerank.Reranker` when one is given, and keeps the best ``keep``.
 
+[departure] The paper draws 512 candidates per caption and reranks them; ``candidates`` defaults to
+64 (keep 8), which is what a CPU can draw in minutes at the demo's size. ``--candidates 512`` gives
+the paper's setting.
+
 Determinism: caption ``i`` draws from a generator seeded with ``(seed, i)``, so a result depends on
 the seed, the settings and the batch size, not on the other captions.
 """

@@ -66,6 +66,7 @@ from dalle_repro.config import ConfigError, arg, atomic_write_text, deep_merge, 
 from dalle_repro.data import DataArgs, Loader
 from dalle_repro.ds_checkpoint import safe_checkpoint_engine
 from dalle_repro.dvae import DVAE
+from dalle_repro.exact_skip import step_without
 from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
 from dalle_repro.optim import EMA, cosine, param_groups
 from dalle_repro.precision import BlockScaler, Pick, PrecisionArgs, agree_across_ranks, pick_precision
@@ -365,7 +366,7 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
     model = Transformer(cfg.model).to(d.device)
-    scaler = model.enable_precision(cfg.precision, d.world_size) if cfg.precision.mode == "paper" else None
+    scaler = model.enable_precision(cfg.precision) if cfg.precision.mode == "block_scaled" else None
     tokenizer = TextTokenizer(cfg.text.path, cfg.text.text_len)
     if tokenizer.vocab_size != cfg.model.text_vocab:
         raise ConfigError(
@@ -475,30 +476,28 @@ def train_step(r: Run, it: Any) -> dict[str, float]:
             engine.step()  # DeepSpeed counts micro-batches; it updates only at the boundary
     skipped: list[int] = []
     rest_bad = False
-    exact = r.zero == 0
     if r.scaler is not None:
-        skipped, rest_bad = r.scaler.end_step(r.model.branch_params(), r.step, drop_grads=exact)
+        skipped, rest_bad = r.scaler.end_step(r.model.branch_params(), r.step, drop_grads=False)
     skip = _any_rank(nonfinite, r.d.device)
+    if skip:  # a non-finite loss: the whole update is skipped
+        frozen = list(r.model.parameters())
+    else:  # the skipped branches, and the parameters outside them if they saw a non-finite gradient
+        frozen = [p for j in skipped for p in r.model.branch_params()[j]] + (r.model.other_params() if rest_bad else [])
+    lr = r.scheduler.get_last_lr()[0]
     grad_norm = float("nan")
-    if exact:
-        if skip or rest_bad:
-            params = r.model.parameters() if skip else r.model.other_params()
-            for p in params:
-                p.grad = None
+    if r.zero == 0:
+        for p in frozen:
+            p.grad = None
         grads = [p.grad for p in r.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-    elif skip:
-        for g in engine.optimizer.param_groups:
-            g["lr"] = 0.0  # the scheduler's step() after this update restores it
-    lr = r.scheduler.get_last_lr()[0]
     clip = engine._config.gradient_clipping
-    if exact and skip:
+    if r.zero == 0 and skip:
         engine._config.gradient_clipping = 0.0  # DeepSpeed's clip fails when no parameter has a gradient
     try:
-        engine.step()
+        step_without(engine, frozen)  # exact at every ZeRO stage (dalle_repro/exact_skip.py)
     finally:
         engine._config.gradient_clipping = clip
-    if not exact:
+    if r.zero > 0:
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
     r.step += 1

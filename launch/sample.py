@@ -37,7 +37,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="the export folder (RUN/export of launch/train_prior.py)")
     p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
     p.add_argument("--prompts-file", help="a text file with one caption per line")
-    p.add_argument("--candidates", type=int, default=64, help="images generated per caption (default 64)")
+    p.add_argument(
+        "--candidates", type=int, default=64, help="images generated per caption (default 64; the paper reranks 512)"
+    )
     p.add_argument("--keep", type=int, default=8, help="images kept per caption, best CLIP score first (default 8)")
     p.add_argument("--clip", help="CLIP for reranking: a local HF folder, or open_clip:ARCH:/path.safetensors")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1)")

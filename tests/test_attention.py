@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dalle_repro import attention, cpu_kernels
-from dalle_repro.attention import KINDS, MaskSpec, attend, dense_mask, image_key_lists, layer_kind
+from dalle_repro.attention import (
+    KINDS,
+    MaskSpec,
+    allowed,
+    attend,
+    dense_mask,
+    flex_densities,
+    image_key_lists,
+    layer_kind,
+)
 
 T, G = 3, 4  # 3 text tokens, a 4x4 image grid
 
@@ -231,3 +241,53 @@ def test_flex_backend_equals_dense_forward_and_backward_on_cuda(kind, grid):
     assert torch.allclose(out, ref, atol=2e-3)
     for a, b in zip(torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(out, (q, k, v), g), strict=True):
         assert torch.allclose(a, b, atol=2e-3)
+
+
+def paper_stack_block_density(block: int) -> float:
+    kinds = [layer_kind(layer, 64) for layer in range(1, 65)]  # 47 row, 16 column, 1 conv
+    per_kind = {kind: flex_densities(MaskSpec(kind, 256, 32), block)[0] for kind in set(kinds)}
+    return sum(per_kind[kind] for kind in kinds) / len(kinds)
+
+
+def test_flex_block_density_follows_the_mask_at_the_papers_shape():
+    """Block density, from the BlockMask, as a fraction of causal (text 256 + grid 32). Before the
+    column-major order for column layers, a column layer visited every earlier key block (1.00) and
+    the paper's stack 0.715 at flex's 128-token blocks. The mask's own element density (0.38-0.42
+    per kind: every image query attends all 256 text keys, 0.32 of causal by itself) bounds what
+    any layout can reach."""
+    col128, elem_col = flex_densities(MaskSpec("column", 256, 32), 128)
+    assert col128 < 0.5 and elem_col == pytest.approx(0.38, abs=0.01)
+    stack = {b: paper_stack_block_density(b) for b in (128, 64, 32)}
+    assert stack[128] == pytest.approx(0.588, abs=0.005)
+    assert stack[64] == pytest.approx(0.484, abs=0.005)
+    assert stack[32] == pytest.approx(0.426, abs=0.005)
+    floor = sum(flex_densities(MaskSpec(layer_kind(x, 64), 256, 32), 128)[1] for x in range(1, 65)) / 64
+    assert floor == pytest.approx(0.395, abs=0.005) and stack[32] < 1.1 * floor
+
+
+def _dense_in_flex_order(q, k, v, spec):
+    """What flex computes, by dense attention: the mask read through flex_order, in that order."""
+    order = attention.flex_order(spec)
+    pos = order if order is not None else torch.arange(spec.n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed(spec, pos[:, None], pos[None, :]))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("block", [16, 48])
+def test_flex_in_its_order_equals_dense_forward_and_backward(kind, block, monkeypatch):
+    """The flex path (column-major order for column layers, small blocks) against dense. Forward:
+    eager flex on CPU. Backward: CPU flex has none, so the kernel call is replaced by dense
+    attention under the same predicate in flex's order: what is checked is the reordering, its
+    inverse and the mask read through the order."""
+    spec = MaskSpec(kind, 16, 8, conv_kernel=3)  # 80 positions
+    q, k, v = (x.detach().float() for x in _qkv(spec, seed=7))
+    with torch.no_grad():
+        flex = attention.flex_attention(q, k, v, spec, block=block)
+        assert torch.allclose(flex, attend(q, k, v, spec, "dense"), atol=1e-5)
+    monkeypatch.setattr(attention, "_flex_kernel", lambda qq, kk, vv, bm, blk: _dense_in_flex_order(qq, kk, vv, spec))
+    q, k, v = (x.double().requires_grad_() for x in (q, k, v))
+    g = torch.randn_like(q)
+    ref, out = attend(q, k, v, spec, "dense"), attention.flex_attention(q, k, v, spec, block=block)
+    assert torch.allclose(out, ref, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(out, (q, k, v), g), strict=True):
+        assert torch.allclose(a, b, atol=1e-12)

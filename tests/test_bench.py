@@ -126,3 +126,39 @@ def test_isa_avx2_is_recorded_only_when_every_variable_is_set(bench, monkeypatch
     assert bench._emulated_isa() == "avx2"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
     assert bench._emulated_isa() is None
+
+
+def test_gpu_check_runs_every_check_in_a_dry_run_on_the_cpu(tmp_path):
+    """bench/gpu_check.py --dry-run: every check builds and runs at toy sizes, the flex path agrees
+    with dense, the forced overflow skips exactly its branch, and the report has every field."""
+    import os
+    import subprocess
+
+    out = tmp_path / "gpu_check.json"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--dry-run", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(out.read_text())
+    names = {"cuda_tests", "flex_vs_dense", "fp16_block_skip", "prior_350m", "prior_1.3b", "sampling", "dvae_fp16"}
+    assert set(report["checks"]) == names and report["ok"] and report["dry_run"]
+    assert report["checks"]["fp16_block_skip"]["skipped"] == [[], [1], []]
+    assert (
+        "cuda" in report["checks"]["cuda_tests"]["summary"] or "selected" in report["checks"]["cuda_tests"]["summary"]
+    )
+    for name in ("prior_350m", "prior_1.3b"):
+        assert {"tokens_per_s", "model_tflops", "mfu"} <= set(report["checks"][name])
+
+
+def test_gpu_check_refuses_to_run_without_cuda_unless_dry():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True)
+    assert r.returncode == 2 and "--dry-run" in r.stderr

@@ -13,8 +13,19 @@ import torch
 from helpers import png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
-from dalle_repro.data import DataArgs, Loader, SampleError, Shard, clean_caption, decode_image, expand_shards, split_key
+from dalle_repro.data import (
+    DataArgs,
+    Loader,
+    SampleError,
+    Shard,
+    clean_caption,
+    crop_resize,
+    decode_image,
+    expand_shards,
+    split_key,
+)
 from dalle_repro.shards import Sample, ShardWriter
 from dalle_repro.tokenizer import TextTokenizer
 
@@ -83,7 +94,7 @@ def test_streams_go_on_across_epochs(tmp_path):
 def test_resume_continues_exactly(tmp_path, workers, tokenizer_path):
     paths = write_shards(tmp_path, 6, 5)
     tok = TextTokenizer(tokenizer_path, 12)
-    a = args(num_workers=workers, crop="random")
+    a = args(num_workers=workers, crop="paper_dvae")
     full = take(Loader(paths, a, tok, text_dropout=0.3), 12)
     first = Loader(paths, a, tok, text_dropout=0.3)
     head = take(first, 5)
@@ -204,3 +215,30 @@ def test_fuzz_captions_clean(raw):
     assert isinstance(text, str) and len(text) <= 100
     assert text == text.strip() and "  " not in text
     assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text)
+
+
+@pytest.mark.parametrize("crop, lo, hi, flips", [("paper_dvae", 36, 48, True), ("paper_prior", 32, 36, False)])
+def test_paper_crops_follow_the_listings(crop, lo, hi, flips):
+    """SPEC §6 at image_size 32 on a 96 x 64 horizontal ramp: the resize factor t, read back from the
+    output's slope, stays in [9/8, 12/8] x 32 (dVAE) or [1, 9/8] x 32 (prior) and covers it; only the
+    dVAE's listing flips."""
+    w, h = 96, 64
+    ramp = np.tile(np.linspace(0, 255, w), (h, 1))  # a square of the full side (64) covers 64/96 of it
+    im = Image.fromarray(np.stack([ramp] * 3, -1).round().astype(np.uint8))
+    ts, signs = [], set()
+    for seed in range(60):
+        out = np.asarray(crop_resize(im, 32, crop, np.random.default_rng(seed)), dtype=np.float64)
+        assert out.shape == (32, 32, 3)
+        slope = np.polyfit(np.arange(32), out[16, :, 0], 1)[0]  # grey levels per output pixel
+        signs.add(np.sign(slope))
+        ts.append(64 * (255 / (w - 1)) / abs(slope))  # the 64-pixel square became t pixels
+    assert lo - 0.6 <= min(ts) and max(ts) <= hi + 0.6
+    assert min(ts) < lo + (hi - lo) / 3 and max(ts) > hi - (hi - lo) / 3
+    assert signs == ({-1.0, 1.0} if flips else {1.0})
+
+
+def test_paper_crop_scales_up_an_image_smaller_than_the_model_input():
+    im = Image.new("RGB", (20, 30), (10, 200, 30))
+    out = crop_resize(im, 32, "paper_dvae", np.random.default_rng(0))
+    assert out.size == (32, 32) and out.getpixel((5, 5)) == (10, 200, 30)
+

@@ -19,22 +19,22 @@ def batch():
 
 
 def test_scale_rule_growth_decay_rate_limit_and_clamps():
-    s = BlockScaler(2, PrecisionArgs(dtype="fp16"), world_size=2)
-    assert s.scales.tolist() == [2 * 2**13] * 2  # M * 2^13
+    s = BlockScaler(2, PrecisionArgs(dtype="fp16"))
+    assert s.scales.tolist() == [2**13] * 2  # no factor of the ranks (precision.py: the factor M)
     s._update(0, True, step=1)
-    assert s.scales[0] == pytest.approx(2 * 2**13 * 2 ** (1 / 1000))
+    assert s.scales[0] == pytest.approx(2**13 * 2 ** (1 / 1000))
     s._update(1, False, step=1)
-    assert s.scales[1] == pytest.approx(2 * 2**13 / math.sqrt(2))
+    assert s.scales[1] == pytest.approx(2**13 / math.sqrt(2))
     s._update(1, False, step=50)  # within 125 updates of the last decrease: no second drop
-    assert s.scales[1] == pytest.approx(2 * 2**13 / math.sqrt(2))
+    assert s.scales[1] == pytest.approx(2**13 / math.sqrt(2))
     s._update(1, False, step=126)
-    assert s.scales[1] == pytest.approx(2 * 2**13 / 2)
+    assert s.scales[1] == pytest.approx(2**13 / 2)
     for step in range(200, 200 + 125 * 40, 125):
         s._update(1, False, step)
-    assert s.scales[1] == 2 * 2**7  # clamped below at M * 2^7
+    assert s.scales[1] == 2**7  # clamped below at 2^7
     for step in range(20_000):
         s._update(0, True, step)
-    assert s.scales[0] == 2 * 2**24  # clamped above at M * 2^24
+    assert s.scales[0] == 2**24  # clamped above at 2^24
     assert s.skipped_total.tolist() == [0, 43]
 
 

@@ -249,7 +249,7 @@ def test_generated_deepspeed_config_and_user_override(prior_data, tmp_path):
     ds = deepspeed_config(cfg, world_size=4)
     assert ds["train_batch_size"] == 4 * 3 * 4 and ds["zero_optimization"] == {"stage": 2}
     assert ds["gradient_clipping"] == 4.0 and ds["optimizer"]["params"]["betas"] == [0.9, 0.96]
-    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # paper mode: fp32 master weights
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]  # block_scaled mode: fp32 weights
     mine = tmp_path / "mine.json"
     mine.write_text(
         json.dumps({"zero_optimization": {"stage": 3, "overlap_comm": True}, "gradient_accumulation_steps": 1})
