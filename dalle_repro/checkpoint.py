@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dalle_repro import faults
@@ -206,19 +207,82 @@ def read_model_args(directory: str | Path, args_cls: type[T]) -> T:
         raise ConfigError(f"{path}: {e}") from None
 
 
-def load_pretrained(
-    directory: str | Path, args_cls: type[T], weights: str = "model"
-) -> tuple[T, dict[str, torch.Tensor]]:
-    """Model args and a state dict from a pretrained or checkpoint folder (safetensors only)."""
+WANTED = {
+    "DVAEArgs": "a dVAE model folder (config.yaml + model.safetensors: RUN/dvae of launch/train_dvae.py)",
+    "TransformerArgs": "a prior export (RUN/export of launch/train_prior.py)",
+}
+
+
+def folder_kind(d: Path) -> tuple[str, Path | None]:
+    """What a folder given as a model is, in words, and where the model in it is (None: nowhere)."""
+    if (d / "export" / "export.json").is_file():
+        return "a prior training run", d / "export"
+    if (d / "export.json").is_file():
+        return "a prior export", d
+    if (d / "dvae" / "config.yaml").is_file() and (d / "dvae" / "model.safetensors").is_file():
+        return "a dVAE training run", d / "dvae"
+    if (d / "config.yaml").is_file():
+        model = load_yaml(d / "config.yaml").get("model") or {}
+        if isinstance(model, dict) and "n_hid" in model:
+            return "a dVAE model folder", d
+        if isinstance(model, dict) and "depth" in model:
+            return "a prior weights folder", d
+    if (d / "checkpoints").is_dir():
+        return "a training run with no exported model yet", None
+    if any(d.glob("*.tar")):
+        return "a folder of shards", None
+    if not any(d.iterdir()):
+        return "an empty folder", None
+    return "a folder with no model in it", None
+
+
+def _check_folder_kind(d: Path, args_cls: type) -> None:
+    """A clear error when ``d`` is a run folder, a model of the other kind, shards or nothing."""
+    wanted = WANTED.get(args_cls.__name__)
+    if wanted is None:
+        return
+    kind, model = folder_kind(d)
+    ok = {"DVAEArgs": ("a dVAE model folder",), "TransformerArgs": ("a prior export", "a prior weights folder")}
+    if kind in ok[args_cls.__name__]:
+        return
+    if model is not None and model != d and folder_kind(model)[0] in ok[args_cls.__name__]:
+        raise FileNotFoundError(f"{d} is {kind}; its model is in {model}: give that folder")
+    raise FileNotFoundError(f"{d} is {kind}, not {wanted}")
+
+
+def _pretrained_paths(directory: str | Path, args_cls: type[T], weights: str) -> tuple[T, Path]:
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"model folder {d} does not exist")
+    _check_folder_kind(d, args_cls)
     args = read_model_args(d, args_cls)
     path = d / f"{weights}.safetensors"
     if not path.is_file():
         have = sorted(p.name for p in d.glob("*.safetensors"))
         raise FileNotFoundError(f"{path} not found (the folder has {have})")
-    return args, load_file(str(path))
+    return args, path
+
+
+def file_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a safetensors file, read from its header alone (no tensor is loaded)."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def build_pretrained(directory: str | Path, args_cls: type[T], model_cls: Any, weights: str = "model") -> Any:
+    """A model built from a folder's ``config.yaml`` and loaded with its weights, checked before any
+    memory is spent: the model is first built on the meta device and its shapes compared with the
+    weights file's header, so that a config from elsewhere (``dim: 100000``) cannot make this
+    process allocate what it describes. A ValueError lists every tensor that does not fit."""
+    args, path = _pretrained_paths(directory, args_cls, weights)
+    with torch.device("meta"):
+        probe = model_cls(args)
+    problem = shape_mismatch(model_shapes(probe), file_shapes(path), f"{path} (with {Path(directory) / 'config.yaml'})")
+    if problem:
+        raise ValueError(problem)
+    model = model_cls(args)
+    model.load_state_dict(load_file(str(path)))
+    return model
 
 
 def shape_mismatch(own: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]], source: str) -> str | None:

@@ -17,8 +17,11 @@ import ctypes.util
 import logging
 import os
 import socket
+import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -215,3 +218,34 @@ def mean(values: dict[str, float], device: torch.device | None = None) -> dict[s
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+STALE_LOCK_S = 600  # a build takes minutes; a lock older than this was left by a killed build
+
+
+def extension_notes(device: torch.device, now: float | None = None) -> list[str]:
+    """What a DeepSpeed start on this machine will wait for, for the log, before it waits.
+
+    On a CPU, DeepSpeed compiles its communication op with torch's cpp_extension on the first start
+    (minutes, silent). A build killed midway (a timeout, Ctrl-C) leaves a ``lock`` file behind, and
+    every later start then waits on it forever without a word; a lock older than
+    :data:`STALE_LOCK_S` is named here with what to do. One line per finding."""
+    if device.type != "cpu":
+        return []
+    from torch.utils.cpp_extension import get_default_build_root
+
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path(get_default_build_root()) / tag)
+    now = time.time() if now is None else now
+    notes = []
+    for lock in sorted(root.glob("*/lock")):
+        minutes = (now - lock.stat().st_mtime) / 60
+        if minutes * 60 > STALE_LOCK_S:
+            notes.append(
+                f"{lock} has been there for {minutes:.0f} minutes: a DeepSpeed op build killed midway leaves it, "
+                "and every later start waits on it forever. If no other run is compiling, delete it."
+            )
+    shm = root / "deepspeed_shm_comm"
+    if not (shm / "deepspeed_shm_comm.so").exists():
+        notes.append(f"DeepSpeed compiles its CPU communication op on this first start (minutes, once) into {shm}")
+    return notes

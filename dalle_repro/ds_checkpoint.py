@@ -158,6 +158,14 @@ def load_state(path: str | Path, map_location: Any = None) -> Any:
     return _decode(unflatten_state(json.loads(meta["skeleton"]), tensors))
 
 
+ENGINE_NAME = "dalle-repro safetensors"
+
+
+def is_safe_engine(engine: Any) -> bool:
+    """Whether ``engine`` is the one :func:`safe_checkpoint_engine` made (its class is local to it)."""
+    return type(engine).__name__ == "SafeCheckpointEngine" and getattr(engine, "name", None) == ENGINE_NAME
+
+
 def safe_checkpoint_engine() -> Any:
     """An instance of DeepSpeed's CheckpointEngine interface backed by :func:`save_state` / :func:`load_state`."""
     from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
@@ -165,7 +173,7 @@ def safe_checkpoint_engine() -> Any:
     class SafeCheckpointEngine(CheckpointEngine):
         def __init__(self) -> None:
             super().__init__(None)
-            self.name = "dalle-repro safetensors"
+            self.name = ENGINE_NAME
 
         def create(self, info: Any) -> None:
             pass

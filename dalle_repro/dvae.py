@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from dalle_repro import cpu_kernels
-from dalle_repro.checkpoint import load_pretrained, load_state_strict, save_pretrained
+from dalle_repro.checkpoint import build_pretrained, save_pretrained
 from dalle_repro.config import ConfigError, arg
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -376,10 +376,7 @@ class DVAE(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, weights: str = "model", map_location: str = "cpu") -> DVAE:
         """Build from a folder with ``config.yaml`` and ``{weights}.safetensors`` (safetensors only)."""
-        args, state = load_pretrained(directory, DVAEArgs, weights)
-        model = cls(args)
-        load_state_strict(model, state, str(Path(directory) / f"{weights}.safetensors"))
-        return model.to(map_location)
+        return build_pretrained(directory, DVAEArgs, cls, weights).to(map_location)
 
 
 def args_from_openai(encoder_attrs: dict[str, int], decoder_attrs: dict[str, int], image_size: int = 256) -> DVAEArgs:

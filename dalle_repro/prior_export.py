@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from dalle_repro.checkpoint import load_pretrained, load_state_strict, write_folder
+from dalle_repro.checkpoint import build_pretrained, write_folder
 from dalle_repro.config import load_yaml, to_yaml
 from dalle_repro.dvae import DVAE
 from dalle_repro.precision import Pick, PrecisionArgs, pick_precision, slow_bf16_note
@@ -85,9 +85,8 @@ class Prior:
 def load_prior(directory: str | Path, weights: str = "model", device: str | torch.device = "cpu") -> Prior:
     """Load an export folder (``weights``: ``model`` for the EMA weights, ``raw`` for the raw ones)."""
     d = Path(directory)
-    args, state = load_pretrained(d, TransformerArgs, weights)
-    model = Transformer(args)
-    load_state_strict(model, state, str(d / f"{weights}.safetensors"))
+    model = build_pretrained(d, TransformerArgs, Transformer, weights)
+    args = model.args
     info_path = d / "export.json"
     if not info_path.is_file():
         raise FileNotFoundError(f"{info_path} not found: {d} is not an export of launch/train_prior.py")

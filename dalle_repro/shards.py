@@ -23,6 +23,7 @@ import logging
 import multiprocessing
 import os
 import re
+import stat
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -299,28 +300,131 @@ def encode_image(im: Any, fmt: str) -> tuple[bytes, str]:
     return buf.getvalue(), fmt
 
 
+MAX_FILE_BYTES = 128 * 2**20  # the default --max-file-bytes
+
+# Metadata dropped from kept files: JPEG's APP1 (EXIF, XMP), APP12-13 (Photoshop, Ducky) and COM
+# segments; PNG's text, EXIF and time chunks. Kept: what decoding needs (JFIF's APP0, the ICC
+# profile in APP2, Adobe's APP14 that says how to read CMYK/YCC).
+JPEG_DROP = {0xE1, 0xEC, 0xED, 0xFE}
+PNG_DROP = {b"tEXt", b"zTXt", b"iTXt", b"eXIf", b"tIME"}
+
+
+def strip_metadata(data: bytes, fmt: str) -> bytes | None:
+    """``data`` without its metadata segments, every image byte as it was (the pixels decode the
+    same); ``None`` when the file cannot be walked (then the caller re-encodes)."""
+    try:
+        if fmt == "JPEG":
+            return _strip_jpeg(data)
+        if fmt == "PNG":
+            return _strip_png(data)
+    except (IndexError, ValueError):
+        return None
+    return None
+
+
+def _strip_jpeg(data: bytes) -> bytes:
+    if data[:2] != b"\xff\xd8":
+        raise ValueError("no SOI")
+    out, pos = [data[:2]], 2
+    while True:
+        if data[pos] != 0xFF:
+            raise ValueError("not a marker")
+        while data[pos + 1] == 0xFF:  # fill bytes
+            pos += 1
+        marker = data[pos + 1]
+        if marker == 0xDA:  # start of scan: the entropy-coded data and the rest, as they are
+            out.append(data[pos:])
+            return b"".join(out)
+        if 0xD0 <= marker <= 0xD9 or marker == 0x01:
+            raise ValueError("marker without a length before the scan")
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        end = pos + 2 + length
+        if length < 2 or end > len(data):
+            raise ValueError("segment runs past the end")
+        if marker not in JPEG_DROP:
+            out.append(data[pos:end])
+        pos = end
+
+
+def _strip_png(data: bytes) -> bytes:
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        raise ValueError("no signature")
+    out, pos = [data[:8]], 8
+    while pos < len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        kind, end = data[pos + 4 : pos + 8], pos + 12 + length
+        if end > len(data):
+            raise ValueError("chunk runs past the end")
+        if kind not in PNG_DROP:
+            out.append(data[pos:end])
+        pos = end
+        if kind == b"IEND":
+            return b"".join(out)
+    raise ValueError("no IEND")
+
+
+def read_source(source: str, max_bytes: int = MAX_FILE_BYTES, inside: Path | None = None) -> bytes | tuple[str, str]:
+    """A source file's bytes, or (reason, detail) when it is not taken: ``not_a_regular_file``
+    (a device, FIFO or folder: ``/dev/zero`` in a table grew until memory ran out),
+    ``file_too_large`` (over ``max_bytes``, read no further), ``outside_table_folder`` (with
+    ``inside``: the path, symlinks resolved, leaves that folder) or ``unreadable_file``."""
+    if inside is not None:
+        real = Path(os.path.realpath(source))
+        if not real.is_relative_to(os.path.realpath(inside)):
+            return ("outside_table_folder", f"{source} resolves to {real}, outside {inside}")
+    try:
+        fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
+    except OSError as e:
+        return ("unreadable_file", f"{source}: {e}")
+    st = os.fstat(fd)  # the file that was opened, not the name
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        return ("not_a_regular_file", f"{source} is not a regular file")
+    if st.st_size > max_bytes:
+        os.close(fd)
+        return ("file_too_large", f"{source}: {st.st_size} bytes > --max-file-bytes {max_bytes}")
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(max_bytes + 1)
+        except OSError as e:
+            return ("unreadable_file", f"{source}: {e}")
+    if len(data) > max_bytes:  # it grew after the stat
+        return ("file_too_large", f"{source}: more than --max-file-bytes {max_bytes}")
+    return data
+
+
 def process_file(
     rec: Record,
     image_size: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     fmt: str = "jpg",
     max_caption_chars: int = 4096,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    inside: Path | None = None,
+    keep_metadata: bool = False,
 ) -> Processed:
-    """Read, check and (optionally) resize one image file into a Sample."""
-    try:
-        data = Path(rec.source).read_bytes()
-    except OSError as e:
-        return ("unreadable_file", f"{rec.source}: {e}")
+    """Read, check and (optionally) resize one image file into a Sample.
+
+    Without ``image_size`` an RGB JPEG or PNG keeps its image bytes, with its metadata (EXIF with
+    GPS positions, XMP, comments, text chunks) dropped unless ``keep_metadata``; an image that EXIF
+    rotates is re-encoded upright instead, since its rotation lived in the EXIF."""
+    data = read_source(rec.source, max_file_bytes, inside)
+    if isinstance(data, tuple):
+        return data
     try:
         im, facts = decode_image(data, max_pixels)
     except SampleError as e:
         return (e.reason, f"{rec.source}: {e}")
     meta = dict(rec.meta, key=rec.key, original_width=facts["width"], original_height=facts["height"])
+    stripped = None
+    if not image_size and facts["format"] in ("JPEG", "PNG") and facts["mode"] == "RGB":
+        upright = facts.get("orientation", 1) == 1
+        stripped = data if keep_metadata else strip_metadata(data, facts["format"]) if upright else None
     if image_size:
         im = crop_resize(im, image_size)
         image, ext = encode_image(im, fmt)
-    elif facts["format"] in ("JPEG", "PNG") and facts["mode"] == "RGB":
-        image, ext = data, "jpg" if facts["format"] == "JPEG" else "png"  # no re-encoding loss
+    elif stripped is not None:
+        image, ext = stripped, "jpg" if facts["format"] == "JPEG" else "png"  # no re-encoding loss
     else:
         image, ext = encode_image(im, fmt)
     caption = rec.caption
@@ -524,8 +628,15 @@ def make_shards(
     image_format: str = "jpg",
     max_caption_chars: int = 4096,
     overwrite: bool = False,
+    max_file_bytes: int = MAX_FILE_BYTES,
+    paths_inside: bool = False,
+    keep_metadata: bool = False,
 ) -> dict[str, Any]:
-    """Shard a folder of images with sidecar captions, or a CSV/TSV/parquet table. See the module doc."""
+    """Shard a folder of images with sidecar captions, or a CSV/TSV/parquet table. See the module doc.
+
+    Only regular files of at most ``max_file_bytes`` are read; ``paths_inside`` skips table rows
+    whose image path (symlinks resolved) leaves the table's folder; image metadata is dropped
+    unless ``keep_metadata`` (:func:`process_file`)."""
     src = Path(input_path)
     if src.is_dir():
         records, skipped = list_folder(src)
@@ -546,6 +657,9 @@ def make_shards(
         "max_pixels": max_pixels,
         "image_format": image_format,
         "max_caption_chars": max_caption_chars,
+        "max_file_bytes": max_file_bytes,
+        "paths_inside": paths_inside,
+        "keep_metadata": keep_metadata,
     }
     process = partial(
         process_file,
@@ -553,6 +667,9 @@ def make_shards(
         max_pixels=max_pixels,
         fmt=image_format,
         max_caption_chars=max_caption_chars,
+        max_file_bytes=max_file_bytes,
+        inside=src.parent if paths_inside and src.is_file() else None,
+        keep_metadata=keep_metadata,
     )
     return write_dataset(
         records,

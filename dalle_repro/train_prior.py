@@ -63,8 +63,8 @@ from dalle_repro.checkpoint import (
     shape_mismatch,
 )
 from dalle_repro.config import ConfigError, arg, atomic_write_text, deep_merge, load_yaml, save_config, to_dict
-from dalle_repro.data import DataArgs, Loader
-from dalle_repro.ds_checkpoint import safe_checkpoint_engine
+from dalle_repro.data import DataArgs, Loader, expand_shards, first_token_grid
+from dalle_repro.ds_checkpoint import is_safe_engine, safe_checkpoint_engine
 from dalle_repro.dvae import DVAE
 from dalle_repro.exact_skip import step_without
 from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
@@ -243,6 +243,21 @@ class LRSchedule:
 # DeepSpeed
 
 
+# Top-level keys of a DeepSpeed config that change how checkpoints are read or written: "checkpoint"
+# (load_universal reaches torch.load(weights_only=False) past any checkpoint engine; writer engines),
+# "datastates_ckpt" (another engine), "nebula" (removed from DeepSpeed, refused all the same).
+READ_PATH_KEYS = frozenset({"checkpoint", "datastates_ckpt", "nebula"})
+
+
+def check_safe_loading(engine: Any) -> None:
+    """Before ``load_checkpoint``: the engine reads through our safetensors engine and no universal
+    checkpoint path (which unpickles whatever file it is given). A RuntimeError otherwise."""
+    if not is_safe_engine(engine.checkpoint_engine):
+        raise RuntimeError(f"DeepSpeed's checkpoint engine is {type(engine.checkpoint_engine).__name__}, not ours")
+    if engine.load_universal_checkpoint():
+        raise RuntimeError("DeepSpeed is set to load a universal checkpoint, which unpickles; refusing to resume")
+
+
 def deepspeed_config(cfg: PriorTrainConfig, world_size: int) -> dict[str, Any]:
     """The engine's config, generated from ours, with the user's JSON (``deepspeed.config``) merged over it.
     ``cfg.precision.dtype`` must be resolved already (``auto`` is picked in :func:`picked_precision`)."""
@@ -281,6 +296,13 @@ def deepspeed_config(cfg: PriorTrainConfig, world_size: int) -> dict[str, Any]:
             raise ConfigError(f"deepspeed.config: cannot read {path} as JSON: {e}") from None
         if not isinstance(user, dict):
             raise ConfigError(f"deepspeed.config: {path} must hold a JSON object")
+        refused = sorted(READ_PATH_KEYS & set(user))
+        if refused:
+            raise ConfigError(
+                f"deepspeed.config: {path} sets {', '.join(refused)}, which change how DeepSpeed reads and writes "
+                "checkpoints (universal checkpoints, other engines: paths that unpickle); this trainer's checkpoints "
+                "go through its own engine, which never unpickles. Remove the key."
+            )
         ds = deep_merge(ds, user)
         micro = ds.get("train_micro_batch_size_per_gpu")
         if micro != b:
@@ -382,8 +404,13 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
             )
         if cfg.data.kind == "images" and dvae.args.image_size != cfg.data.image_size:
             raise ConfigError(f"data.image_size: {cfg.data.image_size}, but the dVAE takes {dvae.args.image_size}")
+    if cfg.data.kind == "tokens":
+        check_token_shards(cfg)
     ds_config = deepspeed_config(cfg, d.world_size)
     optimizer = _client_optimizer(model, cfg)
+    if d.is_main:
+        for note in distributed.extension_notes(d.device):
+            log.warning(note)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -420,6 +447,20 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
     return Run(
         cfg, d, model, engine, engine.lr_scheduler, scaler, ema, loader, tokenizer, dvae, empty, Path(cfg.run.run_dir)
     )
+
+
+def check_token_shards(cfg: PriorTrainConfig) -> None:
+    """Token shards whose grids the model cannot take fail here, before DeepSpeed starts, rather
+    than as every sample skipped (``wrong_token_grid``) once the loader runs."""
+    found = first_token_grid(expand_shards(cfg.data.shards))
+    g = cfg.model.grid
+    if found is not None and found[1] != (g, g):
+        where, shape = found
+        raise ConfigError(
+            f"model.grid: {g}, but the token shards hold {shape[0]}x{shape[1]} grids ({where}): they were made "
+            "with another dVAE. Encode the images again with this one (tools/encode_tokens.py), or set "
+            f"model.grid={shape[0]} and dvae= the dVAE that made them."
+        )
 
 
 def _gathered(engine: Any, fn: Any, d: distributed.Dist) -> Any:
@@ -576,6 +617,7 @@ def resume(r: Run, ckpts: Checkpoints) -> Path | None:
     ds_root = ckpts.root / "deepspeed"
     if not (ds_root / tag).is_dir():
         raise FileNotFoundError(f"{latest} needs DeepSpeed's checkpoint {ds_root / tag}, which is missing")
+    check_safe_loading(r.engine)
     load_path, _ = r.engine.load_checkpoint(
         str(ds_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )

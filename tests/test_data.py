@@ -23,6 +23,7 @@ from dalle_repro.data import (
     clean_caption,
     crop_resize,
     decode_image,
+    decode_tokens,
     expand_shards,
     split_key,
 )
@@ -242,3 +243,111 @@ def test_paper_crop_scales_up_an_image_smaller_than_the_model_input():
     out = crop_resize(im, 32, "paper_dvae", np.random.default_rng(0))
     assert out.size == (32, 32) and out.getpixel((5, 5)) == (10, 200, 30)
 
+
+def test_only_the_accepted_formats_are_decoded_and_ghostscript_is_never_reached(monkeypatch):
+    """Issue 18 item 1: a KEY.jpg holding PostScript reached Ghostscript through PIL's EPS plugin; a
+    PPM (a format PIL knows, not one we accept) was decoded. Both are now not_an_image, and PIL is
+    never asked to try another format."""
+    from PIL import EpsImagePlugin
+
+    def no_ghostscript(*a, **k):
+        raise AssertionError("Ghostscript was called")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    ppm = io.BytesIO()
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(ppm, "PPM")
+    for data in (eps, ppm.getvalue()):
+        with pytest.raises(SampleError) as e:
+            decode_image(data)
+        assert e.value.reason == "not_an_image" and "JPEG" in str(e.value)
+    for fmt in ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (4, 4), (9, 9, 9)).save(buf, fmt)
+        assert decode_image(buf.getvalue())[1]["format"] == fmt
+
+
+def test_a_token_grid_is_checked_from_its_header_before_it_is_loaded(monkeypatch):
+    """Issue 18 item 13: grids were loaded and widened to int64 before their shape was checked."""
+    from dalle_repro import data
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((64, 64), np.int16))
+    good = io.BytesIO()
+    np.save(good, np.arange(16, dtype=np.int16).reshape(4, 4))
+    monkeypatch.setattr(data.np, "load", lambda *a, **k: pytest.fail("np.load ran before the header check"))
+    with pytest.raises(SampleError) as e:
+        decode_tokens(buf.getvalue(), grid=4)
+    assert e.value.reason == "wrong_token_grid" and "(64, 64)" in str(e.value)
+    huge = buf.getvalue().replace(b"(64, 64)", b"(9000, 9000)")
+    with pytest.raises(SampleError, match="larger than 256"):
+        decode_tokens(huge)
+    short = good.getvalue()[:-4]
+    with pytest.raises(SampleError, match="data bytes"):
+        decode_tokens(short, grid=4)
+    monkeypatch.undo()
+    assert decode_tokens(good.getvalue(), grid=4).dtype == torch.int64
+
+
+def test_a_16_bit_image_is_reduced_to_8_bits_without_float64_copies(monkeypatch):
+    """Issue 18 item 13: an 8000 x 8000 16-bit PNG peaked at 1.6 GB in float64 copies. The values
+    stay exact (every level maps to the nearest 8-bit one), and no float64 array is ever made."""
+    from dalle_repro import data
+
+    a = (np.arange(600 * 300, dtype=np.uint32).reshape(600, 300) * 7 % 65536).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    seen: list[str] = []
+    monkeypatch.setattr(
+        data.np, "asarray", lambda x, dtype=None: (seen.append(str(dtype)), np.array(x, dtype=dtype))[1]
+    )
+    im, facts = decode_image(buf.getvalue())
+    assert facts["mode"].startswith("I;16") and seen and "float64" not in seen
+    want = np.rint(a.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(np.array(im)[..., 0], want)
+
+
+def _shard_samples(path: str) -> list[tuple[str, dict[str, bytes]]]:
+    with Shard(path) as s:
+        return [s.read(i) for i in range(len(s))]
+
+
+def test_shard_index_reads_plain_headers_itself_and_keeps_three_values_a_member(tmp_path, monkeypatch):
+    """Issue 18 item 13: tarfile's index of a 100,000-member shard took 2-8 s and 64-85 MB in every
+    worker. Plain headers are now scanned directly (same samples as tarfile's reader gives), the
+    index holds offsets and sizes, PAX headers still go through tarfile, and a shard with more than
+    MAX_SHARD_SAMPLES samples is refused."""
+    from dalle_repro import data
+
+    plain = write_shards(tmp_path / "plain", 1, 5)[0]
+    w = ShardWriter(tmp_path / "pax", 5)
+    for i in range(5):
+        w.add(Sample("k" * 120 + str(i), png_bytes(seed=i), "png", f"caption {i}", {}))  # a PAX name
+    w.finish_shard()
+    pax = sorted(str(p) for p in (tmp_path / "pax").glob("*.tar"))[0]
+    fast = _shard_samples(plain)
+    with Shard(plain) as s:
+        assert all(isinstance(v, tuple) and len(v) == 2 for _, m in s.samples for v in m.values())
+    scanned = []
+    real_scan = data._scan_plain_tar
+
+    def scan(f, size):
+        scanned.append(size)
+        yield from real_scan(f, size)
+
+    monkeypatch.setattr(data, "_scan_plain_tar", scan)
+    monkeypatch.setattr(data.tarfile, "open", lambda *a, **k: pytest.fail("tarfile read a plain shard"))
+    assert _shard_samples(plain) == fast and scanned
+    monkeypatch.undo()
+
+    def never_plain(f, size):
+        raise data._NotPlain("forced")
+        yield
+
+    monkeypatch.setattr(data, "_scan_plain_tar", never_plain)
+    assert _shard_samples(plain) == fast  # tarfile's path gives the same samples
+    monkeypatch.undo()
+    assert [k for k, _ in _shard_samples(pax)] == ["k" * 120 + str(i) for i in range(5)]
+    monkeypatch.setattr(data, "MAX_SHARD_SAMPLES", 4)
+    with pytest.raises(tarfile.ReadError, match="more than 4: split the shard"):
+        Shard(plain)

@@ -93,3 +93,24 @@ def test_ranks_under_the_deepspeed_launcher_split_the_cores(tmp_path):
     seen = sorted(json.loads(line.split(" ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("THREADS"))
     expected = max(1, distributed.usable_cores() // 2)
     assert seen == [["0", expected], ["1", expected]], r.stdout[-2000:]
+
+
+def test_a_stale_deepspeed_build_lock_and_the_first_compile_are_announced(tmp_path, monkeypatch):
+    """A DeepSpeed op build killed midway left torch's lock file, and every later start hung
+    without a word (seen here: a killed test run hung the next suite for 20 minutes)."""
+    import os
+    import time
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    notes = distributed.extension_notes(torch.device("cpu"))
+    assert len(notes) == 1 and "compiles its CPU communication op" in notes[0]
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"")
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.write_bytes(b"")
+    assert distributed.extension_notes(torch.device("cpu")) == []  # a fresh lock: a build is running
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    (note,) = distributed.extension_notes(torch.device("cpu"))
+    assert str(lock) in note and "60 minutes" in note and "delete it" in note
+    assert distributed.extension_notes(torch.device("cuda")) == []

@@ -152,6 +152,25 @@ def test_loading_a_mismatched_checkpoint_lists_the_tensors(model, tmp_path):
         DVAE.from_pretrained(tmp_path)
 
 
+def test_a_config_from_elsewhere_allocates_nothing_before_the_weights_are_checked(model, tmp_path, monkeypatch):
+    """Issue 18 item 13: config.yaml drove allocation before the weight shapes were compared; now
+    the model is built on the meta device first, and the real one only when the file fits."""
+    model.save_pretrained(tmp_path / "m")
+    cfg = tmp_path / "m" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("n_hid: ", "n_hid: 4").replace("vocab_size: 32", "vocab_size: 65536"))
+    built_on: list[str] = []
+    real_init = DVAE.__init__
+
+    def init(self, args):
+        built_on.append(str(torch.get_default_device()))
+        real_init(self, args)
+
+    monkeypatch.setattr(DVAE, "__init__", init)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        DVAE.from_pretrained(tmp_path / "m")
+    assert built_on == ["meta"]
+
+
 # ------------------------------------------------------------------------------------------
 # Parity with OpenAI's own dall_e package
 

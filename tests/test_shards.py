@@ -298,3 +298,66 @@ def test_a_long_file_name_is_written_and_read_back(tmp_path):
     assert s["written"] == 3 and s["skipped"] == {}
     samples = dict(iter_shard_samples(sorted(str(p) for p in (tmp_path / "out").glob("*.tar"))))
     assert samples[stem]["txt"] == b"a picture number 0" and len(stem) == 150
+
+
+def _jpeg_with_metadata(orientation: int = 1) -> bytes:
+    im = Image.new("RGB", (24, 16), (200, 30, 30))
+    im.paste((10, 10, 250), (0, 0, 8, 16))
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"
+    exif[0x0112] = orientation
+    exif.get_ifd(0x8825)[2] = (52.0, 31.0, 12.0)  # a GPS latitude
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif.tobytes(), comment=b"shot at home", quality=90)
+    return buf.getvalue()
+
+
+def test_table_inputs_read_regular_files_only_within_a_size_cap_and_optionally_inside(tmp_path):
+    """Issue 18 item 7: a table row naming /dev/zero grew until memory ran out; absolute and ..
+    paths were read as any other; nothing bounded a file's size."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "ok.png").write_bytes(png_bytes(seed=1))
+    (tmp_path / "t" / "big.png").write_bytes(png_bytes((64, 64), seed=2))
+    (tmp_path / "outside.png").write_bytes(png_bytes(seed=3))
+    (tmp_path / "t" / "link.png").symlink_to(tmp_path / "outside.png")
+    rows = [("ok.png", "fine"), ("/dev/zero", "a device"), ("../outside.png", "up and out"), ("big.png", "large")]
+    rows += [("link.png", "a link out"), (str(tmp_path / "t"), "a folder")]
+    table = tmp_path / "t" / "table.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption"), *rows])
+    cap = len((tmp_path / "t" / "ok.png").read_bytes()) + 10
+    s = make_shards(table, tmp_path / "out", max_file_bytes=cap)
+    assert s["written"] == 3  # ok, ../outside and the link: allowed unless --paths-inside
+    assert s["skipped"] == {"not_a_regular_file": 2, "file_too_large": 1}
+    s = make_shards(table, tmp_path / "inside", max_file_bytes=cap, paths_inside=True)
+    assert s["written"] == 1
+    assert s["skipped"] == {"not_a_regular_file": 1, "file_too_large": 1, "outside_table_folder": 3}
+
+
+def test_metadata_is_dropped_from_kept_files_unless_asked_and_the_image_bytes_stay(tmp_path):
+    """Issue 18 item 7: EXIF (with GPS), comments and PNG text were copied into the shards."""
+    src = tmp_path / "src"
+    src.mkdir()
+    original = _jpeg_with_metadata()
+    (src / "a.jpg").write_bytes(original)
+    (src / "a.txt").write_text("a red and blue picture")
+    (src / "r.jpg").write_bytes(_jpeg_with_metadata(orientation=6))  # EXIF says: rotate 90
+    (src / "r.txt").write_text("a turned picture")
+    png = io.BytesIO()
+    info = __import__("PIL.PngImagePlugin", fromlist=["PngInfo"]).PngInfo()
+    info.add_text("Author", "someone")
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(png, "PNG", pnginfo=info)
+    (src / "p.png").write_bytes(png.getvalue())
+    (src / "p.txt").write_text("a png with text")
+    make_shards(src, tmp_path / "out")
+    stored = {key: members for key, members in iter_shard_samples(expand_shards(str(tmp_path / "out" / "*.tar")))}
+    a = stored["a"]["jpg"]
+    assert b"Exif" not in a and b"shot at home" not in a and len(a) < len(original)
+    assert Image.open(io.BytesIO(a)).tobytes() == Image.open(io.BytesIO(original)).tobytes()  # same pixels
+    assert a.endswith(original[original.index(b"\xff\xda") :])  # the scan data, byte for byte
+    r, _ = decode_image(stored["r"]["jpg"])
+    assert r.size == (16, 24) and b"Exif" not in stored["r"]["jpg"]  # re-encoded upright
+    assert b"Author" not in stored["p"]["png"] and decode_image(stored["p"]["png"])[0].getpixel((0, 0)) == (1, 2, 3)
+    make_shards(src, tmp_path / "kept", keep_metadata=True)
+    kept = dict(iter_shard_samples(expand_shards(str(tmp_path / "kept" / "*.tar"))))
+    assert kept["a"]["jpg"] == original

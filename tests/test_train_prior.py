@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,6 +264,32 @@ def test_generated_deepspeed_config_and_user_override(prior_data, tmp_path):
     assert ds["bf16"]["enabled"]
 
 
+@pytest.mark.parametrize("key", [{"checkpoint": {"load_universal": True}}, {"datastates_ckpt": {"enabled": True}}])
+def test_a_users_deepspeed_json_cannot_switch_on_an_unpickling_read_path(prior_data, tmp_path, key):
+    """Issue 18 item 2: checkpoint.load_universal reaches torch.load(weights_only=False) past any engine."""
+    mine = tmp_path / "mine.json"
+    mine.write_text(json.dumps(key))
+    with pytest.raises(ConfigError, match=f"sets {next(iter(key))}.*never unpickles"):
+        deepspeed_config(config(prior_data, tmp_path, f"deepspeed.config={mine}"), world_size=1)
+
+
+def test_resume_refuses_an_engine_that_would_unpickle():
+    from types import SimpleNamespace
+
+    from dalle_repro.ds_checkpoint import safe_checkpoint_engine
+    from dalle_repro.train_prior import check_safe_loading
+
+    check_safe_loading(
+        SimpleNamespace(checkpoint_engine=safe_checkpoint_engine(), load_universal_checkpoint=lambda: False)
+    )
+    with pytest.raises(RuntimeError, match="universal"):
+        check_safe_loading(
+            SimpleNamespace(checkpoint_engine=safe_checkpoint_engine(), load_universal_checkpoint=lambda: True)
+        )
+    with pytest.raises(RuntimeError, match="not ours"):
+        check_safe_loading(SimpleNamespace(checkpoint_engine=object(), load_universal_checkpoint=lambda: False))
+
+
 def test_config_errors_name_the_field(prior_data, tmp_path):
     with pytest.raises(ConfigError, match=r"text.text_len \(9\) must equal model.text_len"):
         config(prior_data, tmp_path, "text.text_len=9")
@@ -359,3 +386,31 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(prior_data, tmp_path):
     steps = sorted(int(x.name[5:]) for x in (run / "checkpoints").glob("step_*"))
     assert len(steps) == 1 and steps[0] >= 3
     assert _state(run, steps[0])["step"] == steps[0]
+
+
+def test_errors_name_the_folder_kind_found_and_the_one_wanted(prior_data, tmp_path):
+    """Issue 18 item 17: run folders, a model of the other kind and a shard folder, given where a
+    model or shards are wanted, said "model.safetensors not found (the folder has [])", "unknown key
+    image_size" or "none of the 1 shards exists"."""
+    from dalle_repro.data import expand_shards
+    from dalle_repro.dvae import DVAE
+    from dalle_repro.prior_export import load_prior
+
+    run = tmp_path / "dvae_run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(prior_data["dvae"], run / "dvae")
+    with pytest.raises(FileNotFoundError, match=f"{run} is a dVAE training run; its model is in {run / 'dvae'}"):
+        DVAE.from_pretrained(run)
+    with pytest.raises(FileNotFoundError, match="is a dVAE model folder, not a prior export"):
+        load_prior(prior_data["dvae"])
+    with pytest.raises(FileNotFoundError, match="is a folder of shards, not a dVAE model folder"):
+        DVAE.from_pretrained(prior_data["tokens"] / "train")
+    with pytest.raises(ValueError, match=r"is a folder; give its shards, e.g. .*train/\*\.tar \(\d+ \.tar files"):
+        expand_shards(str(prior_data["tokens"] / "train"))
+
+
+def test_token_shards_of_another_grid_fail_before_training(prior_data, tmp_path):
+    """Issue 18 item 17: shards from another dVAE ended in a 42-line traceback (wrong_token_grid)."""
+    cfg = config(prior_data, tmp_path, "model.grid=7")
+    with pytest.raises(ConfigError, match=r"model.grid: 7, but the token shards hold 4x4 grids .*another dVAE"):
+        train(cfg)

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from dalle_repro.data import DEFAULT_MAX_PIXELS
-from dalle_repro.shards import make_shards
+from dalle_repro.shards import MAX_FILE_BYTES, make_shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,8 +56,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-caption-chars", type=int, default=4096, help="captions are cut to this length")
     p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier run in OUTPUT")
+    p.add_argument(
+        "--max-file-bytes",
+        type=int,
+        default=MAX_FILE_BYTES,
+        help=f"skip (file_too_large) image files larger than this (default {MAX_FILE_BYTES}, 128 MiB)",
+    )
+    p.add_argument(
+        "--paths-inside",
+        action="store_true",
+        help="skip (outside_table_folder) table rows whose image path, symlinks resolved, leaves the table's folder",
+    )
+    p.add_argument(
+        "--keep-metadata",
+        action="store_true",
+        help="keep EXIF, XMP, comments and PNG text in stored files (default: dropped, image bytes unchanged)",
+    )
     a = p.parse_args(argv)
-    for name in ("shard_size", "workers", "max_pixels", "max_caption_chars"):
+    for name in ("shard_size", "workers", "max_pixels", "max_caption_chars", "max_file_bytes"):
         if getattr(a, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
     if a.image_size is not None and a.image_size <= 0:
@@ -80,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
             image_format=a.format,
             max_caption_chars=a.max_caption_chars,
             overwrite=a.overwrite,
+            max_file_bytes=a.max_file_bytes,
+            paths_inside=a.paths_inside,
+            keep_metadata=a.keep_metadata,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
