@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dalle_repro.attention import KINDS, MaskSpec, allowed, attend, layer_kind  # noqa: E402
-from dalle_repro.config import load_config  # noqa: E402
+from dalle_repro.config import load_config, plain_text  # noqa: E402
 from dalle_repro.precision import PrecisionArgs  # noqa: E402
 from dalle_repro.transformer import Transformer, TransformerArgs  # noqa: E402
 
@@ -289,7 +289,9 @@ CHECKS: dict[str, Callable[[torch.device, bool], dict[str, Any]]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=plain_text(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks that every part runs")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip checks that would start after this")
     ap.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks")

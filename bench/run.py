@@ -70,6 +70,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from dalle_repro.config import plain_text
 from dalle_repro.cpuinfo import cpu_record
 from dalle_repro.data import DataArgs, Loader, crop_resize, decode_image, expand_shards, image_to_tensor
 from dalle_repro.dvae import logit_laplace_nll
@@ -675,7 +676,9 @@ WORKLOADS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=plain_text(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("workload", choices=[*WORKLOADS, "all", "_vae_train_once", "_prior_train_once", "_sample_once"])
     p.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--minutes", type=float, default=5.0, help="vae_quality: training minutes per side (default 5)")

@@ -50,24 +50,52 @@ class ClipModelArgs:
 
 
 @dataclass
-class ClipTrainConfig:
-    """tools/train_clip.py's settings."""
+class ClipDataArgs:
+    """Image shards, as the trainers' ``data.*``."""
 
-    model: ClipModelArgs = arg(factory=ClipModelArgs, doc="The small CLIP.")
-    tokenizer: str = arg("data/emoji/tokenizer.json", "Our BPE tokenizer.json (tools/train_tokenizer.py).")
     shards: str = arg("data/emoji/train/*.tar", "Training image shards.")
     val_shards: str = arg("data/emoji/val/*.tar", "Validation shards for the retrieval accuracy.")
+    batch_size: int = arg(64, "Pairs per batch (the contrastive negatives).", gt=1)
+    num_workers: int = arg(1, "Loader workers.", ge=0)
+
+
+@dataclass
+class ClipTextArgs:
+    """The tokenizer, as the prior trainer's ``text.*``."""
+
+    path: str = arg("data/emoji/tokenizer.json", "Our BPE tokenizer.json (tools/train_tokenizer.py).")
+
+
+@dataclass
+class ClipOptimArgs:
+    """AdamW with a 5% warm-up, then cosine to 0."""
+
+    lr: float = arg(1e-3, "Peak learning rate.", gt=0)
+    weight_decay: float = arg(0.1, "AdamW weight decay.", ge=0)
+
+
+@dataclass
+class ClipRunArgs:
+    """The run, as the trainers' ``run.*``."""
+
     output: str = arg("outputs/demo/clip", "Folder to write (Hugging Face's CLIP layout).")
     overwrite: bool = arg(False, "Replace output even if it holds files that are not a CLIP folder of ours.")
     steps: int = arg(600, "Updates.", gt=0)
-    batch_size: int = arg(64, "Pairs per batch (the contrastive negatives).", gt=1)
-    lr: float = arg(1e-3, "Peak learning rate (AdamW), after a 5% warm-up, cosine to 0.", gt=0)
-    weight_decay: float = arg(0.1, "AdamW weight decay.", ge=0)
     precision: Literal["auto", "fp32", "bf16"] = arg(
         "auto", "Autocast precision (CPU): fp32, bf16, or auto: bf16 where the CPU runs it natively and fast."
     )
-    num_workers: int = arg(1, "Loader workers.", ge=0)
     seed: int = arg(0, "Seed of the weights and the data order.", ge=0)
+
+
+@dataclass
+class ClipTrainConfig:
+    """tools/train_clip.py's settings, in the trainers' sections (data.shards=, run.steps=, ...)."""
+
+    model: ClipModelArgs = arg(factory=ClipModelArgs, doc="The small CLIP.")
+    data: ClipDataArgs = arg(factory=ClipDataArgs, doc="Image shards.")
+    text: ClipTextArgs = arg(factory=ClipTextArgs, doc="The tokenizer.")
+    optim: ClipOptimArgs = arg(factory=ClipOptimArgs, doc="The optimiser.")
+    run: ClipRunArgs = arg(factory=ClipRunArgs, doc="The run.")
 
 
 def hf_tokenizer(bpe_path: str | Path, text_len: int) -> Any:
@@ -157,25 +185,31 @@ def retrieval(model: Any, tokenizer: Any, shards: str, args: ClipModelArgs) -> d
 
 def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate and save the small CLIP; returns the retrieval metrics."""
-    out = Path(cfg.output)  # before any work: a folder of someone's other files is never replaced
-    if not cfg.overwrite and not (out / "train_clip.yaml").is_file():  # ours has it; save_clip checks again
+    out = Path(cfg.run.output)  # before any work: a folder of someone's other files is never replaced
+    if not cfg.run.overwrite and not (out / "train_clip.yaml").is_file():  # ours has it; save_clip checks again
         check_replaceable(out, set(), False)
-    torch.manual_seed(cfg.seed)
-    pick = pick_precision(cfg.precision, "cpu", "precision")
+    torch.manual_seed(cfg.run.seed)
+    pick = pick_precision(cfg.run.precision, "cpu", "run.precision")
     log.info("precision: %s", pick.reason)
     a = cfg.model
-    tokenizer = hf_tokenizer(cfg.tokenizer, a.text_len)
+    tokenizer = hf_tokenizer(cfg.text.path, a.text_len)
     model = build_clip(a, tokenizer)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    data = DataArgs(image_size=a.image_size, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, betas=(0.9, 0.98))
+    data = DataArgs(
+        image_size=a.image_size, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.run.seed
+    )
     data = dataclasses.replace(data, crop="random_square", random_crop_min=0.85)
-    it = iter(Loader(cfg.shards, data))
-    warm = max(1, cfg.steps // 20)
+    it = iter(Loader(cfg.data.shards, data))
+    warm = max(1, cfg.run.steps // 20)
     t0 = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="clip", disable=not progress or None)
+    bar = tqdm(range(cfg.run.steps), desc="clip", disable=not progress or None)
     losses = []
     for step in bar:
-        lr = cfg.lr * (step + 1) / warm if step < warm else cosine(step - warm, cfg.lr, 0.0, cfg.steps - warm)
+        lr = (
+            cfg.optim.lr * (step + 1) / warm
+            if step < warm
+            else cosine(step - warm, cfg.optim.lr, 0.0, cfg.run.steps - warm)
+        )
         for g in opt.param_groups:
             g["lr"] = lr
         batch = next(it)
@@ -196,11 +230,11 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict[str, Any]:
         losses.append(out.loss.item())
         if step % 10 == 0:
             bar.set_postfix(loss=f"{out.loss.item():.3f}")
-    metrics = retrieval(model, tokenizer, cfg.val_shards, a) | {
+    metrics = retrieval(model, tokenizer, cfg.data.val_shards, a) | {
         "train_loss_first": losses[0],
         "train_loss_last": sum(losses[-10:]) / len(losses[-10:]),
         "seconds": round(time.perf_counter() - t0, 1),
-        "steps": cfg.steps,
+        "steps": cfg.run.steps,
         "precision": pick.reason,
     }
     save_clip(model, tokenizer, cfg, metrics)
@@ -211,7 +245,7 @@ def save_clip(model: Any, tokenizer: Any, cfg: ClipTrainConfig, metrics: dict[st
     """Write the folder under a temporary name, then rename it into place."""
     import json
 
-    final = Path(cfg.output)
+    final = Path(cfg.run.output)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
     try:
@@ -220,10 +254,10 @@ def save_clip(model: Any, tokenizer: Any, cfg: ClipTrainConfig, metrics: dict[st
         pre = {"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "size": cfg.model.image_size}
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
         (tmp / "retrieval.json").write_text(json.dumps(metrics, indent=2))
-        save_config(cfg, tmp, "train_clip.yaml", header=f"precision: {metrics.get('precision', cfg.precision)}")
+        save_config(cfg, tmp, "train_clip.yaml", header=f"precision: {metrics.get('precision', cfg.run.precision)}")
         for p in (tmp, *tmp.rglob("*")):
             honour_umask(p)
-        check_replaceable(final, set(os.listdir(tmp)), cfg.overwrite)
+        check_replaceable(final, set(os.listdir(tmp)), cfg.run.overwrite)
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

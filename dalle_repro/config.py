@@ -398,13 +398,23 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
+def plain_text(text: str) -> str:
+    """Docs as a terminal shows them: RST literals (````x````) as x, and references to this project's
+    internal spec ("SPEC §3") and its open-point marker "[?]" dropped (the docs that carry the
+    marker say in words what the paper leaves open)."""
+    text = re.sub(r"``([^`]+)``", r"\1", text)
+    text = re.sub(r"\s*\(SPEC §[\d.]+\)|,?\s*SPEC §[\d.]+", "", text)
+    return text.replace("[?] ", "")
+
+
 def cli_help(cls: type, usage: str) -> str:
-    """A ``--help`` text listing every config key of ``cls``."""
+    """A ``--help`` text listing every config key of ``cls`` (in :func:`plain_text`)."""
     env = (
         f"\n\n{ENV_FLAG}: let the YAML config read environment variables (${{oc.env:NAME}}); off by default, so "
         "that a shared config cannot copy a secret into the run's config.yaml, checkpoints and wandb."
     )
-    return usage.rstrip() + env + "\n\nConfig keys (set in YAML or as key.sub=value):\n" + "\n".join(describe(cls))
+    keys = "\n".join(describe(cls))
+    return plain_text(usage.rstrip() + env + "\n\nConfig keys (set in YAML or as key.sub=value):\n" + keys)
 
 
 def parse_cli(

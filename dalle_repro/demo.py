@@ -276,12 +276,13 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
 def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
     c = dataclasses.replace(
         cfg.clip,
-        tokenizer=cfg.text.path,
-        shards=f"{cfg.emoji.output}/train/*.tar",
-        val_shards=f"{cfg.emoji.output}/val/*.tar",
-        output=f"{cfg.out_dir}/clip",
+        text=dataclasses.replace(cfg.clip.text, path=cfg.text.path),
+        data=dataclasses.replace(
+            cfg.clip.data, shards=f"{cfg.emoji.output}/train/*.tar", val_shards=f"{cfg.emoji.output}/val/*.tar"
+        ),
+        run=dataclasses.replace(cfg.clip.run, output=f"{cfg.out_dir}/clip"),
     )
-    return train_clip(c) | {"model": c.output}
+    return train_clip(c) | {"model": c.run.output}
 
 
 def demo_captions(cfg: DemoConfig) -> list[tuple[str, str]]:

@@ -108,7 +108,9 @@ class PriorOptimArgs:
     eps: float = arg(1e-8, "Adam epsilon.", gt=0)
     weight_decay: float = arg(4.5e-2, "Decoupled weight decay, on weights (2-d tensors) only.", ge=0)
     grad_clip: float = arg(4.0, "Clip the global gradient norm to this (the paper: 4); 0: no clipping.", ge=0)
-    ema_decay: float = arg(0.999, "[?] EMA decay of the weights (the paper: 0.99 or 0.999); warmed up.", ge=0, lt=1)
+    ema_decay: float = arg(
+        0.999, "[?] EMA decay of the weights (the paper names 0.99 or 0.999, not which); warmed up.", ge=0, lt=1
+    )
 
 
 @dataclass

@@ -36,18 +36,29 @@ def parts(tokenizer_path: Path):
 @pytest.fixture(scope="module")
 def clip_dir(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tools/train_clip.py's library call, a few steps at a tiny size."""
-    from dalle_repro.clip_train import ClipModelArgs, ClipTrainConfig, train_clip
+    from dalle_repro.clip_train import ClipTrainConfig, train_clip
+    from dalle_repro.config import load_config
 
     out = tmp_path_factory.mktemp("clip") / "clip"
-    cfg = ClipTrainConfig(
-        model=ClipModelArgs(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16, text_len=12),
-        tokenizer=str(tokenizer_path),
-        shards=f"{emoji_dir}/train/*.tar",
-        val_shards=f"{emoji_dir}/val/*.tar",
-        output=str(out),
-        steps=4,
-        batch_size=8,
-        num_workers=0,
+    cfg = load_config(
+        ClipTrainConfig,
+        None,
+        [
+            "model.image_size=16",
+            "model.patch_size=8",
+            "model.width=32",
+            "model.layers=1",
+            "model.heads=2",
+            "model.embed_dim=16",
+            "model.text_len=12",
+            f"text.path={tokenizer_path}",
+            f"data.shards={emoji_dir}/train/*.tar",
+            f"data.val_shards={emoji_dir}/val/*.tar",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            f"run.output={out}",
+            "run.steps=4",
+        ],
     )
     metrics = train_clip(cfg, progress=False)
     assert 0 <= metrics["image_to_text_top1"] <= 1 and metrics["val_pairs"] > 0
@@ -220,23 +231,24 @@ def test_train_clip_picks_and_notes_its_precision(clip_dir):
     from dalle_repro.config import load_config
     from dalle_repro.precision import auto_precision
 
-    reason = f"precision=auto picked {auto_precision('cpu').reason}"
+    reason = f"run.precision=auto picked {auto_precision('cpu').reason}"
     assert json.loads((clip_dir / "retrieval.json").read_text())["precision"] == reason
     saved = clip_dir / "train_clip.yaml"
     assert saved.read_text().startswith(f"# precision: {reason}\n")
-    assert load_config(ClipTrainConfig, saved).precision == "auto"
+    assert load_config(ClipTrainConfig, saved).run.precision == "auto"
 
 
 def test_clip_training_refuses_a_folder_of_other_files_before_any_work(tmp_path, monkeypatch):
     """save_clip replaced the whole output folder: a user's other files came back gone."""
     from dalle_repro import clip_train
+    from dalle_repro.config import load_config
 
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.md").write_text("the user's")
     monkeypatch.setattr(clip_train, "hf_tokenizer", lambda *a: pytest.fail("training started"))
     with pytest.raises(FileExistsError, match="notes.md"):
-        clip_train.train_clip(clip_train.ClipTrainConfig(output=str(out)))
+        clip_train.train_clip(load_config(clip_train.ClipTrainConfig, None, [f"run.output={out}"]))
     assert [p.name for p in out.iterdir()] == ["notes.md"]
 
 

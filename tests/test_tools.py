@@ -135,9 +135,9 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
         "clip.model.width=32",
         "clip.model.layers=1",
         "clip.model.text_len=12",
-        "clip.steps=3",
-        "clip.batch_size=8",
-        "clip.num_workers=0",
+        "clip.run.steps=3",
+        "clip.data.batch_size=8",
+        "clip.data.num_workers=0",
         "captions_train=[red heart]",
         "captions_val=1",
         "captions_new=[a blue dog]",
@@ -189,3 +189,18 @@ def test_memory_table_counts_parameters_and_shards_by_zero_stage():
     assert gib(paper8[7]) == pytest.approx(8 * gib(paper64[7]), rel=0.1)  # ZeRO-3 shards the weights
     # 16-bit weight matrices: a bit over half the fp32 bytes (embeddings and heads stay fp32)
     assert 0.5 < gib(stored8[7]) / gib(paper8[7]) < 0.55
+
+
+@pytest.mark.parametrize(
+    "script", ["launch/train_dvae.py", "launch/train_prior.py", "launch/demo.py", "tools/train_clip.py"]
+)
+def test_help_texts_are_plain_and_keep_their_examples(script):
+    """Issue 18 item 21: --help leaked the spec's "[?]" marker, "SPEC §3" (no such file in the
+    repository) and RST backticks, and train_clip's example collapsed into one line."""
+    r = run(str(ROOT / script), "--help")
+    assert r.returncode == 0, r.stderr
+    for leak in ("[?]", "SPEC §", "``"):
+        assert leak not in r.stdout, f"{script} --help shows {leak!r}"
+    if script == "tools/train_clip.py":
+        assert "\n  python tools/train_clip.py 'data.shards=" in r.stdout and "\n      text.path=" in r.stdout
+        assert "data.shards (str)" in r.stdout and "run.output (str)" in r.stdout

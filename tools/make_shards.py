@@ -12,12 +12,15 @@ import json
 import logging
 import sys
 
+from dalle_repro.config import plain_text
 from dalle_repro.data import DEFAULT_MAX_PIXELS
 from dalle_repro.shards import MAX_FILE_BYTES, make_shards
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=plain_text(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--input",
         required=True,

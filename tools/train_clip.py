@@ -1,8 +1,10 @@
 """Train a small CLIP on image shards, for reranking without downloads (the demo's reranker).
 
-Usage: python tools/train_clip.py [--config FILE] [key=value ...]
-  e.g. python tools/train_clip.py shards='data/emoji/train/*.tar' val_shards='data/emoji/val/*.tar' \
-       tokenizer=data/emoji/tokenizer.json output=outputs/demo/clip steps=600
+Usage: python tools/train_clip.py [--config FILE] [key.sub=value ...]
+
+Example:
+  python tools/train_clip.py 'data.shards=data/emoji/train/*.tar' 'data.val_shards=data/emoji/val/*.tar'
+      text.path=data/emoji/tokenizer.json run.output=outputs/demo/clip run.steps=600
 
 Writes OUTPUT/ in Hugging Face's CLIP layout (config.json, model.safetensors, tokenizer,
 preprocessor_config.json), which launch/sample.py --clip OUTPUT loads, and OUTPUT/retrieval.json
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(metrics))
-    print(f"saved {cfg.output}: {chance_note(metrics)}")
+    print(f"saved {cfg.run.output}: {chance_note(metrics)}")
     return 0
 
 
