@@ -99,12 +99,35 @@ class SampleError(Exception):
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
+_UTF8_MULTIBYTE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]+")
+
+
+def decode_caption(raw: bytes) -> tuple[str, str]:
+    """Caption bytes as text, and the encoding read: ``utf-8``; ``utf-8-sig`` and ``utf-16`` by their
+    byte-order mark (Windows editors write them); ``latin-1`` (read as cp1252, its superset for
+    printable text) when the bytes are not UTF-8 and hold no UTF-8 multi-byte sequence at all;
+    ``utf-8-damaged`` when they are mostly UTF-8 with broken bytes (those become U+FFFD).
+    Without the marks, a UTF-16 caption read as UTF-8 came out as letters between NULs, and a
+    Latin-1 "café" as "caf\ufffd"."""
+    if raw.startswith(b"\xef\xbb\xbf"):
+        return raw[3:].decode("utf-8", errors="replace"), "utf-8-sig"
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return raw.decode("utf-16", errors="replace"), "utf-16"
+    try:
+        return raw.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    if _UTF8_MULTIBYTE.search(raw):
+        return raw.decode("utf-8", errors="replace"), "utf-8-damaged"
+    return raw.decode("cp1252", errors="replace"), "latin-1"
+
+
 def clean_caption(raw: bytes | str, max_chars: int | None = None) -> str:
-    """Decode (invalid UTF-8 becomes U+FFFD), turn control characters into spaces, squeeze spaces.
+    """Decode (:func:`decode_caption`), turn control characters into spaces, squeeze spaces.
 
     Returns "" for an empty or whitespace-only caption; callers decide whether that is an error.
     """
-    text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
+    text = decode_caption(raw)[0] if isinstance(raw, bytes) else raw
     if max_chars is not None:
         text = text[: max_chars * 2]  # bound the work below; the final cut comes after squeezing
     text = unicodedata.normalize("NFC", _CONTROL.sub(" ", text))

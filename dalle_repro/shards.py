@@ -42,6 +42,7 @@ from dalle_repro.data import (
     SampleError,
     clean_caption,
     crop_resize,
+    decode_caption,
     decode_image,
 )
 
@@ -221,8 +222,31 @@ class ShardWriter:
 # Inputs
 
 
-def list_folder(root: str | Path) -> tuple[list[Record], Counter]:
-    """Images under ``root`` (recursively) with a sidecar caption ``STEM.txt`` beside each."""
+def caption_like_files(root: str | Path, caption_ext: str) -> tuple[str, int] | None:
+    """The most common extension, other than ``caption_ext`` and images', of files that share a
+    stem with an image under ``root`` (``("caption", 60)``): what a folder's captions are probably
+    called when none were found. None for a table or when there is none."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    files = [p for p in root.rglob("*") if p.is_file()]
+    images = {p.with_suffix("") for p in files if p.suffix.lower().lstrip(".") in IMAGE_EXTS}
+    counts = Counter(
+        p.suffix.lstrip(".")
+        for p in files
+        if p.with_suffix("") in images and p.suffix and p.suffix.lower().lstrip(".") not in (*IMAGE_EXTS, caption_ext)
+    )
+    return counts.most_common(1)[0] if counts else None
+
+
+def _caption(raw: bytes) -> tuple[str, dict[str, str]]:
+    """A cleaned caption and, when it was not plain UTF-8, the meta noting the encoding read."""
+    text, encoding = decode_caption(raw)
+    return clean_caption(text), ({"caption_encoding": encoding} if encoding != "utf-8" else {})
+
+
+def list_folder(root: str | Path, caption_ext: str = "txt") -> tuple[list[Record], Counter]:
+    """Images under ``root`` (recursively) with a sidecar caption ``STEM.{caption_ext}`` beside each."""
     root = Path(root)
     skipped: Counter = Counter()
     records: dict[str, Record] = {}
@@ -232,11 +256,11 @@ def list_folder(root: str | Path) -> tuple[list[Record], Counter]:
             continue
         rel = path.relative_to(root).with_suffix("")
         key = sanitize_key(str(rel))
-        cap_path = path.with_suffix(".txt")
+        cap_path = path.with_suffix(f".{caption_ext}")
         if not cap_path.is_file():
             skipped["missing_caption"] += 1
             continue
-        caption = clean_caption(cap_path.read_bytes())
+        caption, noted = _caption(cap_path.read_bytes())
         if not caption:
             skipped["empty_caption"] += 1
             continue
@@ -244,8 +268,23 @@ def list_folder(root: str | Path) -> tuple[list[Record], Counter]:
             skipped["duplicate_key"] += 1
             log.warning("duplicate key %s (%s); keeping %s", key, path, records[key].source)
             continue
-        records[key] = Record(key, str(path), caption, {"source": str(rel) + path.suffix})
+        records[key] = Record(key, str(path), caption, {"source": str(rel) + path.suffix} | noted)
     return sorted(records.values(), key=lambda r: r.key), skipped
+
+
+def _text_encoding(path: Path, sniff: int = 1 << 16) -> str:
+    """The Python codec to read a text table with: from its byte-order mark, or from its first 64 KB
+    as :func:`~dalle_repro.data.decode_caption` reads a caption (a Latin-1 CSV came out with U+FFFD
+    for every accented letter)."""
+    with open(path, "rb") as f:
+        head = f.read(sniff)
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start >= len(head) - 3 and len(head) == sniff:  # a character cut by the sniff's end
+            head = head[: e.start]
+    encoding = decode_caption(head)[1]
+    return {"utf-8-damaged": "utf-8", "latin-1": "cp1252", "utf-16": "utf-16"}.get(encoding, encoding)
 
 
 def _read_table(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
@@ -257,7 +296,7 @@ def _read_table(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
         return table.column_names, iter(table.to_pylist())
     if suffix not in (".csv", ".tsv"):
         raise ValueError(f"{path}: a table input must end in .csv, .tsv or .parquet")
-    f = open(path, newline="", encoding="utf-8", errors="replace")
+    f = open(path, newline="", encoding=_text_encoding(path), errors="replace")  # noqa: SIM115 (the reader reads it)
     reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
     return list(reader.fieldnames or []), reader
 
@@ -508,11 +547,13 @@ def write_dataset(
     options: dict[str, Any] | None = None,
     overwrite: bool = False,
     desc: str = "shards",
+    notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Process records (in ``workers`` processes) and write them as shards; returns the summary.
 
     With ``val_fraction`` > 0 samples go to ``out_dir/train`` and ``out_dir/val`` by key; otherwise
-    to ``out_dir``. ``skipped`` holds counts of records already rejected while listing them.
+    to ``out_dir``. ``skipped`` holds counts of records already rejected while listing them;
+    ``notes`` are further counts for the summary (e.g. captions read in another encoding).
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -530,6 +571,7 @@ def write_dataset(
         progress = {
             "fingerprint": fp,
             "listing_skipped": dict(skipped or {}),
+            "notes": dict(notes or {}),
             "splits": {s: {"shards": [], "next_record": 0, "written": 0, "skipped": {}} for s in dirs},
         }
         # recorded before the first shard, so that a run killed at any point is recognised as ours
@@ -610,6 +652,7 @@ def _summarize(out: Path, progress: dict[str, Any], options: dict[str, Any]) -> 
         "splits": splits,
         "fingerprint": progress["fingerprint"],
         "options": options,
+        **progress.get("notes", {}),
     }
 
 
@@ -631,15 +674,20 @@ def make_shards(
     max_file_bytes: int = MAX_FILE_BYTES,
     paths_inside: bool = False,
     keep_metadata: bool = False,
+    caption_ext: str = "txt",
 ) -> dict[str, Any]:
     """Shard a folder of images with sidecar captions, or a CSV/TSV/parquet table. See the module doc.
+
+    A folder's captions are ``STEM.{caption_ext}`` files, read as UTF-8, or by their byte-order mark,
+    or as Latin-1 (:func:`~dalle_repro.data.decode_caption`); the summary's ``captions_recoded``
+    counts the captions read in each encoding other than UTF-8, and their KEY.json names it.
 
     Only regular files of at most ``max_file_bytes`` are read; ``paths_inside`` skips table rows
     whose image path (symlinks resolved) leaves the table's folder; image metadata is dropped
     unless ``keep_metadata`` (:func:`process_file`)."""
     src = Path(input_path)
     if src.is_dir():
-        records, skipped = list_folder(src)
+        records, skipped = list_folder(src, caption_ext.lstrip("."))
     elif src.is_file():
         records, skipped = list_table(src, image_col, caption_col, key_col)
     else:
@@ -660,6 +708,7 @@ def make_shards(
         "max_file_bytes": max_file_bytes,
         "paths_inside": paths_inside,
         "keep_metadata": keep_metadata,
+        "caption_ext": caption_ext,
     }
     process = partial(
         process_file,
@@ -682,4 +731,9 @@ def make_shards(
         skipped=skipped,
         options=options,
         overwrite=overwrite,
+        notes={
+            "captions_recoded": dict(
+                Counter(r.meta["caption_encoding"] for r in records if "caption_encoding" in r.meta)
+            )
+        },
     )

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from dalle_repro.config import atomic_write_text
-from dalle_repro.data import crop_resize, decode_image, image_to_tensor
+from dalle_repro.data import crop_resize, decode_caption, decode_image, image_to_tensor
 from dalle_repro.distributed import pick_device
 from dalle_repro.prior_export import load_prior
 from dalle_repro.rerank import Reranker, RerankError
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_file():
             print(f"error: --prompts-file {path} not found", file=sys.stderr)
             return 2
-        captions += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        text, _ = decode_caption(path.read_bytes())  # UTF-8, UTF-16 or UTF-8 with a BOM, or Latin-1
+        captions += [line.strip() for line in text.splitlines() if line.strip()]
     if not captions:
         print("error: give at least one --prompt or a --prompts-file", file=sys.stderr)
         return 2

@@ -265,3 +265,24 @@ def test_clip_pixels_resizes_with_antialiasing_like_clips_own_pil_bicubic():
     x = torch.from_numpy(board.astype(np.float32) / 255).expand(1, 3, 256, 256)
     got = clip_pixels(x, 224, mean=(0.0,) * 3, std=(1.0,) * 3)
     assert (got - want).abs().mean() < 0.02  # without antialiasing: 0.10
+
+
+def test_a_latin_1_prompts_file_is_read(tmp_path, monkeypatch, capsys):
+    """Issue 18 item 16: a Latin-1 --prompts-file ended in a 12-line UnicodeDecodeError traceback."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_cli", Path(__file__).parents[1] / "launch" / "sample.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("un chat été\ncafé noir\n".encode("cp1252"))
+    seen = {}
+
+    def fake_load(model, weights, device):
+        raise FileNotFoundError(f"{model} stops here")
+
+    monkeypatch.setattr(cli, "load_prior", fake_load)
+    real = cli.decode_caption
+    monkeypatch.setattr(cli, "decode_caption", lambda raw: seen.setdefault("text", real(raw)))
+    assert cli.main(["--model", str(tmp_path / "m"), "--prompts-file", str(prompts)]) == 2
+    assert seen["text"] == ("un chat été\ncafé noir\n", "latin-1") and "stops here" in capsys.readouterr().err

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -15,6 +17,8 @@ from PIL import Image
 
 from dalle_repro.data import decode_image, expand_shards, iter_shard_samples
 from dalle_repro.shards import Record, ShardWriter, make_shards, process_file, sanitize_key, split_of, write_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def keys_in(out: Path) -> list[str]:
@@ -361,3 +365,38 @@ def test_metadata_is_dropped_from_kept_files_unless_asked_and_the_image_bytes_st
     make_shards(src, tmp_path / "kept", keep_metadata=True)
     kept = dict(iter_shard_samples(expand_shards(str(tmp_path / "kept" / "*.tar"))))
     assert kept["a"]["jpg"] == original
+
+
+def test_captions_in_other_encodings_and_extensions_are_read_and_counted(tmp_path):
+    """Issue 18 item 16: Latin-1, UTF-16 and UTF-8-with-BOM captions were kept garbled and not
+    counted; captions in .caption files gave 0 written and no word about why."""
+    src = tmp_path / "src"
+    src.mkdir()
+    captions = {
+        "a": "café au lait".encode("cp1252"),
+        "b": "naïve crème".encode("utf-16"),
+        "c": "\ufeffplain with a mark".encode("utf-8"),
+        "d": "déjà vu".encode(),
+    }
+    for i, (stem, raw) in enumerate(captions.items()):
+        (src / f"{stem}.png").write_bytes(png_bytes(seed=i))
+        (src / f"{stem}.caption").write_bytes(raw)
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "make_shards.py"), "--input", str(src), "--output", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 1 and "STEM.txt" in r.stderr and "4 .caption files: --caption-ext caption?" in r.stderr
+    s = make_shards(src, tmp_path / "out", caption_ext="caption")
+    assert s["written"] == 4 and s["captions_recoded"] == {"latin-1": 1, "utf-16": 1, "utf-8-sig": 1}
+    got = {k: m["txt"].decode() for k, m in iter_shard_samples(expand_shards(str(tmp_path / "out" / "*.tar")))}
+    assert got == {"a": "café au lait", "b": "naïve crème", "c": "plain with a mark", "d": "déjà vu"}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["captions_recoded"]["latin-1"] == 1
+
+
+def test_a_latin_1_table_keeps_its_accents(tmp_path):
+    (tmp_path / "x.png").write_bytes(png_bytes(seed=1))
+    (tmp_path / "t.csv").write_bytes("image,caption\nx.png,un été à Noël\n".encode("cp1252"))
+    make_shards(tmp_path / "t.csv", tmp_path / "out")
+    ((_, m),) = list(iter_shard_samples(expand_shards(str(tmp_path / "out" / "*.tar"))))
+    assert m["txt"].decode() == "un été à Noël"

@@ -14,7 +14,7 @@ import sys
 
 from dalle_repro.config import plain_text
 from dalle_repro.data import DEFAULT_MAX_PIXELS
-from dalle_repro.shards import MAX_FILE_BYTES, make_shards
+from dalle_repro.shards import MAX_FILE_BYTES, caption_like_files, make_shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         help="skip (outside_table_folder) table rows whose image path, symlinks resolved, leaves the table's folder",
     )
     p.add_argument(
+        "--caption-ext",
+        default="txt",
+        help="extension of a folder's caption files, beside each image (default txt: cat.jpg + cat.txt)",
+    )
+    p.add_argument(
         "--keep-metadata",
         action="store_true",
         help="keep EXIF, XMP, comments and PNG text in stored files (default: dropped, image bytes unchanged)",
@@ -102,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             max_file_bytes=a.max_file_bytes,
             paths_inside=a.paths_inside,
             keep_metadata=a.keep_metadata,
+            caption_ext=a.caption_ext,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -109,10 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({k: summary[k] for k in ("written", "skipped", "splits")}))
     if summary["written"] == 0:  # a silent success here would be found hours later, by the trainer
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())) or "no image found"
+        ext = a.caption_ext.lstrip(".")
+        others = caption_like_files(a.input, ext)
+        hint = f" The folder has {others[1]} .{others[0]} files: --caption-ext {others[0]}?" if others else ""
         print(
             f"error: nothing was written from {a.input} ({skipped}). A folder needs each image with its caption "
-            "in a file beside it named STEM.txt (cat.jpg + cat.txt); a table needs the columns --image-col and "
-            "--caption-col name.",
+            f"in a file beside it named STEM.{ext} (cat.jpg + cat.{ext}); a table needs the columns --image-col "
+            f"and --caption-col name.{hint}",
             file=sys.stderr,
         )
         return 1
