@@ -106,7 +106,7 @@ def encode_shard(model: DVAE, path: str, out: Path, batch_size: int, device: tor
             flush()
     if pending:
         flush()
-    errors["written"] = write_tar(out, samples)
+    errors["written"] = write_tar(out, samples, errors)
     return errors
 
 

@@ -117,16 +117,38 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mode = 0o444
-    info.mtime = 0  # byte-identical shards for identical input
-    tar.addfile(info, io.BytesIO(data))
+class SampleWriteError(ValueError):
+    """A sample that cannot be written (a key or caption that does not encode, metadata that is not
+    JSON); raised before any of its members reaches the tar, so the shard stays whole."""
 
 
-def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
-    """Write a whole tar of samples atomically (temporary name, sync, rename); returns the count."""
+def _members(tar: tarfile.TarFile, sample: Sample) -> list[tuple[tarfile.TarInfo, bytes]]:
+    """A sample's three members, each header already encoded once: every way a sample can fail to
+    write fails here, before the first byte is written."""
+    if safe_key(sample.key) != sample.key:  # the writers' callers make keys safe; nothing else may pass
+        raise ValueError(f"unsafe sample key {sample.key!r}: it would name a path outside the shard's folder")
+    try:
+        parts = [
+            (f"{sample.key}.{sample.ext}", sample.image),
+            (f"{sample.key}.txt", sample.caption.encode("utf-8")),
+            (f"{sample.key}.json", json.dumps(sample.meta, ensure_ascii=False).encode("utf-8")),
+        ]
+        out = []
+        for name, data in parts:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o444
+            info.mtime = 0  # byte-identical shards for identical input
+            info.tobuf(tar.format, tar.encoding, tar.errors)  # raises where addfile would, mid-sample
+            out.append((info, data))
+    except (ValueError, TypeError, UnicodeError, OverflowError) as e:
+        raise SampleWriteError(f"{sample.key!r}: {type(e).__name__}: {e}") from None
+    return out
+
+
+def write_tar(path: str | Path, samples: Iterable[Sample], errors: Counter | None = None) -> int:
+    """Write a whole tar of samples atomically (temporary name, sync, rename); returns the count.
+    A sample that cannot be written is left out and counted in ``errors`` as ``write_failed``."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
@@ -135,7 +157,14 @@ def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
         with open(tmp, "wb") as f:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
                 for sample in samples:
-                    _add_sample(tar, sample)
+                    try:
+                        _add_sample(tar, sample)
+                    except SampleWriteError as e:
+                        if errors is None:
+                            raise
+                        errors["write_failed"] += 1
+                        log.warning("skipped a sample that cannot be written: %s", e)
+                        continue
                     n += 1
             f.flush()
             os.fsync(f.fileno())
@@ -148,11 +177,8 @@ def write_tar(path: str | Path, samples: Iterable[Sample]) -> int:
 
 
 def _add_sample(tar: tarfile.TarFile, sample: Sample) -> None:
-    if safe_key(sample.key) != sample.key:  # the writers' callers make keys safe; nothing else may pass
-        raise ValueError(f"unsafe sample key {sample.key!r}: it would name a path outside the shard's folder")
-    _add_member(tar, f"{sample.key}.{sample.ext}", sample.image)
-    _add_member(tar, f"{sample.key}.txt", sample.caption.encode("utf-8"))
-    _add_member(tar, f"{sample.key}.json", json.dumps(sample.meta, ensure_ascii=False).encode("utf-8"))
+    for info, data in _members(tar, sample):
+        tar.addfile(info, io.BytesIO(data))
 
 
 class ShardWriter:
@@ -194,8 +220,11 @@ class ShardWriter:
             self.finish_shard()
 
     def finish_shard(self) -> None:
-        """Close the open shard (if any) and move it to its final name."""
+        """Close the open shard (if any) and move it to its final name (one with no sample is dropped)."""
         if self._tar is None:
+            return
+        if self._count == 0:  # opened for a sample that could not be written, and nothing since
+            self.abort()
             return
         self._tar.close()
         self._file.flush()
@@ -623,7 +652,11 @@ def _write_split(
             pending["next"] = i + 1
             bar.update(1)
             if isinstance(res, Sample):
-                writer.add(res)
+                try:
+                    writer.add(res)
+                except SampleWriteError as e:  # this sample only: the shard and the job go on
+                    skipped["write_failed"] += 1
+                    log.warning("skipped a sample that cannot be written: %s", e)
             else:
                 reason, detail = res
                 skipped[reason] += 1

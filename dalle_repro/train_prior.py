@@ -374,6 +374,7 @@ class StopRequested:
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self.training = False  # set when the first update starts: before it there is nothing to save
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -381,7 +382,14 @@ class StopRequested:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signal.Signals(signum).name
-        log.warning("%s received: the run stops after this update, with a checkpoint", self.signal)
+        if self.training:
+            log.warning("%s received: the run stops after this update, with a checkpoint", self.signal)
+        else:
+            log.warning(
+                "%s received before the first update: the run stops when its set-up ends, before training "
+                "(no update was made, so there is nothing new to save)",
+                self.signal,
+            )
 
 
 def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
@@ -774,6 +782,12 @@ def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: S
     it = iter(r.loader)
     t0, updates, start = time.perf_counter(), 0, r.step
     ended = "done"
+    if _any_rank(stop.signal is not None, d.device):
+        it.close()
+        log.warning("stopped before the first update (%s); nothing was trained or saved", stop.signal or "another rank")
+        logger.close()
+        return {"step": r.step, "ended": "signal_before_training"}
+    stop.training = True
     try:
         while r.step < cfg.run.steps:
             metrics = train_step(r, it)

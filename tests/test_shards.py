@@ -16,7 +16,16 @@ from helpers import bomb_png, make_folder, odd_mode_image, png_bytes
 from PIL import Image
 
 from dalle_repro.data import decode_image, expand_shards, iter_shard_samples
-from dalle_repro.shards import Record, ShardWriter, make_shards, process_file, sanitize_key, split_of, write_dataset
+from dalle_repro.shards import (
+    Record,
+    Sample,
+    ShardWriter,
+    make_shards,
+    process_file,
+    sanitize_key,
+    split_of,
+    write_dataset,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +226,8 @@ def test_long_and_control_captions_are_cleaned(tmp_path):
     s = make_shards(src, tmp_path / "out", max_caption_chars=1000)
     assert s["written"] == 2
     got = dict(iter_shard_samples([str(tmp_path / "out" / "00000.tar")]))
-    assert got["img_000"]["txt"].decode() == "a b c \ufffd\ufffd end"
+    # not UTF-8 and no UTF-8 sequence in it: read as Latin-1 (data.decode_caption), controls as spaces
+    assert got["img_000"]["txt"].decode() == "a b c \u00ff\u00fe end"
     assert len(got["img_001"]["txt"]) == 1000 and json.loads(got["img_001"]["json"])["caption_truncated"]
 
 
@@ -400,3 +410,21 @@ def test_a_latin_1_table_keeps_its_accents(tmp_path):
     make_shards(tmp_path / "t.csv", tmp_path / "out")
     ((_, m),) = list(iter_shard_samples(expand_shards(str(tmp_path / "out" / "*.tar"))))
     assert m["txt"].decode() == "un été à Noël"
+
+
+def test_a_sample_that_cannot_be_written_is_skipped_and_counted_and_the_shard_stays_whole(tmp_path):
+    """Issue 18 item 6: one sample whose write fails (a caption with a lone surrogate, metadata that is
+    not JSON) ended the whole job, on every rerun."""
+    good = [Record(f"k{i}", f"src{i}", f"caption {i}") for i in range(5)]
+    bad_caption = Record("k5", "src5", "broken \udcff caption")
+    bad_meta = Record("k6", "src6", "fine caption", {"when": {1, 2}})
+
+    def process(rec: Record):
+        return Sample(rec.key, png_bytes(seed=int(rec.key[1:])), "png", rec.caption, dict(rec.meta))
+
+    s = write_dataset([*good, bad_caption, bad_meta], process, tmp_path / "out", shard_size=3, fp="x")
+    assert s["written"] == 5 and s["skipped"] == {"write_failed": 2}
+    keys = [k for k, _ in iter_shard_samples(expand_shards(str(tmp_path / "out" / "*.tar")))]
+    assert keys == [f"k{i}" for i in range(5)]
+    with tarfile.open(tmp_path / "out" / "00001.tar") as t:
+        assert sorted(t.getnames()) == ["k3.json", "k3.png", "k3.txt", "k4.json", "k4.png", "k4.txt"]

@@ -414,3 +414,19 @@ def test_token_shards_of_another_grid_fail_before_training(prior_data, tmp_path)
     cfg = config(prior_data, tmp_path, "model.grid=7")
     with pytest.raises(ConfigError, match=r"model.grid: 7, but the token shards hold 4x4 grids .*another dVAE"):
         train(cfg)
+
+
+def test_a_stop_before_the_first_update_says_so_and_trains_nothing(prior_data, tmp_path, caplog):
+    """Issue 18 item 15: a SIGTERM during the set-up (DeepSpeed's first compile) printed "stops after
+    this update, with a checkpoint" before any update, then trained one."""
+    import logging
+
+    from dalle_repro.train_prior import StopRequested
+
+    stop = StopRequested()
+    with caplog.at_level(logging.WARNING, logger="dalle_repro.train_prior"):
+        stop._handle(signal.SIGTERM, None)  # as if delivered while the run was being built
+        result = train(config(prior_data, tmp_path / "early"), stop=stop)
+    assert "before the first update" in caplog.text and "with a checkpoint" not in caplog.text
+    assert result == {"step": 0, "ended": "signal_before_training"}
+    assert not list((tmp_path / "early" / "checkpoints").glob("step_*"))
