@@ -105,8 +105,9 @@ _UTF8_MULTIBYTE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]+")
 def decode_caption(raw: bytes) -> tuple[str, str]:
     """Caption bytes as text, and the encoding read: ``utf-8``; ``utf-8-sig`` and ``utf-16`` by their
     byte-order mark (Windows editors write them); ``latin-1`` (read as cp1252, its superset for
-    printable text) when the bytes are not UTF-8 and hold no UTF-8 multi-byte sequence at all;
-    ``utf-8-damaged`` when they are mostly UTF-8 with broken bytes (those become U+FFFD).
+    printable text) when the bytes are not UTF-8 and hold no more valid UTF-8 multi-byte sequences
+    than broken bytes (a cp1252 "«été»" holds one by chance); ``utf-8-damaged`` when the valid ones
+    outnumber the broken bytes (those become U+FFFD).
     Without the marks, a UTF-16 caption read as UTF-8 came out as letters between NULs, and a
     Latin-1 "café" as "caf\ufffd"."""
     if raw.startswith(b"\xef\xbb\xbf"):
@@ -117,8 +118,9 @@ def decode_caption(raw: bytes) -> tuple[str, str]:
         return raw.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
         pass
-    if _UTF8_MULTIBYTE.search(raw):
-        return raw.decode("utf-8", errors="replace"), "utf-8-damaged"
+    damaged = raw.decode("utf-8", errors="replace")
+    if len(_UTF8_MULTIBYTE.findall(raw)) > damaged.count("\ufffd"):  # mostly UTF-8: keep it, mark the rest
+        return damaged, "utf-8-damaged"
     return raw.decode("cp1252", errors="replace"), "latin-1"
 
 
@@ -397,6 +399,9 @@ def _scan_plain_tar(f: Any, size: int) -> Iterator[tuple[str, int, int]]:
         if block == b"\0" * 512:
             if f.read(512) != b"\0" * 512:
                 raise _NotPlain("one zero block")
+            while chunk := f.read(1 << 20):  # members after the end marker (tars joined by cat, damage)
+                if chunk.strip(b"\0"):
+                    raise _NotPlain("data after the end-of-archive marker")
             return
         kind = block[156:157]
         try:

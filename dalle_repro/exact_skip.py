@@ -25,6 +25,10 @@ first few hundred updates (1 - 0.96^t); the moments themselves are exact.
 The copies go to host memory and cost three fp32 copies of the frozen parameters (of this rank's
 partition's worth of traffic at stage 3), paid only at an update that skips something, which the
 scale rule keeps rare. A whole-update skip (a non-finite loss) freezes every parameter.
+
+Exact in ``precision.mode=block_scaled``, where DeepSpeed's optimizer is the plain one. In
+``precision.mode=deepspeed`` at ZeRO 0, DeepSpeed's own fp16/bf16 optimizer wrappers treat a
+``None`` gradient as zeros, so a frozen parameter still moves with Adam's momentum and decay there.
 """
 
 from __future__ import annotations
@@ -69,7 +73,10 @@ def step_without(engine: Any, frozen: Sequence[torch.nn.Parameter]) -> None:
         safe_set_full_optimizer_state,
     )
 
-    has_state = engine.global_steps > 0  # Adam's moments are made at the first update
+    # Adam's moments exist once the optimizer has stepped (not at the first update, nor after fp16
+    # overflow steps that DeepSpeed counts but skips); every rank has stepped alike
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    has_state = bool(getattr(base, "state", None))
     if has_state and stage < 3:
         link_moments(engine)
     saved = []
@@ -79,6 +86,8 @@ def step_without(engine: Any, frozen: Sequence[torch.nn.Parameter]) -> None:
         moments = {k: _saved(safe_get_full_optimizer_state(p, k), k, p) for k in ADAM_STATE} if has_state else {}
         saved.append((p, master, moments))
     engine.step()
+    if stage < 3:
+        link_moments(engine)  # the moments may have been made by this step
     for p, master, moments in saved:
         dev = torch.device(engine.device)
         safe_set_full_fp32_param(p, master.to(dev))

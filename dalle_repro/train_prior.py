@@ -542,7 +542,7 @@ def train_step(r: Run, it: Any) -> dict[str, float]:
         grads = [p.grad for p in r.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
     clip = engine._config.gradient_clipping
-    if r.zero == 0 and skip:
+    if r.zero == 0 and len(frozen) == sum(1 for _ in r.model.parameters()):
         engine._config.gradient_clipping = 0.0  # DeepSpeed's clip fails when no parameter has a gradient
     try:
         step_without(engine, frozen)  # exact at every ZeRO stage (dalle_repro/exact_skip.py)

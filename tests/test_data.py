@@ -351,3 +351,30 @@ def test_shard_index_reads_plain_headers_itself_and_keeps_three_values_a_member(
     monkeypatch.setattr(data, "MAX_SHARD_SAMPLES", 4)
     with pytest.raises(tarfile.ReadError, match="more than 4: split the shard"):
         Shard(plain)
+
+
+def test_members_after_an_end_marker_are_not_lost_by_the_fast_index(tmp_path):
+    """Review: the plain-header scan stopped at the first end-of-archive marker, so two tars joined
+    with cat lost the second one's samples silently; tarfile's reader (the fallback) keeps them."""
+    a = write_shards(tmp_path / "a", 1, 2)[0]
+    b_dir = tmp_path / "b"
+    w = ShardWriter(b_dir, 2)
+    for i in range(2):
+        w.add(Sample(f"t{i}", png_bytes(seed=10 + i), "png", f"other {i}", {}))
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(Path(a).read_bytes() + next(b_dir.glob("*.tar")).read_bytes())
+    with Shard(str(joined)) as s:
+        assert sorted(k for k, _ in s.samples) == ["s0000", "s0001", "t0", "t1"]
+
+
+@pytest.mark.parametrize(
+    "text", ["«été»", "“CAFÉ” à Noël", "naïve façade", "plain ascii"], ids=["guillemets", "quotes", "accents", "ascii"]
+)
+def test_latin_1_captions_that_hold_a_utf8_lookalike_are_read_as_latin_1(text):
+    """Review: one byte pair that happens to be valid UTF-8 (cp1252 "é»" is E9 BB) made
+    decode_caption read the whole caption as damaged UTF-8."""
+    from dalle_repro.data import decode_caption
+
+    got, encoding = decode_caption(text.encode("cp1252"))
+    assert got == text and encoding in ("latin-1", "utf-8")
+    assert decode_caption("café ☕ au lait \xff".encode()[:-2] + b"\xff")[1] == "utf-8-damaged"

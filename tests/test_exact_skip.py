@@ -119,3 +119,21 @@ def test_branch_scales_follow_the_same_sequence_at_one_rank_and_at_two(tmp_path)
     flat = [[x for row in run["scales"] for x in row] for run in (one, two)]
     assert flat[1] == pytest.approx(flat[0], rel=1e-12)
     assert any(0 < len(s) < len(one["scales"][0]) for s in one["skipped"]), "some updates must skip some branches only"
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_skip_at_the_very_first_update_leaves_the_branch_as_initialised(skip_runs, stage):
+    """Before the first update Adam has no moments yet (and DeepSpeed 0.19 links the second param
+    group's only after it): the skipped branch keeps its initial weights and zero moments, the rest
+    move as in the clean run."""
+    out, records = skip_runs
+    assert records[f"stage{stage}_fault0"]["skipped"] == [[2], [], []]
+    branch = set(records[f"stage{stage}_fault0"]["branch"])
+    init, after = states(out, stage, "fault0", "init"), states(out, stage, "fault0", 0)
+    without = states(out, stage, "clean", 0)
+    for key, value in after.items():
+        name = key.split(":")[0]
+        if name in branch:
+            assert torch.equal(value, init[key]) if ":" not in key else not value.any(), f"ZeRO {stage}: {key}"
+        else:
+            assert torch.equal(value, without[key]), f"ZeRO {stage}: {key} differs from the clean run"

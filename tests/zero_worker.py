@@ -74,16 +74,16 @@ def state_of(engine: object, model: Transformer, stage: int) -> dict[str, torch.
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 
-def skip_run(stage: int, fault: bool, out: Path) -> dict:
+def skip_run(stage: int, fault: int | None, out: Path, name: str) -> dict:
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = Transformer(ARGS)
     step_box = [0]
-    if fault and rank == 1:
+    if fault is not None and rank == 1:
         target = model.branch_params()[FAULT_BRANCH][-2]  # a weight of the branch (post_1's or the attention's)
 
         def inject(g: torch.Tensor) -> torch.Tensor:
-            if step_box[0] != FAULT_STEP:
+            if step_box[0] != fault:
                 return g
             g = g.clone()
             g.view(-1)[3] = float("inf")
@@ -92,6 +92,10 @@ def skip_run(stage: int, fault: bool, out: Path) -> dict:
         target.register_hook(inject)  # before the scaler's own hook: the filter sees the inf
     scaler = model.enable_precision(PrecisionArgs(dtype="fp32"))
     engine = engine_for(model, stage, micro=2)
+    if rank == 0 or stage > 0:  # the initial weights (a collective at ZeRO 1-3)
+        init = state_of(engine, model, stage)
+        if rank == 0:
+            save_file(init, str(out / f"stage{stage}_{name}_init.safetensors"))
     record: dict = {"skipped": [], "grad_norm": []}
     for step in range(STEPS):
         step_box[0] = step
@@ -106,7 +110,7 @@ def skip_run(stage: int, fault: bool, out: Path) -> dict:
         record["grad_norm"].append(float(norm) if norm is not None else None)
         state = state_of(engine, model, stage)
         if rank == 0:
-            save_file(state, str(out / f"stage{stage}_{'fault' if fault else 'clean'}_{step}.safetensors"))
+            save_file(state, str(out / f"stage{stage}_{name}_{step}.safetensors"))
     branch_names = {id(p): n for n, p in model.named_parameters()}
     record["branch"] = [branch_names[id(p)] for p in model.branch_params()[FAULT_BRANCH]]
     return record
@@ -143,8 +147,8 @@ def main() -> None:
     if mode == "skip":
         records = {}
         for stage in (0, 1, 2, 3):
-            for fault in (False, True):
-                records[f"stage{stage}_{'fault' if fault else 'clean'}"] = skip_run(stage, fault, out)
+            for name, fault in (("clean", None), ("fault", FAULT_STEP), ("fault0", 0)):
+                records[f"stage{stage}_{name}"] = skip_run(stage, fault, out, name)
         if dist.get_rank() == 0:
             (out / "skip.json").write_text(json.dumps(records))
     else:
