@@ -128,13 +128,13 @@ def _prior_flops_per_sequence(model: Transformer) -> float:
 
 
 def _model_args(config: str, dry: bool) -> tuple[TransformerArgs, int]:
-    from dalle_repro.train_prior import PriorTrainConfig
+    from dalle_repro.train_prior import PriorTrainConfig, model_with_paper_sizes
 
     cfg = load_config(PriorTrainConfig, ROOT / config)
     if dry:
         small = dict(dim=64, depth=4, heads=4, text_len=8, text_vocab=64, grid=4, image_vocab=32, conv_kernel=3)
         return TransformerArgs(**small, attention="local", checkpoint=cfg.model.checkpoint), 2
-    return cfg.model, cfg.data.batch_size
+    return model_with_paper_sizes(cfg), cfg.data.batch_size
 
 
 def prior_step(config: str) -> Callable[[torch.device, bool], dict[str, Any]]:

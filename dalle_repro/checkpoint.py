@@ -263,6 +263,12 @@ def _pretrained_paths(directory: str | Path, args_cls: type[T], weights: str) ->
     return args, path
 
 
+def pretrained_args(directory: str | Path, args_cls: type[T]) -> T:
+    """A model folder's sizes (its ``config.yaml``), after the same checks as loading it, without
+    reading its weights."""
+    return _pretrained_paths(directory, args_cls, "model")[0]
+
+
 def file_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     """Every tensor's shape in a safetensors file, read from its header alone (no tensor is loaded)."""
     with safe_open(str(path), framework="pt") as f:

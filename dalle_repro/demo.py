@@ -47,7 +47,7 @@ from dalle_repro.sampling import SampleSettings, generate
 from dalle_repro.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
 from dalle_repro.train_dvae import DVAETrainConfig
 from dalle_repro.train_dvae import train as train_dvae
-from dalle_repro.train_prior import PriorTrainConfig
+from dalle_repro.train_prior import PriorTrainConfig, resolve_sizes
 from dalle_repro.viz import grid, save_png
 
 log = logging.getLogger(__name__)
@@ -143,9 +143,10 @@ def stage_tokenizer(cfg: DemoConfig) -> dict[str, Any]:
 def stage_preview(cfg: DemoConfig) -> dict[str, Any]:
     """One batch through the real loader and tokenizer, drawn with its decoded captions."""
     tok = TextTokenizer(cfg.text.path, cfg.text.text_len)
-    loader = Loader(cfg.data.shards, cfg.data, tok, text_dropout=cfg.text.dropout)
+    data = dataclasses.replace(cfg.data, image_size=cfg.data.image_size or cfg.emoji.image_size)
+    loader = Loader(cfg.data.shards, data, tok, text_dropout=cfg.text.dropout)
     batch = next(iter(loader))
-    n, size = len(batch["key"]), cfg.data.image_size
+    n, size = len(batch["key"]), loader.args.image_size
     sheet = Image.new("RGB", (n * (size + 8), size + 40), "white")
     draw = ImageDraw.Draw(sheet)
     for i in range(n):
@@ -216,16 +217,9 @@ def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
 def prior_config(cfg: DemoConfig) -> PriorTrainConfig:
     """The demo prior's config: its YAML, pointed at the demo's tokens, tokenizer, dVAE and run folder."""
     t = cfg.tokens_output
-    d = dvae_config(cfg).model
-    tok = Path(cfg.text.path)
-    # sizes that follow from the other stages: the tokenizer's vocabulary, the dVAE's grid and codebook
-    vocab = TextTokenizer(tok, cfg.text.text_len).vocab_size if tok.is_file() else None
+    # the model's sizes are left to train_prior.resolve_sizes: the tokenizer's vocabulary, the dVAE's grid and codes
     own = [
-        f"model.text_len={cfg.text.text_len}",
         f"text.text_len={cfg.text.text_len}",
-        *([f"model.text_vocab={vocab}"] if vocab else []),
-        f"model.grid={d.image_size // d.downsample}",
-        f"model.image_vocab={d.vocab_size}",
         f"data.shards={t}/train/*.tar",
         "data.kind=tokens",
         f"run.val_shards={t}/val/*.tar",
@@ -244,7 +238,7 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
     pcfg = prior_config(cfg)
     run_dir = Path(pcfg.run.run_dir)
     resume = Checkpoints(run_dir).latest() is not None
-    if resume and not _same_run(run_dir / "config.yaml", pcfg):
+    if resume and not _same_run(run_dir / "config.yaml", resolve_sizes(pcfg)[0]):  # the run saves its sizes
         shutil.rmtree(run_dir)
         resume = False
     path = save_config(pcfg, cfg.out_dir, "prior_config.yaml")

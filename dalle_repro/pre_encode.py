@@ -35,6 +35,7 @@ from dalle_repro.data import (
     crop_resize,
     decode_image,
     image_to_tensor,
+    is_remote,
     iter_shard_samples,
 )
 from dalle_repro.dvae import DVAE
@@ -123,6 +124,12 @@ def encode_token_shards(
 
     An output folder that holds token shards made with other dVAE weights is refused (before any
     work) unless ``overwrite``: it used to be overwritten shard by shard, as make_shards refuses to."""
+    remote = [p for p in shards if is_remote(p)]
+    if remote:
+        raise ValueError(
+            f"encode_tokens reads local shards only, and got {remote[0]!r}: its output mirrors the input folders "
+            "and its resume fingerprints local files. Copy the shards here first (the trainers read pipe: and URLs)."
+        )
     dvae_dir, out_root = Path(dvae_dir), Path(output)
     dev = torch.device(device)
     model = DVAE.from_pretrained(dvae_dir).to(dev, memory_format=torch.channels_last).eval()

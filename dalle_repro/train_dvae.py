@@ -107,9 +107,12 @@ class DVAETrainConfig:
     log: LogArgs = arg(factory=LogArgs, doc="Logging.")
 
     def __post_init__(self) -> None:
-        if self.data.image_size != self.model.image_size:
+        if self.data.image_size is None:  # stated once, as model.image_size
+            self.data = dataclasses.replace(self.data, image_size=self.model.image_size)
+        elif self.data.image_size != self.model.image_size:
             raise ConfigError(
-                f"data.image_size ({self.data.image_size}) must equal model.image_size ({self.model.image_size})"
+                f"data.image_size: {self.data.image_size}, but model.image_size is {self.model.image_size}; state it "
+                "once, as model.image_size (data.image_size follows it when null)"
             )
         if self.data.kind != "images":
             raise ConfigError(f"data.kind: got {self.data.kind!r}; the dVAE trains on images")

@@ -12,16 +12,15 @@ client scheduler that DeepSpeed steps and checkpoints.
 
 Precision (``precision.mode``):
 
-- ``paper`` (default): the engine keeps fp32 weights; each resblock computes in ``precision.dtype``
+- ``block_scaled`` (default): the engine keeps fp32 weights; each resblock computes in ``precision.dtype``
   with per-resblock gradient scaling and the non-finite filter (precision.py), so an overflow in
   one block skips only that block's update. The scales are part of the train state.
   ``precision.dtype: auto`` (the default) is bf16 where the device runs it natively and fast, else
   fp32 (precision.pick_precision), decided at start; config.yaml keeps ``auto`` and notes the pick.
 - ``deepspeed``: DeepSpeed's own bf16/fp16 (half weights, one loss scale), for comparison.
 
-A step whose loss is non-finite on any rank is skipped (at ZeRO stage 0: no parameter moves and
-Adam's state is untouched; at stages 1-3, where DeepSpeed owns the gradients, the learning rate is
-0 for that step, so no parameter moves but Adam's moments decay once) and counted; after
+A step whose loss is non-finite on any rank is skipped (no parameter moves and Adam's moments are
+untouched, at every ZeRO stage: exact_skip.py) and counted; after
 ``run.max_nonfinite`` in a row the run writes a checkpoint and stops with an error.
 
 Checkpoints (``RUN/checkpoints/``): DeepSpeed's own checkpoint of the engine (weights, optimizer,
@@ -31,6 +30,12 @@ the counters and the config. ``step_N/state.json`` exists only once both are who
 checkpoints are resumed from. DeepSpeed's stock checkpoint engine pickles; the run swaps in
 ``ds_checkpoint``'s, so DeepSpeed's files are safetensors too (in DeepSpeed's own file layout) and
 ``--resume`` unpickles nothing. Exports and our own state are safetensors, JSON and YAML.
+
+Sizes (``resolve_sizes``): ``model.text_len``, ``model.text_vocab``, ``model.grid``,
+``model.image_vocab`` and, for image shards, ``data.image_size`` are read off their sources when
+left null (the default): ``text.text_len``, the tokenizer file, the dVAE folder, the token shards'
+``summary.json``. A value given anyway is checked against its source. ``RUN/config.yaml`` holds the
+values used, with where each came from in its header.
 
 SIGTERM (a preempted job) finishes the current step, writes a checkpoint and exits with status 0.
 """
@@ -57,15 +62,16 @@ from dalle_repro.checkpoint import (
     Checkpoints,
     load_state_strict,
     model_shapes,
+    pretrained_args,
     rng_state,
     save_json,
     set_rng_state,
     shape_mismatch,
 )
 from dalle_repro.config import ConfigError, arg, atomic_write_text, deep_merge, load_yaml, save_config, to_dict
-from dalle_repro.data import DataArgs, Loader, expand_shards, first_token_grid
+from dalle_repro.data import DataArgs, Loader, expand_shards, first_token_grid, is_remote
 from dalle_repro.ds_checkpoint import is_safe_engine, safe_checkpoint_engine
-from dalle_repro.dvae import DVAE
+from dalle_repro.dvae import DVAE, DVAEArgs
 from dalle_repro.exact_skip import step_without
 from dalle_repro.metrics import LogArgs, MetricsLogger, last_validation
 from dalle_repro.optim import EMA, cosine, param_groups
@@ -173,8 +179,11 @@ class PriorTrainConfig:
     log: LogArgs = arg(factory=LogArgs, doc="Logging.")
 
     def __post_init__(self) -> None:
-        if self.text.text_len != self.model.text_len:
-            raise ConfigError(f"text.text_len ({self.text.text_len}) must equal model.text_len ({self.model.text_len})")
+        if self.model.text_len is not None and self.text.text_len != self.model.text_len:
+            raise ConfigError(
+                f"model.text_len: {self.model.text_len}, but text.text_len is {self.text.text_len}; state it once, "
+                "as text.text_len (model.text_len follows it when null)"
+            )
         if self.data.kind == "images" and self.dvae is None:
             raise ConfigError("dvae: image shards (data.kind: images) need a dVAE folder to encode them")
         if self.precision.mode == "deepspeed" and self.precision.dtype == "fp32":
@@ -400,20 +409,7 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
     model = Transformer(cfg.model).to(d.device)
     scaler = model.enable_precision(cfg.precision) if cfg.precision.mode == "block_scaled" else None
     tokenizer = TextTokenizer(cfg.text.path, cfg.text.text_len)
-    if tokenizer.vocab_size != cfg.model.text_vocab:
-        raise ConfigError(
-            f"model.text_vocab: {cfg.model.text_vocab}, but {cfg.text.path} gives {tokenizer.vocab_size} text ids "
-            f"({tokenizer.bpe_vocab_size} BPE + {cfg.text.text_len} pads)"
-        )
-    dvae = None
-    if cfg.dvae is not None:
-        dvae = DVAE.from_pretrained(cfg.dvae).to(d.device).eval()
-        if dvae.args.vocab_size != cfg.model.image_vocab:
-            raise ConfigError(
-                f"model.image_vocab: {cfg.model.image_vocab}, but {cfg.dvae} has {dvae.args.vocab_size} codes"
-            )
-        if cfg.data.kind == "images" and dvae.args.image_size != cfg.data.image_size:
-            raise ConfigError(f"data.image_size: {cfg.data.image_size}, but the dVAE takes {dvae.args.image_size}")
+    dvae = DVAE.from_pretrained(cfg.dvae).to(d.device).eval() if cfg.dvae is not None else None
     if cfg.data.kind == "tokens":
         check_token_shards(cfg)
     ds_config = deepspeed_config(cfg, d.world_size)
@@ -459,10 +455,100 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
     )
 
 
+def token_summary(shards: list[str]) -> tuple[Path, dict[str, Any]] | None:
+    """The ``summary.json`` that tools/encode_tokens.py wrote at the top of its output, found from
+    the first local shard upwards (three folders at most), when it names a grid and a codebook."""
+    for shard in [p for p in shards if not is_remote(p)][:1]:
+        folder = Path(shard).parent
+        for d in [folder, *list(folder.parents)[:3]]:
+            path = d / "summary.json"
+            try:
+                summary = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(summary, dict) and {"grid", "vocab_size"} <= summary.keys():
+                return path, summary
+    return None
+
+
+def resolve_sizes(cfg: PriorTrainConfig) -> tuple[PriorTrainConfig, list[str]]:
+    """``cfg`` with every null size read off its source, and one line per size saying where from.
+
+    Sources: ``text.text_len``; the tokenizer file (``TextTokenizer.vocab_size``: BPE + text_len
+    pads); the dVAE folder's config (grid, codes, image size); without a dVAE, the token shards'
+    ``summary.json`` (tools/encode_tokens.py). A size given explicitly is kept and checked against
+    its source, with an error naming both."""
+    m, notes = cfg.model, []
+    sizes: dict[str, int] = {}
+
+    def take(key: str, given: int | None, found: int | None, source: str, hint: str = "") -> None:
+        if found is None:
+            if given is None:
+                raise ConfigError(f"{key}: not set, and {source}{hint}")
+            notes.append(f"{key}: {given} (given)")
+            return
+        if given is not None and given != found:
+            raise ConfigError(f"{key}: {given}, but {source} gives {found}{hint}; leave it unset to use {found}")
+        notes.append(f"{key}: {found} ({'given, checked against ' if given is not None else 'from '}{source})")
+        sizes[key.split(".")[1]] = found
+
+    text_len = cfg.text.text_len
+    take("model.text_len", m.text_len, text_len, "text.text_len")
+    tokenizer = TextTokenizer(cfg.text.path, text_len)
+    take(
+        "model.text_vocab",
+        m.text_vocab,
+        tokenizer.vocab_size,
+        f"{cfg.text.path} ({tokenizer.bpe_vocab_size} BPE + {text_len} pads)",
+    )
+    image_size = None
+    if cfg.dvae is not None:
+        dv = pretrained_args(cfg.dvae, DVAEArgs)
+        grid_src = codes_src = f"the dVAE {cfg.dvae}"
+        grid, codes, image_size = dv.grid, dv.vocab_size, dv.image_size
+    else:
+        found = token_summary(expand_shards(cfg.data.shards)) if cfg.data.kind == "tokens" else None
+        where = found[0] if found else None
+        grid = int(found[1]["grid"]) if found else None
+        codes = int(found[1]["vocab_size"]) if found else None
+        grid_src = codes_src = (
+            f"the token shards' summary {where}" if where else "there is no dvae= and no summary.json beside the shards"
+        )
+    hint = "" if grid is not None else " (tools/encode_tokens.py writes one at the top of its output); set dvae="
+    take("model.grid", m.grid, grid, grid_src, hint)
+    take("model.image_vocab", m.image_vocab, codes, codes_src, hint)
+    data = cfg.data
+    if cfg.data.kind == "images" and image_size is not None:
+        given = cfg.data.image_size
+        if given is not None and given != image_size:
+            raise ConfigError(f"data.image_size: {given}, but the dVAE {cfg.dvae} takes {image_size}; leave it unset")
+        notes.append(f"data.image_size: {image_size} (from the dVAE {cfg.dvae})")
+        data = dataclasses.replace(cfg.data, image_size=image_size)
+    model = dataclasses.replace(m, **sizes)
+    return dataclasses.replace(cfg, model=model, data=data), notes
+
+
+PAPER_BPE, PAPER_GRID, PAPER_CODES = 16384, 32, 8192  # SPEC §2: the paper's BPE vocabulary, token grid, codebook
+
+
+def model_with_paper_sizes(cfg: PriorTrainConfig) -> TransformerArgs:
+    """``cfg.model`` with each null size set to the paper's (16,384 BPE + text.text_len pads, a 32x32
+    grid of 8192 codes), for tools that size a config without its tokenizer, dVAE or shards at
+    hand (tools/memory_table.py, bench/gpu_check.py). Training reads them off the files instead."""
+    m, t = cfg.model, cfg.text.text_len
+    return dataclasses.replace(
+        m,
+        text_len=m.text_len or t,
+        text_vocab=m.text_vocab or PAPER_BPE + t,
+        grid=m.grid or PAPER_GRID,
+        image_vocab=m.image_vocab or PAPER_CODES,
+    )
+
+
 def check_token_shards(cfg: PriorTrainConfig) -> None:
     """Token shards whose grids the model cannot take fail here, before DeepSpeed starts, rather
     than as every sample skipped (``wrong_token_grid``) once the loader runs."""
-    found = first_token_grid(expand_shards(cfg.data.shards))
+    found = first_token_grid([p for p in expand_shards(cfg.data.shards) if not is_remote(p)])  # no download
     g = cfg.model.grid
     if found is not None and found[1] != (g, g):
         where, shape = found
@@ -767,13 +853,14 @@ def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: S
         raise FileExistsError(
             f"{run_dir} already holds checkpoints ({latest.name}); pass --resume, or set another run.run_dir"
         )
+    cfg, sizes = resolve_sizes(cfg)
     pick = picked_precision(cfg, d)
     r = build(dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype)), d)
     r.written_cfg = cfg
     if resume_run and (found := resume(r, ckpts)) is not None:
         log.info("resumed from %s at step %d", found, r.step)
     if d.is_main:  # after resume, so a config that cannot resume does not overwrite the run's own
-        save_config(cfg, run_dir, header=f"precision: {pick.reason}")
+        save_config(cfg, run_dir, header="\n".join([f"precision: {pick.reason}", *sizes]))
     stop = stop or StopRequested()
     logger = MetricsLogger(run_dir, cfg.log, cfg, cfg.run.steps, r.step, d.is_main)
     captions = sample_captions(r) if d.is_main else []

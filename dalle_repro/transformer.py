@@ -28,6 +28,8 @@ from dalle_repro.attention import BACKENDS, FLEX_BLOCK, LayerCache, MaskSpec, at
 from dalle_repro.config import ConfigError, arg
 from dalle_repro.precision import BlockScaler, PrecisionArgs, pick_precision
 
+SIZE_KEYS = ("text_len", "text_vocab", "grid", "image_vocab")
+
 
 @dataclass
 class TransformerArgs:
@@ -36,10 +38,16 @@ class TransformerArgs:
     dim: int = arg(512, "Model width d.", gt=0)
     depth: int = arg(8, "Layers (resblocks).", gt=0)
     heads: int = arg(8, "Attention heads; dim must be a multiple.", gt=0)
-    text_len: int = arg(64, "Text positions (the tokenizer's text_len).", gt=0)
-    text_vocab: int = arg(4096 + 64, "Text ids: BPE vocabulary + text_len pads (TextTokenizer.vocab_size).", gt=0)
-    grid: int = arg(16, "Side of the image token grid.", gt=0)
-    image_vocab: int = arg(1024, "Image codes (the dVAE's vocab_size).", gt=0)
+    text_len: int | None = arg(None, "Text positions; null: text.text_len (state it there, once).", gt=0)
+    text_vocab: int | None = arg(
+        None, "Text ids, BPE vocabulary + text_len pads; null: read off text.path (TextTokenizer.vocab_size).", gt=0
+    )
+    grid: int | None = arg(
+        None, "Side of the image token grid; null: the dVAE's (dvae=), else the token shards' summary.json.", gt=0
+    )
+    image_vocab: int | None = arg(
+        None, "Image codes; null: the dVAE's vocab_size (dvae=), else the token shards' summary.json.", gt=0
+    )
     mlp_ratio: int = arg(4, "MLP width as a multiple of dim.", gt=0)
     conv_kernel: int = arg(11, "Conv mask kernel (odd).", gt=0)
     conv_wrap: bool = arg(False, "[?] Wrap the conv window around the left/right edges (the paper is silent).")
@@ -72,8 +80,13 @@ class TransformerArgs:
             raise ConfigError(f"flex_block: got {self.flex_block}; allowed: a multiple of 16 (flex's smallest tile)")
         if self.attention not in ("auto", *BACKENDS):
             raise ConfigError(f"attention: got {self.attention!r}; allowed: auto, {', '.join(BACKENDS)}")
-        if self.text_vocab < self.text_len:
+        if self.text_vocab is not None and self.text_len is not None and self.text_vocab < self.text_len:
             raise ConfigError(f"text_vocab ({self.text_vocab}) must hold at least the {self.text_len} pad ids")
+
+    def unresolved(self) -> list[str]:
+        """The sizes still null: train_prior.resolve_sizes derives them from the tokenizer, the dVAE or
+        the token shards; a model cannot be built before."""
+        return [k for k in SIZE_KEYS if getattr(self, k) is None]
 
     @property
     def n_image(self) -> int:
@@ -161,6 +174,11 @@ class Transformer(nn.Module):
     def __init__(self, args: TransformerArgs):
         super().__init__()
         a = self.args = args
+        if missing := a.unresolved():
+            raise ConfigError(
+                f"model.{', model.'.join(missing)}: not set; train_prior derives them from the tokenizer, the dVAE "
+                "or the token shards (resolve_sizes), anything else must give them"
+            )
         self.text_emb = nn.Embedding(a.text_vocab, a.dim)
         self.text_pos = nn.Parameter(torch.zeros(a.text_len, a.dim))
         self.image_emb = nn.Embedding(a.image_vocab, a.dim)

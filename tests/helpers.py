@@ -19,7 +19,6 @@ import pytest
 from PIL import Image
 
 from dalle_repro.emoji import EMOJI_TEST_PATH, FONT_PATH
-from dalle_repro.tokenizer import TextTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -35,7 +34,6 @@ def dvae_overrides(emoji_dir: Path, run_dir: Path, *extra: str) -> list[str]:
         "model.vocab_size=32",
         "model.n_init=8",
         f"data.shards={emoji_dir}/train/*.tar",
-        "data.image_size=16",
         "data.batch_size=8",
         "data.num_workers=0",
         f"run.val_shards={emoji_dir}/val/*.tar",
@@ -55,16 +53,12 @@ def dvae_overrides(emoji_dir: Path, run_dir: Path, *extra: str) -> list[str]:
 
 
 def prior_overrides(data: dict[str, Path], run_dir: Path, *extra: str) -> list[str]:
-    """A 4-layer prior over 8 text tokens + 4x4 codes of 32 (the ``prior_data`` fixture's data)."""
-    vocab = TextTokenizer(data["tokenizer"], 8).vocab_size
+    """A 4-layer prior over 8 text tokens + 4x4 codes of 32 (the ``prior_data`` fixture's data); the
+    vocabularies and grid are read off the tokenizer and the dVAE (train_prior.resolve_sizes)."""
     return [
         "model.dim=32",
         "model.depth=4",
         "model.heads=4",
-        "model.text_len=8",
-        f"model.text_vocab={vocab}",
-        "model.grid=4",
-        "model.image_vocab=32",
         "model.conv_kernel=3",
         "precision.dtype=bf16",
         f"text.path={data['tokenizer']}",

@@ -109,6 +109,53 @@ def test_resume_continues_exactly(tmp_path, workers, tokenizer_path):
         assert torch.equal(x["text"], y["text"])  # same BPE-dropout splits
 
 
+@pytest.mark.parametrize("form", ["pipe", "file_url"])
+def test_shards_from_a_pipe_or_a_url_read_and_resume_as_local_ones(tmp_path, form, tokenizer_path):
+    """Issue 18 item 20: ``pipe:cat PATH`` and ``file://`` give the local shards' batches, in the same
+    order, with the same crops and BPE splits, and a resumed loader continues exactly."""
+    paths = write_shards(tmp_path / "s", 6, 5)
+    if form == "pipe":
+        spec = [f"pipe:cat {p}" for p in paths]
+    else:
+        spec = expand_shards(f"file://{tmp_path}/s/*.tar")
+        assert spec == [f"file://{p}" for p in paths]
+    tok = TextTokenizer(tokenizer_path, 12)
+    a = args(num_workers=2, crop="paper_dvae")
+    local = take(Loader(paths, a, tok, text_dropout=0.3), 12)
+    first = Loader(spec, a, tok, text_dropout=0.3)
+    head = take(first, 5)
+    second = Loader(spec, a, tok, text_dropout=0.3)
+    second.load_state_dict(first.state_dict())
+    for x, y in zip(local, head + take(second, 7), strict=True):
+        assert x["key"] == y["key"] and torch.equal(x["image"], y["image"]) and torch.equal(x["text"], y["text"])
+
+
+def test_pipe_and_url_specs_and_their_errors(tmp_path, caplog):
+    paths = write_shards(tmp_path, 3, 2)
+    # a pipe: is the rest of the spec, brace-expanded (its commas are its own)
+    assert expand_shards(f"pipe:cat {tmp_path}/0000{{0..2}}.tar") == [f"pipe:cat {p}" for p in paths]
+    assert expand_shards(f"pipe:cat {paths[0]} | head -c 1000000,x") == [f"pipe:cat {paths[0]} | head -c 1000000,x"]
+    assert expand_shards(f"{paths[0]},{tmp_path}/0000{{1,2}}.tar") == paths  # commas in braces stay in the pattern
+    # a list file may hold URLs, but not commands
+    lst = tmp_path / "list.txt"
+    lst.write_text(f"file://{paths[0]}\n00001.tar\n")
+    assert expand_shards(str(lst)) == [f"file://{paths[0]}", paths[1]]
+    lst.write_text(f"00000.tar\npipe:rm -rf {tmp_path}\n")
+    with pytest.raises(ValueError, match="line 2 is a pipe: command"):
+        expand_shards(str(lst))
+    with pytest.raises(ValueError, match="fsspec cannot read nosuchproto://"):
+        expand_shards("nosuchproto://bucket/x.tar")
+    # a failing command or a missing URL: that shard is counted unreadable, with the command's error in the log
+    spec = [f"pipe:cat {paths[0]}", f"pipe:cat {tmp_path}/gone.tar", f"file://{tmp_path}/gone.tar"]
+    loader = Loader(spec, args(batch_size=1, num_workers=0, shuffle=False), epochs=1)
+    with caplog.at_level("WARNING"):
+        keys = [b["key"][0] for b in loader]
+    assert keys == ["s0000", "s0001"] and loader.errors["unreadable_shard"] == 2
+    assert any("exited with status 1" in r.getMessage() and "gone.tar" in r.getMessage() for r in caplog.records)
+    with Shard(f"pipe:cat {paths[1]}") as shard:  # the spool is an unnamed file: nothing left behind
+        assert len(shard) == 2 and shard.read(0)[0] == "s0002"
+
+
 def test_resume_refuses_a_different_layout(tmp_path):
     paths = write_shards(tmp_path, 4, 2)
     a = Loader(paths, args(), rank=0, world_size=2)

@@ -33,6 +33,7 @@ from dalle_repro.train_prior import (
     PriorTrainConfig,
     batch_tokens,
     deepspeed_config,
+    resolve_sizes,
     train,
 )
 
@@ -107,7 +108,7 @@ def test_deepspeed_optimizer_from_the_generated_config(prior_data, tmp_path, cap
 
 def test_image_shards_are_encoded_on_the_fly(prior_data, emoji_dir, tmp_path):
     """data.kind=images: the dVAE encodes each batch; the same tokens as the pre-encoded shards."""
-    extra = ["data.kind=images", f"data.shards={emoji_dir}/train/*.tar", "data.image_size=16", "run.steps=2"]
+    extra = ["data.kind=images", f"data.shards={emoji_dir}/train/*.tar", "run.steps=2"]  # image size: the dVAE's
     out = train(config(prior_data, tmp_path / "img", *extra, f"run.val_shards={emoji_dir}/val/*.tar"))
     assert out["step"] == 2 and math.isfinite(out["val_loss"])
     with pytest.raises(ConfigError, match="data.image_size"):
@@ -290,9 +291,51 @@ def test_resume_refuses_an_engine_that_would_unpickle():
         check_safe_loading(SimpleNamespace(checkpoint_engine=object(), load_universal_checkpoint=lambda: False))
 
 
+def test_sizes_are_read_off_the_tokenizer_the_dvae_and_the_token_summary(prior_data, tmp_path):
+    """Issue 18 item 14: no size is typed by hand; each comes from its source, a typed one is checked."""
+    vocab = TextTokenizer(prior_data["tokenizer"], 8).vocab_size
+    cfg, notes = resolve_sizes(config(prior_data, tmp_path))
+    m = cfg.model
+    assert (m.text_len, m.text_vocab, m.grid, m.image_vocab) == (8, vocab, 4, 32)
+    assert any(n.startswith(f"model.text_vocab: {vocab} (from ") for n in notes)
+    assert any(n.startswith("model.grid: 4 (from the dVAE") for n in notes)
+    # without a dVAE, the token shards' summary.json (encode_tokens writes it at the top of its output)
+    cfg, notes = resolve_sizes(config(prior_data, tmp_path, "dvae=null"))
+    assert (cfg.model.grid, cfg.model.image_vocab) == (4, 32)
+    assert any("summary.json" in n for n in notes if n.startswith("model.image_vocab"))
+    # a typed size that agrees is kept; one that does not names both numbers and its source
+    assert resolve_sizes(config(prior_data, tmp_path, "model.image_vocab=32"))[0].model.image_vocab == 32
+    with pytest.raises(ConfigError, match=r"model.image_vocab: 64, but the dVAE .* gives 32; leave it unset"):
+        resolve_sizes(config(prior_data, tmp_path, "model.image_vocab=64"))
+    with pytest.raises(ConfigError, match=rf"model.text_vocab: 9999, but .*tokenizer.json .* gives {vocab}"):
+        resolve_sizes(config(prior_data, tmp_path, "model.text_vocab=9999"))
+    # token shards without their summary and no dVAE: say what to do
+    bare = tmp_path / "bare"
+    shutil.copytree(prior_data["tokens"] / "train", bare / "train")
+    with pytest.raises(ConfigError, match=r"model.grid: not set, and there is no dvae= and no summary.json"):
+        resolve_sizes(config(prior_data, tmp_path, "dvae=null", f"data.shards={bare}/train/*.tar"))
+    assert (
+        resolve_sizes(
+            config(
+                prior_data,
+                tmp_path,
+                "dvae=null",
+                f"data.shards={bare}/train/*.tar",
+                "model.grid=4",
+                "model.image_vocab=32",
+            )
+        )[0].model.grid
+        == 4
+    )
+    # the run records the values and where each came from
+    train(config(prior_data, tmp_path / "run", "run.steps=1"))
+    written = (tmp_path / "run" / "config.yaml").read_text()
+    assert f"# model.text_vocab: {vocab} (from " in written and f"  text_vocab: {vocab}\n" in written
+
+
 def test_config_errors_name_the_field(prior_data, tmp_path):
-    with pytest.raises(ConfigError, match=r"text.text_len \(9\) must equal model.text_len"):
-        config(prior_data, tmp_path, "text.text_len=9")
+    with pytest.raises(ConfigError, match=r"model.text_len: 8, but text.text_len is 9; state it once"):
+        config(prior_data, tmp_path, "text.text_len=9", "model.text_len=8")
     with pytest.raises(ConfigError, match="dvae: image shards"):
         config(prior_data, tmp_path, "data.kind=images", "dvae=null")
     with pytest.raises(ConfigError, match="model.text_vocab"):
@@ -411,7 +454,11 @@ def test_errors_name_the_folder_kind_found_and_the_one_wanted(prior_data, tmp_pa
 
 def test_token_shards_of_another_grid_fail_before_training(prior_data, tmp_path):
     """Issue 18 item 17: shards from another dVAE ended in a 42-line traceback (wrong_token_grid)."""
-    cfg = config(prior_data, tmp_path, "model.grid=7")
+    bare = tmp_path / "bare"  # no summary.json and no dVAE: the sizes are typed, and the shards disagree
+    shutil.copytree(prior_data["tokens"] / "train", bare / "train")
+    cfg = config(
+        prior_data, tmp_path, "dvae=null", f"data.shards={bare}/train/*.tar", "model.grid=7", "model.image_vocab=32"
+    )
     with pytest.raises(ConfigError, match=r"model.grid: 7, but the token shards hold 4x4 grids .*another dVAE"):
         train(cfg)
 

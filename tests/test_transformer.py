@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -159,17 +160,19 @@ def test_generate_greedy_equals_uncached_greedy():
 
 
 def test_shipped_prior_configs_build():
-    from dalle_repro.train_prior import PriorTrainConfig
+    from dalle_repro.train_prior import PriorTrainConfig, model_with_paper_sizes
 
     root = Path(__file__).resolve().parents[1] / "configs"
     paper = load_config(PriorTrainConfig, root / "paper" / "prior.yaml")
-    a = paper.model
+    assert paper.model.unresolved() == ["text_len", "text_vocab", "grid", "image_vocab"]  # read off the files
+    a = model_with_paper_sizes(paper)
     assert (a.dim, a.depth, a.heads, a.text_len, a.grid, a.image_vocab) == (3968, 64, 62, 256, 32, 8192)
     assert a.dim // a.heads == 64 and a.seq_len == 1280
     # ~12B parameters: 12 d^2 per layer plus embeddings and heads
     params = a.depth * 12 * a.dim**2 + (a.text_vocab + a.image_vocab) * a.dim * 2
     assert 11.5e9 < params < 12.5e9
     demo = load_config(PriorTrainConfig, root / "demo" / "prior.yaml")
+    demo.model = dataclasses.replace(demo.model, text_len=24, text_vocab=1024 + 24, grid=8, image_vocab=512)
     m = Transformer(demo.model)
     m.enable_precision(demo.precision)
     text = torch.randint(0, demo.model.text_vocab, (2, demo.model.text_len))

@@ -28,13 +28,14 @@ context, typically 1-3 GiB, come on top); measure with torch.cuda.max_memory_all
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 import torch
 
 from dalle_repro.config import load_config
-from dalle_repro.train_prior import PriorTrainConfig
+from dalle_repro.train_prior import PriorTrainConfig, model_with_paper_sizes
 from dalle_repro.transformer import Transformer
 
 DEFAULT = ["configs/gpu/prior-350m.yaml", "configs/gpu/prior-1.3b.yaml", "configs/paper/prior.yaml"]
@@ -104,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {path} not found", file=sys.stderr)
             return 2
         cfg = load_config(PriorTrainConfig, path)
+        cfg = dataclasses.replace(cfg, model=model_with_paper_sizes(cfg))  # sizes the config leaves to its files
         for n in a.gpus:
             for paper in (False, True):
                 e = estimate(cfg, n, paper_storage=paper)
