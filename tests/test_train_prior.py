@@ -94,6 +94,7 @@ def test_stop_and_resume_at_zero_stage_3(prior_data, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # DeepSpeed compiles its CPU Adam op on first use: ~50 s of the default suite's 10 minutes
 def test_deepspeed_optimizer_from_the_generated_config(prior_data, tmp_path, caplog):
     """optim.impl=deepspeed: DeepSpeed builds the optimizer from the config's section, and it trains."""
     import logging
