@@ -1,0 +1,407 @@
+"""The compositional demo data set: scenes of one or two coloured shapes, made on the spot.
+
+A scene is one object at a position ("a small red circle on the left"), or two objects and the
+relation between them ("a big blue triangle left of a small yellow square"). Attributes: shape
+(circle, square, triangle), colour (five), size (small, big), the position of a lone object (left,
+right, top, bottom) and the relation of a pair (left of, right of, above, below).
+
+Zero-shot test: some colour-shape pairs (:data:`HELD_OUT`) never appear in training, in either slot
+of any scene; ``heldout/`` holds scenes that use them. A model that composes "red" and "triangle",
+each seen with other partners, draws a red triangle it never saw; one that memorises cannot.
+
+:func:`read_scene` reads the attributes back from pixels, written against the renderer: pixels far
+from the background are foreground, 4-connected foreground pixels form an object, its colour is the
+palette colour nearest the mean of its most saturated pixels, its size the longer side of its
+bounding box, its shape the fill of its bounding box's corners (a square fills all four, a triangle
+with its apex up only the bottom two, a circle none), and positions come from centroids.
+:func:`score` compares a reading with a scene attribute by attribute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dalle_repro.shards import Record, Sample, encode_image, write_dataset
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (215, 40, 40),
+    "green": (35, 160, 60),
+    "blue": (40, 85, 220),
+    "yellow": (240, 200, 30),
+    "purple": (145, 55, 185),
+}
+SIZES = ("small", "big")
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")
+RELATIONS = ("left of", "right of", "above", "below")
+HELD_OUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "square"))
+BACKGROUND = (250, 250, 250)
+ATTRIBUTES = ("count", "shape", "colour", "size", "place")  # place: a lone object's position or a pair's relation
+
+# Sides in pixels at a 32-pixel canvas (scaled with the canvas): small 7-9, big 12-14. Two big ones side by
+# side still leave two pixels between them.
+_SIDE = {"small": (7, 9), "big": (12, 14)}
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    colour: str
+    size: str
+
+    def words(self) -> str:
+        return f"a {self.size} {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One object and a position, or two objects and the relation of the first to the second."""
+
+    objects: tuple[Obj, ...]
+    place: str
+
+    def caption(self) -> str:
+        if len(self.objects) == 1:
+            return f"{self.objects[0].words()} {self.place}"
+        return f"{self.objects[0].words()} {self.place} {self.objects[1].words()}"
+
+    def pairs(self) -> set[tuple[str, str]]:
+        return {(o.colour, o.shape) for o in self.objects}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"objects": [asdict(o) for o in self.objects], "place": self.place}
+
+    @staticmethod
+    def from_json(d: dict[str, Any]) -> Scene:
+        return Scene(tuple(Obj(**o) for o in d["objects"]), d["place"])
+
+
+_OBJ = rf"a ({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_ONE = re.compile(rf"^{_OBJ} ({'|'.join(POSITIONS)})$")
+_TWO = re.compile(rf"^{_OBJ} ({'|'.join(RELATIONS)}) {_OBJ}$")
+
+
+def parse_caption(caption: str) -> Scene:
+    """The scene a caption of this grammar describes; ValueError for anything else."""
+    text = " ".join(caption.lower().split())
+    if m := _ONE.match(text):
+        return Scene((Obj(m[3], m[2], m[1]),), m[4])
+    if m := _TWO.match(text):
+        return Scene((Obj(m[3], m[2], m[1]), Obj(m[7], m[6], m[5])), m[4])
+    raise ValueError(
+        f"caption {caption!r} is not of the shapes grammar: 'a SIZE COLOUR SHAPE POSITION' or "
+        "'a SIZE COLOUR SHAPE RELATION a SIZE COLOUR SHAPE'"
+    )
+
+
+def all_objects(held_out: bool | None = None) -> list[Obj]:
+    """Every object; ``held_out`` True: only those of a held-out pair, False: only the others."""
+    out = []
+    for shape, colour, size in itertools.product(SHAPES, COLOURS, SIZES):
+        o = Obj(shape, colour, size)
+        if held_out is None or ((colour, shape) in HELD_OUT) == held_out:
+            out.append(o)
+    return out
+
+
+def random_scene(rng: np.random.Generator, held_out: bool, two: float = 0.5) -> Scene:
+    """A random scene: one of only seen pairs (``held_out`` False), or one with at least one held-out pair."""
+    seen, unseen = all_objects(False), all_objects(True)
+    if rng.random() >= two:
+        pool = unseen if held_out else seen
+        return Scene((pool[rng.integers(len(pool))],), POSITIONS[rng.integers(len(POSITIONS))])
+    relation = RELATIONS[rng.integers(len(RELATIONS))]
+    if not held_out:
+        a, b = (seen[i] for i in rng.integers(len(seen), size=2))
+    else:  # one held-out object in a random slot, the other from anywhere
+        every = seen + unseen
+        a, b = unseen[rng.integers(len(unseen))], every[rng.integers(len(every))]
+        if rng.random() < 0.5:
+            a, b = b, a
+    return Scene((a, b), relation)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _side(size: str, canvas: int, rng: np.random.Generator) -> int:
+    lo, hi = _SIDE[size]
+    return max(3, round(int(rng.integers(lo, hi + 1)) * canvas / 32))
+
+
+def _draw(draw: ImageDraw.ImageDraw, o: Obj, x0: int, y0: int, side: int, ss: int, rgb: tuple[int, ...]) -> None:
+    """``o`` in the box (x0, y0, side) of the final canvas, drawn at ``ss`` times the resolution."""
+    box = [x0 * ss, y0 * ss, (x0 + side) * ss - 1, (y0 + side) * ss - 1]
+    if o.shape == "square":
+        draw.rectangle(box, fill=rgb)
+    elif o.shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    else:  # apex up, base along the bottom of the box
+        draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=rgb)
+
+
+def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, ...]:
+    return tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in rgb)
+
+
+def _along(lo: int, hi: int, rng: np.random.Generator) -> int:
+    return int(rng.integers(lo, max(lo, hi) + 1))
+
+
+def layout(scene: Scene, canvas: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """(x0, y0, side) of each object: a lone one in the named half, away from the middle line and near
+    the other axis' middle; a pair in opposite halves, so the relation reads off their centroids."""
+    s, half, cross = canvas, canvas // 2, max(1, round(0.1 * canvas))
+    sides = [_side(o.size, s, rng) for o in scene.objects]
+    boxes = []
+    if len(scene.objects) == 1:
+        side = sides[0]
+        first_half = scene.place in ("on the left", "at the top")
+        # along the axis: inside the named half, at least 2 pixels from the middle line
+        lo, hi = 1, half - 2 - side
+        a = _along(lo, hi, rng) if first_half else s - side - _along(lo, hi, rng)
+        c = half - side // 2 + int(rng.integers(-cross, cross + 1))
+        c = int(np.clip(c, 1, s - side - 1))
+        x, y = (a, c) if scene.place in ("on the left", "on the right") else (c, a)
+        return [(x, y, side)]
+    horizontal = scene.place in ("left of", "right of")
+    first_before = scene.place in ("left of", "above")
+    for i, side in enumerate(sides):
+        before = (i == 0) == first_before
+        lo, hi = 1, half - 1 - side
+        a = _along(lo, hi, rng) if before else s - side - _along(lo, hi, rng)
+        c = int(np.clip(half - side // 2 + int(rng.integers(-cross, cross + 1)), 1, s - side - 1))
+        boxes.append((a, c, side) if horizontal else (c, a, side))
+    return boxes
+
+
+def render(scene: Scene, canvas: int = 32, seed: int = 0, supersample: int = 4) -> Image.Image:
+    """The scene on a light background, ``canvas`` pixels square, RGB. Objects sit on whole pixels
+    (drawn at ``supersample`` x and averaged down), so a square's edges are sharp."""
+    rng = np.random.default_rng(seed)
+    big = Image.new("RGB", (canvas * supersample, canvas * supersample), BACKGROUND)
+    draw = ImageDraw.Draw(big)
+    for o, (x, y, side) in zip(scene.objects, layout(scene, canvas, rng), strict=True):
+        _draw(draw, o, x, y, side, supersample, _jitter(COLOURS[o.colour], rng))
+    return big.resize((canvas, canvas), Image.Resampling.BOX)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class Found:
+    """An object read off an image."""
+
+    shape: str
+    colour: str
+    size: str
+    cx: float
+    cy: float
+    area: int
+
+
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float32)
+_FG_DISTANCE = 0.4 * float(np.linalg.norm(_PALETTE - np.array(BACKGROUND, dtype=np.float32), axis=1).min())
+
+
+def _components(mask: np.ndarray) -> list[np.ndarray]:
+    """4-connected components of a boolean mask, as arrays of (row, col)."""
+    seen = np.zeros_like(mask, dtype=bool)
+    out = []
+    h, w = mask.shape
+    for r0, c0 in zip(*np.nonzero(mask), strict=True):
+        if seen[r0, c0]:
+            continue
+        stack, pts = [(int(r0), int(c0))], []
+        seen[r0, c0] = True
+        while stack:
+            r, c = stack.pop()
+            pts.append((r, c))
+            for rr, cc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= rr < h and 0 <= cc < w and mask[rr, cc] and not seen[rr, cc]:
+                    seen[rr, cc] = True
+                    stack.append((rr, cc))
+        out.append(np.array(pts))
+    return out
+
+
+def _shape_of(pts: np.ndarray) -> str:
+    """From the fill of the bounding box's corner cells (a quarter of each side, at least one pixel)."""
+    r0, c0 = pts.min(0)
+    r1, c1 = pts.max(0)
+    h, w = r1 - r0 + 1, c1 - c0 + 1
+    box = np.zeros((h, w), dtype=bool)
+    box[pts[:, 0] - r0, pts[:, 1] - c0] = True
+    kh, kw = max(1, h // 5), max(1, w // 5)
+    top = (box[:kh, :kw].mean() + box[:kh, -kw:].mean()) / 2
+    bottom = (box[-kh:, :kw].mean() + box[-kh:, -kw:].mean()) / 2
+    if top >= 0.5 and bottom >= 0.5:
+        return "square"
+    if bottom >= 0.5:
+        return "triangle"
+    return "circle"
+
+
+def read_scene(image: Image.Image | np.ndarray, min_area: float | None = None) -> list[Found]:
+    """The objects in an image, largest first. ``min_area`` (pixels; default 12 at 32 x 32, scaled)
+    drops specks, such as a generated image's stray pixels."""
+    a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
+    canvas = a.shape[0]
+    min_area = min_area if min_area is not None else 12 * (canvas / 32) ** 2
+    distance = np.linalg.norm(a - np.array(BACKGROUND, dtype=np.float32), axis=-1)
+    found = []
+    for pts in _components(distance > _FG_DISTANCE):
+        if len(pts) < min_area:
+            continue
+        d = distance[pts[:, 0], pts[:, 1]]
+        core = pts[d >= np.median(d)]  # the most saturated half: edges blend with the background
+        mean = a[core[:, 0], core[:, 1]].mean(0)
+        colour = list(COLOURS)[int(np.linalg.norm(_PALETTE - mean, axis=1).argmin())]
+        side = int(max(np.ptp(pts[:, 0]), np.ptp(pts[:, 1]))) + 1
+        threshold = (_SIDE["small"][1] + _SIDE["big"][0]) / 2 * canvas / 32
+        found.append(
+            Found(
+                _shape_of(pts),
+                colour,
+                "big" if side > threshold else "small",
+                float(pts[:, 1].mean() + 0.5),
+                float(pts[:, 0].mean() + 0.5),
+                len(pts),
+            )
+        )
+    return sorted(found, key=lambda f: -f.area)
+
+
+def _position(f: Found, canvas: int) -> str:
+    dx, dy = f.cx - canvas / 2, f.cy - canvas / 2
+    if abs(dx) >= abs(dy):
+        return "on the left" if dx < 0 else "on the right"
+    return "at the top" if dy < 0 else "at the bottom"
+
+
+def _relation(a: Found, b: Found) -> str:
+    dx, dy = a.cx - b.cx, a.cy - b.cy
+    if abs(dx) >= abs(dy):
+        return "left of" if dx < 0 else "right of"
+    return "above" if dy < 0 else "below"
+
+
+def _agree(o: Obj, f: Found) -> dict[str, bool]:
+    return {"shape": o.shape == f.shape, "colour": o.colour == f.colour, "size": o.size == f.size}
+
+
+def score(scene: Scene, found: Sequence[Found], canvas: int) -> dict[str, bool]:
+    """Each attribute of :data:`ATTRIBUTES` right or wrong, and ``all``. With two objects the found
+    ones are matched to the caption's slots the way that agrees best; ``shape``/``colour``/``size``
+    are right when right for every object; an object not found makes its attributes wrong."""
+    n = len(scene.objects)
+    out = {"count": len(found) == n}
+    if n == 1:
+        if found:
+            out |= _agree(scene.objects[0], found[0]) | {"place": _position(found[0], canvas) == scene.place}
+        else:
+            out |= {"shape": False, "colour": False, "size": False, "place": False}
+    elif len(found) < 2:
+        out |= {"shape": False, "colour": False, "size": False, "place": False}
+    else:
+        pair = found[:2]
+        orders = [(pair[0], pair[1]), (pair[1], pair[0])]
+        # the order that agrees best; on a tie (two alike objects) the one the relation holds for, since
+        # "a red circle left of a red circle" is true of any two red circles side by side
+        best = max(
+            orders,
+            key=lambda fs: (
+                sum(sum(_agree(o, f).values()) for o, f in zip(scene.objects, fs, strict=True)),
+                _relation(fs[0], fs[1]) == scene.place,
+            ),
+        )
+        agree = [_agree(o, f) for o, f in zip(scene.objects, best, strict=True)]
+        out |= {k: all(a[k] for a in agree) for k in ("shape", "colour", "size")}
+        out["place"] = _relation(best[0], best[1]) == scene.place
+    out["all"] = all(out[k] for k in ATTRIBUTES)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The data set
+
+
+def _seed(*parts: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
+
+
+def render_record(rec: Record, image_size: int = 32) -> Sample:
+    scene = Scene.from_json(json.loads(rec.source))
+    im = render(scene, image_size, seed=_seed(rec.key, image_size))
+    image, ext = encode_image(im, "png")
+    meta = {"key": rec.key, "caption": rec.caption, "scene": scene.to_json(), "width": image_size}
+    return Sample(rec.key, image, ext, rec.caption, meta)
+
+
+def scene_records(n: int, held_out: bool, seed: int, prefix: str) -> list[Record]:
+    rng = np.random.default_rng(_seed("scenes", seed, held_out))
+    out = []
+    for i in range(n):
+        scene = random_scene(rng, held_out)
+        out.append(Record(f"{prefix}{i:06d}", json.dumps(scene.to_json()), scene.caption(), {}))
+    return out
+
+
+def build_shapes_dataset(
+    output: str | Path,
+    *,
+    n_train: int = 8000,
+    n_heldout: int = 400,
+    image_size: int = 32,
+    shard_size: int = 500,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """``output/{train,val}`` (scenes of seen pairs only; ``n_train`` of them before the val split) and
+    ``output/heldout`` (scenes with a held-out pair); returns the summary of both (also summary.json
+    in each folder)."""
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16 for the shapes to be told apart, got {image_size}")
+    out = Path(output)
+    options = {"image_size": image_size, "shard_size": shard_size, "seed": seed, "held_out": HELD_OUT}
+    common = dict(workers=workers, skipped=Counter(), overwrite=overwrite, desc="shapes")
+    render_one = partial(render_record, image_size=image_size)
+    seen = scene_records(n_train, False, seed, "s")
+    summary = write_dataset(
+        seen,
+        render_one,
+        out,
+        shard_size=shard_size,
+        val_fraction=val_fraction,
+        fp=_seed(options, n_train, val_fraction).to_bytes(8, "little").hex(),
+        options=options | {"split": "seen"},
+        **common,
+    )
+    unseen = scene_records(n_heldout, True, seed, "h")
+    held = write_dataset(
+        unseen,
+        render_one,
+        out / "heldout",
+        shard_size=shard_size,
+        fp=_seed(options, n_heldout, "heldout").to_bytes(8, "little").hex(),
+        options=options | {"split": "heldout"},
+        **common,
+    )
+    return summary | {"heldout": {"written": held["written"], "pairs": [list(p) for p in HELD_OUT]}}
