@@ -10,10 +10,11 @@ of any scene; ``heldout/`` holds scenes that use them. A model that composes "re
 each seen with other partners, draws a red triangle it never saw; one that memorises cannot.
 
 :func:`read_scene` reads the attributes back from pixels, written against the renderer: pixels far
-from the background are foreground, 4-connected foreground pixels form an object, its colour is the
-palette colour nearest the mean of its most saturated pixels, its size the longer side of its
-bounding box, its shape the fill of its bounding box's corners (a square fills all four, a triangle
-with its apex up only the bottom two, a circle none), and positions come from centroids.
+from the background are foreground, each takes the palette colour whose blend with the background
+passes nearest it, 4-connected pixels of one colour form an object (so two touching objects of two
+colours stay two, and a fringe of another colour around an object is dropped), its size is the
+longer side of its bounding box, its shape the template (a circle, square or triangle filling that
+box) nearest its coverage map, and positions come from centroids.
 :func:`score` compares a reading with a scene attribute by attribute.
 """
 
@@ -188,15 +189,22 @@ def layout(scene: Scene, canvas: int, rng: np.random.Generator) -> list[tuple[in
     return boxes
 
 
-def render(scene: Scene, canvas: int = 32, seed: int = 0, supersample: int = 4) -> Image.Image:
+def render(scene: Scene, canvas: int = 32, seed: int = 0, supersample: int = 4, noise: float = 4.0) -> Image.Image:
     """The scene on a light background, ``canvas`` pixels square, RGB. Objects sit on whole pixels
-    (drawn at ``supersample`` x and averaged down), so a square's edges are sharp."""
+    (drawn at ``supersample`` x and averaged down), so a square's edges are sharp. ``noise``: the
+    standard deviation of Gaussian pixel noise, in levels. Without it the flat background is so
+    predictable that the dVAE's likelihood is won there: a demo dVAE on noiseless scenes used 3 to
+    8 of its 512 codes and kept colours but not shapes (shape read right on 45% of reconstructions)."""
     rng = np.random.default_rng(seed)
     big = Image.new("RGB", (canvas * supersample, canvas * supersample), BACKGROUND)
     draw = ImageDraw.Draw(big)
     for o, (x, y, side) in zip(scene.objects, layout(scene, canvas, rng), strict=True):
         _draw(draw, o, x, y, side, supersample, _jitter(COLOURS[o.colour], rng))
-    return big.resize((canvas, canvas), Image.Resampling.BOX)
+    im = big.resize((canvas, canvas), Image.Resampling.BOX)
+    if noise > 0:
+        a = np.asarray(im, dtype=np.float32) + rng.normal(0, noise, (canvas, canvas, 3))
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+    return im
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,21 +248,39 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def _shape_of(pts: np.ndarray) -> str:
-    """From the fill of the bounding box's corner cells (a quarter of each side, at least one pixel)."""
+def _template(shape: str, h: int, w: int, pad: int, ss: int = 4) -> np.ndarray:
+    """The coverage (0-1) of ``shape`` filling an h x w box, in a window ``pad`` pixels wider each side."""
+    big = Image.new("L", ((w + 2 * pad) * ss, (h + 2 * pad) * ss), 0)
+    box = [pad * ss, pad * ss, (pad + w) * ss - 1, (pad + h) * ss - 1]
+    draw = ImageDraw.Draw(big)
+    if shape == "square":
+        draw.rectangle(box, fill=255)
+    elif shape == "circle":
+        draw.ellipse(box, fill=255)
+    else:
+        draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=255)
+    return np.asarray(big.resize((w + 2 * pad, h + 2 * pad), Image.Resampling.BOX), dtype=np.float32) / 255
+
+
+def _soften(a: np.ndarray) -> np.ndarray:
+    """A 3x3 binomial blur: templates and images compared at the same softness."""
+    p = np.pad(a, 1, mode="edge")
+    p = (p[:-2] + 2 * p[1:-1] + p[2:]) / 4
+    return (p[:, :-2] + 2 * p[:, 1:-1] + p[:, 2:]) / 4
+
+
+def _shape_of(pts: np.ndarray, coverage: np.ndarray) -> str:
+    """The shape whose template, filling the object's bounding box, is nearest (L1, both softened) to
+    the object's coverage map: robust to the rounded corners and soft edges of a decoder's output."""
     r0, c0 = pts.min(0)
     r1, c1 = pts.max(0)
-    h, w = r1 - r0 + 1, c1 - c0 + 1
-    box = np.zeros((h, w), dtype=bool)
-    box[pts[:, 0] - r0, pts[:, 1] - c0] = True
-    kh, kw = max(1, h // 5), max(1, w // 5)
-    top = (box[:kh, :kw].mean() + box[:kh, -kw:].mean()) / 2
-    bottom = (box[-kh:, :kw].mean() + box[-kh:, -kw:].mean()) / 2
-    if top >= 0.5 and bottom >= 0.5:
-        return "square"
-    if bottom >= 0.5:
-        return "triangle"
-    return "circle"
+    h, w, pad = int(r1 - r0 + 1), int(c1 - c0 + 1), 2
+    window = np.zeros((h + 2 * pad, w + 2 * pad), dtype=np.float32)
+    rows, cols = np.arange(r0 - pad, r1 + pad + 1), np.arange(c0 - pad, c1 + pad + 1)
+    ok_r, ok_c = (rows >= 0) & (rows < coverage.shape[0]), (cols >= 0) & (cols < coverage.shape[1])
+    window[np.ix_(ok_r, ok_c)] = coverage[np.ix_(rows[ok_r], cols[ok_c])]
+    seen = _soften(window)
+    return min(SHAPES, key=lambda s: float(np.abs(_soften(_template(s, h, w, pad)) - seen).sum()))
 
 
 def read_scene(image: Image.Image | np.ndarray, min_area: float | None = None) -> list[Found]:
@@ -263,28 +289,44 @@ def read_scene(image: Image.Image | np.ndarray, min_area: float | None = None) -
     a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     canvas = a.shape[0]
     min_area = min_area if min_area is not None else 12 * (canvas / 32) ** 2
-    distance = np.linalg.norm(a - np.array(BACKGROUND, dtype=np.float32), axis=-1)
-    found = []
-    for pts in _components(distance > _FG_DISTANCE):
+    bg = np.array(BACKGROUND, dtype=np.float32)
+    foreground = np.linalg.norm(a - bg, axis=-1) > _FG_DISTANCE
+    labels, amount = _colour_labels(a - bg)
+    threshold = (_SIDE["small"][1] + _SIDE["big"][0]) / 2 * canvas / 32
+    parts = [(k, pts) for k in range(len(COLOURS)) for pts in _components(foreground & (labels == k))]
+    found, taken = [], np.zeros(foreground.shape, dtype=bool)
+    for k, pts in sorted(parts, key=lambda p: -len(p[1])):
         if len(pts) < min_area:
             continue
-        d = distance[pts[:, 0], pts[:, 1]]
-        core = pts[d >= np.median(d)]  # the most saturated half: edges blend with the background
-        mean = a[core[:, 0], core[:, 1]].mean(0)
-        colour = list(COLOURS)[int(np.linalg.norm(_PALETTE - mean, axis=1).argmin())]
+        # a fringe of another colour around an object (a decoder's colour bleeding): most of its
+        # pixels touch a larger object; a real neighbour touches along one edge at most
+        near = taken.copy()
+        near[1:] |= taken[:-1]
+        near[:-1] |= taken[1:]
+        near[:, 1:] |= taken[:, :-1]
+        near[:, :-1] |= taken[:, 1:]
+        if near[pts[:, 0], pts[:, 1]].mean() > 0.5:
+            continue
+        taken[pts[:, 0], pts[:, 1]] = True
         side = int(max(np.ptp(pts[:, 0]), np.ptp(pts[:, 1]))) + 1
-        threshold = (_SIDE["small"][1] + _SIDE["big"][0]) / 2 * canvas / 32
-        found.append(
-            Found(
-                _shape_of(pts),
-                colour,
-                "big" if side > threshold else "small",
-                float(pts[:, 1].mean() + 0.5),
-                float(pts[:, 0].mean() + 0.5),
-                len(pts),
-            )
-        )
-    return sorted(found, key=lambda f: -f.area)
+        size = "big" if side > threshold else "small"
+        cx, cy = float(pts[:, 1].mean() + 0.5), float(pts[:, 0].mean() + 0.5)
+        coverage = np.where(labels == k, amount[..., k], 0.0)
+        found.append(Found(_shape_of(pts, coverage), list(COLOURS)[k], size, cx, cy, len(pts)))
+    return found
+
+
+_TOWARDS = _PALETTE - np.array(BACKGROUND, dtype=np.float32)  # each colour as seen from the background
+
+
+def _colour_labels(offset: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel, the palette colour whose blend with the background passes nearest: the distance to
+    the segment from the background to the colour. A pixel half covered by blue is a blend of blue
+    and background, which the nearest palette colour calls purple; the segment calls it blue."""
+    x = offset.reshape(-1, 1, 3)
+    t = np.clip((x * _TOWARDS).sum(-1) / (_TOWARDS**2).sum(-1), 0, 1)  # (P, colours): how much of each
+    residual = np.linalg.norm(x - t[..., None] * _TOWARDS, axis=-1)
+    return residual.argmin(1).reshape(offset.shape[:2]), t.reshape(*offset.shape[:2], -1)
 
 
 def _position(f: Found, canvas: int) -> str:

@@ -33,38 +33,6 @@ def parts(tokenizer_path: Path):
     return model, dvae, tok
 
 
-@pytest.fixture(scope="module")
-def clip_dir(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tools/train_clip.py's library call, a few steps at a tiny size."""
-    from dalle_repro.clip_train import ClipTrainConfig, train_clip
-    from dalle_repro.config import load_config
-
-    out = tmp_path_factory.mktemp("clip") / "clip"
-    cfg = load_config(
-        ClipTrainConfig,
-        None,
-        [
-            "model.image_size=16",
-            "model.patch_size=8",
-            "model.width=32",
-            "model.layers=1",
-            "model.heads=2",
-            "model.embed_dim=16",
-            "model.text_len=12",
-            f"text.path={tokenizer_path}",
-            f"data.shards={emoji_dir}/train/*.tar",
-            f"data.val_shards={emoji_dir}/val/*.tar",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            f"run.output={out}",
-            "run.steps=4",
-        ],
-    )
-    metrics = train_clip(cfg, progress=False)
-    assert 0 <= metrics["image_to_text_top1"] <= 1 and metrics["val_pairs"] > 0
-    return out
-
-
 def slow_greedy(model: Transformer, text: torch.Tensor) -> torch.Tensor:
     """Greedy decoding with the full forward at every position (no cache)."""
     a = model.args

@@ -41,7 +41,7 @@ have() { [ -f "$stamp" ] && grep -qx "$1 $want" "$stamp"; }
 if ! have base && ! have dev; then
   echo "setup: installing dalle_repro (editable)"
   pip install --no-build-isolation -e .
-  .venv/bin/python -c "import dalle_repro, tokenizers, webdataset, omegaconf, deepspeed, transformers" || { echo "setup: install failed" >&2; exit 1; }
+  .venv/bin/python -c "import dalle_repro, tokenizers, webdataset, omegaconf, deepspeed, transformers, torchmetrics, matplotlib" || { echo "setup: install failed" >&2; exit 1; }
   echo "base $want" >>"$stamp"
 fi
 if [ $dev = 1 ] && ! have dev; then
