@@ -3,7 +3,7 @@
 The demo trains the prior with 2 CPU ranks on 2 cores. PyTorch's default gives each process every
 core it may run on, so the two ranks ran 2 x 2 OpenMP threads; distributed.set_cpu_threads now
 gives each rank ``usable cores // ranks on this node`` (distributed.cpu_threads). This script
-stands in for one rank: one process training the demo prior's shape (configs/demo/prior.yaml: dim
+stands in for one rank: one process training the demo prior's shape (configs/demo/emoji-prior.yaml: dim
 256, 8 layers, 8 heads, 24 text tokens + 8x8 image tokens, batch 16) in fp32, with the paper's
 per-branch hooks (precision mode block_scaled) and AdamW, while ``--competitors`` busy processes (default
 ``--ranks`` - 1; each a Python spin loop, pinned to nothing) stand in for the other ranks. It times

@@ -293,7 +293,7 @@ def _ours_quality(
     likelihood: str = "logit_laplace",
     precision: str = "auto",
 ) -> dict[str, Any]:
-    """Our demo dVAE (configs/demo/dvae.yaml + QUALITY_OVERRIDES) trained for ``minutes``, then
+    """Our demo dVAE (configs/demo/emoji-dvae.yaml + QUALITY_OVERRIDES) trained for ``minutes``, then
     validation PSNR (EMA weights). ``likelihood`` other than the paper's swaps the training loss
     for one of ABLATION_LIKELIHOODS.
 
@@ -319,7 +319,9 @@ def _ours_quality(
     tune_cpu_allocator()
     torch.manual_seed(0)
     torch.set_num_threads(threads)
-    cfg = load_config(DVAETrainConfig, "configs/demo/dvae.yaml", [*QUALITY_OVERRIDES, f"run.precision={precision}"])
+    cfg = load_config(
+        DVAETrainConfig, "configs/demo/emoji-dvae.yaml", [*QUALITY_OVERRIDES, f"run.precision={precision}"]
+    )
     model = DVAE(cfg.model).to(memory_format=torch.channels_last)
     o = cfg.optim
     opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)

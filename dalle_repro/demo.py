@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image, ImageDraw
@@ -37,6 +37,7 @@ from dalle_repro.config import arg, atomic_write_text, load_config, load_yaml, s
 from dalle_repro.data import DataArgs, Loader, clean_caption, iter_shard_samples
 from dalle_repro.distributed import free_port
 from dalle_repro.emoji import build_emoji_dataset
+from dalle_repro.evaluate import zero_shot
 from dalle_repro.metrics import last_validation
 from dalle_repro.pre_encode import encode_token_shards
 from dalle_repro.precision import pick_precision
@@ -44,6 +45,7 @@ from dalle_repro.prior_export import load_prior
 from dalle_repro.report import write_report
 from dalle_repro.rerank import Reranker
 from dalle_repro.sampling import SampleSettings, generate
+from dalle_repro.shapes import build_shapes_dataset
 from dalle_repro.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
 from dalle_repro.train_dvae import DVAETrainConfig
 from dalle_repro.train_dvae import train as train_dvae
@@ -68,6 +70,33 @@ class EmojiArgs:
 
 
 @dataclass
+class ShapesArgs:
+    """The compositional data set (shapes.py): scenes of one or two coloured shapes, some colour-shape
+    pairs held out of training."""
+
+    output: str = arg("data/shapes", "Folder for train/, val/, heldout/ and summary.json.")
+    train: int = arg(8000, "Scenes of seen pairs, before the validation split.", gt=0)
+    heldout: int = arg(400, "Scenes with a held-out colour-shape pair (heldout/, never trained on).", gt=0)
+    image_size: int = arg(32, "Side of the rendered scenes, in pixels.", ge=16)
+    shard_size: int = arg(500, "Samples per shard.", gt=0)
+    val_fraction: float = arg(0.05, "Fraction of the seen scenes kept for validation, by key.", gt=0, lt=1)
+    seed: int = arg(0, "Seed of the scenes.", ge=0)
+
+
+@dataclass
+class EvalArgs:
+    """The zero-shot evaluation (evaluate.py): samples for seen and for held-out captions, read back."""
+
+    captions: int = arg(
+        24, "Distinct captions per split: the first of the validation split (seen pairs) and of heldout/.", gt=0
+    )
+    candidates: int = arg(
+        16, "Samples per caption; the reranked pick is CLIP's best of them, the random pick the first.", ge=1
+    )
+    pictures: int = arg(6, "Held-out captions drawn beside the nearest training caption.", ge=0)
+
+
+@dataclass
 class BPEArgs:
     """Training the BPE tokenizer."""
 
@@ -80,6 +109,12 @@ class DemoConfig:
     """Settings of every stage of the demo."""
 
     out_dir: str = arg("outputs/demo", "Where the demo's report, previews and stage markers go.")
+    dataset: Literal["shapes", "emoji"] = arg(
+        "shapes",
+        "shapes: the compositional scenes with held-out pairs (zero-shot, measured); emoji: the emoji set, "
+        "which the prior memorises (configs/demo/emoji.yaml).",
+    )
+    shapes: ShapesArgs = arg(factory=ShapesArgs, doc="The shapes data set.")
     emoji: EmojiArgs = arg(factory=EmojiArgs, doc="The emoji shards.")
     bpe: BPEArgs = arg(factory=BPEArgs, doc="Tokenizer training.")
     text: TokenizerArgs = arg(factory=TokenizerArgs, doc="Caption encoding.")
@@ -89,7 +124,7 @@ class DemoConfig:
         factory=list,
         doc="key=value overrides for the dVAE config, after the demo's own (shards, run_dir), e.g. [run.steps=100].",
     )
-    tokens_output: str = arg("data/emoji_tokens", "Folder for the token shards (train/ and val/).")
+    tokens_output: str = arg("data/shapes_tokens", "Folder for the token shards (train/ and val/).")
     prior_config: str = arg("configs/demo/prior.yaml", "Config of the demo prior (launch/train_prior.py's format).")
     prior_overrides: list[str] = arg(
         factory=list, doc="key=value overrides for the prior config, after the demo's own, e.g. [run.steps=50]."
@@ -112,13 +147,32 @@ class DemoConfig:
     keep: int = arg(4, "Images kept per caption after reranking.", ge=1)
     top_k: int | None = arg(None, "Sampling top-k; null: the whole codebook.", gt=0)
     temperature: float = arg(1.0, "Sampling softmax temperature (lower: safer, less varied images).", gt=0)
+    evaluation: EvalArgs = arg(factory=EvalArgs, doc="The zero-shot evaluation (shapes only).")
+
+
+def data_dir(cfg: DemoConfig) -> Path:
+    """The folder of the chosen data set (train/, val/, and for shapes heldout/)."""
+    return Path(cfg.shapes.output if cfg.dataset == "shapes" else cfg.emoji.output)
 
 
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def stage_emoji(cfg: DemoConfig) -> dict[str, Any]:
+def stage_data(cfg: DemoConfig) -> dict[str, Any]:
+    if cfg.dataset == "shapes":
+        a = cfg.shapes
+        s = build_shapes_dataset(
+            a.output,
+            n_train=a.train,
+            n_heldout=a.heldout,
+            image_size=a.image_size,
+            shard_size=a.shard_size,
+            val_fraction=a.val_fraction,
+            seed=a.seed,
+            overwrite=True,  # the demo's own folder
+        )
+        return {"written": s["written"], "splits": s["splits"], "heldout": s["heldout"]}
     e = cfg.emoji
     s = build_emoji_dataset(
         e.output,
@@ -134,7 +188,7 @@ def stage_emoji(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def stage_tokenizer(cfg: DemoConfig) -> dict[str, Any]:
-    paths = sorted(str(p) for p in Path(cfg.emoji.output, "train").glob("*.tar"))
+    paths = sorted(str(p) for p in (data_dir(cfg) / "train").glob("*.tar"))
     tok, stats = train_from_shards(paths, cfg.bpe.vocab_size, cfg.bpe.min_frequency)
     save_tokenizer(tok, cfg.text.path)
     return stats | {"path": cfg.text.path}
@@ -143,8 +197,9 @@ def stage_tokenizer(cfg: DemoConfig) -> dict[str, Any]:
 def stage_preview(cfg: DemoConfig) -> dict[str, Any]:
     """One batch through the real loader and tokenizer, drawn with its decoded captions."""
     tok = TextTokenizer(cfg.text.path, cfg.text.text_len)
-    data = dataclasses.replace(cfg.data, image_size=cfg.data.image_size or cfg.emoji.image_size)
-    loader = Loader(cfg.data.shards, data, tok, text_dropout=cfg.text.dropout)
+    size = cfg.shapes.image_size if cfg.dataset == "shapes" else cfg.emoji.image_size
+    data = dataclasses.replace(cfg.data, shards=f"{data_dir(cfg)}/train/*.tar", image_size=cfg.data.image_size or size)
+    loader = Loader(data.shards, data, tok, text_dropout=cfg.text.dropout)
     batch = next(iter(loader))
     n, size = len(batch["key"]), loader.args.image_size
     sheet = Image.new("RGB", (n * (size + 8), size + 40), "white")
@@ -173,7 +228,7 @@ def _runs_fp32(requested: str) -> bool:
 def dvae_config(cfg: DemoConfig) -> DVAETrainConfig:
     """The demo dVAE's config: its YAML, pointed at the demo's shards and run folder, then the
     overrides, and ``fp32_dvae_overrides`` where it will run in fp32."""
-    e = cfg.emoji.output
+    e = data_dir(cfg)
     own = [f"data.shards={e}/train/*.tar", f"run.val_shards={e}/val/*.tar", f"run.run_dir={cfg.out_dir}/dvae"]
     dcfg = load_config(DVAETrainConfig, cfg.dvae_config, [*own, *cfg.dvae_overrides])
     if cfg.fp32_dvae_overrides and _runs_fp32(dcfg.run.precision):  # the user's own overrides still win
@@ -209,7 +264,7 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
 
 def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
     dcfg = dvae_config(cfg)
-    shards = sorted(str(p) for p in Path(cfg.emoji.output).glob("*/*.tar"))
+    shards = sorted(str(p) for split in ("train", "val") for p in (data_dir(cfg) / split).glob("*.tar"))
     s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, cfg.tokens_output, overwrite=True)  # ours
     return {k: s[k] for k in ("written", "skipped", "grid", "vocab_size")} | {"output": cfg.tokens_output}
 
@@ -272,7 +327,7 @@ def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
         cfg.clip,
         text=dataclasses.replace(cfg.clip.text, path=cfg.text.path),
         data=dataclasses.replace(
-            cfg.clip.data, shards=f"{cfg.emoji.output}/train/*.tar", val_shards=f"{cfg.emoji.output}/val/*.tar"
+            cfg.clip.data, shards=f"{data_dir(cfg)}/train/*.tar", val_shards=f"{data_dir(cfg)}/val/*.tar"
         ),
         run=dataclasses.replace(cfg.clip.run, output=f"{cfg.out_dir}/clip"),
     )
@@ -283,7 +338,7 @@ def demo_captions(cfg: DemoConfig) -> list[tuple[str, str]]:
     """(caption, split) pairs: the chosen training captions, the first validation ones, new ones."""
     val: list[str] = []
     if cfg.captions_val:
-        for _, members in iter_shard_samples(sorted(str(p) for p in Path(cfg.emoji.output, "val").glob("*.tar"))):
+        for _, members in iter_shard_samples(sorted(str(p) for p in (data_dir(cfg) / "val").glob("*.tar"))):
             val.append(clean_caption(members.get("txt", b"")))
             if len(val) >= cfg.captions_val:
                 break
@@ -334,6 +389,43 @@ def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
+def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
+    """The zero-shot numbers (evaluate.zero_shot): seen and held-out captions sampled, read back,
+    with and without rerank; tools/evaluate.py with the same settings gives the same numbers."""
+    if cfg.dataset != "shapes":
+        return {"skipped": "the emoji have no attribute reader; the shapes data set does (dataset=shapes)"}
+    prior = load_prior(Path(prior_config(cfg).run.run_dir, "export"))
+    prior.use_trained_precision()
+    e, d = cfg.evaluation, data_dir(cfg)
+    settings = SampleSettings(
+        candidates=e.candidates, keep=1, top_k=cfg.top_k, temperature=cfg.temperature, batch_size=e.candidates
+    )
+    result = zero_shot(
+        prior,
+        Reranker(Path(cfg.out_dir, "clip")),
+        f"{d}/val/*.tar",
+        f"{d}/heldout/*.tar",
+        settings,
+        captions=e.captions,
+        train_shards=f"{d}/train/*.tar",
+        pictures=e.pictures,
+        out_dir=Path(cfg.out_dir, "evaluation"),
+    )
+    return result | {"command": evaluate_command(cfg)}
+
+
+def evaluate_command(cfg: DemoConfig) -> str:
+    """tools/evaluate.py with the demo's settings: it reproduces the report's numbers."""
+    e, d = cfg.evaluation, data_dir(cfg)
+    top_k = f" --top-k {cfg.top_k}" if cfg.top_k else ""
+    return (
+        f"python tools/evaluate.py --model {prior_config(cfg).run.run_dir}/export --clip {cfg.out_dir}/clip "
+        f"--seen '{d}/val/*.tar' --heldout '{d}/heldout/*.tar' --train '{d}/train/*.tar' "
+        f"--captions {e.captions} --candidates {e.candidates} --temperature {cfg.temperature}{top_k} "
+        f"--pictures {e.pictures} --output {cfg.out_dir}/evaluation"
+    )
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -346,34 +438,39 @@ class Stage:
 def stages() -> list[Stage]:
     """The demo's stages, in order."""
     return [
-        Stage("emoji", stage_emoji, lambda c: to_dict(c.emoji), lambda c: [Path(c.emoji.output, "summary.json")]),
+        Stage(
+            "data",
+            stage_data,
+            lambda c: [c.dataset, to_dict(c.shapes if c.dataset == "shapes" else c.emoji)],
+            lambda c: [data_dir(c) / "summary.json"],
+        ),
         Stage(
             "tokenizer",
             stage_tokenizer,
             lambda c: [to_dict(c.bpe), c.text.path],
             lambda c: [Path(c.text.path)],
-            after=("emoji",),
+            after=("data",),
         ),
         Stage(
             "preview",
             stage_preview,
             lambda c: [to_dict(c.data), to_dict(c.text)],
             lambda c: [Path(c.out_dir, "data_preview.png")],
-            after=("emoji", "tokenizer"),
+            after=("data", "tokenizer"),
         ),
         Stage(
             "dvae",
             stage_dvae,
             lambda c: to_dict(dvae_config(c)),
             lambda c: [Path(dvae_config(c).run.run_dir, "dvae", "model.safetensors")],
-            after=("emoji",),
+            after=("data",),
         ),
         Stage(
             "tokens",
             stage_tokens,
             lambda c: c.tokens_output,
             lambda c: [Path(c.tokens_output, "summary.json")],
-            after=("emoji", "dvae"),
+            after=("data", "dvae"),
         ),
         Stage(
             "prior",
@@ -387,7 +484,7 @@ def stages() -> list[Stage]:
             stage_clip,
             lambda c: to_dict(c.clip),
             lambda c: [Path(c.out_dir, "clip", "model.safetensors")],
-            after=("emoji", "tokenizer"),
+            after=("data", "tokenizer"),
         ),
         Stage(
             "samples",
@@ -395,6 +492,13 @@ def stages() -> list[Stage]:
             lambda c: [c.captions_train, c.captions_val, c.captions_new, c.candidates, c.keep, c.top_k, c.temperature],
             lambda c: [Path(c.out_dir, "samples", "samples.json")],
             after=("prior", "clip"),
+        ),
+        Stage(
+            "evaluate",
+            stage_evaluate,
+            lambda c: [c.dataset, to_dict(c.evaluation), c.top_k, c.temperature],
+            lambda c: [Path(c.out_dir, "evaluation", "evaluation.json")] if c.dataset == "shapes" else [],
+            after=("data", "prior", "clip"),
         ),
     ]
 

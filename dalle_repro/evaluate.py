@@ -18,15 +18,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
+import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dalle_repro.config import atomic_write_text
 from dalle_repro.dvae import DVAE, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
 from dalle_repro.shapes import ATTRIBUTES, parse_caption, read_scene, score
 
@@ -162,3 +169,256 @@ def dvae_reconstructions(dvae: DVAE, batches: Iterable[torch.Tensor]) -> dict[st
         "originals": torch.cat(originals),
         "reconstructions": torch.cat(recons),
     }
+
+
+# ----------------------------------------------------------------------------------------------
+# A prior on caption sets: the attribute accuracy with and without rerank, best-of-N, CLIP score
+
+
+def caption_images(shards: str | Sequence[str], limit: int | None = None) -> tuple[list[str], list[torch.Tensor]]:
+    """Every (caption, image) of some shards in shard order, images as (3, H, W) uint8 at their own
+    size; at most ``limit`` distinct captions (each caption's images are all kept)."""
+    from dalle_repro.data import (
+        IMAGE_EXTS,
+        SampleError,
+        clean_caption,
+        decode_image,
+        expand_shards,
+        image_to_tensor,
+        iter_shard_samples,
+    )
+
+    captions, images, distinct = [], [], set()
+    for _, members in iter_shard_samples(expand_shards(shards)):
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        caption = clean_caption(members.get("txt", b""))
+        if ext is None or not caption:
+            continue
+        if limit is not None and caption not in distinct and len(distinct) >= limit:
+            continue
+        try:
+            im, _ = decode_image(members[ext])
+        except SampleError:
+            continue
+        distinct.add(caption)
+        captions.append(caption)
+        images.append(image_to_tensor(im))
+    return captions, images
+
+
+@dataclass
+class CandidateSet:
+    """Every candidate of every prompt in generation order: images (P, C, 3, S, S) uint8 and CLIP
+    scores (P, C); the random pick of a prompt is candidate 0, the reranked pick its best score."""
+
+    captions: list[str]
+    images: torch.Tensor
+    scores: torch.Tensor
+
+
+def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: Any) -> CandidateSet:
+    """``settings.candidates`` samples per caption from a loaded export (prior_export.Prior), scored
+    by ``reranker``; the sampler's seeds make a rerun give the same images."""
+    from dalle_repro.sampling import generate
+
+    s = dataclasses.replace(settings, keep=settings.candidates)
+    results = generate(prior.model, prior.dvae, captions, prior.tokenizer, s, reranker, progress=False)
+    images, scores = [], []
+    for r in results:
+        order = torch.empty(len(r.kept), dtype=torch.long)
+        order[torch.tensor(r.kept)] = torch.arange(len(r.kept))  # position of each generated candidate
+        images.append((r.images[order].clamp(0, 1) * 255).round().to(torch.uint8))
+        scores.append(torch.tensor(r.candidate_scores))
+    return CandidateSet(captions, torch.stack(images), torch.stack(scores))
+
+
+def candidate_report(cands: CandidateSet, attributes: bool) -> dict[str, Any]:
+    """Attribute accuracy (with ``attributes``) and CLIP score of the random pick, of the reranked
+    pick and over all candidates, and best-of-N for N = 1, 2, 4, ... candidates."""
+    p, c = cands.scores.shape
+    first, best = cands.images[:, 0], cands.images[torch.arange(p), cands.scores.argmax(1)]
+    out: dict[str, Any] = {
+        "prompts": p,
+        "candidates": c,
+        "clip_score": {
+            "random_pick": float(cands.scores[:, 0].mean()),
+            "reranked": float(cands.scores.max(1).values.mean()),
+            "all_candidates": float(cands.scores.mean()),
+        },
+    }
+    ns = powers_of_two(c)
+    picks = best_of_n(cands.scores, ns)
+    out["best_of_n"] = {str(n): {"clip_score": float(cands.scores[torch.arange(p), picks[n]].mean())} for n in ns}
+    if attributes:
+        every = cands.images.flatten(0, 1)
+        repeated = [cap for cap in cands.captions for _ in range(c)]
+        out["attributes"] = {
+            "random_pick": attribute_accuracy(first, cands.captions),
+            "reranked": attribute_accuracy(best, cands.captions),
+            "all_candidates": attribute_accuracy(every, repeated),
+        }
+        for n in ns:
+            chosen = cands.images[torch.arange(p), picks[n]]
+            out["best_of_n"][str(n)]["all_attributes_right"] = attribute_accuracy(chosen, cands.captions)["all"]
+    return out
+
+
+def nearest_training(captions: Sequence[str], train_captions: Sequence[str]) -> list[int]:
+    """For each shapes caption, the index of the training caption sharing most attributes with it."""
+    from dalle_repro.shapes import similarity
+
+    train = [parse_caption(c) for c in train_captions]
+    out = []
+    for c in captions:
+        scene = parse_caption(c)
+        out.append(max(range(len(train)), key=lambda j: similarity(scene, train[j])))  # noqa: B023 (used at once)
+    return out
+
+
+def zero_shot(
+    prior: Any,
+    reranker: Any,
+    seen_shards: str,
+    heldout_shards: str,
+    settings: Any,
+    captions: int = 24,
+    train_shards: str | None = None,
+    pictures: int = 6,
+    out_dir: str | Path | None = None,
+) -> dict[str, Any]:
+    """The zero-shot report on the shapes set: for the first ``captions`` distinct captions of the
+    seen split (pairs seen in training) and of the held-out one, ``settings.candidates`` samples each,
+    read back (:func:`candidate_report`), beside the reader's accuracy on the splits' own renders
+    (the ceiling), with the Fréchet distance in the CLIP's image space against those renders.
+    With ``out_dir``: evaluation.json, plots and a picture of held-out captions beside the nearest
+    training caption (``train_shards``) go there."""
+    result: dict[str, Any] = {"settings": {"captions": captions, **dataclasses.asdict(settings)}, "splits": {}}
+    kept: dict[str, tuple[CandidateSet, list[str], list[torch.Tensor]]] = {}
+    for split, shards in (("seen", seen_shards), ("heldout", heldout_shards)):
+        caps, ims = caption_images(shards, captions)
+        first: dict[str, torch.Tensor] = {}
+        for c, im in zip(caps, ims, strict=True):
+            first.setdefault(c, im)
+        cands = sample_candidates(prior, list(first), reranker, settings)
+        rep = candidate_report(cands, attributes=True)
+        rep["reader_ceiling"] = attribute_accuracy(torch.stack(ims), caps)
+        embed = reranker.embed_images
+        rep["fd_clip"] = frechet_distance(
+            features(torch.stack(ims), embed), features(cands.images.flatten(0, 1), embed)
+        )
+        result["splits"][split] = rep
+        kept[split] = (cands, caps, ims)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = {
+            "attributes": str(plot_attributes(result, out / "attributes.png")),
+            "best_of_n": str(plot_best_of_n(result, out / "best_of_n.png")),
+        }
+        if train_shards and pictures:
+            cands = kept["heldout"][0]
+            t_caps, t_ims = caption_images(train_shards)
+            near = nearest_training(cands.captions[:pictures], t_caps)
+            rows = [
+                (cap, cands.images[i, int(cands.scores[i].argmax())], cands.images[i, 0], t_caps[j], t_ims[j])
+                for i, (cap, j) in enumerate(zip(cands.captions[:pictures], near, strict=True))
+            ]
+            result["plots"]["heldout_vs_nearest"] = str(plot_nearest(rows, out / "heldout_vs_nearest.png"))
+        atomic_write_text(out / "evaluation.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib, drawn off screen)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_attributes(result: dict[str, Any], path: Path) -> Path:
+    """Per attribute: the share right for seen and held-out captions, random pick and reranked, with
+    the reader's ceiling on the splits' own renders as a tick."""
+    plt = _pyplot()
+    keys = [*ATTRIBUTES, "all"]
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=100)
+    bars = [(split, pick) for split in result["splits"] for pick in ("random_pick", "reranked")]
+    width = 0.8 / len(bars)
+    for b, (split, pick) in enumerate(bars):
+        acc = result["splits"][split]["attributes"][pick]
+        xs = [i + (b - (len(bars) - 1) / 2) * width for i in range(len(keys))]
+        ax.bar(xs, [acc[k] for k in keys], width, label=f"{split}, {pick.replace('_', ' ')}")
+        ceiling = result["splits"][split]["reader_ceiling"]
+        ax.scatter(xs, [ceiling[k] for k in keys], marker="_", color="black", s=60, zorder=3)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share right")
+    ax.set_title("Attributes read back from samples (black ticks: the reader on the data's own renders)")
+    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_best_of_n(result: dict[str, Any], path: Path) -> Path:
+    """All attributes right and CLIP score of CLIP's best of the first N candidates, against N."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    for split, rep in result["splits"].items():
+        ns = sorted(int(n) for n in rep["best_of_n"])
+        a2.plot(ns, [rep["best_of_n"][str(n)]["clip_score"] for n in ns], marker="o", label=split)
+        if "all_attributes_right" in rep["best_of_n"][str(ns[0])]:
+            a1.plot(ns, [rep["best_of_n"][str(n)]["all_attributes_right"] for n in ns], marker="o", label=split)
+    for ax, title in ((a1, "all attributes right"), (a2, "CLIP score")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (candidates reranked)")
+        ax.set_title(f"best of N: {title}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_fid_by_blur(fids: dict[str, dict[str, float]], path: Path, name: str = "FID") -> Path:
+    """``fids``: series name -> {radius: distance}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for label, by_radius in fids.items():
+        rs = sorted(by_radius, key=float)
+        ax.plot([float(r) for r in rs], [by_radius[r] for r in rs], marker="o", label=label)
+    ax.set_xlabel("Gaussian blur radius (pixels)")
+    ax.set_ylabel(name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_nearest(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor, str, torch.Tensor]], path: Path) -> Path:
+    """Rows of: held-out caption, its reranked and random samples, the nearest training caption and its image."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.1 * len(rows)), dpi=100, squeeze=False)
+    for (caption, best, first, near_caption, near_image), ax in zip(rows, axes, strict=True):
+        for a, im, title in (
+            (ax[0], best, f"held out: {caption}\n(reranked sample)"),
+            (ax[1], first, "(random sample)"),
+            (ax[2], near_image, f"nearest training caption:\n{near_caption}"),
+        ):
+            a.imshow(im.permute(1, 2, 0).numpy(), interpolation="nearest")
+            a.set_title(textwrap.fill(title, 34), fontsize=7)
+            a.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

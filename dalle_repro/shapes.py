@@ -47,7 +47,7 @@ COLOURS = {
 SIZES = ("small", "big")
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")
 RELATIONS = ("left of", "right of", "above", "below")
-HELD_OUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "square"))
+HELD_OUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"))  # one per shape: each still seen in 4 colours
 BACKGROUND = (250, 250, 250)
 ATTRIBUTES = ("count", "shape", "colour", "size", "place")  # place: a lone object's position or a pair's relation
 
@@ -377,6 +377,19 @@ def score(scene: Scene, found: Sequence[Found], canvas: int) -> dict[str, bool]:
         out["place"] = _relation(best[0], best[1]) == scene.place
     out["all"] = all(out[k] for k in ATTRIBUTES)
     return out
+
+
+def similarity(a: Scene, b: Scene) -> int:
+    """How many attributes two scenes share: the place, plus shape, colour and size of each object
+    slot (slots matched the way that shares most); scenes of different object counts share none."""
+    if len(a.objects) != len(b.objects):
+        return 0
+
+    def same(x: Obj, y: Obj) -> int:
+        return (x.shape == y.shape) + (x.colour == y.colour) + (x.size == y.size)
+
+    orders = [b.objects] if len(b.objects) == 1 else [b.objects, b.objects[::-1]]
+    return (a.place == b.place) + max(sum(same(x, y) for x, y in zip(a.objects, o, strict=True)) for o in orders)
 
 
 # ----------------------------------------------------------------------------------------------

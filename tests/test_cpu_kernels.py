@@ -346,7 +346,7 @@ def test_demo_dvae_skips_no_update_in_fp32(emoji32, kernel, monkeypatch):
 
     monkeypatch.setenv(cpu_kernels.SWITCH, kernel)
     cfg = load_config(
-        DVAETrainConfig, "configs/demo/dvae.yaml", ["model.n_hid=16", "run.precision=fp32", "data.batch_size=32"]
+        DVAETrainConfig, "configs/demo/emoji-dvae.yaml", ["model.n_hid=16", "run.precision=fp32", "data.batch_size=32"]
     )
     torch.manual_seed(0)
     model = DVAE(cfg.model).to(memory_format=torch.channels_last)

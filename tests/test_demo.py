@@ -37,3 +37,18 @@ def test_the_users_overrides_win_over_the_fp32_profile(cfg, monkeypatch):
 
 def test_the_pick_follows_the_precision_setting():
     assert demo._runs_fp32("fp32") and not demo._runs_fp32("bf16")
+
+
+def test_the_emoji_demo_stays_an_option():
+    emoji = load_config(demo.DemoConfig, "configs/demo/emoji.yaml", [])
+    assert emoji.dataset == "emoji" and demo.data_dir(emoji).as_posix() == "data/emoji"
+    assert demo.dvae_config(emoji).data.shards == "data/emoji/train/*.tar"
+    assert demo.prior_config(emoji).data.shards == "data/emoji_tokens/train/*.tar"
+
+
+def test_the_default_demo_is_the_shapes_set(cfg):
+    assert cfg.dataset == "shapes" and demo.data_dir(cfg).as_posix() == "data/shapes"
+    d, p = demo.dvae_config(cfg), demo.prior_config(cfg)
+    assert d.data.shards == "data/shapes/train/*.tar" and d.run.val_shards == "data/shapes/val/*.tar"
+    assert p.data.shards == "data/shapes_tokens/train/*.tar" and p.text.text_len == cfg.text.text_len
+    assert "--heldout 'data/shapes/heldout/*.tar'" in demo.evaluate_command(cfg)

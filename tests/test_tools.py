@@ -112,56 +112,60 @@ def test_emoji_and_tokenizer_cli(tmp_path):
     assert r.returncode == 2 and "matches no file" in r.stderr
 
 
-@needs_emoji
 def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
+    """The README's first command at a tiny size: every stage on the shapes set, the zero-shot report."""
     over = [
         f"out_dir={tmp_path}/out",
-        f"emoji.output={tmp_path}/emoji",
-        "emoji.limit=60",
-        "emoji.image_size=16",
-        "emoji.shard_size=8",
+        f"shapes.output={tmp_path}/shapes",
+        "shapes.train=80",
+        "shapes.heldout=12",
+        "shapes.image_size=16",
+        "shapes.shard_size=10",
+        "shapes.val_fraction=0.1",
         f"text.path={tmp_path}/tok.json",
-        f"data.shards={tmp_path}/emoji/train/*.tar",
-        "data.image_size=16",
         "bpe.vocab_size=300",
         f"tokens_output={tmp_path}/tokens",
-        "dvae_overrides=[model.image_size=16,data.image_size=16,model.n_hid=8,model.vocab_size=32,"
+        "dvae_overrides=[model.image_size=16,model.n_hid=8,model.vocab_size=32,"
         "run.steps=4,run.val_every=4,run.ckpt_every=4,data.batch_size=8,data.num_workers=0]",
         "prior_overrides=[model.dim=32,model.depth=4,model.heads=4,model.conv_kernel=3,run.steps=3,"
         "run.val_every=3,run.ckpt_every=3,run.sample_every=3,data.batch_size=4,data.num_workers=0,run.val_batches=1]",
-        "text.text_len=12",
         "clip.model.image_size=16",
         "clip.model.patch_size=8",
         "clip.model.width=32",
         "clip.model.layers=1",
-        "clip.model.text_len=12",
         "clip.run.steps=3",
         "clip.data.batch_size=8",
         "clip.data.num_workers=0",
-        "captions_train=[red heart]",
+        "captions_train=[a big red circle on the left]",
         "captions_val=1",
-        "captions_new=[a blue dog]",
+        "captions_new=[a big red triangle on the right]",
         "candidates=3",
         "keep=2",
+        "evaluation.captions=2",
+        "evaluation.candidates=2",
+        "evaluation.pictures=1",
     ]
     r = run(str(ROOT / "launch/demo.py"), *over)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "out" / "data_preview.png").is_file() and (tmp_path / "tok.json").is_file()
     assert (tmp_path / "out" / "config.yaml").is_file()
-    assert "[emoji] running" in r.stdout
-    r = run(str(ROOT / "launch/demo.py"), *over)
+    assert "[data] running" in r.stdout and "[evaluate] running" in r.stdout
     assert (tmp_path / "out" / "dvae" / "dvae" / "model.safetensors").is_file()
     assert (tmp_path / "out" / "dvae" / "recon_latest.png").is_file()
-    assert json.loads((tmp_path / "tokens" / "summary.json").read_text())["written"] == 60
+    assert json.loads((tmp_path / "tokens" / "summary.json").read_text())["written"] == 80  # not heldout/
+    ev = json.loads((tmp_path / "out" / "evaluation" / "evaluation.json").read_text())
+    assert set(ev["splits"]) == {"seen", "heldout"} and ev["splits"]["heldout"]["prompts"] == 2
+    assert all(Path(p).is_file() for p in ev["plots"].values()) and len(ev["plots"]) == 3
     r = run(str(ROOT / "launch/demo.py"), *over)
-    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 8
+    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 9
     report = (tmp_path / "out" / "report.md").read_text()
-    assert "validation PSNR" in report and "rerank" in report and "Samples for" in report
+    assert "Zero-shot: held-out colour-shape pairs" in report and "| heldout (2 x 2) |" in report
+    assert "validation PSNR" in report and "Samples for" in report and "tools/evaluate.py --model" in report
     assert "data:image/png;base64," in (tmp_path / "out" / "report.html").read_text()
     samples = json.loads((tmp_path / "out" / "samples" / "samples.json").read_text())
     assert [s["split"] for s in samples] == ["train", "validation", "new"] and len(samples[0]["scores"]) == 2
     r = run(str(ROOT / "launch/demo.py"), *over, "bpe.vocab_size=280")  # tokenizer and preview rerun
-    assert "[emoji] done before" in r.stdout and "[tokenizer] running" in r.stdout and "[preview] running" in r.stdout
+    assert "[data] done before" in r.stdout and "[tokenizer] running" in r.stdout and "[preview] running" in r.stdout
     assert "[dvae] done before" in r.stdout and "[tokens] done before" in r.stdout  # they do not read the tokenizer
     r = run(str(ROOT / "launch/demo.py"), *over, "data.batch_sise=4")
     assert r.returncode == 2 and "data.batch_sise" in r.stderr and "data.batch_size" in r.stderr
