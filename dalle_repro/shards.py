@@ -391,6 +391,10 @@ def strip_metadata(data: bytes, fmt: str) -> bytes | None:
 
 
 def _strip_jpeg(data: bytes) -> bytes:
+    """Every segment walked, between scans too: a progressive JPEG puts tables (and can put APPn or
+    COM segments) between its scans, and a file may carry data after its end marker (a second
+    image of an MPF file, or anything appended). Entropy-coded data is copied up to the next marker
+    (0xFF followed by neither 0x00 nor a restart marker); the file ends at EOI."""
     if data[:2] != b"\xff\xd8":
         raise ValueError("no SOI")
     out, pos = [data[:2]], 2
@@ -400,11 +404,11 @@ def _strip_jpeg(data: bytes) -> bytes:
         while data[pos + 1] == 0xFF:  # fill bytes
             pos += 1
         marker = data[pos + 1]
-        if marker == 0xDA:  # start of scan: the entropy-coded data and the rest, as they are
-            out.append(data[pos:])
+        if marker == 0xD9:  # EOI: the image ends here; anything after it is dropped
+            out.append(b"\xff\xd9")
             return b"".join(out)
-        if 0xD0 <= marker <= 0xD9 or marker == 0x01:
-            raise ValueError("marker without a length before the scan")
+        if 0xD0 <= marker <= 0xD8 or marker == 0x01:
+            raise ValueError("marker without a length outside a scan")
         length = int.from_bytes(data[pos + 2 : pos + 4], "big")
         end = pos + 2 + length
         if length < 2 or end > len(data):
@@ -412,6 +416,19 @@ def _strip_jpeg(data: bytes) -> bytes:
         if marker not in JPEG_DROP:
             out.append(data[pos:end])
         pos = end
+        if marker == 0xDA:  # start of scan: its entropy-coded data runs to the next real marker
+            scan = pos
+            while True:
+                pos = data.index(b"\xff", pos)
+                following = data[pos + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:  # a stuffed 0xFF or a restart marker
+                    pos += 2
+                    continue
+                if following == 0xFF:  # fill bytes before a marker
+                    pos += 1
+                    continue
+                break
+            out.append(data[scan:pos])
 
 
 def _strip_png(data: bytes) -> bytes:
@@ -431,19 +448,34 @@ def _strip_png(data: bytes) -> bytes:
     raise ValueError("no IEND")
 
 
+def _opened_path(fd: int, source: str) -> str:
+    """The real path of the file open as ``fd``: Linux names it in /proc; elsewhere the name is
+    resolved and must still be the opened file (same device and inode), else the link moved."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = os.path.realpath(source)
+        try:
+            same = os.path.samestat(os.stat(real), os.fstat(fd))
+        except OSError:
+            same = False
+        return real if same else f"(a file that moved while it was opened: {source})"
+
+
 def read_source(source: str, max_bytes: int = MAX_FILE_BYTES, inside: Path | None = None) -> bytes | tuple[str, str]:
     """A source file's bytes, or (reason, detail) when it is not taken: ``not_a_regular_file``
     (a device, FIFO or folder: ``/dev/zero`` in a table grew until memory ran out),
     ``file_too_large`` (over ``max_bytes``, read no further), ``outside_table_folder`` (with
     ``inside``: the path, symlinks resolved, leaves that folder) or ``unreadable_file``."""
-    if inside is not None:
-        real = Path(os.path.realpath(source))
-        if not real.is_relative_to(os.path.realpath(inside)):
-            return ("outside_table_folder", f"{source} resolves to {real}, outside {inside}")
     try:
         fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
     except OSError as e:
         return ("unreadable_file", f"{source}: {e}")
+    if inside is not None:  # checked on the file that was opened, so a link swapped in meanwhile cannot escape
+        real = Path(_opened_path(fd, source))
+        if not real.is_relative_to(os.path.realpath(inside)):
+            os.close(fd)
+            return ("outside_table_folder", f"{source} resolves to {real}, outside {inside}")
     st = os.fstat(fd)  # the file that was opened, not the name
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import bomb_png, make_folder, odd_mode_image, png_bytes
 from PIL import Image
@@ -375,6 +377,49 @@ def test_metadata_is_dropped_from_kept_files_unless_asked_and_the_image_bytes_st
     make_shards(src, tmp_path / "kept", keep_metadata=True)
     kept = dict(iter_shard_samples(expand_shards(str(tmp_path / "kept" / "*.tar"))))
     assert kept["a"]["jpg"] == original
+
+
+def test_a_link_swapped_between_check_and_open_cannot_leave_the_table_folder(tmp_path, monkeypatch):
+    """A review of item 7: --paths-inside resolved the name, then opened it; a link re-pointed in
+    between read a file outside the folder. The check is now made on the opened file."""
+    from dalle_repro import shards
+
+    table = tmp_path / "table"
+    table.mkdir()
+    (table / "in.jpg").write_bytes(b"inside")
+    (tmp_path / "secret.jpg").write_bytes(b"outside")
+    link = table / "link.jpg"
+    link.symlink_to(table / "in.jpg")
+    real_open = os.open
+
+    def swap_then_open(path, *args, **kwargs):
+        if str(path) == str(link):  # the attacker wins the race: the link moves just before the open
+            link.unlink()
+            link.symlink_to(tmp_path / "secret.jpg")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(shards.os, "open", swap_then_open)
+    got = shards.read_source(str(link), inside=table)
+    assert isinstance(got, tuple) and got[0] == "outside_table_folder", got
+
+
+def test_metadata_between_progressive_scans_and_after_the_end_is_dropped():
+    """A review of item 7: the strip stopped at the first scan, so a progressive JPEG's comment
+    between scans, and bytes appended after the end marker, were kept."""
+    from dalle_repro.shards import strip_metadata
+
+    buf = io.BytesIO()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(buf, "JPEG", progressive=True)
+    clean = buf.getvalue()
+    scans = [i for i in range(len(clean) - 1) if clean[i : i + 2] == b"\xff\xda"]
+    assert len(scans) > 2  # progressive: several scans
+    comment = b"\xff\xfe" + (2 + 16).to_bytes(2, "big") + b"secret location!"
+    tainted = clean[: scans[2]] + comment + clean[scans[2] :] + b"appended payload"
+    assert Image.open(io.BytesIO(tainted)).tobytes() == Image.open(io.BytesIO(clean)).tobytes()
+    stripped = strip_metadata(tainted, "JPEG")
+    assert stripped == clean  # the comment and the tail gone, every image byte kept
+    assert strip_metadata(clean[:-40], "JPEG") is None  # a cut file cannot be walked: re-encoded instead
 
 
 def test_captions_in_other_encodings_and_extensions_are_read_and_counted(tmp_path):
