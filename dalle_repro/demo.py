@@ -93,6 +93,11 @@ class EvalArgs:
     candidates: int = arg(
         16, "Samples per caption; the reranked pick is CLIP's best of them, the random pick the first.", ge=1
     )
+    guidance: float = arg(
+        1.0,
+        "Classifier-free guidance scale for the evaluation's samples (1: none; needs run.caption_dropout > 0).",
+        ge=0,
+    )
     pictures: int = arg(6, "Held-out captions drawn beside the nearest training caption.", ge=0)
 
 
@@ -398,7 +403,12 @@ def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
     prior.use_trained_precision()
     e, d = cfg.evaluation, data_dir(cfg)
     settings = SampleSettings(
-        candidates=e.candidates, keep=1, top_k=cfg.top_k, temperature=cfg.temperature, batch_size=e.candidates
+        candidates=e.candidates,
+        keep=1,
+        top_k=cfg.top_k,
+        temperature=cfg.temperature,
+        guidance=e.guidance,
+        batch_size=e.candidates,
     )
     result = zero_shot(
         prior,
@@ -422,6 +432,7 @@ def evaluate_command(cfg: DemoConfig) -> str:
         f"python tools/evaluate.py --model {prior_config(cfg).run.run_dir}/export --clip {cfg.out_dir}/clip "
         f"--seen '{d}/val/*.tar' --heldout '{d}/heldout/*.tar' --train '{d}/train/*.tar' "
         f"--captions {e.captions} --candidates {e.candidates} --temperature {cfg.temperature}{top_k} "
+        f"--guidance {e.guidance} "
         f"--pictures {e.pictures} --output {cfg.out_dir}/evaluation"
     )
 

@@ -289,7 +289,8 @@ def zero_shot(
     """The zero-shot report on the shapes set: for the first ``captions`` distinct captions of the
     seen split (pairs seen in training) and of the held-out one, ``settings.candidates`` samples each,
     read back (:func:`candidate_report`), beside the reader's accuracy on the splits' own renders
-    (the ceiling), with the Fréchet distance in the CLIP's image space against those renders.
+    (its ceiling) and on their dVAE reconstructions (what the tokens keep), with the Fréchet distance
+    in the CLIP's image space against those renders.
     With ``out_dir``: evaluation.json, plots and a picture of held-out captions beside the nearest
     training caption (``train_shards``) go there."""
     result: dict[str, Any] = {"settings": {"captions": captions, **dataclasses.asdict(settings)}, "splits": {}}
@@ -302,6 +303,9 @@ def zero_shot(
         cands = sample_candidates(prior, list(first), reranker, settings)
         rep = candidate_report(cands, attributes=True)
         rep["reader_ceiling"] = attribute_accuracy(torch.stack(ims), caps)
+        if prior.dvae is not None:  # what the tokens keep: the same renders through the dVAE and back
+            rec = dvae_reconstructions(prior.dvae, torch.stack(ims).split(64))
+            rep["dvae_ceiling"] = attribute_accuracy(rec["reconstructions"], caps) | {"psnr": rec["psnr"]}
         embed = reranker.embed_images
         rep["fd_clip"] = frechet_distance(
             features(torch.stack(ims), embed), features(cands.images.flatten(0, 1), embed)

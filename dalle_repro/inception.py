@@ -200,7 +200,12 @@ class FIDInception(nn.Module):
 
             state = load_file(str(p))
         else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
+            try:
+                state = torch.load(p, map_location="cpu", weights_only=True)
+            except Exception as e:  # the tensors-only unpickler refused something in the file
+                raise ValueError(
+                    f"{p} cannot be read as tensors only ({type(e).__name__}): not FID's Inception"
+                ) from None
         model = cls()
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("num_batches_tracked")]  # older files lack the counters

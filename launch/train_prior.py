@@ -7,7 +7,7 @@ Usage:
 
 Multi-node: `deepspeed --hostfile hosts.txt launch/train_prior.py ...` (ssh to each host), or one
 `deepspeed --no_ssh --node_rank K --hostfile hosts.txt --master_addr HOST0 --master_port P ...` per
-node (SLURM: one task per node with K=$SLURM_NODEID); see the README.
+node (SLURM: one task per node with K=$SLURM_NODEID); see docs/tools.md.
 
 Writes RUN/config.yaml, RUN/deepspeed.json (the engine's config), RUN/metrics.jsonl,
 RUN/checkpoints/ (DeepSpeed's and ours), RUN/samples/*.png and, at the end, RUN/export/, which

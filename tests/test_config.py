@@ -115,7 +115,7 @@ def test_every_shipped_config_validates():
     from dalle_repro.train_prior import PriorTrainConfig
 
     cfg = load_config(DemoConfig, root / "demo" / "demo.yaml")
-    assert cfg.text.text_len == 24 and cfg.prior_ranks == 2
+    assert cfg.text.text_len == 16 and cfg.prior_ranks == 2 and cfg.dataset == "shapes"
     for path in sorted(root.glob("*/dvae.yaml")):
         load_config(DVAETrainConfig, path)
     priors = sorted(root.glob("*/prior*.yaml"))

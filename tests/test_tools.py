@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ TOOLS = [
     "launch/sample.py",
     "tools/convert_openai_dvae.py",
     "tools/encode_tokens.py",
+    "tools/make_shapes_dataset.py",
+    "tools/evaluate.py",
 ]
 
 
@@ -37,11 +40,11 @@ def test_help_explains_itself(tool):
 
 
 @pytest.mark.parametrize("tool", TOOLS)
-def test_readme_documents_every_option(tool):
-    readme = (ROOT / "README.md").read_text()
+def test_the_docs_document_every_option(tool):
+    readme = "".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     options = set(re.findall(r"(--[a-z][a-z-]+)", run(str(ROOT / tool), "--help").stdout)) - {"--help"}
     missing = [o for o in sorted(options) if f"`{o}" not in readme]
-    assert not missing, f"README lacks {missing} of {tool}"
+    assert not missing, f"neither the README nor docs/ document {missing} of {tool}"
 
 
 def test_make_shards_cli(tmp_path):
@@ -156,6 +159,14 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
     ev = json.loads((tmp_path / "out" / "evaluation" / "evaluation.json").read_text())
     assert set(ev["splits"]) == {"seen", "heldout"} and ev["splits"]["heldout"]["prompts"] == 2
     assert all(Path(p).is_file() for p in ev["plots"].values()) and len(ev["plots"]) == 3
+    # tools/evaluate.py with the command the report prints gives the report's numbers
+    command = json.loads((tmp_path / "out" / "stages" / "evaluate.json").read_text())["result"]["command"]
+    args = shlex.split(command)[2:]
+    args[args.index("--output") + 1] = str(tmp_path / "again")
+    r = run(str(ROOT / "tools/evaluate.py"), *args)
+    assert r.returncode == 0, r.stderr
+    again = json.loads((tmp_path / "again" / "evaluation.json").read_text())
+    assert again["splits"] == ev["splits"]
     r = run(str(ROOT / "launch/demo.py"), *over)
     assert r.returncode == 0 and r.stdout.count("done before, skipped") == 9
     report = (tmp_path / "out" / "report.md").read_text()
@@ -169,6 +180,69 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
     assert "[dvae] done before" in r.stdout and "[tokens] done before" in r.stdout  # they do not read the tokenizer
     r = run(str(ROOT / "launch/demo.py"), *over, "data.batch_sise=4")
     assert r.returncode == 2 and "data.batch_sise" in r.stderr and "data.batch_size" in r.stderr
+
+
+def test_evaluate_cli_on_images_and_on_a_dvae(tmp_path):
+    """tools/evaluate.py --images (a folder of captioned PNGs) and --dvae, against reference shards."""
+    import numpy as np
+    import torch
+
+    from dalle_repro.dvae import DVAE, DVAEArgs
+    from dalle_repro.shapes import build_shapes_dataset, random_scene, render
+
+    build_shapes_dataset(tmp_path / "shapes", n_train=20, n_heldout=4, shard_size=10, val_fraction=0.2)
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        scene = random_scene(rng, False)
+        render(scene, 32, seed=100 + i).save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(scene.caption() if i else "a big red circle on the left")
+    ref = f"{tmp_path}/shapes/val/*.tar"
+    r = run(
+        str(ROOT / "tools/evaluate.py"),
+        "--images",
+        str(folder),
+        "--reference",
+        ref,
+        "--attributes",
+        "--output",
+        str(tmp_path / "ev_images"),
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "ev_images" / "evaluation.json").read_text())
+    assert out["generated_images"] == 6 and out["attributes_reference"]["all"] == 1.0
+    assert 0.5 <= out["attributes"]["all"] < 1.0  # one image was given another scene's caption
+    torch.manual_seed(0)
+    DVAE(DVAEArgs(image_size=32, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8)).save_pretrained(
+        tmp_path / "dvae"
+    )
+    r = run(
+        str(ROOT / "tools/evaluate.py"),
+        "--dvae",
+        str(tmp_path / "dvae"),
+        "--reference",
+        ref,
+        "--output",
+        str(tmp_path / "ev_dvae"),
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "ev_dvae" / "evaluation.json").read_text())
+    assert 0 < out["psnr"] < 30 and out["bits_per_dim"] > 0 and "fid" not in out  # no --inception: no FID
+    r = run(str(ROOT / "tools/evaluate.py"), "--images", str(folder), "--output", str(tmp_path / "x"))
+    assert r.returncode == 2 and "--reference" in r.stderr
+    r = run(
+        str(ROOT / "tools/evaluate.py"),
+        "--dvae",
+        str(tmp_path / "dvae"),
+        "--reference",
+        ref,
+        "--inception",
+        str(tmp_path / "nope.pth"),
+        "--output",
+        str(tmp_path / "x"),
+    )
+    assert r.returncode == 2 and "nothing here downloads" in r.stderr
 
 
 def test_lint_is_clean():

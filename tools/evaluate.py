@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--candidates", type=int, default=16, help="samples per caption (default 16)")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
     g.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: none)")
+    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
     g.add_argument("--pictures", type=int, default=6, help="held-out captions in the nearest-caption picture")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     a = p.parse_args(argv)
@@ -102,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--images and --dvae need --reference shards")
     if a.captions < 1 or a.candidates < 1 or (a.top_k is not None and a.top_k < 1) or a.temperature <= 0:
         p.error("--captions, --candidates and --top-k must be >= 1, --temperature > 0")
+    if a.guidance < 0:
+        p.error("--guidance must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from dalle_repro.config import atomic_write_text
     from dalle_repro.evaluate import attribute_accuracy, caption_images, clip_score, dvae_reconstructions, zero_shot
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep=1,
                 top_k=a.top_k,
                 temperature=a.temperature,
+                guidance=a.guidance,
                 seed=a.seed,
                 batch_size=a.candidates,
             )

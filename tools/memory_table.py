@@ -3,7 +3,7 @@
 Usage: python tools/memory_table.py [--gpus 8 64 ...] [CONFIG ...]
   (default: configs/gpu/prior-350m.yaml configs/gpu/prior-1.3b.yaml configs/paper/prior.yaml)
 
-Prints a Markdown table (the README's). How each column is computed (P = parameters, counted
+Prints a Markdown table (the one in docs/design.md). How each column is computed (P = parameters, counted
 exactly by building the model on the meta device; N = ranks; ZeRO stage z):
 
 - weights: 4P bytes (fp32, precision.mode block_scaled), or 2P (mode deepspeed); / N at z = 3.
