@@ -99,6 +99,12 @@ class EvalArgs:
         ge=0,
     )
     pictures: int = arg(6, "Held-out captions drawn beside the nearest training caption.", ge=0)
+    inception: str | None = arg(
+        None,
+        "FID's Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, a local file); with them the "
+        "report adds FID at blur radii 0-8. null: no FID (nothing is downloaded), the Fréchet distance in the "
+        "small CLIP's space only.",
+    )
 
 
 @dataclass
@@ -420,6 +426,7 @@ def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
         train_shards=f"{d}/train/*.tar",
         pictures=e.pictures,
         out_dir=Path(cfg.out_dir, "evaluation"),
+        inception=e.inception,
     )
     return result | {"command": evaluate_command(cfg)}
 
@@ -433,7 +440,8 @@ def evaluate_command(cfg: DemoConfig) -> str:
         f"--seen '{d}/val/*.tar' --heldout '{d}/heldout/*.tar' --train '{d}/train/*.tar' "
         f"--captions {e.captions} --candidates {e.candidates} --temperature {cfg.temperature}{top_k} "
         f"--guidance {e.guidance} "
-        f"--pictures {e.pictures} --output {cfg.out_dir}/evaluation"
+        + (f"--inception {e.inception} " if e.inception else "")
+        + f"--pictures {e.pictures} --output {cfg.out_dir}/evaluation"
     )
 
 

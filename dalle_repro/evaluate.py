@@ -285,6 +285,8 @@ def zero_shot(
     train_shards: str | None = None,
     pictures: int = 6,
     out_dir: str | Path | None = None,
+    inception: str | Path | None = None,
+    blur_radii: Sequence[float] = (0, 1, 2, 4, 8),
 ) -> dict[str, Any]:
     """The zero-shot report on the shapes set: for the first ``captions`` distinct captions of the
     seen split (pairs seen in training) and of the held-out one, ``settings.candidates`` samples each,
@@ -292,9 +294,15 @@ def zero_shot(
     (its ceiling) and on their dVAE reconstructions (what the tokens keep), with the Fréchet distance
     in the CLIP's image space against those renders.
     With ``out_dir``: evaluation.json, plots and a picture of held-out captions beside the nearest
-    training caption (``train_shards``) go there."""
+    training caption (``train_shards``) go there. With ``inception`` (FID's weights, a local file):
+    FID of all candidates against the renders at each of ``blur_radii``."""
     result: dict[str, Any] = {"settings": {"captions": captions, **dataclasses.asdict(settings)}, "splits": {}}
     kept: dict[str, tuple[CandidateSet, list[str], list[torch.Tensor]]] = {}
+    net = None
+    if inception is not None:
+        from dalle_repro.inception import FIDInception
+
+        net = FIDInception.from_file(inception)  # before any sampling: a wrong file fails at once
     for split, shards in (("seen", seen_shards), ("heldout", heldout_shards)):
         caps, ims = caption_images(shards, captions)
         first: dict[str, torch.Tensor] = {}
@@ -310,6 +318,8 @@ def zero_shot(
         rep["fd_clip"] = frechet_distance(
             features(torch.stack(ims), embed), features(cands.images.flatten(0, 1), embed)
         )
+        if net is not None:
+            rep["fid_by_blur"] = fid_by_blur(torch.stack(ims), cands.images.flatten(0, 1), net, blur_radii)
         result["splits"][split] = rep
         kept[split] = (cands, caps, ims)
     if out_dir is not None:
@@ -319,6 +329,9 @@ def zero_shot(
             "attributes": str(plot_attributes(result, out / "attributes.png")),
             "best_of_n": str(plot_best_of_n(result, out / "best_of_n.png")),
         }
+        if net is not None:
+            fids = {split: rep["fid_by_blur"] for split, rep in result["splits"].items()}
+            result["plots"]["fid_by_blur"] = str(plot_fid_by_blur(fids, out / "fid_by_blur.png"))
         if train_shards and pictures:
             cands = kept["heldout"][0]
             t_caps, t_ims = caption_images(train_shards)

@@ -102,6 +102,7 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
     md += [""]
     images: list[tuple[str, Path]] = []
     for key, title in (
+        ("fid_by_blur", "FID against blur radius"),
         ("heldout_vs_nearest", "Held-out captions: samples beside the nearest training caption"),
         ("attributes", "Attributes read back from samples, seen and held-out captions"),
         ("best_of_n", "Best of N by CLIP"),
@@ -166,6 +167,18 @@ def zero_shot_section(ev: dict[str, Any]) -> list[str]:
     for split, rep in ev["splits"].items():
         r, f = rep["attributes"]["reranked"], rep["attributes"]["random_pick"]
         md.append(f"| {split} | " + " | ".join(f"{r[k]:.0%} / {f[k]:.0%}" for k in keys) + " |")
+    fids = {split: rep["fid_by_blur"] for split, rep in ev["splits"].items() if "fid_by_blur" in rep}
+    if fids:
+        radii = sorted(next(iter(fids.values())), key=float)
+        md += ["", "FID of all samples against the renders, both blurred (Gaussian, radius in pixels):", ""]
+        md += ["| captions | " + " | ".join(f"radius {r}" for r in radii) + " |", "|---" * (len(radii) + 1) + "|"]
+        md += [f"| {split} | " + " | ".join(f"{f[r]:.3g}" for r in radii) + " |" for split, f in fids.items()]
+    else:
+        md += [
+            "",
+            "FID: not computed. It needs FID's Inception weights from a local file (evaluation.inception=PATH; "
+            "nothing is downloaded); the Fréchet distance above is in the small CLIP's image space instead.",
+        ]
     if ev.get("command"):
         md += ["", f"Reproduce these numbers: `{ev['command']}`"]
     return [*md, ""]

@@ -163,14 +163,24 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
     command = json.loads((tmp_path / "out" / "stages" / "evaluate.json").read_text())["result"]["command"]
     args = shlex.split(command)[2:]
     args[args.index("--output") + 1] = str(tmp_path / "again")
-    r = run(str(ROOT / "tools/evaluate.py"), *args)
+    import torch
+
+    from dalle_repro.inception import FIDInception
+
+    torch.save(FIDInception().state_dict(), tmp_path / "inception.pth")  # random weights: the path, not the values
+    r = run(
+        str(ROOT / "tools/evaluate.py"), *args, "--inception", str(tmp_path / "inception.pth"), "--blur-radii", "0,2"
+    )
     assert r.returncode == 0, r.stderr
     again = json.loads((tmp_path / "again" / "evaluation.json").read_text())
-    assert again["splits"] == ev["splits"]
+    for rep in again["splits"].values():
+        assert set(rep.pop("fid_by_blur")) == {"0", "2"}
+    assert again["splits"] == ev["splits"] and Path(again["plots"]["fid_by_blur"]).is_file()
     r = run(str(ROOT / "launch/demo.py"), *over)
     assert r.returncode == 0 and r.stdout.count("done before, skipped") == 9
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Zero-shot: held-out colour-shape pairs" in report and "| heldout (2 x 2) |" in report
+    assert "FID: not computed" in report  # no evaluation.inception given
     assert "validation PSNR" in report and "Samples for" in report and "tools/evaluate.py --model" in report
     assert "data:image/png;base64," in (tmp_path / "out" / "report.html").read_text()
     samples = json.loads((tmp_path / "out" / "samples" / "samples.json").read_text())

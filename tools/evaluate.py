@@ -129,7 +129,17 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=a.candidates,
             )
             result = zero_shot(
-                prior, reranker, a.seen, a.heldout, settings, a.captions, a.train, a.pictures, out_dir=out
+                prior,
+                reranker,
+                a.seen,
+                a.heldout,
+                settings,
+                a.captions,
+                a.train,
+                a.pictures,
+                out_dir=out,
+                inception=a.inception,
+                blur_radii=a.blur_radii,
             )
             summary = {
                 split: {
@@ -137,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                     "reader_ceiling": rep["reader_ceiling"]["all"],
                     "clip_score": rep["clip_score"],
                     "fd_clip": rep["fd_clip"],
+                    **({"fid_by_blur": rep["fid_by_blur"]} if "fid_by_blur" in rep else {}),
                 }
                 for split, rep in result["splits"].items()
             }
