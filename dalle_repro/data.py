@@ -669,7 +669,7 @@ def iter_shard_samples(paths: Sequence[str], errors: Counter | None = None) -> I
 # The stream
 
 
-def _seed(*parts: int | str) -> int:
+def stable_seed(*parts: object) -> int:
     """A stable 64-bit seed from a tuple (Python's hash() is salted per process)."""
     h = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little")
@@ -719,7 +719,7 @@ class ShardStream(IterableDataset):
     def _order(self, epoch: int) -> list[int]:
         idx = list(range(len(self.shards)))
         if self.args.shuffle:
-            np.random.default_rng(_seed(self.args.seed, "shards", epoch)).shuffle(idx)
+            np.random.default_rng(stable_seed(self.args.seed, "shards", epoch)).shuffle(idx)
         return idx
 
     def _decode(self, key: str, members: dict[str, bytes], where: tuple[int, ...]) -> dict[str, Any]:
@@ -742,7 +742,7 @@ class ShardStream(IterableDataset):
         if ext is None:
             raise SampleError("missing_image", key)
         im, _ = decode_image(members[ext], a.max_pixels)
-        rng = np.random.default_rng(_seed(a.seed, "crop", *where)) if a.crop != "center" else None
+        rng = np.random.default_rng(stable_seed(a.seed, "crop", *where)) if a.crop != "center" else None
         im = crop_resize(im, a.image_size, a.crop, rng, a.random_crop_min)
         out["image"] = image_to_tensor(im)
         return out
@@ -758,7 +758,7 @@ class ShardStream(IterableDataset):
         if self.tokenizer is not None:
             rngs = None
             if self.text_dropout > 0:  # generators cost ~30 us each: made only when used
-                rngs = [np.random.default_rng(_seed(self.args.seed, "bpe", *w)) for w in wheres]
+                rngs = [np.random.default_rng(stable_seed(self.args.seed, "bpe", *w)) for w in wheres]
             batch["text"] = self.tokenizer.encode_batch(batch["caption"], self.text_dropout, rngs)
         return batch
 
@@ -789,7 +789,7 @@ class ShardStream(IterableDataset):
                         errors["truncated_shard"] += 1
                     order = np.arange(len(shard))
                     if self.args.shuffle:
-                        np.random.default_rng(_seed(self.args.seed, "samples", epoch, shard_idx)).shuffle(order)
+                        np.random.default_rng(stable_seed(self.args.seed, "samples", epoch, shard_idx)).shuffle(order)
                     for j in range(pos["sample_pos"], len(shard)):
                         try:
                             items.append(self._decode(*shard.read(int(order[j])), (epoch, shard_idx, j)))

@@ -19,9 +19,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
-import os
 import textwrap
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -32,10 +32,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from dalle_repro.config import atomic_write_text
 from dalle_repro.dvae import DVAE, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
 from dalle_repro.shapes import ATTRIBUTES, parse_caption, read_scene, score
+from dalle_repro.viz import save_png, to_uint8, to_unit
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, H, W) in [0, 1] -> (B, D)
 
@@ -68,7 +70,7 @@ def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
 @torch.no_grad()
 def features(images: torch.Tensor, extract: Features, batch_size: int = 64) -> torch.Tensor:
     """``extract`` over ``images`` (N, 3, H, W) in [0, 1] (or uint8), in batches; (N, D) float64."""
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    x = to_unit(images)
     return torch.cat([extract(x[i : i + batch_size]).double().cpu() for i in range(0, len(x), batch_size)])
 
 
@@ -77,7 +79,7 @@ def blur(images: torch.Tensor, radius: float) -> torch.Tensor:
     edges; radius 0 returns the images unchanged."""
     if radius <= 0:
         return images
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    x = to_unit(images)
     half = max(1, math.ceil(3 * radius))
     half = min(half, x.shape[-1] - 1, x.shape[-2] - 1)
     t = torch.arange(-half, half + 1, dtype=torch.float32)
@@ -102,7 +104,7 @@ def clip_score(images: torch.Tensor, captions: Sequence[str], reranker: Any, bat
     """The mean cosine similarity of each image with its caption under ``reranker``'s CLIP."""
     if len(images) != len(captions) or not len(images):
         raise ValueError(f"{len(images)} images for {len(captions)} captions")
-    x = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+    x = to_unit(images)
     sims = [
         reranker.scores(x[i : i + batch_size], list(captions[i : i + batch_size])) for i in range(0, len(x), batch_size)
     ]
@@ -133,7 +135,7 @@ def attribute_accuracy(images: torch.Tensor, captions: Sequence[str]) -> dict[st
         raise ValueError(f"{len(images)} images for {len(captions)} captions")
     hits: Counter = Counter()
     for im, caption in zip(images, captions, strict=True):
-        a = im if im.dtype == torch.uint8 else (im.float().clamp(0, 1) * 255).round().to(torch.uint8)
+        a = to_uint8(im)
         hits.update(
             {
                 k: int(v)
@@ -152,14 +154,14 @@ def dvae_reconstructions(dvae: DVAE, batches: Iterable[torch.Tensor]) -> dict[st
     originals, recons = [], []
     nll = sq = dims = 0.0
     for batch in batches:
-        x = batch.to(dev).float() / 255
+        x = to_unit(batch.to(dev))
         mu, ln_b = dvae.decode_stats(dvae.encode(x))
         r = unmap_pixels(torch.sigmoid(mu))
         nll += float(logit_laplace_nll(map_pixels(x), mu, ln_b).sum())
         sq += float(((r - x) ** 2).sum())
         dims += x.numel()
         originals.append(batch.cpu())
-        recons.append((r.clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+        recons.append(to_uint8(r).cpu())
     if not dims:
         raise ValueError("no image to reconstruct")
     mse = sq / dims
@@ -227,7 +229,7 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
     for r in results:
         order = torch.empty(len(r.kept), dtype=torch.long)
         order[torch.tensor(r.kept)] = torch.arange(len(r.kept))  # position of each generated candidate
-        images.append((r.images[order].clamp(0, 1) * 255).round().to(torch.uint8))
+        images.append(to_uint8(r.images[order]))
         scores.append(torch.tensor(r.candidate_scores))
     return CandidateSet(captions, torch.stack(images), torch.stack(scores))
 
@@ -431,11 +433,11 @@ def plot_nearest(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor, str, torc
 
 
 def _save(fig: Any, path: Path) -> Path:
+    """The figure as a PNG, written as every picture here is (viz.save_png: atomic, honouring the umask)."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    buf.seek(0)
+    return save_png(Image.open(buf), path)

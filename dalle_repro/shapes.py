@@ -20,7 +20,7 @@ box) nearest its coverage map, and positions come from centroids.
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import itertools
 import json
 import re
@@ -34,7 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from dalle_repro.shards import Record, Sample, encode_image, write_dataset
+from dalle_repro.data import stable_seed
+from dalle_repro.shards import Record, Sample, encode_image, fingerprint, write_dataset
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {
@@ -143,15 +144,16 @@ def _side(size: str, canvas: int, rng: np.random.Generator) -> int:
     return max(3, round(int(rng.integers(lo, hi + 1)) * canvas / 32))
 
 
-def _draw(draw: ImageDraw.ImageDraw, o: Obj, x0: int, y0: int, side: int, ss: int, rgb: tuple[int, ...]) -> None:
-    """``o`` in the box (x0, y0, side) of the final canvas, drawn at ``ss`` times the resolution."""
-    box = [x0 * ss, y0 * ss, (x0 + side) * ss - 1, (y0 + side) * ss - 1]
-    if o.shape == "square":
-        draw.rectangle(box, fill=rgb)
-    elif o.shape == "circle":
-        draw.ellipse(box, fill=rgb)
-    else:  # apex up, base along the bottom of the box
-        draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=rgb)
+def _draw(draw: ImageDraw.ImageDraw, shape: str, x0: int, y0: int, w: int, h: int, ss: int, fill: Any) -> None:
+    """``shape`` filling the box (x0, y0, w, h) of the final canvas, drawn at ``ss`` times the resolution;
+    a triangle has its apex up and its base along the bottom of the box."""
+    box = [x0 * ss, y0 * ss, (x0 + w) * ss - 1, (y0 + h) * ss - 1]
+    if shape == "square":
+        draw.rectangle(box, fill=fill)
+    elif shape == "circle":
+        draw.ellipse(box, fill=fill)
+    else:
+        draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=fill)
 
 
 def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, ...]:
@@ -199,7 +201,7 @@ def render(scene: Scene, canvas: int = 32, seed: int = 0, supersample: int = 4, 
     big = Image.new("RGB", (canvas * supersample, canvas * supersample), BACKGROUND)
     draw = ImageDraw.Draw(big)
     for o, (x, y, side) in zip(scene.objects, layout(scene, canvas, rng), strict=True):
-        _draw(draw, o, x, y, side, supersample, _jitter(COLOURS[o.colour], rng))
+        _draw(draw, o.shape, x, y, side, side, supersample, _jitter(COLOURS[o.colour], rng))
     im = big.resize((canvas, canvas), Image.Resampling.BOX)
     if noise > 0:
         a = np.asarray(im, dtype=np.float32) + rng.normal(0, noise, (canvas, canvas, 3))
@@ -248,18 +250,16 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)
 def _template(shape: str, h: int, w: int, pad: int, ss: int = 4) -> np.ndarray:
-    """The coverage (0-1) of ``shape`` filling an h x w box, in a window ``pad`` pixels wider each side."""
+    """The coverage (0-1) of ``shape`` filling an h x w box, in a window ``pad`` pixels wider each
+    side, softened as :func:`_shape_of` compares it (cached: a reader meets the same boxes again)."""
     big = Image.new("L", ((w + 2 * pad) * ss, (h + 2 * pad) * ss), 0)
-    box = [pad * ss, pad * ss, (pad + w) * ss - 1, (pad + h) * ss - 1]
-    draw = ImageDraw.Draw(big)
-    if shape == "square":
-        draw.rectangle(box, fill=255)
-    elif shape == "circle":
-        draw.ellipse(box, fill=255)
-    else:
-        draw.polygon([((box[0] + box[2]) / 2, box[1]), (box[0], box[3]), (box[2], box[3])], fill=255)
-    return np.asarray(big.resize((w + 2 * pad, h + 2 * pad), Image.Resampling.BOX), dtype=np.float32) / 255
+    _draw(ImageDraw.Draw(big), shape, pad, pad, w, h, ss, 255)
+    cover = np.asarray(big.resize((w + 2 * pad, h + 2 * pad), Image.Resampling.BOX), dtype=np.float32) / 255
+    out = _soften(cover)
+    out.flags.writeable = False
+    return out
 
 
 def _soften(a: np.ndarray) -> np.ndarray:
@@ -280,7 +280,7 @@ def _shape_of(pts: np.ndarray, coverage: np.ndarray) -> str:
     ok_r, ok_c = (rows >= 0) & (rows < coverage.shape[0]), (cols >= 0) & (cols < coverage.shape[1])
     window[np.ix_(ok_r, ok_c)] = coverage[np.ix_(rows[ok_r], cols[ok_c])]
     seen = _soften(window)
-    return min(SHAPES, key=lambda s: float(np.abs(_soften(_template(s, h, w, pad)) - seen).sum()))
+    return min(SHAPES, key=lambda s: float(np.abs(_template(s, h, w, pad) - seen).sum()))
 
 
 def read_scene(image: Image.Image | np.ndarray, min_area: float | None = None) -> list[Found]:
@@ -396,20 +396,16 @@ def similarity(a: Scene, b: Scene) -> int:
 # The data set
 
 
-def _seed(*parts: Any) -> int:
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
-
-
 def render_record(rec: Record, image_size: int = 32) -> Sample:
     scene = Scene.from_json(json.loads(rec.source))
-    im = render(scene, image_size, seed=_seed(rec.key, image_size))
+    im = render(scene, image_size, seed=stable_seed(rec.key, image_size))
     image, ext = encode_image(im, "png")
     meta = {"key": rec.key, "caption": rec.caption, "scene": scene.to_json(), "width": image_size}
     return Sample(rec.key, image, ext, rec.caption, meta)
 
 
 def scene_records(n: int, held_out: bool, seed: int, prefix: str) -> list[Record]:
-    rng = np.random.default_rng(_seed("scenes", seed, held_out))
+    rng = np.random.default_rng(stable_seed("scenes", seed, held_out))
     out = []
     for i in range(n):
         scene = random_scene(rng, held_out)
@@ -438,25 +434,29 @@ def build_shapes_dataset(
     options = {"image_size": image_size, "shard_size": shard_size, "seed": seed, "held_out": HELD_OUT}
     common = dict(workers=workers, skipped=Counter(), overwrite=overwrite, desc="shapes")
     render_one = partial(render_record, image_size=image_size)
-    seen = scene_records(n_train, False, seed, "s")
+    seen, seen_options = (
+        scene_records(n_train, False, seed, "s"),
+        options | {"split": "seen", "val_fraction": val_fraction},
+    )
     summary = write_dataset(
         seen,
         render_one,
         out,
         shard_size=shard_size,
         val_fraction=val_fraction,
-        fp=_seed(options, n_train, val_fraction).to_bytes(8, "little").hex(),
-        options=options | {"split": "seen"},
+        fp=fingerprint(seen, seen_options),  # the records hold every scene, so their count too
+        options=seen_options,
         **common,
     )
     unseen = scene_records(n_heldout, True, seed, "h")
+    held_options = options | {"split": "heldout"}
     held = write_dataset(
         unseen,
         render_one,
         out / "heldout",
         shard_size=shard_size,
-        fp=_seed(options, n_heldout, "heldout").to_bytes(8, "little").hex(),
-        options=options | {"split": "heldout"},
+        fp=fingerprint(unseen, held_options),
+        options=held_options,
         **common,
     )
     return summary | {"heldout": {"written": held["written"], "pairs": [list(p) for p in HELD_OUT]}}

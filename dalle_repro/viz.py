@@ -14,13 +14,21 @@ from PIL import Image, ImageDraw
 from dalle_repro.config import honour_umask
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images as uint8 levels: floats in [0, 1] are clamped, scaled and rounded; uint8 stays as it is."""
+    return images if images.dtype == torch.uint8 else (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Images as float32 in [0, 1]: uint8 levels are divided by 255, floats are taken as they are."""
+    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
     """(3, H, W) float in [0, 1] or uint8 -> RGB PIL image."""
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected an image (3, H, W), got shape {tuple(image.shape)}")
-    if image.is_floating_point():
-        image = (image.clamp(0, 1) * 255).round().to(torch.uint8)
-    return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    return Image.fromarray(to_uint8(image).permute(1, 2, 0).cpu().numpy())
 
 
 def grid(
