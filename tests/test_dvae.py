@@ -112,6 +112,28 @@ def test_kl_ignores_the_relaxation_noise(model):
     assert len(kls) == 1
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_decoder_upsampling_moved_past_its_1x1_convs_computes_the_same(blocks):
+    """The decoder runs each block that follows an upsampling with its 1x1 convs at the low
+    resolution; forward and every gradient equal the release's order (upsample, then the block)."""
+    torch.manual_seed(0)
+    args = DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=blocks, group_count=3, vocab_size=16, n_init=12)
+    dec = DVAE(args).decoder.double()
+    z = torch.softmax(torch.randn(2, 16, 4, 4, dtype=torch.float64), 1).requires_grad_()
+    target = torch.randn(2, 6, 16, 16, dtype=torch.float64)
+    outs, grads = [], []
+    for run in (dec, dec.blocks):  # ours, then nn.Sequential's plain order
+        out = run(z)
+        g = torch.autograd.grad((out * target).sum(), [z, *dec.parameters()])
+        outs.append(out)
+        grads.append(g)
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    ups = [m for m in dec.modules() if isinstance(m, torch.nn.Upsample)]
+    assert len(ups) == 2  # the release's modules stay where its weights expect them
+
+
 def test_tiny_training_lowers_the_loss():
     torch.manual_seed(0)
     model = DVAE(SMALL)
