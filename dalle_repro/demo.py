@@ -6,10 +6,11 @@ skipped, so rerunning after an interruption continues at the first unfinished st
 a stage's settings reruns it and the stages that read its output. An interrupted dVAE run resumes
 from its last checkpoint.
 
-Stages so far: the emoji shards, the tokenizer, a look at one loader batch (a preview image), the
-demo dVAE (with its reconstruction grid), the token shards, and the demo prior, trained by
+Stages: the data set (shapes or emoji shards), the tokenizer, a look at one loader batch (a preview
+image), the time plan (demo_plan: how much of the configured training fits ``train_minutes`` on this
+machine), the demo dVAE (with its reconstruction grid), the token shards, the demo prior, trained by
 launch/train_prior.py under the ``deepspeed`` launcher with 2 CPU ranks (an interrupted run resumes
-from its last checkpoint). Later stages (CLIP, sampling) append to :func:`stages`.
+from its last checkpoint), the small CLIP, reranked samples and the zero-shot evaluation.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from dalle_repro.emoji import build_emoji_dataset
 from dalle_repro.evaluate import zero_shot
 from dalle_repro.metrics import last_validation
 from dalle_repro.pre_encode import encode_token_shards
-from dalle_repro.precision import pick_precision
 from dalle_repro.prior_export import load_prior
 from dalle_repro.report import write_report
 from dalle_repro.rerank import Reranker
@@ -141,14 +141,12 @@ class DemoConfig:
         factory=list, doc="key=value overrides for the prior config, after the demo's own, e.g. [run.steps=50]."
     )
     prior_ranks: int = arg(2, "Ranks the deepspeed launcher starts for the prior (CPU processes without a GPU).", ge=1)
-    fp32_dvae_overrides: list[str] = arg(
-        factory=list,
-        doc="Overrides for the dVAE config where its precision resolves to fp32 (a CPU without native bf16 runs "
-        "every step in fp32, 1.5-2x slower): the demo does less work there to stay within its time budget. "
-        "dvae_overrides still win.",
-    )
-    fp32_prior_overrides: list[str] = arg(
-        factory=list, doc="Overrides for the prior config where its precision resolves to fp32 (as for the dVAE)."
+    train_minutes: float | None = arg(
+        20.0,
+        "Minutes the dVAE, prior and CLIP training may take together on this machine. The demo times a few "
+        "updates of each first and, where the configured runs would take longer, shortens all three by one "
+        "fraction, schedules alike (dalle_repro/demo_plan.py; OUT/plan.json). null: always the configured runs.",
+        gt=0,
     )
     clip: ClipTrainConfig = arg(factory=ClipTrainConfig, doc="The small CLIP (tools/train_clip.py's settings).")
     captions_train: list[str] = arg(factory=list, doc="Training-split captions to sample (the report checks them).")
@@ -230,21 +228,24 @@ def stage_preview(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
-def _runs_fp32(requested: str) -> bool:
-    """Whether a stage's precision setting resolves to fp32 on this machine (auto on a CPU without native bf16)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return pick_precision(requested, device).dtype == "fp32"
+def plan_path(cfg: DemoConfig) -> Path:
+    return Path(cfg.out_dir, "plan.json")
 
 
-def dvae_config(cfg: DemoConfig) -> DVAETrainConfig:
+def planned(cfg: DemoConfig, stage: str) -> list[str]:
+    """The plan's overrides for a training stage (none before the plan stage has run)."""
+    path = plan_path(cfg)
+    return json.loads(path.read_text())["overrides"][stage] if path.is_file() else []
+
+
+def dvae_config(cfg: DemoConfig, plan: bool = True) -> DVAETrainConfig:
     """The demo dVAE's config: its YAML, pointed at the demo's shards and run folder, then the
-    overrides, and ``fp32_dvae_overrides`` where it will run in fp32."""
+    time plan's shortening (``plan``), then the user's overrides, which win."""
     e = data_dir(cfg)
     own = [f"data.shards={e}/train/*.tar", f"run.val_shards={e}/val/*.tar", f"run.run_dir={cfg.out_dir}/dvae"]
-    dcfg = load_config(DVAETrainConfig, cfg.dvae_config, [*own, *cfg.dvae_overrides])
-    if cfg.fp32_dvae_overrides and _runs_fp32(dcfg.run.precision):  # the user's own overrides still win
-        dcfg = load_config(DVAETrainConfig, cfg.dvae_config, [*own, *cfg.fp32_dvae_overrides, *cfg.dvae_overrides])
-    return dcfg
+    return load_config(
+        DVAETrainConfig, cfg.dvae_config, [*own, *(planned(cfg, "dvae") if plan else []), *cfg.dvae_overrides]
+    )
 
 
 def _same_run(saved: Path, cfg: Any) -> bool:
@@ -280,8 +281,9 @@ def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
     return {k: s[k] for k in ("written", "skipped", "grid", "vocab_size")} | {"output": cfg.tokens_output}
 
 
-def prior_config(cfg: DemoConfig) -> PriorTrainConfig:
-    """The demo prior's config: its YAML, pointed at the demo's tokens, tokenizer, dVAE and run folder."""
+def prior_config(cfg: DemoConfig, plan: bool = True) -> PriorTrainConfig:
+    """The demo prior's config: its YAML, pointed at the demo's tokens, tokenizer, dVAE and run
+    folder, then the time plan's shortening (``plan``), then the user's overrides."""
     t = cfg.tokens_output
     # the model's sizes are left to train_prior.resolve_sizes: the tokenizer's vocabulary, the dVAE's grid and codes
     own = [
@@ -293,10 +295,75 @@ def prior_config(cfg: DemoConfig) -> PriorTrainConfig:
         f"text.path={cfg.text.path}",
         f"run.run_dir={cfg.out_dir}/prior",
     ]
-    pcfg = load_config(PriorTrainConfig, cfg.prior_config, [*own, *cfg.prior_overrides])
-    if cfg.fp32_prior_overrides and _runs_fp32(pcfg.precision.dtype):
-        pcfg = load_config(PriorTrainConfig, cfg.prior_config, [*own, *cfg.fp32_prior_overrides, *cfg.prior_overrides])
-    return pcfg
+    return load_config(
+        PriorTrainConfig, cfg.prior_config, [*own, *(planned(cfg, "prior") if plan else []), *cfg.prior_overrides]
+    )
+
+
+def clip_config(cfg: DemoConfig, plan: bool = True) -> ClipTrainConfig:
+    """The small CLIP's settings, pointed at the demo's shards, tokenizer and folder; ``plan``: its
+    length as the time plan sets it."""
+    c = cfg.clip
+    steps = c.run.steps
+    for o in planned(cfg, "clip") if plan else []:
+        key, value = o.split("=")
+        assert key == "run.steps", o
+        steps = int(value)
+    return dataclasses.replace(
+        c,
+        text=dataclasses.replace(c.text, path=cfg.text.path),
+        data=dataclasses.replace(
+            c.data, shards=f"{data_dir(cfg)}/train/*.tar", val_shards=f"{data_dir(cfg)}/val/*.tar"
+        ),
+        run=dataclasses.replace(c.run, output=f"{cfg.out_dir}/clip", steps=steps),
+    )
+
+
+def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
+    """Time a few updates of each training stage and fit the three into ``train_minutes`` (demo_plan)."""
+    from dalle_repro import demo_plan as dp
+
+    dcfg, pcfg, ccfg = dvae_config(cfg, plan=False), prior_config(cfg, plan=False), clip_config(cfg, plan=False)
+    updates = {"dvae": dcfg.run.steps, "prior": pcfg.run.steps, "clip": ccfg.run.steps}
+    result: dict[str, Any] = {"train_minutes": cfg.train_minutes, "configured_updates": updates}
+    fraction = 1.0
+    if cfg.train_minutes is not None:
+        dv = dcfg.model
+        tok = TextTokenizer(cfg.text.path, cfg.text.text_len)
+        model = dataclasses.replace(
+            pcfg.model,
+            text_len=cfg.text.text_len,
+            text_vocab=tok.vocab_size,
+            grid=dv.grid,
+            image_vocab=dv.vocab_size,
+        )
+        seconds = {
+            "dvae": dp.dvae_step_seconds(dcfg),
+            "prior": dp.prior_step_seconds(model, pcfg.precision.dtype, pcfg.data.batch_size, cfg.prior_ranks),
+            "clip": dp.clip_step_seconds(ccfg, cfg.text.path),
+        }
+        minutes = {k: seconds[k] * dp.STAGE_FACTORS[k] * updates[k] / 60 for k in updates}
+        fraction = dp.fraction_to_fit(minutes, cfg.train_minutes)
+        result |= {
+            "seconds_per_update": {k: round(v, 4) for k, v in seconds.items()},
+            "factors": dp.STAGE_FACTORS,
+            "predicted_minutes_configured": {k: round(v, 2) for k, v in minutes.items()},
+            "predicted_minutes": round(sum(minutes.values()) * fraction, 2),
+        }
+    configs = {"dvae": dcfg, "prior": pcfg, "clip": ccfg}
+    overrides = {k: dp.scaled_overrides(configs[k], dp.SCALED_KEYS[k], fraction) for k in configs}
+    result |= {"fraction": round(fraction, 4), "overrides": overrides}
+    if fraction < 1:
+        log.warning(
+            "this machine would need %.1f minutes for the configured training (train_minutes=%s): the demo trains "
+            "%.0f%% of it (%s)",
+            sum(result["predicted_minutes_configured"].values()),
+            cfg.train_minutes,
+            100 * fraction,
+            plan_path(cfg),
+        )
+    atomic_write_text(plan_path(cfg), json.dumps(result, indent=2))
+    return result
 
 
 def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
@@ -334,14 +401,7 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
-    c = dataclasses.replace(
-        cfg.clip,
-        text=dataclasses.replace(cfg.clip.text, path=cfg.text.path),
-        data=dataclasses.replace(
-            cfg.clip.data, shards=f"{data_dir(cfg)}/train/*.tar", val_shards=f"{data_dir(cfg)}/val/*.tar"
-        ),
-        run=dataclasses.replace(cfg.clip.run, output=f"{cfg.out_dir}/clip"),
-    )
+    c = clip_config(cfg)
     return train_clip(c) | {"model": c.run.output}
 
 
@@ -478,6 +538,19 @@ def stages() -> list[Stage]:
             after=("data", "tokenizer"),
         ),
         Stage(
+            "plan",
+            stage_plan,
+            lambda c: [
+                c.train_minutes,
+                to_dict(dvae_config(c, plan=False)),
+                to_dict(prior_config(c, plan=False)),
+                to_dict(clip_config(c, plan=False)),
+                c.prior_ranks,
+            ],
+            lambda c: [plan_path(c)],
+            after=("tokenizer",),
+        ),
+        Stage(
             "dvae",
             stage_dvae,
             lambda c: to_dict(dvae_config(c)),
@@ -501,7 +574,7 @@ def stages() -> list[Stage]:
         Stage(
             "clip",
             stage_clip,
-            lambda c: to_dict(c.clip),
+            lambda c: to_dict(clip_config(c)),
             lambda c: [Path(c.out_dir, "clip", "model.safetensors")],
             after=("data", "tokenizer"),
         ),

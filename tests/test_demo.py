@@ -1,10 +1,12 @@
-"""The demo's per-machine profile: less work where its stages run in fp32."""
+"""The demo's configs and its time plan: less training where this machine is slow."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from dalle_repro import demo
+from dalle_repro import demo, demo_plan
 from dalle_repro.config import load_config
 
 
@@ -13,30 +15,62 @@ def cfg():
     return load_config(demo.DemoConfig, "configs/demo/demo.yaml", [])
 
 
-@pytest.mark.parametrize("fp32", [True, False])
-def test_fp32_overrides_apply_only_where_the_stage_runs_in_fp32(cfg, monkeypatch, fp32):
-    monkeypatch.setattr(demo, "_runs_fp32", lambda requested: fp32)
-    assert cfg.fp32_dvae_overrides and cfg.fp32_prior_overrides  # the shipped demo has a profile
-    plain = load_config(
-        demo.DemoConfig, "configs/demo/demo.yaml", ["fp32_dvae_overrides=[]", "fp32_prior_overrides=[]"]
-    )
-    monkeypatch.setattr(demo, "_runs_fp32", lambda requested: fp32)
-    d, d0 = demo.dvae_config(cfg), demo.dvae_config(plain)
-    p, p0 = demo.prior_config(cfg), demo.prior_config(plain)
-    assert (d.run.steps < d0.run.steps) == fp32 and (p.run.steps < p0.run.steps) == fp32
-    assert (d == d0) != fp32 and (p == p0) != fp32
+def test_the_fraction_fits_the_budget_and_only_ever_shortens():
+    assert demo_plan.fraction_to_fit({"a": 5.0, "b": 10.0}, 20.0) == 1.0
+    assert demo_plan.fraction_to_fit({"a": 10.0, "b": 30.0}, 20.0) == 0.5
+    assert demo_plan.fraction_to_fit({"a": 10.0, "b": 30.0}, None) == 1.0
+    assert demo_plan.fraction_to_fit({"a": 1000.0}, 20.0) == demo_plan.MIN_FRACTION
 
 
-def test_the_users_overrides_win_over_the_fp32_profile(cfg, monkeypatch):
-    monkeypatch.setattr(demo, "_runs_fp32", lambda requested: True)
+def _plan(cfg, tmp_path, fraction):
+    """A plan.json as stage_plan writes it, for ``fraction`` of the shipped configs."""
+    cfg.out_dir = str(tmp_path)
+    configs = {
+        "dvae": demo.dvae_config(cfg, plan=False),
+        "prior": demo.prior_config(cfg, plan=False),
+        "clip": demo.clip_config(cfg, plan=False),
+    }
+    overrides = {k: demo_plan.scaled_overrides(c, demo_plan.SCALED_KEYS[k], fraction) for k, c in configs.items()}
+    demo.plan_path(cfg).write_text(json.dumps({"overrides": overrides}))
+    return configs
+
+
+def test_a_plan_shortens_every_stage_and_its_schedules_alike(cfg, tmp_path):
+    full = _plan(cfg, tmp_path, 0.5)
+    d, p, c = demo.dvae_config(cfg), demo.prior_config(cfg), demo.clip_config(cfg)
+    fd, fp = full["dvae"], full["prior"]
+    assert d.run.steps == fd.run.steps // 2 and d.schedule.lr_steps == fd.schedule.lr_steps // 2
+    assert d.schedule.tau_steps == fd.schedule.tau_steps // 2 and d.run.val_every == fd.run.val_every // 2
+    assert p.run.steps == fp.run.steps // 2 and p.schedule.warmup_steps == fp.schedule.warmup_steps // 2
+    assert c.run.steps == full["clip"].run.steps // 2
+    assert d.model == fd.model and p.model == fp.model and d.data == fd.data  # only lengths change
+
+
+def test_a_machine_fast_enough_keeps_the_configured_runs(cfg, tmp_path):
+    full = _plan(cfg, tmp_path, 1.0)
+    assert demo.dvae_config(cfg) == full["dvae"] and demo.prior_config(cfg) == full["prior"]
+    assert demo.clip_config(cfg) == full["clip"]
+
+
+def test_the_users_overrides_win_over_the_plan(tmp_path):
     mine = load_config(
         demo.DemoConfig, "configs/demo/demo.yaml", ["dvae_overrides=[run.steps=7]", "prior_overrides=[run.steps=5]"]
     )
+    _plan(mine, tmp_path, 0.5)
     assert demo.dvae_config(mine).run.steps == 7 and demo.prior_config(mine).run.steps == 5
 
 
-def test_the_pick_follows_the_precision_setting():
-    assert demo._runs_fp32("fp32") and not demo._runs_fp32("bf16")
+def test_the_step_timers_run_the_real_steps_at_a_tiny_size():
+    """Each timer returns a positive time per update for the demo's own model code."""
+    tiny = ["dvae_overrides=[model.image_size=16,model.n_hid=8,model.vocab_size=32,data.batch_size=2]"]
+    cfg = load_config(demo.DemoConfig, "configs/demo/demo.yaml", tiny)
+    d = demo.dvae_config(cfg, plan=False)
+    assert demo_plan.dvae_step_seconds(d, warm=1, timed=1) > 0
+    p = demo.prior_config(cfg, plan=False)
+    from dataclasses import replace
+
+    m = replace(p.model, dim=32, depth=2, heads=2, conv_kernel=3, text_len=4, text_vocab=40, grid=4, image_vocab=16)
+    assert demo_plan.prior_step_seconds(m, "fp32", batch=2, ranks=2, warm=1, timed=1) > 0
 
 
 def test_the_emoji_demo_stays_an_option():
