@@ -352,7 +352,8 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
         }
     configs = {"dvae": dcfg, "prior": pcfg, "clip": ccfg}
     overrides = {k: dp.scaled_overrides(configs[k], dp.SCALED_KEYS[k], fraction) for k in configs}
-    result |= {"fraction": round(fraction, 4), "overrides": overrides}
+    planned_updates = {k: dp.scaled(n, fraction) for k, n in updates.items()}
+    result |= {"fraction": round(fraction, 4), "planned_updates": planned_updates, "overrides": overrides}
     if fraction < 1:
         log.warning(
             "this machine would need %.1f minutes for the configured training (train_minutes=%s): the demo trains "

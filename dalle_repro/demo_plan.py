@@ -120,7 +120,11 @@ def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int 
     opt = torch.optim.AdamW(model.parameters(), lr=ccfg.optim.lr)
     b = ccfg.data.batch_size
     t = tokenizer(
-        ["a big red circle on the left"] * b, padding="max_length", max_length=a.text_len, return_tensors="pt"
+        ["a big red circle on the left"] * b,
+        padding="max_length",
+        truncation=True,
+        max_length=a.text_len,
+        return_tensors="pt",
     )
     images = torch.rand(b, 3, a.image_size, a.image_size)
     bf16 = _dtype(ccfg.run.precision) == "bf16"

@@ -99,7 +99,7 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
         ("rerank", "gain (kept - random)", sm.get("rerank_gain")),
     ]
     md += [f"| {a} | {b} | {_fmt(c)} |" for a, b, c in rows]
-    md += [""]
+    md += [""] + plan_lines(results.get("plan", {}))
     images: list[tuple[str, Path]] = []
     for key, title in (
         ("fid_by_blur", "FID against blur radius"),
@@ -132,6 +132,21 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", _html(md, images, out))
     return out / "report.md"
+
+
+def plan_lines(plan: dict[str, Any]) -> list[str]:
+    """What the demo's time plan (demo_plan.py) decided on this machine."""
+    if "predicted_minutes_configured" not in plan:
+        return []
+    full = sum(plan["predicted_minutes_configured"].values())
+    f = plan["fraction"]
+    runs = ", ".join(f"{k} {v}" for k, v in plan["planned_updates"].items())
+    return [
+        f"Time plan: the configured training would take about {full:.1f} minutes on this machine (timed "
+        f"updates x measured factors); the budget is {plan['train_minutes']:g} (`train_minutes`), so the "
+        f"demo trained {100 * f:.0f}% of it: {runs} updates (`plan.json`).",
+        "",
+    ]
 
 
 TARGET = {"seen": 0.90, "heldout": 0.60}  # issue 19: all attributes right, reranked

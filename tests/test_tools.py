@@ -177,11 +177,14 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
         assert set(rep.pop("fid_by_blur")) == {"0", "2"}
     assert again["splits"] == ev["splits"] and Path(again["plots"]["fid_by_blur"]).is_file()
     r = run(str(ROOT / "launch/demo.py"), *over)
-    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 9
+    assert r.returncode == 0 and r.stdout.count("done before, skipped") == 10
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Zero-shot: held-out colour-shape pairs" in report and "| heldout (2 x 2) |" in report
     assert "FID: not computed" in report  # no evaluation.inception given
     assert "validation PSNR" in report and "Samples for" in report and "tools/evaluate.py --model" in report
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())  # the tiny runs fit: nothing shortened
+    assert plan["fraction"] == 1.0 and plan["planned_updates"] == {"dvae": 4, "prior": 3, "clip": 3}
+    assert "Time plan:" in report and plan["seconds_per_update"]["prior"] > 0
     assert "data:image/png;base64," in (tmp_path / "out" / "report.html").read_text()
     samples = json.loads((tmp_path / "out" / "samples" / "samples.json").read_text())
     assert [s["split"] for s in samples] == ["train", "validation", "new"] and len(samples[0]["scores"]) == 2
