@@ -9,6 +9,7 @@ length, and, when the three together would exceed ``train_minutes``, shortens al
 same fraction, their schedules with them (:func:`scaled_overrides`). The plan is written once
 (``OUT/plan.json``, a demo stage) and reused on a rerun, so the stages' fingerprints do not move
 with timing noise. A machine fast enough keeps the configured runs: the plan only ever shortens.
+With CUDA the plan times nothing and keeps the configured runs (the timers run CPU paths).
 
 The timings are synthetic (random inputs, no data loader, no DeepSpeed engine), so each is
 multiplied by a factor measured on the real stages (``STAGE_FACTORS``): what the loader worker

@@ -86,3 +86,12 @@ def test_the_default_demo_is_the_shapes_set(cfg):
     assert d.data.shards == "data/shapes/train/*.tar" and d.run.val_shards == "data/shapes/val/*.tar"
     assert p.data.shards == "data/shapes_tokens/train/*.tar" and p.text.text_len == cfg.text.text_len
     assert "--heldout 'data/shapes/heldout/*.tar'" in demo.evaluate_command(cfg)
+
+
+def test_with_cuda_the_plan_keeps_the_configured_runs(cfg, tmp_path, monkeypatch):
+    """The timers run CPU paths, so on a GPU machine the plan must not shorten anything."""
+    monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: True)
+    cfg.out_dir = str(tmp_path)
+    plan = demo.stage_plan(cfg)
+    assert plan["fraction"] == 1.0 and all(not o for o in plan["overrides"].values()) and "CUDA" in plan["note"]
+    assert demo.dvae_config(cfg) == demo.dvae_config(cfg, plan=False)
