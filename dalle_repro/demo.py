@@ -34,9 +34,9 @@ from PIL import Image, ImageDraw
 
 from dalle_repro.checkpoint import Checkpoints
 from dalle_repro.clip_train import ClipTrainConfig, train_clip
-from dalle_repro.config import arg, atomic_write_text, load_config, load_yaml, save_config, to_dict
+from dalle_repro.config import ConfigError, arg, atomic_write_text, load_config, load_yaml, save_config, to_dict
 from dalle_repro.data import DataArgs, Loader, clean_caption, iter_shard_samples
-from dalle_repro.distributed import free_port
+from dalle_repro.distributed import free_port, usable_cores
 from dalle_repro.emoji import build_emoji_dataset
 from dalle_repro.evaluate import zero_shot
 from dalle_repro.metrics import last_validation
@@ -232,19 +232,31 @@ def plan_path(cfg: DemoConfig) -> Path:
     return Path(cfg.out_dir, "plan.json")
 
 
+def _read_plan(path: Path) -> dict[str, Any] | None:
+    try:
+        plan = json.loads(path.read_text())
+        if not all(isinstance(plan.get("overrides", {}).get(k), list) for k in ("dvae", "prior", "clip")):
+            raise ValueError("no overrides for dvae, prior and clip")
+        return plan
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable time plan ({e}); delete it and run the demo again to plan anew") from e
+
+
 def planned(cfg: DemoConfig, stage: str) -> list[str]:
     """The plan's overrides for a training stage (none before the plan stage has run)."""
     path = plan_path(cfg)
-    return json.loads(path.read_text())["overrides"][stage] if path.is_file() else []
+    plan = _read_plan(path) if path.is_file() else None
+    return plan["overrides"][stage] if plan else []
 
 
 def dvae_config(cfg: DemoConfig, plan: bool = True) -> DVAETrainConfig:
     """The demo dVAE's config: its YAML, pointed at the demo's shards and run folder, then the
-    time plan's shortening (``plan``), then the user's overrides, which win."""
+    user's overrides, then the time plan's shortening of the result (``plan``; train_minutes=null
+    trains exactly what the overrides say)."""
     e = data_dir(cfg)
     own = [f"data.shards={e}/train/*.tar", f"run.val_shards={e}/val/*.tar", f"run.run_dir={cfg.out_dir}/dvae"]
     return load_config(
-        DVAETrainConfig, cfg.dvae_config, [*own, *(planned(cfg, "dvae") if plan else []), *cfg.dvae_overrides]
+        DVAETrainConfig, cfg.dvae_config, [*own, *cfg.dvae_overrides, *(planned(cfg, "dvae") if plan else [])]
     )
 
 
@@ -283,7 +295,7 @@ def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
 
 def prior_config(cfg: DemoConfig, plan: bool = True) -> PriorTrainConfig:
     """The demo prior's config: its YAML, pointed at the demo's tokens, tokenizer, dVAE and run
-    folder, then the time plan's shortening (``plan``), then the user's overrides."""
+    folder, then the user's overrides, then the time plan's shortening (``plan``)."""
     t = cfg.tokens_output
     # the model's sizes are left to train_prior.resolve_sizes: the tokenizer's vocabulary, the dVAE's grid and codes
     own = [
@@ -291,12 +303,12 @@ def prior_config(cfg: DemoConfig, plan: bool = True) -> PriorTrainConfig:
         f"data.shards={t}/train/*.tar",
         "data.kind=tokens",
         f"run.val_shards={t}/val/*.tar",
-        f"dvae={dvae_config(cfg).run.run_dir}/dvae",
+        f"dvae={dvae_config(cfg, plan=False).run.run_dir}/dvae",
         f"text.path={cfg.text.path}",
         f"run.run_dir={cfg.out_dir}/prior",
     ]
     return load_config(
-        PriorTrainConfig, cfg.prior_config, [*own, *(planned(cfg, "prior") if plan else []), *cfg.prior_overrides]
+        PriorTrainConfig, cfg.prior_config, [*own, *cfg.prior_overrides, *(planned(cfg, "prior") if plan else [])]
     )
 
 
@@ -339,15 +351,30 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
             grid=dv.grid,
             image_vocab=dv.vocab_size,
         )
+        timers = {
+            "dvae": (lambda: dp.dvae_step_seconds(dcfg), [to_dict(dv), dcfg.data.batch_size, dcfg.run.precision]),
+            "prior": (
+                lambda: dp.prior_step_seconds(model, pcfg.precision.dtype, pcfg.data.batch_size, cfg.prior_ranks),
+                [to_dict(model), pcfg.data.batch_size, pcfg.precision.dtype, cfg.prior_ranks],
+            ),
+            "clip": (
+                lambda: dp.clip_step_seconds(ccfg, cfg.text.path),
+                [to_dict(ccfg.model), ccfg.data.batch_size, ccfg.run.precision],
+            ),
+        }
+        # A plan made before keeps its timings where what they measured is unchanged, so that a rerun
+        # (another setting changed) reaches the same fraction, not a new one from timing noise.
+        old = _read_plan(plan_path(cfg)) if plan_path(cfg).is_file() else {}
+        keys = {k: _fingerprint(what, usable_cores(), torch.get_num_threads()) for k, (_, what) in timers.items()}
         seconds = {
-            "dvae": dp.dvae_step_seconds(dcfg),
-            "prior": dp.prior_step_seconds(model, pcfg.precision.dtype, pcfg.data.batch_size, cfg.prior_ranks),
-            "clip": dp.clip_step_seconds(ccfg, cfg.text.path),
+            k: old["seconds_per_update"][k] if old.get("timing_keys", {}).get(k) == keys[k] else timer()
+            for k, (timer, _) in timers.items()
         }
         minutes = {k: seconds[k] * dp.STAGE_FACTORS[k] * updates[k] / 60 for k in updates}
         fraction = dp.fraction_to_fit(minutes, cfg.train_minutes)
         result |= {
-            "seconds_per_update": {k: round(v, 4) for k, v in seconds.items()},
+            "seconds_per_update": seconds,
+            "timing_keys": keys,
             "factors": dp.STAGE_FACTORS,
             "predicted_minutes_configured": {k: round(v, 2) for k, v in minutes.items()},
             "predicted_minutes": round(sum(minutes.values()) * fraction, 2),

@@ -6,10 +6,12 @@ than an AVX2-only one in fp32. So before training, the demo times a few real upd
 training stage (the dVAE's ``train_step``, the prior's forward, backward and AdamW on as many
 threads as each rank gets, the small CLIP's step), predicts each stage's minutes at its configured
 length, and, when the three together would exceed ``train_minutes``, shortens all three by the
-same fraction, their schedules with them (:func:`scaled_overrides`). The plan is written once
-(``OUT/plan.json``, a demo stage) and reused on a rerun, so the stages' fingerprints do not move
-with timing noise. A machine fast enough keeps the configured runs: the plan only ever shortens.
-With CUDA the plan times nothing and keeps the configured runs (the timers run CPU paths).
+same fraction, their schedules with them (:func:`scaled_overrides`). The plan is a demo stage
+(``OUT/plan.json``), skipped on a rerun; when another setting makes it run again, it keeps each
+stage's timing whose subject is unchanged (demo.stage_plan's ``timing_keys``), so the stages'
+fingerprints do not move with timing noise. A machine fast enough keeps the configured runs: the
+plan only ever shortens. With CUDA the plan times nothing and keeps the configured runs (the timers
+run CPU paths).
 
 The timings are synthetic (random inputs, no data loader, no DeepSpeed engine), so each is
 multiplied by a factor measured on the real stages (``STAGE_FACTORS``): what the loader worker
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import threading
 import time
 from typing import Any
@@ -69,7 +72,7 @@ def prior_step_seconds(model_args: Any, precision: str, batch: int, ranks: int, 
     """Seconds of one prior update with ``ranks`` CPU ranks on this machine: each rank's forward,
     backward and AdamW, all ranks at once (one Python thread each, the intra-op threads split as
     distributed.cpu_threads splits them), on random tokens."""
-    from dalle_repro.distributed import usable_cores
+    from dalle_repro.distributed import cpu_threads, usable_cores
     from dalle_repro.precision import PrecisionArgs
     from dalle_repro.transformer import Transformer
 
@@ -94,13 +97,19 @@ def prior_step_seconds(model_args: Any, precision: str, batch: int, ranks: int, 
         opt.step()
 
     seconds = [0.0] * ranks
+    errors: list[BaseException] = []
 
     def rank(i: int) -> None:
         count = iter(range(1, 1 << 30))
-        seconds[i] = _timed(lambda: step(runs[i], next(count)), warm, timed)
+        try:
+            seconds[i] = _timed(lambda: step(runs[i], next(count)), warm, timed)
+        except BaseException as e:  # a thread's exception would only be printed: hand it to the caller
+            errors.append(e)
 
+    # the threads each rank would run (distributed.cpu_threads: the user's OMP_NUM_THREADS, else cores / ranks)
+    n, _ = cpu_threads(os.environ | {"LOCAL_WORLD_SIZE": str(ranks), "LOCAL_SIZE": str(ranks)}, usable_cores())
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, usable_cores() // ranks))
+    torch.set_num_threads(n if n is not None else before)
     try:
         threads = [threading.Thread(target=rank, args=(i,)) for i in range(ranks)]
         for t in threads:
@@ -109,6 +118,8 @@ def prior_step_seconds(model_args: Any, precision: str, batch: int, ranks: int, 
             t.join()
     finally:
         torch.set_num_threads(before)
+    if errors:
+        raise RuntimeError(f"timing the prior's update failed: {errors[0]!r}") from errors[0]
     return max(seconds)
 
 
@@ -162,7 +173,8 @@ def fraction_to_fit(minutes: dict[str, float], budget: float | None) -> float:
 
 
 def scaled(value: int | None, fraction: float) -> int | None:
-    return None if value is None else max(1, math.floor(value * fraction))
+    """``fraction`` of an update count, at least 1; 0 (a schedule held at its end value) and None stay."""
+    return value if not value else max(1, math.floor(value * fraction))
 
 
 def scaled_overrides(config: Any, keys: tuple[str, ...], fraction: float) -> list[str]:

@@ -11,8 +11,8 @@ import json
 import logging
 import sys
 
-from dalle_repro.config import parse_cli
-from dalle_repro.demo import DemoConfig, run_demo
+from dalle_repro.config import ConfigError, parse_cli
+from dalle_repro.demo import DemoConfig, data_dir, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,14 +20,19 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    results = run_demo(cfg)
+    try:
+        results = run_demo(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for name, r in results.items():
         print(
             f"{name:10s} "
             + json.dumps({k: v for k, v in r.items() if k not in ("captions", "fingerprint", "prompts", "settings")})
         )
-    print(f"\noutputs:\n  shards     {cfg.emoji.output}/train/*.tar, {cfg.emoji.output}/val/*.tar")
-    print(f"  summary    {cfg.emoji.output}/summary.json\n  tokenizer  {cfg.text.path}")
+    data = data_dir(cfg)
+    print(f"\noutputs:\n  shards     {data}/train/*.tar, {data}/val/*.tar")
+    print(f"  summary    {data}/summary.json\n  tokenizer  {cfg.text.path}")
     print(f"  preview    {results['preview']['preview']}")
     print(f"  dVAE       {results['dvae']['model']}  (reconstructions: {results['dvae']['grid']})")
     print(f"  tokens     {results['tokens']['output']}/train/*.tar, {results['tokens']['output']}/val/*.tar")

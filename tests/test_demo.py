@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dalle_repro import demo, demo_plan
-from dalle_repro.config import load_config
+from dalle_repro.config import ConfigError, load_config
 
 
 @pytest.fixture
@@ -52,12 +52,72 @@ def test_a_machine_fast_enough_keeps_the_configured_runs(cfg, tmp_path):
     assert demo.clip_config(cfg) == full["clip"]
 
 
-def test_the_users_overrides_win_over_the_plan(tmp_path):
+def test_the_plan_scales_the_users_overrides_alike(tmp_path):
+    """Overrides are planned too, so a run shortened by the plan keeps its schedules in proportion."""
     mine = load_config(
-        demo.DemoConfig, "configs/demo/demo.yaml", ["dvae_overrides=[run.steps=7]", "prior_overrides=[run.steps=5]"]
+        demo.DemoConfig,
+        "configs/demo/demo.yaml",
+        ["dvae_overrides=[run.steps=800,schedule.lr_steps=800]", "prior_overrides=[run.steps=6]"],
     )
     _plan(mine, tmp_path, 0.5)
-    assert demo.dvae_config(mine).run.steps == 7 and demo.prior_config(mine).run.steps == 5
+    d = demo.dvae_config(mine)
+    assert d.run.steps == 400 and d.schedule.lr_steps == 400 and demo.prior_config(mine).run.steps == 3
+    mine.train_minutes = None  # without a plan file the overrides are trained as they are
+    demo.plan_path(mine).unlink()
+    assert demo.dvae_config(mine).run.steps == 800
+
+
+def test_a_zero_length_schedule_stays_zero():
+    assert demo_plan.scaled(0, 0.5) == 0 and demo_plan.scaled(None, 0.5) is None and demo_plan.scaled(3, 0.1) == 1
+
+
+def test_an_unreadable_plan_is_named(cfg, tmp_path):
+    cfg.out_dir = str(tmp_path)
+    demo.plan_path(cfg).write_text('{"overrides": {"dvae": [')  # torn
+    with pytest.raises(ConfigError, match="plan.json: unreadable time plan"):
+        demo.dvae_config(cfg)
+    assert demo.dvae_config(cfg, plan=False).run.steps > 0  # the plan stage's own settings still load
+    assert demo.prior_config(cfg, plan=False).dvae.endswith("dvae/dvae")
+
+
+def test_a_rerun_keeps_the_timings_whose_subject_did_not_change(cfg, tmp_path, monkeypatch):
+    """Rerunning the plan (another setting changed) must not move the fraction by timing noise."""
+    cfg.out_dir = str(tmp_path)
+    calls = []
+
+    def timer(name, seconds):
+        def run(*a, **k):
+            calls.append(name)
+            return seconds
+
+        return run
+
+    monkeypatch.setattr(demo, "TextTokenizer", lambda *a: type("T", (), {"vocab_size": 100})())
+    monkeypatch.setattr(demo_plan, "dvae_step_seconds", timer("dvae", 0.5))
+    monkeypatch.setattr(demo_plan, "prior_step_seconds", timer("prior", 1.0))
+    monkeypatch.setattr(demo_plan, "clip_step_seconds", timer("clip", 0.2))
+    first = demo.stage_plan(cfg)
+    assert 0 < first["fraction"] < 1 and calls == ["dvae", "prior", "clip"]
+    monkeypatch.setattr(demo_plan, "dvae_step_seconds", timer("dvae", 0.9))  # noise, were it timed again
+    cfg.clip.optim.lr = 0.002  # a setting no timing depends on
+    assert demo.stage_plan(cfg)["fraction"] == first["fraction"] and calls == ["dvae", "prior", "clip"]
+    cfg.clip.data.batch_size = 32  # what the CLIP timer measures: timed again, the others kept
+    demo.stage_plan(cfg)
+    assert calls == ["dvae", "prior", "clip", "clip"]
+
+
+def test_a_failing_prior_timer_raises_instead_of_reading_zero(monkeypatch):
+    from dalle_repro.transformer import Transformer
+
+    def broken(self, *a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Transformer, "loss", broken)
+    from dalle_repro.transformer import TransformerArgs
+
+    m = TransformerArgs(dim=32, depth=2, heads=2, conv_kernel=3, text_len=4, text_vocab=40, grid=4, image_vocab=16)
+    with pytest.raises(RuntimeError, match="timing the prior's update failed"):
+        demo_plan.prior_step_seconds(m, "fp32", batch=2, ranks=2, warm=1, timed=1)
 
 
 def test_the_step_timers_run_the_real_steps_at_a_tiny_size():
