@@ -138,26 +138,18 @@ ANCHOR_SCRIPT = Path(__file__).resolve().parents[1].parent / "shared" / "anchors
 
 
 def _vae_train_once(precision: str, threads: int) -> float:
-    """Our dVAE train step, images/s, measured as the peer's script measures (2 warm, 5 timed).
+    """Our dVAE train step, images/s, measured as the peer's script measures (2 warm, 5 timed), as
+    the demo's time plan times it (demo_plan.dvae_step_seconds: train_dvae.train_step, channels_last).
     ``precision``: run.precision (auto: picked as the trainer picks)."""
-    from dalle_repro.dvae import DVAE, DVAEArgs
-    from dalle_repro.optim import EMA, adamw
-    from dalle_repro.train_dvae import DVAETrainConfig, State, train_step
+    from dalle_repro.demo_plan import dvae_step_seconds
+    from dalle_repro.dvae import DVAEArgs
+    from dalle_repro.train_dvae import DVAETrainConfig
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     cfg = DVAETrainConfig(model=DVAEArgs(**BENCH_DVAE), data=DataArgs(image_size=64, batch_size=16))
     cfg.run.precision = precision
-    model = DVAE(cfg.model).to(memory_format=torch.channels_last)
-    opt = adamw(model, 1e-3, (0.9, 0.999), 1e-8, 1e-4)
-    st = State(model, model, opt, EMA(model, 0.999), None, None)  # type: ignore[arg-type]
-    x = torch.rand(16, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    for _ in range(2):
-        train_step(st, x, cfg, torch.device("cpu"))
-    t = time.perf_counter()
-    for _ in range(5):
-        train_step(st, x, cfg, torch.device("cpu"))
-    return 16 * 5 / (time.perf_counter() - t)
+    return 16 / dvae_step_seconds(cfg, warm=2, timed=5)
 
 
 # --isa avx2: PyTorch's own kernels (ATen's dispatch, oneDNN, MKL) and ours held to AVX2 on this
@@ -447,6 +439,7 @@ def _prior_train_once(precision: str, threads: int) -> dict[str, Any]:
     ``precision``: precision.dtype (auto: picked as the trainer picks)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from dalle_repro.demo_plan import prior_update
     from dalle_repro.precision import PrecisionArgs
     from dalle_repro.transformer import Transformer, TransformerArgs
 
@@ -457,15 +450,10 @@ def _prior_train_once(precision: str, threads: int) -> dict[str, Any]:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     text = torch.randint(0, 4096, (8, 64))
     image = torch.randint(0, 1024, (8, 256))
-    state = {"step": 0}
+    count = iter(range(1, 1 << 30))
 
     def step() -> None:
-        loss = model.loss(text, image).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        state["step"] += 1
-        scaler.end_step(model.branch_params(), state["step"])
-        opt.step()
+        prior_update(model, scaler, opt, text, image, next(count))
 
     with FlopCounterMode(display=False) as fc:
         step()

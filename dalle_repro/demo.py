@@ -34,7 +34,18 @@ from PIL import Image, ImageDraw
 
 from dalle_repro.checkpoint import Checkpoints
 from dalle_repro.clip_train import ClipTrainConfig, train_clip
-from dalle_repro.config import ConfigError, arg, atomic_write_text, load_config, load_yaml, save_config, to_dict
+from dalle_repro.config import (
+    ConfigError,
+    arg,
+    atomic_write_text,
+    deep_merge,
+    from_dict,
+    load_config,
+    load_yaml,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
 from dalle_repro.data import DataArgs, Loader, clean_caption, iter_shard_samples
 from dalle_repro.distributed import free_port, usable_cores
 from dalle_repro.emoji import build_emoji_dataset
@@ -233,6 +244,9 @@ def plan_path(cfg: DemoConfig) -> Path:
 
 
 def _read_plan(path: Path) -> dict[str, Any] | None:
+    """The plan file, None before the plan stage has written one; a damaged one is named."""
+    if not path.is_file():
+        return None
     try:
         plan = json.loads(path.read_text())
         if not all(isinstance(plan.get("overrides", {}).get(k), list) for k in ("dvae", "prior", "clip")):
@@ -244,8 +258,7 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
 
 def planned(cfg: DemoConfig, stage: str) -> list[str]:
     """The plan's overrides for a training stage (none before the plan stage has run)."""
-    path = plan_path(cfg)
-    plan = _read_plan(path) if path.is_file() else None
+    plan = _read_plan(plan_path(cfg))
     return plan["overrides"][stage] if plan else []
 
 
@@ -316,18 +329,15 @@ def clip_config(cfg: DemoConfig, plan: bool = True) -> ClipTrainConfig:
     """The small CLIP's settings, pointed at the demo's shards, tokenizer and folder; ``plan``: its
     length as the time plan sets it."""
     c = cfg.clip
-    steps = c.run.steps
-    for o in planned(cfg, "clip") if plan else []:
-        key, value = o.split("=")
-        assert key == "run.steps", o
-        steps = int(value)
+    if plan and (shorter := planned(cfg, "clip")):
+        c = from_dict(ClipTrainConfig, deep_merge(to_dict(c), parse_overrides(shorter)))
     return dataclasses.replace(
         c,
         text=dataclasses.replace(c.text, path=cfg.text.path),
         data=dataclasses.replace(
             c.data, shards=f"{data_dir(cfg)}/train/*.tar", val_shards=f"{data_dir(cfg)}/val/*.tar"
         ),
-        run=dataclasses.replace(c.run, output=f"{cfg.out_dir}/clip", steps=steps),
+        run=dataclasses.replace(c.run, output=f"{cfg.out_dir}/clip"),
     )
 
 
@@ -364,7 +374,7 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
         }
         # A plan made before keeps its timings where what they measured is unchanged, so that a rerun
         # (another setting changed) reaches the same fraction, not a new one from timing noise.
-        old = _read_plan(plan_path(cfg)) if plan_path(cfg).is_file() else {}
+        old = _read_plan(plan_path(cfg)) or {}
         keys = {k: _fingerprint(what, usable_cores(), torch.get_num_threads()) for k, (_, what) in timers.items()}
         seconds = {
             k: old["seconds_per_update"][k] if old.get("timing_keys", {}).get(k) == keys[k] else timer()

@@ -68,6 +68,16 @@ def dvae_step_seconds(dcfg: Any, warm: int = 2, timed: int = 5) -> float:
     return _timed(lambda: train_step(st, x, cfg, torch.device("cpu")), warm, timed)
 
 
+def prior_update(model: Any, scaler: Any, opt: Any, text: torch.Tensor, image: torch.Tensor, n: int) -> None:
+    """One prior update without DeepSpeed: the loss, backward, the per-branch scaling's end of
+    update ``n`` (precision.BlockScaler) and AdamW (also bench/run.py's prior_train)."""
+    loss = model.loss(text, image).loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    scaler.end_step(model.branch_params(), n)
+    opt.step()
+
+
 def prior_step_seconds(model_args: Any, precision: str, batch: int, ranks: int, warm: int = 1, timed: int = 3) -> float:
     """Seconds of one prior update with ``ranks`` CPU ranks on this machine: each rank's forward,
     backward and AdamW, all ranks at once (one Python thread each, the intra-op threads split as
@@ -88,21 +98,13 @@ def prior_step_seconds(model_args: Any, precision: str, batch: int, ranks: int, 
         image = torch.randint(0, m.image_vocab, (batch, m.grid * m.grid))
         runs.append((model, scaler, opt, text, image))
 
-    def step(run: tuple[Any, ...], n: int) -> None:
-        model, scaler, opt, text, image = run
-        loss = model.loss(text, image).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        scaler.end_step(model.branch_params(), n)
-        opt.step()
-
     seconds = [0.0] * ranks
     errors: list[BaseException] = []
 
     def rank(i: int) -> None:
         count = iter(range(1, 1 << 30))
         try:
-            seconds[i] = _timed(lambda: step(runs[i], next(count)), warm, timed)
+            seconds[i] = _timed(lambda: prior_update(*runs[i], next(count)), warm, timed)
         except BaseException as e:  # a thread's exception would only be printed: hand it to the caller
             errors.append(e)
 

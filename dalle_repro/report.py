@@ -140,8 +140,7 @@ def plan_lines(plan: dict[str, Any]) -> list[str]:
         return []
     full = sum(plan["predicted_minutes_configured"].values())
     f = plan["fraction"]
-    planned = plan.get("planned_updates") or {k: int(v * f) for k, v in plan["configured_updates"].items()}
-    runs = ", ".join(f"{k} {v}" for k, v in planned.items())
+    runs = ", ".join(f"{k} {v}" for k, v in plan["planned_updates"].items())
     return [
         f"Time plan: the configured training would take about {full:.1f} minutes on this machine (timed "
         f"updates x measured factors); the budget is {plan['train_minutes']:g} (`train_minutes`), so the "
