@@ -84,13 +84,14 @@ def test_ranks_under_the_deepspeed_launcher_split_the_cores(tmp_path):
         "import json, os, torch\n"
         "from dalle_repro import distributed\n"
         "distributed.pick_device('cpu', int(os.environ['LOCAL_RANK']))\n"
-        "print('THREADS', json.dumps([os.environ['LOCAL_RANK'], torch.get_num_threads()]), flush=True)\n"
-    )
+        "rank = os.environ['LOCAL_RANK']\n"
+        f"open({str(tmp_path)!r} + f'/threads-{{rank}}.json', 'w').write(json.dumps([rank, torch.get_num_threads()]))\n"
+    )  # a file per rank: two ranks printing to one pipe interleave their writes (seen: "THREADSTHREADS")
     env = {k: v for k, v in launch_env().items() if k not in distributed.THREAD_VARS}
     cmd = [launcher(), "--num_gpus", "2", "--master_port", str(distributed.free_port()), str(script)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    seen = sorted(json.loads(line.split(" ", 1)[1]) for line in r.stdout.splitlines() if line.startswith("THREADS"))
+    seen = sorted(json.loads(p.read_text()) for p in tmp_path.glob("threads-*.json"))
     expected = max(1, distributed.usable_cores() // 2)
     assert seen == [["0", expected], ["1", expected]], r.stdout[-2000:]
 
