@@ -41,9 +41,9 @@ from contextlib import contextmanager
 
 import torch
 
-from dalle_repro.distributed import cpu_threads, usable_cores
-from dalle_repro.precision import PrecisionArgs
-from dalle_repro.transformer import Transformer, TransformerArgs
+from dalle_repro.core.distributed import cpu_threads, usable_cores
+from dalle_repro.core.precision import PrecisionArgs
+from dalle_repro.models.transformer import Transformer, TransformerArgs
 
 DEMO_PRIOR = dict(dim=256, depth=8, heads=8, text_len=24, text_vocab=1859, grid=8, image_vocab=512, conv_kernel=11)
 SPIN = "while True: pass"

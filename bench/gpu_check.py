@@ -44,10 +44,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dalle_repro.attention import KINDS, MaskSpec, allowed, attend, layer_kind  # noqa: E402
-from dalle_repro.config import load_config, plain_text  # noqa: E402
-from dalle_repro.precision import PrecisionArgs  # noqa: E402
-from dalle_repro.transformer import Transformer, TransformerArgs  # noqa: E402
+from dalle_repro.core.config import load_config, plain_text  # noqa: E402
+from dalle_repro.core.precision import PrecisionArgs  # noqa: E402
+from dalle_repro.models.attention import KINDS, MaskSpec, allowed, attend, layer_kind  # noqa: E402
+from dalle_repro.models.transformer import Transformer, TransformerArgs  # noqa: E402
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 
@@ -128,7 +128,7 @@ def _prior_flops_per_sequence(model: Transformer) -> float:
 
 
 def _model_args(config: str, dry: bool) -> tuple[TransformerArgs, int]:
-    from dalle_repro.train_prior import PriorTrainConfig, model_with_paper_sizes
+    from dalle_repro.train.prior import PriorTrainConfig, model_with_paper_sizes
 
     cfg = load_config(PriorTrainConfig, ROOT / config)
     if dry:
@@ -180,7 +180,7 @@ def fp16_block_skip(dev: torch.device, dry: bool) -> dict[str, Any]:
     import deepspeed
     import torch.distributed as dist
 
-    from dalle_repro.exact_skip import step_without
+    from dalle_repro.train.exact_skip import step_without
 
     if not dist.is_initialized():
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29611")
@@ -245,15 +245,15 @@ def sampling(dev: torch.device, dry: bool) -> dict[str, Any]:
 
 
 def dvae_fp16(dev: torch.device, dry: bool) -> dict[str, Any]:
-    from dalle_repro.optim import EMA, adamw
-    from dalle_repro.train_dvae import DVAETrainConfig, State, train_step
+    from dalle_repro.train.dvae import DVAETrainConfig, State, train_step
+    from dalle_repro.train.optim import EMA, adamw
 
     over = ["data.batch_size=8", "run.precision=fp16"]
     if dry:
         over = ["model.image_size=32", "data.image_size=32", "model.n_hid=16", "model.vocab_size=64"]
         over += ["model.n_init=8", "model.group_count=2", "data.batch_size=2", "run.precision=fp32"]
     cfg = load_config(DVAETrainConfig, ROOT / "configs/paper/dvae.yaml", over)
-    from dalle_repro.dvae import DVAE
+    from dalle_repro.models.dvae import DVAE
 
     torch.manual_seed(0)
     model = DVAE(cfg.model).to(dev, memory_format=torch.channels_last)

@@ -27,7 +27,7 @@ Workloads:
              batch 16). Ours is the paper's architecture at n_hid 28, one block per group: 0.87M
              parameters and 872 MFLOP per image (forward + backward) in the release's layer order,
              matched to the peer's DiscreteVAE (0.83M, 864 MFLOP) by FLOPs; our decoder computes
-             the same function in 763 (its 1x1 convs run before each upsampling, dvae.py).
+             the same function in 763 (its 1x1 convs run before each upsampling, models/dvae.py).
              Measured like the peer's script (2 warm-up, 5 timed steps, random images), as our real
              train step: autocast, channels_last, AdamW,
              EMA, with the allocator tuning our trainers apply on CPU. Measured in fp32 and in bf16;
@@ -72,18 +72,25 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dalle_repro.config import plain_text
-from dalle_repro.cpuinfo import cpu_record
-from dalle_repro.data import DataArgs, Loader, crop_resize, decode_image, expand_shards, image_to_tensor
-from dalle_repro.dvae import logit_laplace_nll
-from dalle_repro.precision import Pick, auto_precision, cpu_matmul_probe, pick_precision
+from dalle_repro.core.config import plain_text
+from dalle_repro.core.cpuinfo import cpu_record
+from dalle_repro.core.precision import Pick, auto_precision, cpu_matmul_probe, pick_precision
+from dalle_repro.data.loader import (
+    DataArgs,
+    Loader,
+    crop_resize,
+    decode_image,
+    expand_shards,
+    image_to_tensor,
+)
+from dalle_repro.models.dvae import logit_laplace_nll
 
 
 def _shards(tmp: Path) -> list[str]:
     demo = Path("data/emoji/train")
     if demo.is_dir() and list(demo.glob("*.tar")):
         return sorted(str(p) for p in demo.glob("*.tar"))
-    from dalle_repro.emoji import build_emoji_dataset
+    from dalle_repro.data.emoji import build_emoji_dataset
 
     build_emoji_dataset(tmp, image_size=64, shard_size=256, val_fraction=0.05)
     return sorted(str(p) for p in (tmp / "train").glob("*.tar"))
@@ -141,9 +148,9 @@ def _vae_train_once(precision: str, threads: int) -> float:
     """Our dVAE train step, images/s, measured as the peer's script measures (2 warm, 5 timed), as
     the demo's time plan times it (demo_plan.dvae_step_seconds: train_dvae.train_step, channels_last).
     ``precision``: run.precision (auto: picked as the trainer picks)."""
-    from dalle_repro.demo_plan import dvae_step_seconds
-    from dalle_repro.dvae import DVAEArgs
-    from dalle_repro.train_dvae import DVAETrainConfig
+    from dalle_repro.demo.plan import dvae_step_seconds
+    from dalle_repro.models.dvae import DVAEArgs
+    from dalle_repro.train.dvae import DVAETrainConfig
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -204,7 +211,7 @@ def bench_vae_train(rounds: int, threads: int, precision: str = "auto") -> dict[
     does not. Running it a second time with the same settings, through glibc's MALLOC_* variables,
     shows how much of the ratio is that tuning and how much is the step itself.
     """
-    from dalle_repro.distributed import cpu_malloc_env
+    from dalle_repro.core.distributed import cpu_malloc_env
 
     anchor = os.environ.get("ANCHOR_VENV")
     me = [sys.executable, __file__, "_vae_train_once", "--threads", str(threads)]
@@ -300,12 +307,12 @@ def _ours_quality(
     """
     from unittest import mock
 
-    from dalle_repro import dvae
-    from dalle_repro.config import load_config
-    from dalle_repro.distributed import tune_cpu_allocator
-    from dalle_repro.dvae import DVAE
-    from dalle_repro.optim import EMA, adamw
-    from dalle_repro.train_dvae import DVAETrainConfig, State, train_step
+    from dalle_repro.core.config import load_config
+    from dalle_repro.core.distributed import tune_cpu_allocator
+    from dalle_repro.models import dvae
+    from dalle_repro.models.dvae import DVAE
+    from dalle_repro.train.dvae import DVAETrainConfig, State, train_step
+    from dalle_repro.train.optim import EMA, adamw
 
     if likelihood != "logit_laplace":
         with mock.patch.object(dvae, "logit_laplace_nll", ABLATION_LIKELIHOODS[likelihood]):
@@ -439,9 +446,9 @@ def _prior_train_once(precision: str, threads: int) -> dict[str, Any]:
     ``precision``: precision.dtype (auto: picked as the trainer picks)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dalle_repro.demo_plan import prior_update
-    from dalle_repro.precision import PrecisionArgs
-    from dalle_repro.transformer import Transformer, TransformerArgs
+    from dalle_repro.core.precision import PrecisionArgs
+    from dalle_repro.demo.plan import prior_update
+    from dalle_repro.models.transformer import Transformer, TransformerArgs
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -506,7 +513,7 @@ def _attention_flops(spec: Any, backend: str, heads: int = 8, d: int = 64) -> fl
     every pair. Local (the CPU kernel) scores every query against the text in one product, and each
     image query's listed image keys. Blocked scores the causal text, and per image query the text
     and its whole window of grid rows (a column, for the column kind)."""
-    from dalle_repro.attention import image_key_lists, reach_rows
+    from dalle_repro.models.attention import image_key_lists, reach_rows
 
     t, g = spec.text_len, spec.grid
     if backend == "dense":
@@ -525,14 +532,14 @@ ATTENTION_BACKENDS = ("dense", "local", "blocked")
 def bench_attention(rounds: int, threads: int, precision: str = "auto") -> dict[str, Any]:
     """Forward + backward time of the local backend against dense, per mask kind, as the grid grows.
 
-    ``local`` is what training on CPU runs: the compiled kernel (dalle_repro/cpu_kernels.py).
+    ``local`` is what training on CPU runs: the compiled kernel (dalle_repro/kernels/cpu.py).
     ``blocked`` is its pure-PyTorch fallback (blocked matrix products), timed beside it. In fp32
     and in bf16 (what CPU training runs under autocast). Also the paper's 64-layer schedule (47
     row, 16 column, 1 conv layers) at each grid, and the GFLOP/s each backend reaches on what it
     computes, against a 2048^3 matmul in the same run.
     """
-    from dalle_repro import cpu_kernels
-    from dalle_repro.attention import MaskSpec, attend, blocked_attention, dense_mask, layer_kind
+    from dalle_repro.kernels import cpu as cpu_kernels
+    from dalle_repro.models.attention import MaskSpec, attend, blocked_attention, dense_mask, layer_kind
 
     if cpu_kernels.load() is None:
         raise SystemExit("the CPU attention kernel is unavailable (see the warning above); nothing to compare")
@@ -593,8 +600,8 @@ def bench_attention(rounds: int, threads: int, precision: str = "auto") -> dict[
 def _sample_once(precision: str, threads: int) -> dict[str, Any]:
     """Our cached sampling on BENCH.md's sample workload (4 prompts, 256 tokens each), one timed run.
     ``precision``: of the blocks (auto: picked as the sampler picks)."""
-    from dalle_repro.precision import PrecisionArgs
-    from dalle_repro.transformer import Transformer, TransformerArgs
+    from dalle_repro.core.precision import PrecisionArgs
+    from dalle_repro.models.transformer import Transformer, TransformerArgs
 
     torch.manual_seed(0)
     torch.set_num_threads(threads)
@@ -699,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         os.execve(sys.executable, [sys.executable, __file__, *args], {**os.environ, **AVX2_ENV})
     torch.set_num_threads(a.threads)
     if a.workload.startswith("_"):  # our side runs as our trainers and sampler run on CPU
-        from dalle_repro.distributed import tune_cpu_allocator
+        from dalle_repro.core.distributed import tune_cpu_allocator
 
         tune_cpu_allocator()
     if a.workload == "_vae_train_once":  # one measurement in a fresh process (see bench_vae_train)

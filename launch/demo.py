@@ -1,48 +1,12 @@
-"""The main job on the embedded demo data: emoji shards -> tokenizer -> preview -> dVAE -> token shards
--> prior (deepspeed launcher, 2 CPU ranks) -> small CLIP -> reranked samples -> report.
+"""The main job on the embedded demo data: shapes shards, tokenizer, dVAE, token shards, prior, CLIP,
+reranked samples, evaluation and report.
 
-Usage: python launch/demo.py [--config configs/demo/demo.yaml] [key.sub=value ...]
-Finished stages are skipped, so a rerun after an interruption continues where it stopped.
+A thin entry point: the command is ``dalle_repro.cli.demo`` (``--help`` for its usage).
 """
 
-from __future__ import annotations
-
-import json
-import logging
 import sys
 
-from dalle_repro.config import ConfigError, parse_cli
-from dalle_repro.demo import DemoConfig, data_dir, run_demo
-
-
-def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(DemoConfig, argv, __doc__ or "", default_config="configs/demo/demo.yaml")
-    if cfg is None:
-        return 0
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        results = run_demo(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for name, r in results.items():
-        print(
-            f"{name:10s} "
-            + json.dumps({k: v for k, v in r.items() if k not in ("captions", "fingerprint", "prompts", "settings")})
-        )
-    data = data_dir(cfg)
-    print(f"\noutputs:\n  shards     {data}/train/*.tar, {data}/val/*.tar")
-    print(f"  summary    {data}/summary.json\n  tokenizer  {cfg.text.path}")
-    print(f"  preview    {results['preview']['preview']}")
-    print(f"  dVAE       {results['dvae']['model']}  (reconstructions: {results['dvae']['grid']})")
-    print(f"  tokens     {results['tokens']['output']}/train/*.tar, {results['tokens']['output']}/val/*.tar")
-    print(f"  prior      {results['prior']['model']}  (log: {results['prior']['log']})")
-    print(f"  CLIP       {results['clip']['model']}")
-    print(f"  samples    {cfg.out_dir}/samples/*.png, {cfg.out_dir}/samples/samples.json")
-    print(f"  report     {cfg.out_dir}/report.md, {cfg.out_dir}/report.html")
-    print(f"  config     {cfg.out_dir}/config.yaml")
-    return 0
-
+from dalle_repro.cli.demo import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dalle_repro.emoji import EMOJI_TEST_PATH, FONT_PATH
+from dalle_repro.data.emoji import EMOJI_TEST_PATH, FONT_PATH
 
 
 @pytest.fixture(scope="session")
@@ -15,7 +15,7 @@ def emoji_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small emoji data set: 96 emoji at 16x16, 8 per shard, 20% validation."""
     if not (Path(FONT_PATH).is_file() and Path(EMOJI_TEST_PATH).is_file()):
         pytest.skip("needs Debian's fonts-noto-color-emoji and unicode-data")
-    from dalle_repro.emoji import build_emoji_dataset
+    from dalle_repro.data.emoji import build_emoji_dataset
 
     out = tmp_path_factory.mktemp("emoji")
     build_emoji_dataset(out, image_size=16, shard_size=8, val_fraction=0.2, limit=96)
@@ -24,7 +24,7 @@ def emoji_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_path(emoji_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dalle_repro.tokenizer import save_tokenizer, train_from_shards
+    from dalle_repro.data.tokenizer import save_tokenizer, train_from_shards
 
     tok, _ = train_from_shards(sorted(str(p) for p in (emoji_dir / "train").glob("*.tar")), 600, progress=False)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
@@ -46,8 +46,8 @@ def prior_data(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.T
     """A random tiny dVAE (16x16 -> 4x4 codes of 32) and the emoji encoded with it."""
     import torch
 
-    from dalle_repro.dvae import DVAE, DVAEArgs
-    from dalle_repro.pre_encode import encode_token_shards
+    from dalle_repro.data.pre_encode import encode_token_shards
+    from dalle_repro.models.dvae import DVAE, DVAEArgs
 
     root = tmp_path_factory.mktemp("prior_data")
     torch.manual_seed(0)
@@ -61,8 +61,8 @@ def prior_data(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.T
 @pytest.fixture(scope="session")
 def clip_dir(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tools/train_clip.py's library call, a few steps at a tiny size."""
-    from dalle_repro.clip_train import ClipTrainConfig, train_clip
-    from dalle_repro.config import load_config
+    from dalle_repro.core.config import load_config
+    from dalle_repro.train.clip import ClipTrainConfig, train_clip
 
     out = tmp_path_factory.mktemp("clip") / "clip"
     cfg = load_config(

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle_repro.emoji import EMOJI_TEST_PATH, FONT_PATH
+from dalle_repro.data.emoji import EMOJI_TEST_PATH, FONT_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_repro import attention, cpu_kernels
-from dalle_repro.attention import (
+from dalle_repro.kernels import cpu as cpu_kernels
+from dalle_repro.models import attention
+from dalle_repro.models.attention import (
     KINDS,
     MaskSpec,
     allowed,

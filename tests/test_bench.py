@@ -12,8 +12,8 @@ from unittest import mock
 import pytest
 import torch
 
-from dalle_repro import dvae
-from dalle_repro.dvae import DVAE, DVAEArgs, logit_laplace_nll, map_pixels
+from dalle_repro.models import dvae
+from dalle_repro.models.dvae import DVAE, DVAEArgs, logit_laplace_nll, map_pixels
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,8 +60,8 @@ def test_ablation_likelihood_reaches_the_training_loss(bench, name):
 
 
 def test_every_result_carries_the_machine_record(bench, monkeypatch, capsys):
-    from dalle_repro.cpuinfo import cpu_flags, read_cpuinfo, x86_level
-    from dalle_repro.precision import auto_precision
+    from dalle_repro.core.cpuinfo import cpu_flags, read_cpuinfo, x86_level
+    from dalle_repro.core.precision import auto_precision
 
     peaks = {"peak_fp32_gflops": 123.4, "peak_bf16_gflops": 234.5}
     monkeypatch.setattr(bench, "matmul_peak", lambda threads: peaks)  # a 2048^3 product takes seconds
@@ -94,7 +94,7 @@ def _fake_child(cmd, env=None):
 @pytest.mark.parametrize("picked", ["fp32", "bf16"])
 @pytest.mark.parametrize("workload, unit", [("vae_train", "img"), ("prior_train", "tok"), ("sample", "img")])
 def test_the_headline_is_at_the_precision_auto_picks(bench, monkeypatch, workload, unit, picked):
-    from dalle_repro.precision import Pick
+    from dalle_repro.core.precision import Pick
 
     monkeypatch.delenv("ANCHOR_VENV", raising=False)
     monkeypatch.setattr(bench, "_subprocess_json", _fake_child)

@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from dalle_repro.config import ConfigError, arg, cli_help, load_config, save_config
+from dalle_repro.core.config import ConfigError, arg, cli_help, load_config, save_config
 
 
 @dataclass
@@ -108,11 +108,11 @@ def test_arg_refuses_undocumented_and_mutable_defaults():
 def test_every_shipped_config_validates():
     from pathlib import Path
 
-    from dalle_repro.demo import DemoConfig
+    from dalle_repro.demo.pipeline import DemoConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    from dalle_repro.train_dvae import DVAETrainConfig
-    from dalle_repro.train_prior import PriorTrainConfig
+    from dalle_repro.train.dvae import DVAETrainConfig
+    from dalle_repro.train.prior import PriorTrainConfig
 
     cfg = load_config(DemoConfig, root / "demo" / "demo.yaml")
     assert cfg.text.text_len == 16 and cfg.prior_ranks == 2 and cfg.dataset == "shapes"
@@ -132,9 +132,9 @@ def test_files_written_atomically_honour_the_umask(tmp_path):
     import torch
     from PIL import Image
 
-    from dalle_repro.checkpoint import write_folder
-    from dalle_repro.config import atomic_write_text
-    from dalle_repro.viz import save_png
+    from dalle_repro.core.config import atomic_write_text
+    from dalle_repro.core.images import save_png
+    from dalle_repro.train.checkpoint import write_folder
 
     old = os.umask(0o022)
     try:
@@ -157,8 +157,8 @@ def test_a_config_resolves_no_environment_variable_without_the_flag(tmp_path, mo
     import sys
     from pathlib import Path
 
-    from dalle_repro.config import ConfigError, load_config
-    from dalle_repro.train_dvae import DVAETrainConfig
+    from dalle_repro.core.config import ConfigError, load_config
+    from dalle_repro.train.dvae import DVAETrainConfig
 
     monkeypatch.setenv("DALLE_REPRO_TEST_SECRET", "s3cret")
     path = tmp_path / "shared.yaml"

@@ -10,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from dalle_repro import cpu_kernels
-from dalle_repro.attention import MaskSpec, attend
+from dalle_repro.kernels import cpu as cpu_kernels
+from dalle_repro.models.attention import MaskSpec, attend
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_gumbel_noise_has_the_gumbel_moments():
 
 @pytest.mark.parametrize("tau", [1.0, 1 / 16])
 def test_fused_gumbel_softmax_kl_matches_the_formulas_forward_and_backward(tau):
-    from dalle_repro.dvae import _GumbelSoftmaxKL
+    from dalle_repro.models.dvae import _GumbelSoftmaxKL
 
     lib = cpu_kernels.load()
     gen = torch.Generator().manual_seed(0)
@@ -138,7 +138,7 @@ def test_fused_gumbel_softmax_kl_matches_the_formulas_forward_and_backward(tau):
 
 
 def test_fused_gumbel_softmax_follows_the_torch_seed_not_the_thread_count():
-    from dalle_repro.dvae import gumbel_softmax_kl
+    from dalle_repro.models.dvae import gumbel_softmax_kl
 
     lg = torch.randn(4, 8, 8, 64)
     threads = torch.get_num_threads()
@@ -155,7 +155,7 @@ def test_fused_gumbel_softmax_follows_the_torch_seed_not_the_thread_count():
 
 
 def test_gumbel_softmax_kl_fallback_gives_the_same_kl(monkeypatch):
-    from dalle_repro.dvae import gumbel_softmax_kl
+    from dalle_repro.models.dvae import gumbel_softmax_kl
 
     lg = torch.randn(2, 4, 4, 32)
     z_fast, kl_fast = gumbel_softmax_kl(lg, 0.5)
@@ -173,7 +173,7 @@ def test_ranks_that_start_together_build_and_load_one_library(fresh):
     import subprocess
     import sys
 
-    code = "from dalle_repro import cpu_kernels; lib = cpu_kernels.load(); print(lib.dr_abi_version())"
+    code = "from dalle_repro.kernels import cpu as cpu_kernels; lib = cpu_kernels.load(); print(lib.dr_abi_version())"
     env = os.environ | {cpu_kernels.CACHE: str(fresh)}
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True) for _ in range(2)
@@ -251,7 +251,7 @@ def test_gumbel_noise_is_finite_at_its_extreme_random_bits():
 def test_a_seed_that_hits_the_top_bin_gives_a_finite_sample():
     """Seeds made to give element 3 of row 1 (and element 0) the largest and smallest random
     bits: the noise, the relaxed sample and its gradient stay finite, through the real path."""
-    from dalle_repro.dvae import _GumbelSoftmaxKL
+    from dalle_repro.models.dvae import _GumbelSoftmaxKL
 
     lib = cpu_kernels.load()
     V = 64
@@ -278,7 +278,7 @@ def _cpu_flags() -> set[str]:
 
 def _kernel_outputs(lib) -> list[torch.Tensor]:
     """Forward and backward of both kernels, float32, on fixed inputs."""
-    from dalle_repro.attention import MaskSpec, _key_lists
+    from dalle_repro.models.attention import MaskSpec, _key_lists
 
     gen = torch.Generator().manual_seed(0)
     rows, V = 300, 512
@@ -322,8 +322,8 @@ def test_a_build_for_another_x86_level_gives_the_same_bits(march, tmp_path, monk
 @pytest.fixture(scope="module")
 def emoji32(tmp_path_factory: pytest.TempPathFactory):
     """The emoji at 32x32, as the demo dVAE sees them (a few hundred, decoded once)."""
-    from dalle_repro.data import DataArgs, Loader
-    from dalle_repro.emoji import EMOJI_TEST_PATH, FONT_PATH, build_emoji_dataset
+    from dalle_repro.data.emoji import EMOJI_TEST_PATH, FONT_PATH, build_emoji_dataset
+    from dalle_repro.data.loader import DataArgs, Loader
 
     if not (os.path.isfile(FONT_PATH) and os.path.isfile(EMOJI_TEST_PATH)):
         pytest.skip("needs Debian's fonts-noto-color-emoji and unicode-data")
@@ -339,10 +339,10 @@ def test_demo_dvae_skips_no_update_in_fp32(emoji32, kernel, monkeypatch):
     """300 fp32 updates of the demo dVAE (narrowed to n_hid 16 for time) on the emoji: no update
     is skipped for a non-finite gradient. With the old noise about one step in 16 was (2048 rows
     of 512 codes a step, one draw in 2^24 infinite): about 19 of these 300."""
-    from dalle_repro.config import load_config
-    from dalle_repro.dvae import DVAE
-    from dalle_repro.optim import EMA, adamw
-    from dalle_repro.train_dvae import DVAETrainConfig, State, train_step
+    from dalle_repro.core.config import load_config
+    from dalle_repro.models.dvae import DVAE
+    from dalle_repro.train.dvae import DVAETrainConfig, State, train_step
+    from dalle_repro.train.optim import EMA, adamw
 
     monkeypatch.setenv(cpu_kernels.SWITCH, kernel)
     cfg = load_config(
@@ -366,7 +366,7 @@ def test_demo_dvae_skips_no_update_in_fp32(emoji32, kernel, monkeypatch):
 
 
 def _list_attention(q, k, v, keys=None, text_len=None):
-    from dalle_repro.attention import MaskSpec, _key_lists, _ListAttention
+    from dalle_repro.models.attention import MaskSpec, _key_lists, _ListAttention
 
     spec = MaskSpec("conv", 4, 4, conv_kernel=3)
     keys = _key_lists(spec) if keys is None else keys
@@ -391,7 +391,7 @@ def test_attention_kernel_refuses_mismatched_operands(what, k_shape, match):
 
 
 def test_attention_kernel_refuses_bad_key_lists_and_text_len():
-    from dalle_repro.attention import MaskSpec, _key_lists
+    from dalle_repro.models.attention import MaskSpec, _key_lists
 
     q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
     keys = _key_lists(MaskSpec("conv", 4, 4, conv_kernel=3))
@@ -410,7 +410,7 @@ def test_attention_kernel_refuses_bad_key_lists_and_text_len():
 
 
 def test_gumbel_kernel_refuses_what_it_cannot_read():
-    from dalle_repro.dvae import _GumbelSoftmaxKL
+    from dalle_repro.models.dvae import _GumbelSoftmaxKL
 
     lib = cpu_kernels.load()
     for bad in (torch.randn(4, 16).double(), torch.randn(16, 4).t(), torch.randn(4, 0)):

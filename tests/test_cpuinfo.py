@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dalle_repro.cpuinfo import X86_LEVELS, cpu_flags, cpu_model, cpu_record, read_cpuinfo, x86_level
+from dalle_repro.core.cpuinfo import X86_LEVELS, cpu_flags, cpu_model, cpu_record, read_cpuinfo, x86_level
 
 V1 = {"lm", "cmov", "cx8", "fpu", "fxsr", "mmx", "syscall", "sse", "sse2"}
 V2 = V1 | set(X86_LEVELS["v2"])

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from dalle_repro import demo, demo_plan
-from dalle_repro.config import ConfigError, load_config
+from dalle_repro.core.config import ConfigError, load_config
+from dalle_repro.demo import pipeline as demo
+from dalle_repro.demo import plan as demo_plan
 
 
 @pytest.fixture
@@ -107,13 +108,13 @@ def test_a_rerun_keeps_the_timings_whose_subject_did_not_change(cfg, tmp_path, m
 
 
 def test_a_failing_prior_timer_raises_instead_of_reading_zero(monkeypatch):
-    from dalle_repro.transformer import Transformer
+    from dalle_repro.models.transformer import Transformer
 
     def broken(self, *a, **k):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(Transformer, "loss", broken)
-    from dalle_repro.transformer import TransformerArgs
+    from dalle_repro.models.transformer import TransformerArgs
 
     m = TransformerArgs(dim=32, depth=2, heads=2, conv_kernel=3, text_len=4, text_vocab=40, grid=4, image_vocab=16)
     with pytest.raises(RuntimeError, match="timing the prior's update failed"):

@@ -1,4 +1,4 @@
-"""dalle_repro.distributed: device picking, the CPU allocator tuning and the threads per rank."""
+"""dalle_repro.core.distributed: device picking, the CPU allocator tuning and the threads per rank."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import launch_env, launcher
 
-from dalle_repro import distributed
+from dalle_repro.core import distributed
 
 
 def test_pick_device_rejects_unknown_names():
@@ -82,7 +82,7 @@ def test_ranks_under_the_deepspeed_launcher_split_the_cores(tmp_path):
     script = tmp_path / "threads.py"
     script.write_text(
         "import json, os, torch\n"
-        "from dalle_repro import distributed\n"
+        "from dalle_repro.core import distributed\n"
         "distributed.pick_device('cpu', int(os.environ['LOCAL_RANK']))\n"
         "rank = os.environ['LOCAL_RANK']\n"
         f"open({str(tmp_path)!r} + f'/threads-{{rank}}.json', 'w').write(json.dumps([rank, torch.get_num_threads()]))\n"

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from dalle_repro.dvae import DVAE, DVAEArgs, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
+from dalle_repro.models.dvae import (
+    DVAE,
+    DVAEArgs,
+    logit_laplace_nll,
+    map_pixels,
+    nll_to_bits_per_dim,
+    unmap_pixels,
+)
 
 SMALL = DVAEArgs(image_size=16, n_hid=16, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8)
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +66,7 @@ def test_decode_rejects_bad_tokens(model):
 
 
 def test_args_validation():
-    from dalle_repro.config import ConfigError
+    from dalle_repro.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="n_hid"):
         DVAEArgs(n_hid=18)
@@ -211,11 +217,8 @@ def test_openai_parity(tmp_path):
     dall_e, enc, dec = _openai_small()
     torch.save(enc, tmp_path / "encoder.pkl")  # whole pickled modules, as OpenAI published them
     torch.save(dec, tmp_path / "decoder.pkl")
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        import convert_openai_dvae
-    finally:
-        sys.path.pop(0)
+    from dalle_repro.cli import convert_openai_dvae
+
     argv = ["--encoder", str(tmp_path / "encoder.pkl"), "--decoder", str(tmp_path / "decoder.pkl")]
     assert convert_openai_dvae.main([*argv, "--output", str(tmp_path / "x")]) == 2  # no --trust-pickle
     assert not (tmp_path / "x").exists()
@@ -239,7 +242,7 @@ def test_openai_parity(tmp_path):
 
 def test_saving_into_a_folder_of_other_files_is_refused(tmp_path):
     """convert_openai_dvae --output (save_pretrained) replaced the whole folder: a user's other files were lost."""
-    from dalle_repro.dvae import DVAE, DVAEArgs
+    from dalle_repro.models.dvae import DVAE, DVAEArgs
 
     model = DVAE(DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8))
     mine = tmp_path / "downloads"

@@ -1,4 +1,4 @@
-"""evaluate.py: the Fréchet distance against scipy, FID's Inception end to end with random weights,
+"""evaluation/evaluate.py: the Fréchet distance against scipy, FID's Inception end to end with random weights,
 the blur, best-of-N, attribute accuracy and the dVAE's reconstruction metrics."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from dalle_repro.evaluate import (
+from dalle_repro.data.shapes import random_scene, render
+from dalle_repro.evaluation.evaluate import (
     attribute_accuracy,
     best_of_n,
     blur,
@@ -18,8 +19,7 @@ from dalle_repro.evaluate import (
     frechet_distance,
     powers_of_two,
 )
-from dalle_repro.inception import FIDInception
-from dalle_repro.shapes import random_scene, render
+from dalle_repro.evaluation.inception import FIDInception
 
 
 def scipy_frechet(a: np.ndarray, b: np.ndarray) -> float:
@@ -100,7 +100,7 @@ def test_attribute_accuracy_reads_renders_and_catches_wrong_captions():
 
 
 def test_dvae_reconstruction_metrics(tmp_path):
-    from dalle_repro.dvae import DVAE, DVAEArgs
+    from dalle_repro.models.dvae import DVAE, DVAEArgs
 
     torch.manual_seed(0)
     dvae = DVAE(DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8)).eval()
@@ -114,7 +114,7 @@ def test_dvae_reconstruction_metrics(tmp_path):
 
 
 def test_clip_score_is_the_mean_cosine(clip_dir):
-    from dalle_repro.rerank import Reranker
+    from dalle_repro.sample.rerank import Reranker
 
     r = Reranker(clip_dir)
     images = torch.rand(5, 3, 16, 16)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dalle_repro.metrics import LogArgs, MetricsLogger, read_metrics
+from dalle_repro.train.metrics import LogArgs, MetricsLogger, read_metrics
 
 
 def test_rows_and_non_finite_values(tmp_path):

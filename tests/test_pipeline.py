@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from dalle_repro.data import DataArgs, Loader
-from dalle_repro.dvae import DVAE, DVAEArgs
-from dalle_repro.pre_encode import encode_token_shards
-from dalle_repro.precision import PrecisionArgs
-from dalle_repro.tokenizer import TextTokenizer
-from dalle_repro.transformer import Transformer, TransformerArgs
+from dalle_repro.core.precision import PrecisionArgs
+from dalle_repro.data.loader import DataArgs, Loader
+from dalle_repro.data.pre_encode import encode_token_shards
+from dalle_repro.data.tokenizer import TextTokenizer
+from dalle_repro.models.dvae import DVAE, DVAEArgs
+from dalle_repro.models.transformer import Transformer, TransformerArgs
 
 
 def test_token_shards_feed_the_prior(emoji_dir, tokenizer_path, tmp_path):

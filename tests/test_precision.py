@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from dalle_repro.precision import BlockScaler, PrecisionArgs
-from dalle_repro.transformer import Transformer, TransformerArgs
+from dalle_repro.core.precision import BlockScaler, PrecisionArgs
+from dalle_repro.models.transformer import Transformer, TransformerArgs
 
 ARGS = dict(dim=32, depth=3, heads=4, text_len=6, text_vocab=40, grid=4, image_vocab=24, conv_kernel=3)
 
@@ -20,7 +20,7 @@ def batch():
 
 def test_scale_rule_growth_decay_rate_limit_and_clamps():
     s = BlockScaler(2, PrecisionArgs(dtype="fp16"))
-    assert s.scales.tolist() == [2**13] * 2  # no factor of the ranks (precision.py: the factor M)
+    assert s.scales.tolist() == [2**13] * 2  # no factor of the ranks (core/precision.py: the factor M)
     s._update(0, True, step=1)
     assert s.scales[0] == pytest.approx(2**13 * 2 ** (1 / 1000))
     s._update(1, False, step=1)

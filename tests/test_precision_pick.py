@@ -11,9 +11,9 @@ import warnings
 import pytest
 import torch
 
-from dalle_repro import precision
-from dalle_repro.config import ConfigError
-from dalle_repro.precision import (
+from dalle_repro.core import precision
+from dalle_repro.core.config import ConfigError
+from dalle_repro.core.precision import (
     BF16_MIN_SPEEDUP,
     MatmulProbe,
     PrecisionArgs,
@@ -22,7 +22,7 @@ from dalle_repro.precision import (
     cpu_matmul_probe,
     pick_precision,
 )
-from dalle_repro.transformer import Transformer, TransformerArgs
+from dalle_repro.models.transformer import Transformer, TransformerArgs
 
 NATIVE = MatmulProbe(256, 1, fp32_gflops=90.0, bf16_gflops=180.0)  # what this project's EPYC measures
 EMULATED = MatmulProbe(256, 1, fp32_gflops=45.0, bf16_gflops=0.9)  # bf16 without AVX512-BF16 / AMX

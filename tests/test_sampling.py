@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_repro.dvae import DVAE, DVAEArgs
-from dalle_repro.prior_export import write_export
-from dalle_repro.rerank import Reranker, RerankError
-from dalle_repro.sampling import SampleSettings, generate
-from dalle_repro.tokenizer import TextTokenizer
-from dalle_repro.transformer import Transformer, TransformerArgs, allowed_probs, sample_logits
+from dalle_repro.data.tokenizer import TextTokenizer
+from dalle_repro.models.dvae import DVAE, DVAEArgs
+from dalle_repro.models.transformer import Transformer, TransformerArgs, allowed_probs, sample_logits
+from dalle_repro.sample.export import write_export
+from dalle_repro.sample.generate import SampleSettings, generate
+from dalle_repro.sample.rerank import Reranker, RerankError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -148,10 +148,7 @@ def test_missing_or_broken_clip_is_a_clear_error(tmp_path):
 
 
 def test_sample_cli_writes_grids_images_and_json(parts, clip_dir, tokenizer_path, tmp_path):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "launch"))
-    import sample as cli
+    from dalle_repro.cli import sample as cli
 
     model, dvae, tok = parts
     dvae_dir = tmp_path / "dvae"
@@ -181,8 +178,8 @@ def test_sample_cli_writes_grids_images_and_json(parts, clip_dir, tokenizer_path
 def test_the_sampler_picks_the_precision_on_its_own_machine(parts, dtype):
     """An export's precision.dtype: auto is picked on the sampling machine, fp16 becomes bf16 on a CPU,
     and an export without one samples in fp32."""
-    from dalle_repro.precision import auto_precision
-    from dalle_repro.prior_export import Prior
+    from dalle_repro.core.precision import auto_precision
+    from dalle_repro.sample.export import Prior
 
     model, dvae, tok = parts
     fresh = Transformer(model.args).eval()  # enable_precision changes the model: not the shared one
@@ -195,9 +192,9 @@ def test_the_sampler_picks_the_precision_on_its_own_machine(parts, dtype):
 
 
 def test_train_clip_picks_and_notes_its_precision(clip_dir):
-    from dalle_repro.clip_train import ClipTrainConfig
-    from dalle_repro.config import load_config
-    from dalle_repro.precision import auto_precision
+    from dalle_repro.core.config import load_config
+    from dalle_repro.core.precision import auto_precision
+    from dalle_repro.train.clip import ClipTrainConfig
 
     reason = f"run.precision=auto picked {auto_precision('cpu').reason}"
     assert json.loads((clip_dir / "retrieval.json").read_text())["precision"] == reason
@@ -208,8 +205,8 @@ def test_train_clip_picks_and_notes_its_precision(clip_dir):
 
 def test_clip_training_refuses_a_folder_of_other_files_before_any_work(tmp_path, monkeypatch):
     """save_clip replaced the whole output folder: a user's other files came back gone."""
-    from dalle_repro import clip_train
-    from dalle_repro.config import load_config
+    from dalle_repro.core.config import load_config
+    from dalle_repro.train import clip as clip_train
 
     out = tmp_path / "mine"
     out.mkdir()
@@ -225,7 +222,7 @@ def test_clip_pixels_resizes_with_antialiasing_like_clips_own_pil_bicubic():
     import numpy as np
     from PIL import Image
 
-    from dalle_repro.rerank import clip_pixels
+    from dalle_repro.sample.rerank import clip_pixels
 
     board = ((np.indices((256, 256)).sum(0) % 2) * 255).astype(np.uint8)
     pil = Image.fromarray(np.stack([board] * 3, -1)).resize((224, 224), Image.Resampling.BICUBIC)
@@ -237,11 +234,8 @@ def test_clip_pixels_resizes_with_antialiasing_like_clips_own_pil_bicubic():
 
 def test_a_latin_1_prompts_file_is_read(tmp_path, monkeypatch, capsys):
     """Issue 18 item 16: a Latin-1 --prompts-file ended in a 12-line UnicodeDecodeError traceback."""
-    import importlib.util
+    from dalle_repro.cli import sample as cli
 
-    spec = importlib.util.spec_from_file_location("sample_cli", Path(__file__).parents[1] / "launch" / "sample.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
     prompts = tmp_path / "p.txt"
     prompts.write_bytes("un chat été\ncafé noir\n".encode("cp1252"))
     seen = {}

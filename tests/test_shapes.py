@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import ImageFilter
 
-from dalle_repro.data import DataArgs, Loader
-from dalle_repro.shapes import (
+from dalle_repro.data.loader import DataArgs, Loader
+from dalle_repro.data.shapes import (
     ATTRIBUTES,
     HELD_OUT,
     Obj,

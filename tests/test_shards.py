@@ -17,8 +17,8 @@ import pytest
 from helpers import bomb_png, make_folder, odd_mode_image, png_bytes
 from PIL import Image
 
-from dalle_repro.data import decode_image, expand_shards, iter_shard_samples
-from dalle_repro.shards import (
+from dalle_repro.data.loader import decode_image, expand_shards, iter_shard_samples
+from dalle_repro.data.writer import (
     Record,
     Sample,
     ShardWriter,
@@ -212,7 +212,7 @@ def test_killed_run_resumes_to_the_same_shards(tmp_path):
 
 def test_writer_never_shows_a_partial_shard(tmp_path):
     w = ShardWriter(tmp_path, shard_size=3)
-    from dalle_repro.shards import Sample
+    from dalle_repro.data.writer import Sample
 
     for i in range(2):
         w.add(Sample(f"k{i}", png_bytes(seed=i), "png", "c", {}))
@@ -283,7 +283,7 @@ def keys_in_shard(path: Path) -> list[str]:
 
 def test_kill_between_a_shard_rename_and_its_progress_record(tmp_path, monkeypatch):
     """The first shard is in place but the record of it is not: the rerun still knows the folder is its own."""
-    import dalle_repro.shards as shards_mod
+    import dalle_repro.data.writer as shards_mod
 
     src = make_folder(tmp_path / "src", 9)
     clean = make_shards(src, tmp_path / "clean", shard_size=4)
@@ -382,7 +382,7 @@ def test_metadata_is_dropped_from_kept_files_unless_asked_and_the_image_bytes_st
 def test_a_link_swapped_between_check_and_open_cannot_leave_the_table_folder(tmp_path, monkeypatch):
     """A review of item 7: --paths-inside resolved the name, then opened it; a link re-pointed in
     between read a file outside the folder. The check is now made on the opened file."""
-    from dalle_repro import shards
+    from dalle_repro.data import writer as shards
 
     table = tmp_path / "table"
     table.mkdir()
@@ -406,7 +406,7 @@ def test_a_link_swapped_between_check_and_open_cannot_leave_the_table_folder(tmp
 def test_metadata_between_progressive_scans_and_after_the_end_is_dropped():
     """A review of item 7: the strip stopped at the first scan, so a progressive JPEG's comment
     between scans, and bytes appended after the end marker, were kept."""
-    from dalle_repro.shards import strip_metadata
+    from dalle_repro.data.writer import strip_metadata
 
     buf = io.BytesIO()
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dalle_repro.tokenizer import TextTokenizer, train_bpe
+from dalle_repro.data.tokenizer import TextTokenizer, train_bpe
 
 CAPTIONS = [
     "red apple",
@@ -89,7 +89,7 @@ def test_batch_and_errors(tok, tmp_path):
 
 
 def test_save_and_load(tok, tmp_path):
-    from dalle_repro.tokenizer import save_tokenizer
+    from dalle_repro.data.tokenizer import save_tokenizer
 
     save_tokenizer(tok.tok, tmp_path / "t.json")
     again = TextTokenizer(tmp_path / "t.json", 16)

@@ -165,7 +165,7 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
     args[args.index("--output") + 1] = str(tmp_path / "again")
     import torch
 
-    from dalle_repro.inception import FIDInception
+    from dalle_repro.evaluation.inception import FIDInception
 
     torch.save(FIDInception().state_dict(), tmp_path / "inception.pth")  # random weights: the path, not the values
     r = run(
@@ -200,8 +200,8 @@ def test_evaluate_cli_on_images_and_on_a_dvae(tmp_path):
     import numpy as np
     import torch
 
-    from dalle_repro.dvae import DVAE, DVAEArgs
-    from dalle_repro.shapes import build_shapes_dataset, random_scene, render
+    from dalle_repro.data.shapes import build_shapes_dataset, random_scene, render
+    from dalle_repro.models.dvae import DVAE, DVAEArgs
 
     build_shapes_dataset(tmp_path / "shapes", n_train=20, n_heldout=4, shard_size=10, val_fraction=0.2)
     folder = tmp_path / "samples"

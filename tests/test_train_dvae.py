@@ -14,13 +14,13 @@ import torch
 from helpers import dvae_overrides
 from safetensors.torch import load_file
 
-from dalle_repro.config import load_config
-from dalle_repro.data import DataArgs, Loader, iter_shard_samples
-from dalle_repro.dvae import DVAE
-from dalle_repro.metrics import read_metrics
-from dalle_repro.optim import cosine
-from dalle_repro.pre_encode import encode_token_shards
-from dalle_repro.train_dvae import DVAETrainConfig, schedule_at, train
+from dalle_repro.core.config import load_config
+from dalle_repro.data.loader import DataArgs, Loader, iter_shard_samples
+from dalle_repro.data.pre_encode import encode_token_shards
+from dalle_repro.models.dvae import DVAE
+from dalle_repro.train.dvae import DVAETrainConfig, schedule_at, train
+from dalle_repro.train.metrics import read_metrics
+from dalle_repro.train.optim import cosine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_schedules_at_their_endpoints():
 
 
 def test_config_cross_checks(emoji_dir, tmp_path):
-    from dalle_repro.config import ConfigError
+    from dalle_repro.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="data.image_size"):
         tiny_config(emoji_dir, tmp_path, "data.image_size=32")
@@ -159,7 +159,7 @@ def test_two_ranks_under_the_deepspeed_launcher(emoji_dir, tmp_path):
     cfg = tiny_config(
         emoji_dir, tmp_path / "ddp", "run.steps=4", "run.ckpt_every=2", "run.val_every=4", "data.batch_size=4"
     )
-    from dalle_repro.config import save_config
+    from dalle_repro.core.config import save_config
 
     save_config(cfg, tmp_path, "cfg.yaml")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -188,7 +188,7 @@ def test_two_ranks_under_the_deepspeed_launcher(emoji_dir, tmp_path):
 
 
 def test_fp16_on_cpu_fails_before_any_work(emoji_dir, tmp_path):
-    from dalle_repro.config import ConfigError
+    from dalle_repro.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
         train(tiny_config(emoji_dir, tmp_path / "r", "run.precision=fp16", "run.device=cpu"))
@@ -196,8 +196,8 @@ def test_fp16_on_cpu_fails_before_any_work(emoji_dir, tmp_path):
 
 
 def test_config_yaml_notes_the_precision_auto_picked_and_still_loads(emoji_dir, tmp_path, monkeypatch):
-    from dalle_repro import precision
-    from dalle_repro.precision import Pick, pick_precision
+    from dalle_repro.core import precision
+    from dalle_repro.core.precision import Pick, pick_precision
 
     extra = ("run.device=cpu", "run.ckpt_every=2", "run.val_every=2")
     cfg = tiny_config(emoji_dir, tmp_path, "run.steps=2", *extra)
@@ -221,7 +221,7 @@ def test_config_yaml_notes_the_precision_auto_picked_and_still_loads(emoji_dir, 
 def test_fused_adamw_state_gets_its_parameters_layout_back():
     """Checkpoints store optimizer state contiguous; the fused AdamW pairs elements by memory order,
     so a channels_last weight must get channels_last state back, or the resumed run drifts."""
-    from dalle_repro.optim import adamw, load_optimizer_state
+    from dalle_repro.train.optim import adamw, load_optimizer_state
 
     def make():
         torch.manual_seed(0)

@@ -21,11 +21,11 @@ import torch
 from helpers import LAUNCH_ENV, launch_env, launcher, prior_overrides
 from safetensors.torch import load_file
 
-from dalle_repro.config import ConfigError, load_config, save_config
-from dalle_repro.distributed import free_port
-from dalle_repro.metrics import read_metrics
-from dalle_repro.tokenizer import TextTokenizer
-from dalle_repro.train_prior import (
+from dalle_repro.core.config import ConfigError, load_config, save_config
+from dalle_repro.core.distributed import free_port
+from dalle_repro.data.tokenizer import TextTokenizer
+from dalle_repro.train.metrics import read_metrics
+from dalle_repro.train.prior import (
     Counters,
     LRSchedule,
     NonFiniteLosses,
@@ -99,7 +99,7 @@ def test_deepspeed_optimizer_from_the_generated_config(prior_data, tmp_path, cap
     """optim.impl=deepspeed: DeepSpeed builds the optimizer from the config's section, and it trains."""
     import logging
 
-    with caplog.at_level(logging.INFO, logger="dalle_repro.train_prior"):
+    with caplog.at_level(logging.INFO, logger="dalle_repro.train.prior"):
         train(config(prior_data, tmp_path / "ds", "optim.impl=deepspeed", "run.steps=4", "run.caption_dropout=0"))
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("optimizer:"))
     assert "optim.impl=deepspeed" in line and "AdamW (optim.impl=torch" not in line
@@ -120,7 +120,7 @@ def test_export_loads_and_samples_without_deepspeed(prior_data, tmp_path):
     run = tmp_path / "run"
     train(config(prior_data, run, "run.steps=2", "run.sample_every=2", "precision.dtype=auto"))
     # the run's config keeps auto and notes the pick; the export keeps auto for the sampler to pick
-    from dalle_repro.precision import auto_precision
+    from dalle_repro.core.precision import auto_precision
 
     picked = auto_precision("cpu")
     assert (run / "config.yaml").read_text().startswith(f"# precision: precision.dtype=auto picked {picked.reason}")
@@ -140,7 +140,7 @@ def test_export_loads_and_samples_without_deepspeed(prior_data, tmp_path):
 import sys
 sys.modules["deepspeed"] = None  # importing it now fails: the export must not need it
 import torch
-from dalle_repro.prior_export import load_prior
+from dalle_repro.sample.export import load_prior
 p = load_prior({str(export)!r})
 text = torch.tensor([p.tokenizer.encode("a red heart")])
 tokens = p.model.generate(text, temperature=1.0, generator=torch.Generator().manual_seed(0))
@@ -175,7 +175,7 @@ def test_caption_dropout_replaces_captions_with_the_empty_one(prior_data):
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(prior_data, tmp_path, monkeypatch):
-    from dalle_repro.transformer import Transformer
+    from dalle_repro.models.transformer import Transformer
 
     real = Transformer.loss_from_logits
     calls = {"n": 0}
@@ -202,8 +202,8 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(prior_data, tmp_path, mo
 
 def test_skipped_step_moves_no_weight(prior_data, tmp_path, monkeypatch):
     """At ZeRO 0 a skipped step leaves every weight and Adam's state as it was."""
-    from dalle_repro import train_prior as tp
-    from dalle_repro.transformer import Transformer
+    from dalle_repro.models.transformer import Transformer
+    from dalle_repro.train import prior as tp
 
     real = Transformer.loss_from_logits
 
@@ -278,8 +278,8 @@ def test_a_users_deepspeed_json_cannot_switch_on_an_unpickling_read_path(prior_d
 def test_resume_refuses_an_engine_that_would_unpickle():
     from types import SimpleNamespace
 
-    from dalle_repro.ds_checkpoint import safe_checkpoint_engine
-    from dalle_repro.train_prior import check_safe_loading
+    from dalle_repro.train.deepspeed import safe_checkpoint_engine
+    from dalle_repro.train.prior import check_safe_loading
 
     check_safe_loading(
         SimpleNamespace(checkpoint_engine=safe_checkpoint_engine(), load_universal_checkpoint=lambda: False)
@@ -343,8 +343,8 @@ def test_config_errors_name_the_field(prior_data, tmp_path):
         train(config(prior_data, tmp_path / "v", "model.text_vocab=9999"))
     with pytest.raises(ConfigError, match="precision.dtype: fp16 needs CUDA"):
         train(config(prior_data, tmp_path / "h", "precision.dtype=fp16", "run.device=cpu"))
-    from dalle_repro import precision
-    from dalle_repro.precision import Pick
+    from dalle_repro.core import precision
+    from dalle_repro.core.precision import Pick
 
     with mock.patch.object(precision, "_auto", lambda *_: Pick("fp32", "fp32: no native bf16 here")):
         with pytest.raises(ConfigError, match="'deepspeed' needs bf16 or fp16, and precision.dtype=auto picked fp32"):
@@ -436,9 +436,9 @@ def test_errors_name_the_folder_kind_found_and_the_one_wanted(prior_data, tmp_pa
     """Issue 18 item 17: run folders, a model of the other kind and a shard folder, given where a
     model or shards are wanted, said "model.safetensors not found (the folder has [])", "unknown key
     image_size" or "none of the 1 shards exists"."""
-    from dalle_repro.data import expand_shards
-    from dalle_repro.dvae import DVAE
-    from dalle_repro.prior_export import load_prior
+    from dalle_repro.data.loader import expand_shards
+    from dalle_repro.models.dvae import DVAE
+    from dalle_repro.sample.export import load_prior
 
     run = tmp_path / "dvae_run"
     (run / "checkpoints").mkdir(parents=True)
@@ -469,10 +469,10 @@ def test_a_stop_before_the_first_update_says_so_and_trains_nothing(prior_data, t
     this update, with a checkpoint" before any update, then trained one."""
     import logging
 
-    from dalle_repro.train_prior import StopRequested
+    from dalle_repro.train.prior import StopRequested
 
     stop = StopRequested()
-    with caplog.at_level(logging.WARNING, logger="dalle_repro.train_prior"):
+    with caplog.at_level(logging.WARNING, logger="dalle_repro.train.prior"):
         stop._handle(signal.SIGTERM, None)  # as if delivered while the run was being built
         result = train(config(prior_data, tmp_path / "early"), stop=stop)
     assert "before the first update" in caplog.text and "with a checkpoint" not in caplog.text

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dalle_repro.config import ConfigError, load_config
-from dalle_repro.transformer import Transformer, TransformerArgs
+from dalle_repro.core.config import ConfigError, load_config
+from dalle_repro.models.transformer import Transformer, TransformerArgs
 
 ARGS = dict(dim=32, depth=4, heads=4, text_len=6, text_vocab=40, grid=4, image_vocab=24, conv_kernel=3)
 
@@ -134,7 +134,7 @@ def test_cached_logits_equal_the_full_forward(depth, grid, kernel, wrap):
 
 
 def test_row_cache_holds_o_of_w_keys():
-    from dalle_repro.attention import MaskSpec, cache_capacity
+    from dalle_repro.models.attention import MaskSpec, cache_capacity
 
     assert cache_capacity(MaskSpec("row", 256, 32)) == 33
     assert cache_capacity(MaskSpec("conv", 256, 32)) == 5 * 32 + 5 + 1
@@ -160,7 +160,7 @@ def test_generate_greedy_equals_uncached_greedy():
 
 
 def test_shipped_prior_configs_build():
-    from dalle_repro.train_prior import PriorTrainConfig, model_with_paper_sizes
+    from dalle_repro.train.prior import PriorTrainConfig, model_with_paper_sizes
 
     root = Path(__file__).resolve().parents[1] / "configs"
     paper = load_config(PriorTrainConfig, root / "paper" / "prior.yaml")

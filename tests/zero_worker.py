@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 
-from dalle_repro.exact_skip import ADAM_STATE, link_moments, step_without
-from dalle_repro.optim import param_groups
-from dalle_repro.precision import PrecisionArgs
-from dalle_repro.transformer import Transformer, TransformerArgs
+from dalle_repro.core.precision import PrecisionArgs
+from dalle_repro.models.transformer import Transformer, TransformerArgs
+from dalle_repro.train.exact_skip import ADAM_STATE, link_moments, step_without
+from dalle_repro.train.optim import param_groups
 
 ARGS = TransformerArgs(
     dim=32, depth=2, heads=4, text_len=8, text_vocab=40, grid=4, image_vocab=32, conv_kernel=3, attention="local"

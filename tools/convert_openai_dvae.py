@@ -1,79 +1,11 @@
 """Convert OpenAI's released dVAE (encoder.pkl, decoder.pkl) into a dalle-repro model folder.
 
-OpenAI published the dVAE as whole pickled modules. Unpickling a file runs whatever code it names,
-so this tool does it only when you pass --trust-pickle, for files you got from a source you trust,
-and it needs OpenAI's `dall_e` package importable (tools/setup.sh --dev installs it, or:
-pip install --no-deps DALL-E attrs). The output (config.yaml + model.safetensors) loads with
-DVAE.from_pretrained, which reads safetensors only; nothing else in dalle-repro ever unpickles.
+A thin entry point: the command is ``dalle_repro.cli.convert_openai_dvae`` (``--help`` for its usage).
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-import torch
-
-from dalle_repro.checkpoint import check_replaceable, load_state_strict
-from dalle_repro.dvae import DVAE, args_from_openai, state_from_openai
-
-ENC_ATTRS = ("n_hid", "n_blk_per_group", "input_channels", "vocab_size", "group_count")
-DEC_ATTRS = ("n_hid", "n_blk_per_group", "output_channels", "vocab_size", "n_init", "group_count")
-
-
-def _unpickle(path: Path) -> torch.nn.Module:
-    try:
-        import dall_e  # noqa: F401  (the pickles name its classes)
-    except ImportError:
-        raise SystemExit(
-            "error: OpenAI's dall_e package is needed to unpickle: pip install --no-deps DALL-E attrs"
-        ) from None
-    if not path.is_file():
-        raise SystemExit(f"error: {path} not found")
-    module = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(module, torch.nn.Module):
-        raise SystemExit(f"error: {path} holds a {type(module).__name__}, not a pickled module")
-    return module
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", required=True, type=Path, help="OpenAI's encoder.pkl")
-    p.add_argument("--decoder", required=True, type=Path, help="OpenAI's decoder.pkl")
-    p.add_argument("--output", required=True, type=Path, help="folder to write (config.yaml, model.safetensors)")
-    p.add_argument("--image-size", type=int, default=256, help="input size recorded in the config (default 256)")
-    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling the two files (runs their code)")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace --output even if it holds files that are not a dVAE's"
-    )
-    a = p.parse_args(argv)
-    if not a.trust_pickle:
-        print(
-            "error: refusing to unpickle without --trust-pickle: loading a pickle runs code from the file. "
-            "Pass --trust-pickle only for files from a source you trust.",
-            file=sys.stderr,
-        )
-        return 2
-    try:  # before the (slow) unpickling: a folder of the user's other files is never replaced
-        check_replaceable(a.output, {"config.yaml", "model.safetensors"}, a.overwrite)
-    except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    enc, dec = _unpickle(a.encoder), _unpickle(a.decoder)
-    enc_attrs = {k: getattr(enc, k) for k in ENC_ATTRS if hasattr(enc, k)}
-    dec_attrs = {k: getattr(dec, k) for k in DEC_ATTRS if hasattr(dec, k)}
-    try:
-        args = args_from_openai(enc_attrs, dec_attrs, a.image_size)
-        model = DVAE(args)
-        load_state_strict(model, state_from_openai(enc.state_dict(), dec.state_dict()), f"{a.encoder} + {a.decoder}")
-    except (KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    model.save_pretrained(a.output, overwrite=a.overwrite)
-    print(f"converted: {args} -> {a.output}")
-    return 0
-
+from dalle_repro.cli.convert_openai_dvae import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,7 @@ dev=0
 need=()
 [ -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ] || need+=(fonts-noto-color-emoji)
 [ -f /usr/share/unicode/emoji/emoji-test.txt ] || need+=(unicode-data)
-# a C++ compiler: the CPU attention kernel (dalle_repro/cpu_kernels.py) and DeepSpeed's CPU ops build with it
+# a C++ compiler: the CPU attention kernel (dalle_repro/kernels/cpu.py) and DeepSpeed's CPU ops build with it
 command -v "${CXX:-g++}" >/dev/null 2>&1 || need+=(g++)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from dalle_repro.clip_train import ClipTrainConfig
-from dalle_repro.config import ConfigError, from_dict
-from dalle_repro.demo import DemoConfig
-from dalle_repro.train_dvae import DVAETrainConfig
-from dalle_repro.train_prior import PriorTrainConfig
+from dalle_repro.core.config import ConfigError, from_dict
+from dalle_repro.demo.pipeline import DemoConfig
+from dalle_repro.train.clip import ClipTrainConfig
+from dalle_repro.train.dvae import DVAETrainConfig
+from dalle_repro.train.prior import PriorTrainConfig
 
 CONFIGS = [DVAETrainConfig, PriorTrainConfig, ClipTrainConfig, DemoConfig]
 

@@ -23,14 +23,14 @@ import numpy as np
 import pytest
 from helpers import ROOT, bomb_png, dvae_overrides, odd_mode_image, png_bytes, prior_overrides
 
-from dalle_repro.config import load_config
-from dalle_repro.data import DataArgs, Loader, Shard, expand_shards
-from dalle_repro.metrics import read_metrics
-from dalle_repro.pre_encode import encode_token_shards
-from dalle_repro.train_dvae import DVAETrainConfig
-from dalle_repro.train_dvae import train as train_dvae
-from dalle_repro.train_prior import PriorTrainConfig
-from dalle_repro.train_prior import train as train_prior
+from dalle_repro.core.config import load_config
+from dalle_repro.data.loader import DataArgs, Loader, Shard, expand_shards
+from dalle_repro.data.pre_encode import encode_token_shards
+from dalle_repro.train.dvae import DVAETrainConfig
+from dalle_repro.train.dvae import train as train_dvae
+from dalle_repro.train.metrics import read_metrics
+from dalle_repro.train.prior import PriorTrainConfig
+from dalle_repro.train.prior import train as train_prior
 
 GOOD = 40
 MODES = {  # mode -> file format that can carry it
@@ -247,7 +247,7 @@ def test_keys_that_name_paths_outside_the_folder_are_not_copied_into_token_shard
 
 
 def test_the_shard_writer_refuses_an_unsafe_key(tmp_path):
-    from dalle_repro.shards import Sample, write_tar
+    from dalle_repro.data.writer import Sample, write_tar
 
     with pytest.raises(ValueError, match="unsafe sample key"):
         write_tar(tmp_path / "x.tar", [Sample("../x", b"", "tokens", "c", {})])
@@ -258,7 +258,7 @@ def test_token_shards_of_another_dvae_are_not_overwritten_silently(prior_data, e
     """encode_tokens into a folder made with another dVAE overwrote every shard; make_shards would have refused."""
     import torch
 
-    from dalle_repro.dvae import DVAE, DVAEArgs
+    from dalle_repro.models.dvae import DVAE, DVAEArgs
 
     shards = sorted(str(p) for p in (emoji_dir / "train").glob("*.tar"))[:2]
     out = tmp_path / "tokens"

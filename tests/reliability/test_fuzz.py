@@ -19,8 +19,8 @@ from helpers import png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dalle_repro.data import DataArgs, Loader, SampleError, clean_caption, decode_tokens
-from dalle_repro.tokenizer import TextTokenizer
+from dalle_repro.data.loader import DataArgs, Loader, SampleError, clean_caption, decode_tokens
+from dalle_repro.data.tokenizer import TextTokenizer
 
 
 def shard_bytes(n: int = 4) -> bytes:

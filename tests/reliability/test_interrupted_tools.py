@@ -1,7 +1,7 @@
 """SIGKILL during the data tools, then a rerun: it completes, no half-written shard sits under a final
 name, and the key sets equal a clean run's, with no sample lost or duplicated.
 
-Each tool is killed at chosen points (``dalle_repro.faults``: a shard renamed into place whose
+Each tool is killed at chosen points (``dalle_repro.core.faults``: a shard renamed into place whose
 progress record was not yet written) and once at an unplanned moment (a real ``kill -9`` while it
 writes).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from helpers import ROOT, launch_env, png_bytes
 
-from dalle_repro.data import Shard, iter_shard_samples
+from dalle_repro.data.loader import Shard, iter_shard_samples
 
 
 def make_source(root: Path, n: int) -> Path:

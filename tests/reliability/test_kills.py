@@ -1,7 +1,7 @@
 """SIGKILL at chosen points of both trainers, then ``--resume``: nothing but the work since the last
 checkpoint is lost, and the final weights equal an uninterrupted run's bit for bit.
 
-The kills come from ``dalle_repro.faults`` (``DALLE_REPRO_KILL``), so they land between two updates,
+The kills come from ``dalle_repro.core.faults`` (``DALLE_REPRO_KILL``), so they land between two updates,
 half-way through a checkpoint folder, after DeepSpeed's part of a checkpoint but before ours, and
 half-way through the export. Each run of a chain is armed with one point; the chain resumes after
 every kill. After each kill the suite checks that every checkpoint folder under a final name is
@@ -21,10 +21,10 @@ import torch
 from helpers import ROOT, dvae_overrides, launch_env, launcher, prior_overrides
 from safetensors.torch import load_file
 
-from dalle_repro.checkpoint import Checkpoints
-from dalle_repro.config import load_config, save_config
-from dalle_repro.distributed import free_port
-from dalle_repro.train_prior import PriorTrainConfig
+from dalle_repro.core.config import load_config, save_config
+from dalle_repro.core.distributed import free_port
+from dalle_repro.train.checkpoint import Checkpoints
+from dalle_repro.train.prior import PriorTrainConfig
 
 
 def run(cmd: list[str], kill: str | None = None, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:

@@ -12,11 +12,11 @@ import torch
 from helpers import dvae_overrides, prior_overrides
 from safetensors.torch import load_file
 
-from dalle_repro import train_dvae as train_dvae_module
-from dalle_repro import train_prior as train_prior_module
-from dalle_repro.config import load_config
-from dalle_repro.ds_checkpoint import load_state
-from dalle_repro.metrics import read_metrics
+from dalle_repro.core.config import load_config
+from dalle_repro.train import dvae as train_dvae_module
+from dalle_repro.train import prior as train_prior_module
+from dalle_repro.train.deepspeed import load_state
+from dalle_repro.train.metrics import read_metrics
 
 
 def tensors_in(x, path="") -> list[tuple[str, torch.Tensor]]:

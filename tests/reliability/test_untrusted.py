@@ -14,9 +14,9 @@ import pytest
 import torch
 from helpers import ROOT, launch_env, prior_overrides
 
-from dalle_repro.config import load_config, save_config
-from dalle_repro.ds_checkpoint import load_state, save_state
-from dalle_repro.train_prior import PriorTrainConfig, train
+from dalle_repro.core.config import load_config, save_config
+from dalle_repro.train.deepspeed import load_state, save_state
+from dalle_repro.train.prior import PriorTrainConfig, train
 
 pytest.importorskip("deepspeed")
 
@@ -47,11 +47,11 @@ def test_only_the_flagged_converter_unpickles():
 
 
 def test_fid_inception_weights_load_tensors_only(tmp_path):
-    """inception.py reads pytorch-fid's .pth with torch.load(weights_only=True): a pickle that
+    """evaluation/inception.py reads pytorch-fid's .pth with torch.load(weights_only=True): a pickle that
     would run code is refused, and nothing runs."""
     import torch
 
-    from dalle_repro.inception import FIDInception
+    from dalle_repro.evaluation.inception import FIDInception
 
     marker = tmp_path / "ran"
     torch.save({"w": Payload(marker)}, tmp_path / "evil.pth")

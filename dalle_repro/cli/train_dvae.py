@@ -1,0 +1,38 @@
+"""Train the dVAE (stage 1).
+
+Usage:
+  python launch/train_dvae.py --config configs/demo/dvae.yaml [--resume] [key.sub=value ...]
+  deepspeed --num_gpus N launch/train_dvae.py --config ...      (data-parallel; DS_ACCELERATOR=cpu on CPU)
+
+Writes RUN/config.yaml, RUN/metrics.jsonl, RUN/checkpoints/step_*/, RUN/grids/*.png and, at the
+end, RUN/dvae/ (config.yaml + model.safetensors with the EMA weights), which DVAE.from_pretrained
+and tools/encode_tokens.py read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from dalle_repro.core.config import ConfigError, parse_cli
+from dalle_repro.train.dvae import DVAETrainConfig, train
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, flags = parse_cli(DVAETrainConfig, argv, __doc__ or "", flags=("--resume",))
+    if cfg is None:
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        val = train(cfg, resume_run=flags["resume"])
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if val:
+        print(json.dumps(val))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

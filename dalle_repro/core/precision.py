@@ -1,0 +1,444 @@
+"""The paper's mixed-precision *compute* (SPEC §3): fp32 residual stream, half-precision resblocks,
+and per-resblock gradient scaling with a non-finite filter (``precision.mode=block_scaled``).
+
+[departure] Not the paper's *storage*: the paper keeps parameters and Adam moments in 16 bits
+(gains, biases, embeddings and unembeddings in fp32); here every weight, gradient and moment is
+fp32 (16 bytes per parameter with Adam's two moments). ``tools/memory_table.py`` prints what the
+paper's storage would take beside it. The mode was called ``paper`` until 2026-12; it was renamed
+because only the compute is the paper's.
+
+Each residual branch (a block's attention and its MLP: each is a "resblock" here) runs under
+autocast in fp16 or bf16 while the residual stream, the parameters (gains, biases, embeddings)
+and the logits stay fp32. In the backward pass, for branch j with scale s_j:
+
+1. the gradient arriving at the branch output is multiplied by s_j (so that small fp16 gradients
+   do not underflow inside the branch);
+2. the branch's backward runs in half precision;
+3. non-finite values in the gradient leaving the branch are replaced by 0 (the filter), and it is
+   divided by s_j before it joins the fp32 residual gradient.
+
+The branch's parameter gradients carry the factor s_j too. A hook on each parameter divides it
+out and filters non-finite values as the gradient is produced, before any optimizer or DeepSpeed
+sees it, so the same code works at every ZeRO stage and under gradient accumulation. The hooks
+also raise a per-branch flag; :meth:`BlockScaler.end_step` reads the flags (agreed across ranks),
+skips the flagged branches' updates (their grads are set to None, which torch's optimisers skip)
+while every other branch updates, and applies the scale rule. Scale rule: s_j starts at
+2^13; a finite step multiplies it by 2^(1/1000); a non-finite one divides it by sqrt(2), at most
+once per 125 updates; s_j stays within [2^7, 2^24].
+
+The factor M. SPEC §3 (after the paper) starts the scales at M * 2^13 and clamps them to
+[M * 2^7, M * 2^24], M the data-parallel ranks, because there the loss of each rank is its sum
+divided by the *global* batch: a rank's gradient is 1/M of a one-rank run's on the same global
+batch, and M * s puts the half-precision gradients inside a block back in one rank's range. Here
+each rank's loss is the mean over its *own* micro-batch (DeepSpeed averages the ranks' gradients
+after the hooks have run, and divides by the accumulation steps G as the paper's global-batch
+divisor does), so a rank's gradient already has one rank's range and the same s keeps it there:
+``mean_local * s`` equals ``(sum_local / B_global) * (M * s)`` up to the factor G both share. So
+the scales carry no M, the rule above is SPEC's rule in SPEC's units, and at M ranks the scales,
+and the overflows they cause, follow one rank's on the same global batch (tests/test_exact_skip.py).
+With the factor the scales of a 256-rank run started 256x too high and, at one decrease per 125
+updates, took some 2,000 updates of skipped blocks to come down.
+In bf16 and fp32 there is no scaling (s_j = 1) but the filter and the per-branch skip stay: there
+they catch a NaN or inf from bad data or a diverging run rather than an fp16 overflow. Parameters
+outside the branches (embeddings, heads, the final LayerNorm) get the filter and a flag of their own.
+
+The filter costs what it must: where a gradient is finite (nearly always) a hook reads it once
+(one reduction) and, with s_j = 1 on a CPU, hands it back as it is; only a non-finite gradient
+is copied with its non-finite values zeroed. :class:`BlockScaler` lists the cost of each mode.
+
+The skip is exact at every ZeRO stage: at stage 0 the skipped branches' gradients are dropped
+(``drop_grads``), at stages 1-3 :func:`dalle_repro.train.exact_skip.step_without` puts their weights and
+Adam moments back after DeepSpeed's step (the one exception, Adam's step counter, is shared by a
+flat group there; that module says what it changes).
+
+This works with or without DeepSpeed: it is ordinary autograd hooks and a step-time function.
+
+``auto``, the default precision of every trainer and of sampling, is decided once per process by
+:func:`pick_precision`: bf16 where the device runs it natively and fast (see :func:`auto_precision`),
+fp32 otherwise. The configs keep ``auto``, so a run resumed or sampled on another machine picks again.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as torch_dist
+
+from dalle_repro.core.config import ConfigError, arg
+from dalle_repro.core.cpuinfo import describe_cpu, is_x86, torch_bf16_isa
+
+Precision = Literal["fp32", "bf16", "fp16"]  # what runs
+PrecisionChoice = Literal["auto", "fp32", "bf16", "fp16"]  # what a config may ask for
+
+# ----------------------------------------------------------------------------------------------
+# Picking the precision
+
+# bf16 is picked on a CPU only if a bf16 matmul runs at least this fast relative to fp32. The two
+# kinds of CPU sit far apart: with native bf16 (AVX512-BF16, AMX; Arm's BF16 extension) a 256^3
+# bf16 matmul runs 1.5-2.5x as fast as fp32 (1.8-2.0x on this project's AMD EPYC); without it PyTorch
+# runs bf16 through a slow path at about 0.02x (50x slower). 0.8 is a factor of ~2 below the
+# slowest native case and 40x above the emulated one, so a noisy machine cannot flip the verdict.
+BF16_MIN_SPEEDUP = 0.8
+PROBE_SIZE = 256  # 34 MFLOP: 37 ms where bf16 runs at 0.9 GFLOP/s, 0.2-1 ms where it is native
+PROBE_REPEATS = 5
+
+
+@dataclass(frozen=True)
+class MatmulProbe:
+    """The best of a few ``size``^3 matmuls per dtype, on ``threads`` threads (GFLOP/s)."""
+
+    size: int
+    threads: int
+    fp32_gflops: float
+    bf16_gflops: float
+
+    @property
+    def speedup(self) -> float:
+        """bf16's speed over fp32's (2.0: bf16 runs twice as fast)."""
+        return self.bf16_gflops / self.fp32_gflops
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The precision that runs and why, e.g. ``bf16: this CPU (...) has AVX512-BF16; ...``."""
+
+    dtype: Precision
+    reason: str
+
+
+@functools.cache
+def cpu_matmul_probe(size: int = PROBE_SIZE, repeats: int = PROBE_REPEATS) -> MatmulProbe:
+    """bf16 against fp32 matmul speed on this CPU, on one thread (measured once per process).
+
+    One thread, whatever the process uses: the ratio is a property of the instructions, and on a
+    loaded machine a multi-threaded 0.2 ms product waits at the thread barrier for a descheduled
+    thread. Measured on this project's 2-core machine under load: 2 threads gave 1.4-1.7 GFLOP/s
+    in fp32 (100x below the quiet figure) and bf16/fp32 ratios from 1.7 to 6.1 in five probes;
+    1 thread gave 93-100 GFLOP/s and 1.98-2.05 in the same minute. fp32 and bf16 alternate, so that
+    a burst of load slows both alike, and the best time of each counts. Where bf16 is already 10x
+    slower after two tries, it is not repeated: the verdict is clear and each try may take 40 ms.
+    """
+    gen = torch.Generator().manual_seed(0)
+    a32, b32 = torch.randn(size, size, generator=gen), torch.randn(size, size, generator=gen)
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+
+    def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+        t = time.perf_counter()
+        torch.mm(a, b)
+        return time.perf_counter() - t
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+            seconds(a32, b32), seconds(a16, b16)  # warm-up: kernel selection, first-touch pages
+            best32 = best16 = math.inf
+            for i in range(repeats):
+                best32, best16 = min(best32, seconds(a32, b32)), min(best16, seconds(a16, b16))
+                if i >= 1 and best16 > 10 * best32:
+                    break
+    finally:
+        torch.set_num_threads(threads)
+    flop = 2 * size**3
+    return MatmulProbe(size, 1, flop / best32 / 1e9, flop / best16 / 1e9)
+
+
+def _times(x: float) -> str:
+    """A ratio for a log line: 0.021, 1.8, 50."""
+    return f"{x:.0f}" if x >= 10 else f"{x:.2g}"
+
+
+def _gflops(x: float) -> str:
+    return f"{x:.3g}" if x < 1000 else f"{x:.0f}"
+
+
+def _cpu_pick() -> Pick:
+    cpu, isa, probe = describe_cpu(), torch_bf16_isa() if is_x86() else [], cpu_matmul_probe()
+    fast = probe.speedup >= BF16_MIN_SPEEDUP
+    measured = f"bf16 matmul measured {_times(probe.speedup)}x fp32"
+    if not is_x86():  # no flag to read: the probe decides
+        if fast:
+            return Pick("bf16", f"bf16: this CPU ({cpu}) runs bf16 natively ({measured})")
+        return Pick("fp32", f"fp32: this CPU ({cpu}) has no fast bf16 ({measured}, below {BF16_MIN_SPEEDUP}x)")
+    if not isa:
+        return Pick("fp32", f"fp32: this CPU ({cpu}) has no native bf16 (no AVX512-BF16 or AMX; {measured})")
+    if not fast:
+        return Pick(
+            "fp32",
+            f"fp32: this CPU ({cpu}) reports {' and '.join(isa)}, but {measured} (bf16 needs {BF16_MIN_SPEEDUP}x)",
+        )
+    return Pick("bf16", f"bf16: this CPU ({cpu}) has {' and '.join(isa)}; {measured}")
+
+
+def _cuda_pick(device: torch.device) -> Pick:
+    name = torch.cuda.get_device_name(device)
+    try:  # without emulation: pre-Ampere GPUs emulate bf16, slowly
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # an older torch, whose check has no emulation
+        native = torch.cuda.is_bf16_supported()
+    if native:
+        return Pick("bf16", f"bf16: this GPU ({name}) has native bf16")
+    major, minor = torch.cuda.get_device_capability(device)
+    return Pick("fp32", f"fp32: this GPU ({name}, compute capability {major}.{minor}) has no native bf16")
+
+
+@functools.cache
+def _auto(device_type: str, index: int | None) -> Pick:
+    if device_type == "cpu":
+        return _cpu_pick()
+    if device_type == "cuda":
+        return _cuda_pick(torch.device("cuda", index if index is not None else torch.cuda.current_device()))
+    return Pick("fp32", f"fp32: auto picks bf16 only on CUDA or on a CPU with native bf16, not on {device_type}")
+
+
+def auto_precision(device: torch.device | str) -> Pick:
+    """What ``auto`` picks on ``device`` (decided once per process and device).
+
+    bf16 on CUDA with native bf16 (``torch.cuda.is_bf16_supported``, emulation not counted), and on a
+    CPU whose PyTorch build reports AVX512-BF16 or AMX and whose bf16 matmul, measured, runs at least
+    :data:`BF16_MIN_SPEEDUP` times as fast as fp32 (:func:`cpu_matmul_probe`); on a CPU that is not
+    x86 the measurement alone decides. fp32 everywhere else.
+    """
+    d = torch.device(device)
+    return _auto(d.type, d.index)
+
+
+_warned_slow_bf16 = False
+
+
+def slow_bf16_note(device: torch.device | str, key: str = "precision") -> str:
+    """``""`` where bf16 runs well on ``device``; else the measured slowdown, for a reason string,
+    after warning about it (once per process). For an explicit bf16 where ``auto`` would not pick it."""
+    global _warned_slow_bf16
+    d = torch.device(device)
+    if d.type != "cpu" or auto_precision(d).dtype == "bf16":
+        return ""
+    p = cpu_matmul_probe()
+    slow = (
+        f"bf16 matmul runs at {_gflops(p.bf16_gflops)} GFLOP/s here against {_gflops(p.fp32_gflops)} GFLOP/s "
+        f"in fp32 ({_times(1 / p.speedup)}x slower)"
+    )
+    if not _warned_slow_bf16:
+        _warned_slow_bf16 = True
+        warnings.warn(
+            f"{key}=bf16 on a CPU without fast bf16 ({describe_cpu()}): {slow}; {key}=auto would pick fp32",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return f"; this CPU ({describe_cpu()}) has no fast bf16: {slow}"
+
+
+def pick_precision(requested: str, device: torch.device | str, key: str = "precision") -> Pick:
+    """The precision to run for a config's ``requested`` value (``key`` names it in messages).
+
+    ``auto`` is :func:`auto_precision`. fp16 needs CUDA (a :class:`ConfigError` naming ``key``
+    otherwise). An explicit bf16 on a CPU where auto would not pick it runs, with a warning (once
+    per process) that names the measured slowdown (:func:`slow_bf16_note`).
+    """
+    d = torch.device(device)
+    if requested == "auto":
+        return Pick(auto_precision(d).dtype, f"{key}=auto picked {auto_precision(d).reason}")
+    if requested not in ("fp32", "bf16", "fp16"):
+        raise ConfigError(f"{key}: got {requested!r}; expected one of 'auto', 'fp32', 'bf16', 'fp16'")
+    if requested == "fp16" and d.type != "cuda":
+        raise ConfigError(f"{key}: fp16 needs CUDA; use auto, bf16 or fp32 on {d.type}")
+    note = slow_bf16_note(d, key) if requested == "bf16" else ""
+    return Pick(requested, f"{key}={requested} (set in the config){note}")  # type: ignore[arg-type]
+
+
+def agree_across_ranks(pick: Pick) -> Pick:
+    """Rank 0's pick on every rank (a measured pick could differ between ranks on a noisy machine;
+    the ranks of one run must compute alike). Every rank must call it."""
+    if not (torch_dist.is_initialized() and torch_dist.get_world_size() > 1):
+        return pick
+    box = [pick]
+    torch_dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+@dataclass
+class PrecisionArgs:
+    """Mixed precision of the prior (SPEC §3)."""
+
+    dtype: PrecisionChoice = arg(
+        "auto",
+        "Compute precision of the resblocks; the residual stream stays fp32. auto: bf16 where the device runs it "
+        "natively and fast (CUDA with bf16; a CPU with AVX512-BF16 or AMX, confirmed by a measured matmul), "
+        "else fp32.",
+    )
+    mode: Literal["block_scaled", "deepspeed"] = arg(
+        "block_scaled",
+        "block_scaled: the paper's per-resblock gradient scaling and skip (SPEC §3), half-precision resblocks, an fp32 "
+        "residual stream, and fp32 weights, gradients and Adam moments (16 bytes per parameter, not the paper's "
+        "16-bit storage; called 'paper' before). deepspeed: DeepSpeed's own bf16/fp16 (half weights, fp32 master "
+        "copy and moments, one global loss scale), as the peers do.",
+    )
+    init_log2: float = arg(
+        13.0, "log2 of each branch's initial gradient scale (no factor of the ranks: see core/precision.py)."
+    )
+    min_log2: float = arg(7.0, "log2 of the smallest scale.")
+    max_log2: float = arg(24.0, "log2 of the largest scale.")
+    growth_steps: int = arg(1000, "A finite step multiplies the scale by 2^(1/growth_steps).", gt=0)
+    decay_every: int = arg(125, "A scale drops (by sqrt 2) at most once per this many updates.", gt=0)
+
+
+def autocast_dtype(dtype: Precision) -> torch.dtype | None:
+    if dtype not in ("fp32", "bf16", "fp16"):
+        raise ValueError(f"precision {dtype!r}: resolve it first with pick_precision (enable_precision does)")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
+class BlockScaler:
+    """Per-branch gradient scales, the hooks that apply them, and the step-time unscale and skip.
+
+    What the filter is for. The paper's filter exists because fp16 gradients overflow: a scale
+    large enough to keep small gradients from underflowing sends some block's gradient to inf now
+    and then, and the filter turns that into "skip this block's update, lower its scale" instead of
+    a lost step or a poisoned loss scale. In fp32 and bf16 there is no scale (s = 1), so nothing
+    overflows because of it; what the filter must still do there is catch a NaN or inf from bad data
+    or a diverging run, so that the branch that produced it skips its update and its non-finite
+    values reach neither the residual gradient of the blocks below nor the optimizer. That needs a
+    per-gradient "is anything non-finite?" and, only when the answer is yes, the zeroing.
+
+    What each mode costs, per gradient (every parameter's, and each one leaving a branch):
+
+    - s = 1 (fp32, bf16), on CPU: one read-only reduction, ``g.sum()``, whose
+      result is non-finite where an element is (or where the sum overflowed: then an exact
+      ``isfinite`` pass decides), and a host check, free on a CPU. A finite gradient is handed back
+      as it is: no copy, no allocation. No hook multiplies the branch output's gradient by 1.
+    - s != 1 (fp16), on CPU: the same reduction, and the division by s (a new tensor, which the
+      unscale needs anyway); the zeroing, in place on that tensor, only when something is non-finite.
+    - On CUDA, with no host sync: ``aminmax`` (one read pass) raises the flag on the device, and
+      ``nan_to_num`` runs on every gradient (one pass; in place after the division when s != 1).
+    - Before, every gradient in every mode paid an ``isfinite`` pass writing a bool tensor of its
+      size (the slow part on a CPU: some 20x a ``sum``), an ``all``, a ``nan_to_num`` copy, and a
+      multiply by s = 1 on each branch output. A profile of one demo-prior rank (fp32) put 14% of
+      its time in the filter; a rough micro-benchmark (the demo prior's shape, fp32, one thread,
+      a shared machine) timed the filter at about 48 ms of a 0.55 s backward before, 4 ms after.
+    """
+
+    def __init__(self, n_branches: int, args: PrecisionArgs):
+        self.args = args
+        self.n = n_branches
+        self.scaled = args.dtype == "fp16"
+        self.lo, self.hi = 2**args.min_log2, 2**args.max_log2
+        init = 2**args.init_log2 if self.scaled else 1.0
+        self.scales = torch.full((n_branches,), init, dtype=torch.float64)
+        self.last_decay = torch.full((n_branches,), -(10**9), dtype=torch.long)
+        self.flags = torch.zeros(n_branches + 1, dtype=torch.bool)  # non-finite seen this step; [n]: the rest
+        self._handles: list = []
+        self.skipped_total = torch.zeros(n_branches, dtype=torch.long)
+
+    def attach(self, branch_params: Sequence[Sequence[torch.nn.Parameter]], rest: Sequence[torch.nn.Parameter]) -> None:
+        """Hook every parameter: branch j's gradients are divided by s_j and filtered; the rest are filtered."""
+        if len(branch_params) != self.n:
+            raise ValueError(f"expected parameters of {self.n} branches, got {len(branch_params)}")
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for j, params in enumerate(branch_params):
+            for p in params:
+                self._handles.append(p.register_hook(lambda g, j=j: self._filter(j, g, float(self.scales[j]))))
+        for p in rest:
+            self._handles.append(p.register_hook(lambda g: self._filter(self.n, g, 1.0)))
+
+    def _filter(self, j: int, g: torch.Tensor, s: float) -> torch.Tensor:
+        """Flag non-finite values in ``g`` (branch ``j``; ``n``: the rest), zero them and divide by ``s``.
+
+        On a CPU a finite ``g`` with ``s == 1`` comes back as the same tensor. ``g`` itself is never
+        modified (autograd may hand the same tensor to other consumers)."""
+        if g.device.type == "cpu":
+            if _all_finite(g):
+                return g / s if s != 1.0 else g
+            self.flags[j] = True
+            g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)  # a copy of our own
+            return g.div_(s) if s != 1.0 else g
+        if g.numel():  # no host sync: the flag stays on the device until end_step reads it
+            lo, hi = torch.aminmax(g)  # NaN where any element is NaN, +-inf where one is
+            if self.flags.device != g.device:
+                self.flags = self.flags.to(g.device)
+            self.flags[j] |= ~(torch.isfinite(lo) & torch.isfinite(hi))
+        if s != 1.0:
+            return (g / s).nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def residual(self, j: int, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """``x + branch(x)`` with x fp32, the branch under autocast and its gradients scaled and filtered."""
+        dtype = autocast_dtype(self.args.dtype)
+        half = torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+        if not torch.is_grad_enabled():
+            with half:
+                return x + branch(x).float()
+        s = float(self.scales[j])
+        inp = x.view_as(x)  # a node of its own, so the hook sees only the gradient leaving the branch
+        inp.register_hook(lambda g: self._filter(j, g, s))
+        with half:
+            out = branch(inp).float()
+        if s != 1.0:
+            out.register_hook(lambda g: g * s)
+        return x + out
+
+    @torch.no_grad()
+    def end_step(
+        self, branch_params: Sequence[Sequence[torch.nn.Parameter]], step: int, drop_grads: bool = True
+    ) -> tuple[list[int], bool]:
+        """After the backward pass(es) of an update: read the non-finite flags (the maximum over ranks),
+        drop the flagged branches' gradients (``drop_grads``; exact skip), update the scales.
+
+        Returns the skipped branch indices and whether the parameters outside the branches saw a
+        non-finite gradient (filtered to 0; the caller decides whether to skip the step)."""
+        if len(branch_params) != self.n:
+            raise ValueError(f"expected parameters of {self.n} branches, got {len(branch_params)}")
+        flags = self.flags.to(torch.int32)
+        if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            torch_dist.all_reduce(flags, op=torch_dist.ReduceOp.MAX)
+        bad = flags.cpu().bool().tolist()
+        self.flags.zero_()
+        skipped = []
+        for j, params in enumerate(branch_params):
+            if bad[j]:
+                skipped.append(j)
+                if drop_grads:
+                    for p in params:
+                        p.grad = None
+            self._update(j, not bad[j], step)
+        return skipped, bool(bad[self.n])
+
+    def _update(self, j: int, finite: bool, step: int) -> None:
+        if not finite:
+            self.skipped_total[j] += 1
+        if not self.scaled:
+            return
+        if finite:
+            self.scales[j] *= 2 ** (1 / self.args.growth_steps)
+        elif step - int(self.last_decay[j]) >= self.args.decay_every:
+            self.scales[j] /= math.sqrt(2)
+            self.last_decay[j] = step
+        self.scales[j] = min(max(float(self.scales[j]), self.lo), self.hi)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "scales": self.scales.clone(),
+            "last_decay": self.last_decay.clone(),
+            "skipped": self.skipped_total.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["scales"].shape != self.scales.shape:
+            raise ValueError(f"scaler state has {state['scales'].numel()} branches, the model {self.n}")
+        self.scales = state["scales"].clone().double()
+        self.last_decay = state["last_decay"].clone().long()
+        self.skipped_total = state["skipped"].clone().long()
+
+
+def _all_finite(g: torch.Tensor) -> bool:
+    """Whether every element of a CPU tensor is finite: a sum is finite unless an element is not or
+    the sum overflows; only then (rarely) does an exact, slower ``isfinite`` pass decide."""
+    return math.isfinite(g.sum().item()) or bool(torch.isfinite(g).all())

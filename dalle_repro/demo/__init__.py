@@ -1,0 +1,1 @@
+"""The demo: the whole pipeline on synthetic data, its time plan and its report."""

@@ -1,0 +1,666 @@
+"""The main job on the embedded demo data, as resumable stages.
+
+Each stage writes its outputs, then a marker ``OUT/stages/NAME.json`` holding a fingerprint of its
+settings and of the stages it reads from. A stage whose marker matches (and whose outputs exist) is
+skipped, so rerunning after an interruption continues at the first unfinished stage, and changing
+a stage's settings reruns it and the stages that read its output. An interrupted dVAE run resumes
+from its last checkpoint.
+
+Stages: the data set (shapes or emoji shards), the tokenizer, a look at one loader batch (a preview
+image), the time plan (demo_plan: how much of the configured training fits ``train_minutes`` on this
+machine), the demo dVAE (with its reconstruction grid), the token shards, the demo prior, trained by
+launch/train_prior.py under the ``deepspeed`` launcher with 2 CPU ranks (an interrupted run resumes
+from its last checkpoint), the small CLIP, reranked samples and the zero-shot evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image, ImageDraw
+
+from dalle_repro.core.config import (
+    ConfigError,
+    arg,
+    atomic_write_text,
+    deep_merge,
+    from_dict,
+    load_config,
+    load_yaml,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
+from dalle_repro.core.distributed import free_port, usable_cores
+from dalle_repro.core.images import grid, save_png
+from dalle_repro.data.emoji import build_emoji_dataset
+from dalle_repro.data.loader import DataArgs, Loader, clean_caption, iter_shard_samples
+from dalle_repro.data.pre_encode import encode_token_shards
+from dalle_repro.data.shapes import build_shapes_dataset
+from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
+from dalle_repro.demo.report import write_report
+from dalle_repro.evaluation.evaluate import zero_shot
+from dalle_repro.sample.export import load_prior
+from dalle_repro.sample.generate import SampleSettings, generate
+from dalle_repro.sample.rerank import Reranker
+from dalle_repro.train.checkpoint import Checkpoints
+from dalle_repro.train.clip import ClipTrainConfig, train_clip
+from dalle_repro.train.dvae import DVAETrainConfig
+from dalle_repro.train.dvae import train as train_dvae
+from dalle_repro.train.metrics import last_validation
+from dalle_repro.train.prior import PriorTrainConfig, resolve_sizes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmojiArgs:
+    """The emoji shards."""
+
+    output: str = arg("data/emoji", "Folder for train/, val/ and summary.json.")
+    image_size: int = arg(64, "Side of the rendered emoji, in pixels.", ge=8)
+    shard_size: int = arg(256, "Samples per shard.", gt=0)
+    val_fraction: float = arg(0.05, "Fraction of emoji held out for validation, by key.", gt=0, lt=1)
+    workers: int = arg(2, "Rendering processes.", gt=0)
+    limit: int | None = arg(None, "Render only this many emoji, spread over all groups (quick runs); null: all.", gt=0)
+    skin_tones: bool = arg(True, "Include the skin-tone variants (the same pictures recoloured, half of all emoji).")
+    groups: list[str] | None = arg(None, "Unicode emoji groups to keep, e.g. ['Food & Drink']; null: all.")
+
+
+@dataclass
+class ShapesArgs:
+    """The compositional data set (data/shapes.py): scenes of one or two coloured shapes, some colour-shape
+    pairs held out of training."""
+
+    output: str = arg("data/shapes", "Folder for train/, val/, heldout/ and summary.json.")
+    train: int = arg(8000, "Scenes of seen pairs, before the validation split.", gt=0)
+    heldout: int = arg(400, "Scenes with a held-out colour-shape pair (heldout/, never trained on).", gt=0)
+    image_size: int = arg(32, "Side of the rendered scenes, in pixels.", ge=16)
+    shard_size: int = arg(500, "Samples per shard.", gt=0)
+    val_fraction: float = arg(0.05, "Fraction of the seen scenes kept for validation, by key.", gt=0, lt=1)
+    seed: int = arg(0, "Seed of the scenes.", ge=0)
+
+
+@dataclass
+class EvalArgs:
+    """The zero-shot evaluation (evaluation/evaluate.py): samples for seen and for held-out captions, read back."""
+
+    captions: int = arg(
+        24, "Distinct captions per split: the first of the validation split (seen pairs) and of heldout/.", gt=0
+    )
+    candidates: int = arg(
+        16, "Samples per caption; the reranked pick is CLIP's best of them, the random pick the first.", ge=1
+    )
+    guidance: float = arg(
+        1.0,
+        "Classifier-free guidance scale for the evaluation's samples (1: none; needs run.caption_dropout > 0).",
+        ge=0,
+    )
+    pictures: int = arg(6, "Held-out captions drawn beside the nearest training caption.", ge=0)
+    inception: str | None = arg(
+        None,
+        "FID's Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, a local file); with them the "
+        "report adds FID at blur radii 0-8. null: no FID (nothing is downloaded), the Fréchet distance in the "
+        "small CLIP's space only.",
+    )
+
+
+@dataclass
+class BPEArgs:
+    """Training the BPE tokenizer."""
+
+    vocab_size: int = arg(4096, "Target BPE vocabulary (the paper's is 16384; emoji names run out sooner).", ge=257)
+    min_frequency: int = arg(2, "A merge needs this many occurrences.", ge=1)
+
+
+@dataclass
+class DemoConfig:
+    """Settings of every stage of the demo."""
+
+    out_dir: str = arg("outputs/demo", "Where the demo's report, previews and stage markers go.")
+    dataset: Literal["shapes", "emoji"] = arg(
+        "shapes",
+        "shapes: the compositional scenes with held-out pairs (zero-shot, measured); emoji: the emoji set, "
+        "which the prior memorises (configs/demo/emoji.yaml).",
+    )
+    shapes: ShapesArgs = arg(factory=ShapesArgs, doc="The shapes data set.")
+    emoji: EmojiArgs = arg(factory=EmojiArgs, doc="The emoji shards.")
+    bpe: BPEArgs = arg(factory=BPEArgs, doc="Tokenizer training.")
+    text: TokenizerArgs = arg(factory=TokenizerArgs, doc="Caption encoding.")
+    data: DataArgs = arg(factory=DataArgs, doc="The loader.")
+    dvae_config: str = arg("configs/demo/dvae.yaml", "Config of the demo dVAE (launch/train_dvae.py's format).")
+    dvae_overrides: list[str] = arg(
+        factory=list,
+        doc="key=value overrides for the dVAE config, after the demo's own (shards, run_dir), e.g. [run.steps=100].",
+    )
+    tokens_output: str = arg("data/shapes_tokens", "Folder for the token shards (train/ and val/).")
+    prior_config: str = arg("configs/demo/prior.yaml", "Config of the demo prior (launch/train_prior.py's format).")
+    prior_overrides: list[str] = arg(
+        factory=list, doc="key=value overrides for the prior config, after the demo's own, e.g. [run.steps=50]."
+    )
+    prior_ranks: int = arg(2, "Ranks the deepspeed launcher starts for the prior (CPU processes without a GPU).", ge=1)
+    train_minutes: float | None = arg(
+        20.0,
+        "Minutes the dVAE, prior and CLIP training may take together on this machine. The demo times a few "
+        "updates of each first and, where the configured runs would take longer, shortens all three by one "
+        "fraction, schedules alike (dalle_repro/demo/plan.py; OUT/plan.json). null: always the configured runs.",
+        gt=0,
+    )
+    clip: ClipTrainConfig = arg(factory=ClipTrainConfig, doc="The small CLIP (tools/train_clip.py's settings).")
+    captions_train: list[str] = arg(factory=list, doc="Training-split captions to sample (the report checks them).")
+    captions_val: int = arg(2, "Validation-split captions to sample, the first ones of the split.", ge=0)
+    captions_new: list[str] = arg(factory=list, doc="Captions in neither split.")
+    candidates: int = arg(32, "Images generated per caption.", ge=1)
+    keep: int = arg(4, "Images kept per caption after reranking.", ge=1)
+    top_k: int | None = arg(None, "Sampling top-k; null: the whole codebook.", gt=0)
+    temperature: float = arg(1.0, "Sampling softmax temperature (lower: safer, less varied images).", gt=0)
+    evaluation: EvalArgs = arg(factory=EvalArgs, doc="The zero-shot evaluation (shapes only).")
+
+
+def data_dir(cfg: DemoConfig) -> Path:
+    """The folder of the chosen data set (train/, val/, and for shapes heldout/)."""
+    return Path(cfg.shapes.output if cfg.dataset == "shapes" else cfg.emoji.output)
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_data(cfg: DemoConfig) -> dict[str, Any]:
+    if cfg.dataset == "shapes":
+        a = cfg.shapes
+        s = build_shapes_dataset(
+            a.output,
+            n_train=a.train,
+            n_heldout=a.heldout,
+            image_size=a.image_size,
+            shard_size=a.shard_size,
+            val_fraction=a.val_fraction,
+            seed=a.seed,
+            overwrite=True,  # the demo's own folder
+        )
+        return {"written": s["written"], "splits": s["splits"], "heldout": s["heldout"]}
+    e = cfg.emoji
+    s = build_emoji_dataset(
+        e.output,
+        image_size=e.image_size,
+        shard_size=e.shard_size,
+        val_fraction=e.val_fraction,
+        workers=e.workers,
+        limit=e.limit,
+        skin_tones=e.skin_tones,
+        groups=e.groups,
+    )
+    return {"written": s["written"], "skipped": s["skipped"], "splits": s["splits"], "fingerprint": s["fingerprint"]}
+
+
+def stage_tokenizer(cfg: DemoConfig) -> dict[str, Any]:
+    paths = sorted(str(p) for p in (data_dir(cfg) / "train").glob("*.tar"))
+    tok, stats = train_from_shards(paths, cfg.bpe.vocab_size, cfg.bpe.min_frequency)
+    save_tokenizer(tok, cfg.text.path)
+    return stats | {"path": cfg.text.path}
+
+
+def stage_preview(cfg: DemoConfig) -> dict[str, Any]:
+    """One batch through the real loader and tokenizer, drawn with its decoded captions."""
+    tok = TextTokenizer(cfg.text.path, cfg.text.text_len)
+    size = cfg.shapes.image_size if cfg.dataset == "shapes" else cfg.emoji.image_size
+    data = dataclasses.replace(cfg.data, shards=f"{data_dir(cfg)}/train/*.tar", image_size=cfg.data.image_size or size)
+    loader = Loader(data.shards, data, tok, text_dropout=cfg.text.dropout)
+    batch = next(iter(loader))
+    n, size = len(batch["key"]), loader.args.image_size
+    sheet = Image.new("RGB", (n * (size + 8), size + 40), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i in range(n):
+        im = Image.fromarray(batch["image"][i].permute(1, 2, 0).numpy())
+        sheet.paste(im, (i * (size + 8), 0))
+        draw.text((i * (size + 8), size + 4), tok.decode(batch["text"][i])[:14], fill="black")
+    path = Path(cfg.out_dir, "data_preview.png")
+    sheet.save(path)
+    return {
+        "image": list(batch["image"].shape),
+        "text": list(batch["text"].shape),
+        "text_vocab": tok.vocab_size,
+        "captions": batch["caption"],
+        "preview": str(path),
+    }
+
+
+def plan_path(cfg: DemoConfig) -> Path:
+    return Path(cfg.out_dir, "plan.json")
+
+
+def _read_plan(path: Path) -> dict[str, Any] | None:
+    """The plan file, None before the plan stage has written one; a damaged one is named."""
+    if not path.is_file():
+        return None
+    try:
+        plan = json.loads(path.read_text())
+        if not all(isinstance(plan.get("overrides", {}).get(k), list) for k in ("dvae", "prior", "clip")):
+            raise ValueError("no overrides for dvae, prior and clip")
+        return plan
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: unreadable time plan ({e}); delete it and run the demo again to plan anew") from e
+
+
+def planned(cfg: DemoConfig, stage: str) -> list[str]:
+    """The plan's overrides for a training stage (none before the plan stage has run)."""
+    plan = _read_plan(plan_path(cfg))
+    return plan["overrides"][stage] if plan else []
+
+
+def dvae_config(cfg: DemoConfig, plan: bool = True) -> DVAETrainConfig:
+    """The demo dVAE's config: its YAML, pointed at the demo's shards and run folder, then the
+    user's overrides, then the time plan's shortening of the result (``plan``; train_minutes=null
+    trains exactly what the overrides say)."""
+    e = data_dir(cfg)
+    own = [f"data.shards={e}/train/*.tar", f"run.val_shards={e}/val/*.tar", f"run.run_dir={cfg.out_dir}/dvae"]
+    return load_config(
+        DVAETrainConfig, cfg.dvae_config, [*own, *cfg.dvae_overrides, *(planned(cfg, "dvae") if plan else [])]
+    )
+
+
+def _same_run(saved: Path, cfg: Any) -> bool:
+    """Whether a run folder's config equals ``cfg`` apart from its length (so it may continue)."""
+    if not saved.is_file():
+        return False
+    old, new = load_yaml(saved), to_dict(cfg)
+    old.get("run", {}).pop("steps", None)
+    new["run"].pop("steps", None)
+    return old == new
+
+
+def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
+    dcfg = dvae_config(cfg)
+    run_dir = Path(dcfg.run.run_dir)
+    resume = Checkpoints(run_dir).latest() is not None
+    if resume and not _same_run(run_dir / "config.yaml", dcfg):
+        shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
+        resume = False
+    val = train_dvae(dcfg, resume_run=resume) or last_validation(run_dir, "val_psnr")
+    return val | {
+        "model": f"{dcfg.run.run_dir}/dvae",
+        "grid": f"{dcfg.run.run_dir}/recon_latest.png",
+        "run_dir": dcfg.run.run_dir,
+        "vocab_size": dcfg.model.vocab_size,
+    }
+
+
+def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
+    dcfg = dvae_config(cfg)
+    shards = sorted(str(p) for split in ("train", "val") for p in (data_dir(cfg) / split).glob("*.tar"))
+    s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, cfg.tokens_output, overwrite=True)  # ours
+    return {k: s[k] for k in ("written", "skipped", "grid", "vocab_size")} | {"output": cfg.tokens_output}
+
+
+def prior_config(cfg: DemoConfig, plan: bool = True) -> PriorTrainConfig:
+    """The demo prior's config: its YAML, pointed at the demo's tokens, tokenizer, dVAE and run
+    folder, then the user's overrides, then the time plan's shortening (``plan``)."""
+    t = cfg.tokens_output
+    # the model's sizes are left to train_prior.resolve_sizes: the tokenizer's vocabulary, the dVAE's grid and codes
+    own = [
+        f"text.text_len={cfg.text.text_len}",
+        f"data.shards={t}/train/*.tar",
+        "data.kind=tokens",
+        f"run.val_shards={t}/val/*.tar",
+        f"dvae={dvae_config(cfg, plan=False).run.run_dir}/dvae",
+        f"text.path={cfg.text.path}",
+        f"run.run_dir={cfg.out_dir}/prior",
+    ]
+    return load_config(
+        PriorTrainConfig, cfg.prior_config, [*own, *cfg.prior_overrides, *(planned(cfg, "prior") if plan else [])]
+    )
+
+
+def clip_config(cfg: DemoConfig, plan: bool = True) -> ClipTrainConfig:
+    """The small CLIP's settings, pointed at the demo's shards, tokenizer and folder; ``plan``: its
+    length as the time plan sets it."""
+    c = cfg.clip
+    if plan and (shorter := planned(cfg, "clip")):
+        c = from_dict(ClipTrainConfig, deep_merge(to_dict(c), parse_overrides(shorter)))
+    return dataclasses.replace(
+        c,
+        text=dataclasses.replace(c.text, path=cfg.text.path),
+        data=dataclasses.replace(
+            c.data, shards=f"{data_dir(cfg)}/train/*.tar", val_shards=f"{data_dir(cfg)}/val/*.tar"
+        ),
+        run=dataclasses.replace(c.run, output=f"{cfg.out_dir}/clip"),
+    )
+
+
+def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
+    """Time a few updates of each training stage and fit the three into ``train_minutes`` (demo_plan)."""
+    from dalle_repro.demo import plan as dp
+
+    dcfg, pcfg, ccfg = dvae_config(cfg, plan=False), prior_config(cfg, plan=False), clip_config(cfg, plan=False)
+    updates = {"dvae": dcfg.run.steps, "prior": pcfg.run.steps, "clip": ccfg.run.steps}
+    result: dict[str, Any] = {"train_minutes": cfg.train_minutes, "configured_updates": updates}
+    fraction = 1.0
+    if torch.cuda.is_available():  # the timers run the CPU paths; a GPU trains the configured runs
+        result["note"] = "CUDA: the plan times CPU steps only; the configured runs are trained"
+    elif cfg.train_minutes is not None:
+        dv = dcfg.model
+        tok = TextTokenizer(cfg.text.path, cfg.text.text_len)
+        model = dataclasses.replace(
+            pcfg.model,
+            text_len=cfg.text.text_len,
+            text_vocab=tok.vocab_size,
+            grid=dv.grid,
+            image_vocab=dv.vocab_size,
+        )
+        timers = {
+            "dvae": (lambda: dp.dvae_step_seconds(dcfg), [to_dict(dv), dcfg.data.batch_size, dcfg.run.precision]),
+            "prior": (
+                lambda: dp.prior_step_seconds(model, pcfg.precision.dtype, pcfg.data.batch_size, cfg.prior_ranks),
+                [to_dict(model), pcfg.data.batch_size, pcfg.precision.dtype, cfg.prior_ranks],
+            ),
+            "clip": (
+                lambda: dp.clip_step_seconds(ccfg, cfg.text.path),
+                [to_dict(ccfg.model), ccfg.data.batch_size, ccfg.run.precision],
+            ),
+        }
+        # A plan made before keeps its timings where what they measured is unchanged, so that a rerun
+        # (another setting changed) reaches the same fraction, not a new one from timing noise.
+        old = _read_plan(plan_path(cfg)) or {}
+        keys = {k: _fingerprint(what, usable_cores(), torch.get_num_threads()) for k, (_, what) in timers.items()}
+        seconds = {
+            k: old["seconds_per_update"][k] if old.get("timing_keys", {}).get(k) == keys[k] else timer()
+            for k, (timer, _) in timers.items()
+        }
+        minutes = {k: seconds[k] * dp.STAGE_FACTORS[k] * updates[k] / 60 for k in updates}
+        fraction = dp.fraction_to_fit(minutes, cfg.train_minutes)
+        result |= {
+            "seconds_per_update": seconds,
+            "timing_keys": keys,
+            "factors": dp.STAGE_FACTORS,
+            "predicted_minutes_configured": {k: round(v, 2) for k, v in minutes.items()},
+            "predicted_minutes": round(sum(minutes.values()) * fraction, 2),
+        }
+    configs = {"dvae": dcfg, "prior": pcfg, "clip": ccfg}
+    overrides = {k: dp.scaled_overrides(configs[k], dp.SCALED_KEYS[k], fraction) for k in configs}
+    planned_updates = {k: dp.scaled(n, fraction) for k, n in updates.items()}
+    result |= {"fraction": round(fraction, 4), "planned_updates": planned_updates, "overrides": overrides}
+    if fraction < 1:
+        log.warning(
+            "this machine would need %.1f minutes for the configured training (train_minutes=%s): the demo trains "
+            "%.0f%% of it (%s)",
+            sum(result["predicted_minutes_configured"].values()),
+            cfg.train_minutes,
+            100 * fraction,
+            plan_path(cfg),
+        )
+    atomic_write_text(plan_path(cfg), json.dumps(result, indent=2))
+    return result
+
+
+def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
+    """Train the prior under the deepspeed launcher (``prior_ranks`` ranks), resuming a run of the same settings."""
+    pcfg = prior_config(cfg)
+    run_dir = Path(pcfg.run.run_dir)
+    resume = Checkpoints(run_dir).latest() is not None
+    if resume and not _same_run(run_dir / "config.yaml", resolve_sizes(pcfg)[0]):  # the run saves its sizes
+        shutil.rmtree(run_dir)
+        resume = False
+    path = save_config(pcfg, cfg.out_dir, "prior_config.yaml")
+    launcher = Path(sys.executable).with_name("deepspeed")
+    if not launcher.exists():
+        launcher = Path(shutil.which("deepspeed") or "deepspeed")
+    cmd = [str(launcher), "--num_gpus", str(cfg.prior_ranks), "--master_port", str(free_port())]
+    # as a module, so that an installed (not editable) package runs the demo too
+    cmd += ["--module", "dalle_repro.cli.train_prior", "--config", str(path)]
+    cmd += ["--resume"] if resume else []
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        # Each rank sets its own threads (distributed.set_cpu_threads: usable cores / LOCAL_SIZE)
+        env |= {"DS_ACCELERATOR": "cpu"}
+    log_path = Path(cfg.out_dir, "prior_train.log")
+    with open(log_path, "w") as logf:
+        code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"prior training failed (exit {code}); its log is {log_path}:\n{tail}")
+    final = load_yaml(run_dir / "final_metrics.json") if (run_dir / "final_metrics.json").is_file() else {}
+    return final | {
+        "model": str(run_dir / "export"),
+        "samples": str(run_dir / "samples_latest.png"),
+        "log": str(log_path),
+        "run_dir": str(run_dir),
+    }
+
+
+def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
+    c = clip_config(cfg)
+    return train_clip(c) | {"model": c.run.output}
+
+
+def demo_captions(cfg: DemoConfig) -> list[tuple[str, str]]:
+    """(caption, split) pairs: the chosen training captions, the first validation ones, new ones."""
+    val: list[str] = []
+    if cfg.captions_val:
+        for _, members in iter_shard_samples(sorted(str(p) for p in (data_dir(cfg) / "val").glob("*.tar"))):
+            val.append(clean_caption(members.get("txt", b"")))
+            if len(val) >= cfg.captions_val:
+                break
+    return (
+        [(c, "train") for c in cfg.captions_train]
+        + [(c, "validation") for c in val]
+        + [(c, "new") for c in cfg.captions_new]
+    )
+
+
+def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
+    """Sample every demo caption from the exported prior, rerank with the small CLIP, write grids."""
+    prior = load_prior(Path(prior_config(cfg).run.run_dir, "export"))
+    pick = prior.use_trained_precision()
+    log.info("sampling precision: %s", pick.reason)
+    reranker = Reranker(Path(cfg.out_dir, "clip"))
+    pairs = demo_captions(cfg)
+    settings = SampleSettings(
+        candidates=cfg.candidates,
+        keep=cfg.keep,
+        top_k=cfg.top_k,
+        temperature=cfg.temperature,
+        batch_size=cfg.candidates,
+    )
+    assert prior.dvae is not None
+    results = generate(prior.model, prior.dvae, [c for c, _ in pairs], prior.tokenizer, settings, reranker)
+    out = Path(cfg.out_dir, "samples")
+    prompts, kept, everything = [], [], []
+    for (caption, split), r in zip(pairs, results, strict=True):
+        path = save_png(
+            grid(
+                list(r.images), ncol=len(r.images), labels=[f"{s:.3f}" for s in r.scores or []], scale=4, title=caption
+            ),
+            out / f"{len(prompts):02d}-{split}.png",
+        )
+        prompts.append({"caption": caption, "split": split, "grid": str(path)} | r.summary())
+        kept += r.scores or []
+        everything += r.candidate_scores or []
+    mean_kept, mean_all = sum(kept) / len(kept), sum(everything) / len(everything)
+    atomic_write_text(out / "samples.json", json.dumps(prompts, indent=2))
+    return {
+        "prompts": prompts,
+        "mean_score_kept": mean_kept,
+        "mean_score_all": mean_all,
+        "rerank_gain": mean_kept - mean_all,
+        "settings": dataclasses.asdict(settings),
+        "precision": pick.reason,
+    }
+
+
+def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
+    """The zero-shot numbers (evaluate.zero_shot): seen and held-out captions sampled, read back,
+    with and without rerank; tools/evaluate.py with the same settings gives the same numbers."""
+    if cfg.dataset != "shapes":
+        return {"skipped": "the emoji have no attribute reader; the shapes data set does (dataset=shapes)"}
+    prior = load_prior(Path(prior_config(cfg).run.run_dir, "export"))
+    prior.use_trained_precision()
+    e, d = cfg.evaluation, data_dir(cfg)
+    settings = SampleSettings(
+        candidates=e.candidates,
+        keep=1,
+        top_k=cfg.top_k,
+        temperature=cfg.temperature,
+        guidance=e.guidance,
+        batch_size=e.candidates,
+    )
+    result = zero_shot(
+        prior,
+        Reranker(Path(cfg.out_dir, "clip")),
+        f"{d}/val/*.tar",
+        f"{d}/heldout/*.tar",
+        settings,
+        captions=e.captions,
+        train_shards=f"{d}/train/*.tar",
+        pictures=e.pictures,
+        out_dir=Path(cfg.out_dir, "evaluation"),
+        inception=e.inception,
+    )
+    return result | {"command": evaluate_command(cfg)}
+
+
+def evaluate_command(cfg: DemoConfig) -> str:
+    """tools/evaluate.py with the demo's settings: it reproduces the report's numbers."""
+    e, d = cfg.evaluation, data_dir(cfg)
+    top_k = f" --top-k {cfg.top_k}" if cfg.top_k else ""
+    return (
+        f"python tools/evaluate.py --model {prior_config(cfg).run.run_dir}/export --clip {cfg.out_dir}/clip "
+        f"--seen '{d}/val/*.tar' --heldout '{d}/heldout/*.tar' --train '{d}/train/*.tar' "
+        f"--captions {e.captions} --candidates {e.candidates} --temperature {cfg.temperature}{top_k} "
+        f"--guidance {e.guidance} "
+        + (f"--inception {e.inception} " if e.inception else "")
+        + f"--pictures {e.pictures} --output {cfg.out_dir}/evaluation"
+    )
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[DemoConfig], dict[str, Any]]
+    settings: Callable[[DemoConfig], Any]  # what defines the stage's output
+    outputs: Callable[[DemoConfig], list[Path]]  # must all exist for the stage to count as done
+    after: tuple[str, ...] = ()  # stages whose output it reads: a change there reruns it
+
+
+def stages() -> list[Stage]:
+    """The demo's stages, in order."""
+    return [
+        Stage(
+            "data",
+            stage_data,
+            lambda c: [c.dataset, to_dict(c.shapes if c.dataset == "shapes" else c.emoji)],
+            lambda c: [data_dir(c) / "summary.json"],
+        ),
+        Stage(
+            "tokenizer",
+            stage_tokenizer,
+            lambda c: [to_dict(c.bpe), c.text.path],
+            lambda c: [Path(c.text.path)],
+            after=("data",),
+        ),
+        Stage(
+            "preview",
+            stage_preview,
+            lambda c: [to_dict(c.data), to_dict(c.text)],
+            lambda c: [Path(c.out_dir, "data_preview.png")],
+            after=("data", "tokenizer"),
+        ),
+        Stage(
+            "plan",
+            stage_plan,
+            lambda c: [
+                c.train_minutes,
+                to_dict(dvae_config(c, plan=False)),
+                to_dict(prior_config(c, plan=False)),
+                to_dict(clip_config(c, plan=False)),
+                c.prior_ranks,
+            ],
+            lambda c: [plan_path(c)],
+            after=("tokenizer",),
+        ),
+        Stage(
+            "dvae",
+            stage_dvae,
+            lambda c: to_dict(dvae_config(c)),
+            lambda c: [Path(dvae_config(c).run.run_dir, "dvae", "model.safetensors")],
+            after=("data",),
+        ),
+        Stage(
+            "tokens",
+            stage_tokens,
+            lambda c: c.tokens_output,
+            lambda c: [Path(c.tokens_output, "summary.json")],
+            after=("data", "dvae"),
+        ),
+        Stage(
+            "prior",
+            stage_prior,
+            lambda c: [to_dict(prior_config(c)), c.prior_ranks],
+            lambda c: [Path(prior_config(c).run.run_dir, "export", "model.safetensors")],
+            after=("tokenizer", "dvae", "tokens"),
+        ),
+        Stage(
+            "clip",
+            stage_clip,
+            lambda c: to_dict(clip_config(c)),
+            lambda c: [Path(c.out_dir, "clip", "model.safetensors")],
+            after=("data", "tokenizer"),
+        ),
+        Stage(
+            "samples",
+            stage_samples,
+            lambda c: [c.captions_train, c.captions_val, c.captions_new, c.candidates, c.keep, c.top_k, c.temperature],
+            lambda c: [Path(c.out_dir, "samples", "samples.json")],
+            after=("prior", "clip"),
+        ),
+        Stage(
+            "evaluate",
+            stage_evaluate,
+            lambda c: [c.dataset, to_dict(c.evaluation), c.top_k, c.temperature],
+            lambda c: [Path(c.out_dir, "evaluation", "evaluation.json")] if c.dataset == "shapes" else [],
+            after=("data", "prior", "clip"),
+        ),
+    ]
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run every unfinished stage; returns each stage's result (from its marker when skipped)."""
+    out = Path(cfg.out_dir)
+    save_config(cfg, out)
+    results: dict[str, dict[str, Any]] = {}
+    fps: dict[str, str] = {}
+    settings: dict[str, Any] = {}
+    for stage in stages():
+        name = stage.name
+        marker = out / "stages" / f"{name}.json"
+        fp = fps[name] = _fingerprint([fps[a] for a in stage.after], stage.settings(cfg))
+        done = json.loads(marker.read_text()) if marker.is_file() else None
+        complete = all(p.exists() for p in stage.outputs(cfg))
+        if done is not None and done.get("fingerprint") == fp and complete:
+            log(f"[{name}] done before, skipped ({marker})")
+            results[name] = done["result"]
+        else:
+            log(f"[{name}] running")
+            t0 = time.perf_counter()
+            results[name] = stage.run(cfg)
+            seconds = round(time.perf_counter() - t0, 1)
+            atomic_write_text(marker, json.dumps({"fingerprint": fp, "seconds": seconds, "result": results[name]}))
+            log(f"[{name}] finished in {seconds} s")
+            done = {"seconds": seconds}
+        settings[name] = {"seconds": done.get("seconds"), "settings": stage.settings(cfg)}
+    report = write_report(out, results, settings)
+    log(f"[report] {report} and {report.with_suffix('.html')}")
+    return results

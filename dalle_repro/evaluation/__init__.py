@@ -1,0 +1,1 @@
+"""Evaluation: zero-shot attribute accuracy, FID with Inception, dVAE reconstruction metrics."""

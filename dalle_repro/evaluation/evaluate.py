@@ -1,0 +1,443 @@
+"""Evaluation by the numbers the field uses: FID, CLIP score, the paper's protocol, the dVAE's.
+
+- **FID**: torchmetrics' ``FrechetInceptionDistance`` (pinned in pyproject.toml; implementations
+  differ by up to 2x on the same images, so the choice is stated) over the features of FID's own
+  Inception (evaluation/inception.py), whose weights come from a local file. The same distance over the demo
+  CLIP's image embeddings is reported as ``fd_clip``: not FID, and only comparable with itself, but
+  available where no Inception weights are.
+- **CLIP score**: the mean cosine similarity between each image and its caption, with a local CLIP
+  (sample/rerank.py: ours from tools/train_clip.py, or a downloaded Hugging Face one).
+- **The paper's protocol** (Ramesh et al. 2021, §3.1): FID against the reference after a Gaussian
+  blur of radius 0 to 8 on both sides (:func:`blur`: sigma = the radius, in pixels of the evaluated
+  images), and best-of-N by CLIP against a random pick of the same candidates, N = 1, 2, 4, ...
+- **The dVAE**: PSNR, bits per dimension (its logit-Laplace likelihood of the original under the
+  decoding of its hard tokens) and FID of reconstructions against originals (the tokenizer's rFID).
+- **Attributes** (the shapes data set, data/shapes.py): the share of images whose count, shape, colour,
+  size and place read back as their caption says, per attribute and all together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import textwrap
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+from dalle_repro.core.config import atomic_write_text
+from dalle_repro.core.images import save_png, to_uint8, to_unit
+from dalle_repro.data.shapes import ATTRIBUTES, parse_caption, read_scene, score
+from dalle_repro.models.dvae import DVAE, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
+
+Features = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, H, W) in [0, 1] -> (B, D)
+
+
+class _Given(nn.Module):
+    """torchmetrics' extractor slot, for features computed beforehand."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
+    """The Fréchet distance between Gaussians fitted to two feature sets (N, D), by torchmetrics."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be (N, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+    if min(len(real), len(fake)) < 2:
+        raise ValueError(f"a covariance needs at least 2 samples a side, got {len(real)} and {len(fake)}")
+    metric = FrechetInceptionDistance(feature=_Given(real.shape[1]), reset_real_features=False)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return float(metric.compute())
+
+
+@torch.no_grad()
+def features(images: torch.Tensor, extract: Features, batch_size: int = 64) -> torch.Tensor:
+    """``extract`` over ``images`` (N, 3, H, W) in [0, 1] (or uint8), in batches; (N, D) float64."""
+    x = to_unit(images)
+    return torch.cat([extract(x[i : i + batch_size]).double().cpu() for i in range(0, len(x), batch_size)])
+
+
+def blur(images: torch.Tensor, radius: float) -> torch.Tensor:
+    """A Gaussian blur with sigma = ``radius`` pixels (the kernel reaches 3 sigma), reflected at the
+    edges; radius 0 returns the images unchanged."""
+    if radius <= 0:
+        return images
+    x = to_unit(images)
+    half = max(1, math.ceil(3 * radius))
+    half = min(half, x.shape[-1] - 1, x.shape[-2] - 1)
+    t = torch.arange(-half, half + 1, dtype=torch.float32)
+    k = torch.exp(-(t**2) / (2 * radius**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.pad(x, (half, half, half, half), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def fid_by_blur(
+    real: torch.Tensor, fake: torch.Tensor, extract: Features, radii: Sequence[float] = (0, 1, 2, 4, 8)
+) -> dict[str, float]:
+    """The distance between blurred reference and blurred samples at each radius ("0", "1", ...)."""
+    return {
+        f"{r:g}": frechet_distance(features(blur(real, r), extract), features(blur(fake, r), extract)) for r in radii
+    }
+
+
+def clip_score(images: torch.Tensor, captions: Sequence[str], reranker: Any, batch_size: int = 64) -> float:
+    """The mean cosine similarity of each image with its caption under ``reranker``'s CLIP."""
+    if len(images) != len(captions) or not len(images):
+        raise ValueError(f"{len(images)} images for {len(captions)} captions")
+    x = to_unit(images)
+    sims = [
+        reranker.scores(x[i : i + batch_size], list(captions[i : i + batch_size])) for i in range(0, len(x), batch_size)
+    ]
+    return float(torch.cat(sims).mean())
+
+
+def powers_of_two(n: int) -> list[int]:
+    """1, 2, 4, ... up to ``n``, and ``n`` itself."""
+    out = [1 << i for i in range(n.bit_length()) if 1 << i <= n]
+    return out if out[-1] == n else [*out, n]
+
+
+def best_of_n(scores: torch.Tensor, ns: Sequence[int]) -> dict[int, torch.Tensor]:
+    """For candidates in generation order with CLIP ``scores`` (P, C): the index of the best of the
+    first N per prompt, for each N. The random pick of N is the first candidate (generation order is
+    already random), the same at every N: best-of-1."""
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (prompts, candidates), got {tuple(scores.shape)}")
+    if max(ns) > scores.shape[1]:
+        raise ValueError(f"N up to {max(ns)}, but only {scores.shape[1]} candidates")
+    return {n: scores[:, :n].argmax(1) for n in ns}
+
+
+def attribute_accuracy(images: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+    """The share of images (N, 3, S, S) whose every attribute (shapes.ATTRIBUTES) reads back as its
+    shapes-grammar caption says, per attribute and ``all``; ``n`` is the count."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images for {len(captions)} captions")
+    hits: Counter = Counter()
+    for im, caption in zip(images, captions, strict=True):
+        a = to_uint8(im)
+        hits.update(
+            {
+                k: int(v)
+                for k, v in score(parse_caption(caption), read_scene(a.permute(1, 2, 0).numpy()), a.shape[-1]).items()
+            }
+        )
+    n = len(captions)
+    return {k: hits[k] / n for k in (*ATTRIBUTES, "all")} | {"n": n}
+
+
+@torch.no_grad()
+def dvae_reconstructions(dvae: DVAE, batches: Iterable[torch.Tensor]) -> dict[str, Any]:
+    """PSNR, bits/dim (the likelihood of each original under the decoding of its hard tokens) and the
+    reconstructions themselves, over batches of images (B, 3, S, S) uint8."""
+    dev = next(dvae.parameters()).device
+    originals, recons = [], []
+    nll = sq = dims = 0.0
+    for batch in batches:
+        x = to_unit(batch.to(dev))
+        mu, ln_b = dvae.decode_stats(dvae.encode(x))
+        r = unmap_pixels(torch.sigmoid(mu))
+        nll += float(logit_laplace_nll(map_pixels(x), mu, ln_b).sum())
+        sq += float(((r - x) ** 2).sum())
+        dims += x.numel()
+        originals.append(batch.cpu())
+        recons.append(to_uint8(r).cpu())
+    if not dims:
+        raise ValueError("no image to reconstruct")
+    mse = sq / dims
+    return {
+        "psnr": float("inf") if mse == 0 else 10 * math.log10(1 / mse),
+        "bits_per_dim": float(nll_to_bits_per_dim(nll / dims)),
+        "originals": torch.cat(originals),
+        "reconstructions": torch.cat(recons),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# A prior on caption sets: the attribute accuracy with and without rerank, best-of-N, CLIP score
+
+
+def caption_images(shards: str | Sequence[str], limit: int | None = None) -> tuple[list[str], list[torch.Tensor]]:
+    """Every (caption, image) of some shards in shard order, images as (3, H, W) uint8 at their own
+    size; at most ``limit`` distinct captions (each caption's images are all kept)."""
+    from dalle_repro.data.loader import (
+        IMAGE_EXTS,
+        SampleError,
+        clean_caption,
+        decode_image,
+        expand_shards,
+        image_to_tensor,
+        iter_shard_samples,
+    )
+
+    captions, images, distinct = [], [], set()
+    for _, members in iter_shard_samples(expand_shards(shards)):
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        caption = clean_caption(members.get("txt", b""))
+        if ext is None or not caption:
+            continue
+        if limit is not None and caption not in distinct and len(distinct) >= limit:
+            continue
+        try:
+            im, _ = decode_image(members[ext])
+        except SampleError:
+            continue
+        distinct.add(caption)
+        captions.append(caption)
+        images.append(image_to_tensor(im))
+    return captions, images
+
+
+@dataclass
+class CandidateSet:
+    """Every candidate of every prompt in generation order: images (P, C, 3, S, S) uint8 and CLIP
+    scores (P, C); the random pick of a prompt is candidate 0, the reranked pick its best score."""
+
+    captions: list[str]
+    images: torch.Tensor
+    scores: torch.Tensor
+
+
+def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: Any) -> CandidateSet:
+    """``settings.candidates`` samples per caption from a loaded export (prior_export.Prior), scored
+    by ``reranker``; the sampler's seeds make a rerun give the same images."""
+    from dalle_repro.sample.generate import generate
+
+    s = dataclasses.replace(settings, keep=settings.candidates)
+    results = generate(prior.model, prior.dvae, captions, prior.tokenizer, s, reranker, progress=False)
+    images, scores = [], []
+    for r in results:
+        order = torch.empty(len(r.kept), dtype=torch.long)
+        order[torch.tensor(r.kept)] = torch.arange(len(r.kept))  # position of each generated candidate
+        images.append(to_uint8(r.images[order]))
+        scores.append(torch.tensor(r.candidate_scores))
+    return CandidateSet(captions, torch.stack(images), torch.stack(scores))
+
+
+def candidate_report(cands: CandidateSet, attributes: bool) -> dict[str, Any]:
+    """Attribute accuracy (with ``attributes``) and CLIP score of the random pick, of the reranked
+    pick and over all candidates, and best-of-N for N = 1, 2, 4, ... candidates."""
+    p, c = cands.scores.shape
+    first, best = cands.images[:, 0], cands.images[torch.arange(p), cands.scores.argmax(1)]
+    out: dict[str, Any] = {
+        "prompts": p,
+        "candidates": c,
+        "clip_score": {
+            "random_pick": float(cands.scores[:, 0].mean()),
+            "reranked": float(cands.scores.max(1).values.mean()),
+            "all_candidates": float(cands.scores.mean()),
+        },
+    }
+    ns = powers_of_two(c)
+    picks = best_of_n(cands.scores, ns)
+    out["best_of_n"] = {str(n): {"clip_score": float(cands.scores[torch.arange(p), picks[n]].mean())} for n in ns}
+    if attributes:
+        every = cands.images.flatten(0, 1)
+        repeated = [cap for cap in cands.captions for _ in range(c)]
+        out["attributes"] = {
+            "random_pick": attribute_accuracy(first, cands.captions),
+            "reranked": attribute_accuracy(best, cands.captions),
+            "all_candidates": attribute_accuracy(every, repeated),
+        }
+        for n in ns:
+            chosen = cands.images[torch.arange(p), picks[n]]
+            out["best_of_n"][str(n)]["all_attributes_right"] = attribute_accuracy(chosen, cands.captions)["all"]
+    return out
+
+
+def nearest_training(captions: Sequence[str], train_captions: Sequence[str]) -> list[int]:
+    """For each shapes caption, the index of the training caption sharing most attributes with it."""
+    from dalle_repro.data.shapes import similarity
+
+    train = [parse_caption(c) for c in train_captions]
+    out = []
+    for c in captions:
+        scene = parse_caption(c)
+        out.append(max(range(len(train)), key=lambda j: similarity(scene, train[j])))  # noqa: B023 (used at once)
+    return out
+
+
+def zero_shot(
+    prior: Any,
+    reranker: Any,
+    seen_shards: str,
+    heldout_shards: str,
+    settings: Any,
+    captions: int = 24,
+    train_shards: str | None = None,
+    pictures: int = 6,
+    out_dir: str | Path | None = None,
+    inception: str | Path | None = None,
+    blur_radii: Sequence[float] = (0, 1, 2, 4, 8),
+) -> dict[str, Any]:
+    """The zero-shot report on the shapes set: for the first ``captions`` distinct captions of the
+    seen split (pairs seen in training) and of the held-out one, ``settings.candidates`` samples each,
+    read back (:func:`candidate_report`), beside the reader's accuracy on the splits' own renders
+    (its ceiling) and on their dVAE reconstructions (what the tokens keep), with the Fréchet distance
+    in the CLIP's image space against those renders.
+    With ``out_dir``: evaluation.json, plots and a picture of held-out captions beside the nearest
+    training caption (``train_shards``) go there. With ``inception`` (FID's weights, a local file):
+    FID of all candidates against the renders at each of ``blur_radii``."""
+    result: dict[str, Any] = {"settings": {"captions": captions, **dataclasses.asdict(settings)}, "splits": {}}
+    kept: dict[str, tuple[CandidateSet, list[str], list[torch.Tensor]]] = {}
+    net = None
+    if inception is not None:
+        from dalle_repro.evaluation.inception import FIDInception
+
+        net = FIDInception.from_file(inception)  # before any sampling: a wrong file fails at once
+    for split, shards in (("seen", seen_shards), ("heldout", heldout_shards)):
+        caps, ims = caption_images(shards, captions)
+        first: dict[str, torch.Tensor] = {}
+        for c, im in zip(caps, ims, strict=True):
+            first.setdefault(c, im)
+        cands = sample_candidates(prior, list(first), reranker, settings)
+        rep = candidate_report(cands, attributes=True)
+        rep["reader_ceiling"] = attribute_accuracy(torch.stack(ims), caps)
+        if prior.dvae is not None:  # what the tokens keep: the same renders through the dVAE and back
+            rec = dvae_reconstructions(prior.dvae, torch.stack(ims).split(64))
+            rep["dvae_ceiling"] = attribute_accuracy(rec["reconstructions"], caps) | {"psnr": rec["psnr"]}
+        embed = reranker.embed_images
+        rep["fd_clip"] = frechet_distance(
+            features(torch.stack(ims), embed), features(cands.images.flatten(0, 1), embed)
+        )
+        if net is not None:
+            rep["fid_by_blur"] = fid_by_blur(torch.stack(ims), cands.images.flatten(0, 1), net, blur_radii)
+        result["splits"][split] = rep
+        kept[split] = (cands, caps, ims)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plots"] = {
+            "attributes": str(plot_attributes(result, out / "attributes.png")),
+            "best_of_n": str(plot_best_of_n(result, out / "best_of_n.png")),
+        }
+        if net is not None:
+            fids = {split: rep["fid_by_blur"] for split, rep in result["splits"].items()}
+            result["plots"]["fid_by_blur"] = str(plot_fid_by_blur(fids, out / "fid_by_blur.png"))
+        if train_shards and pictures:
+            cands = kept["heldout"][0]
+            t_caps, t_ims = caption_images(train_shards)
+            near = nearest_training(cands.captions[:pictures], t_caps)
+            rows = [
+                (cap, cands.images[i, int(cands.scores[i].argmax())], cands.images[i, 0], t_caps[j], t_ims[j])
+                for i, (cap, j) in enumerate(zip(cands.captions[:pictures], near, strict=True))
+            ]
+            result["plots"]["heldout_vs_nearest"] = str(plot_nearest(rows, out / "heldout_vs_nearest.png"))
+        atomic_write_text(out / "evaluation.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib, drawn off screen)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_attributes(result: dict[str, Any], path: Path) -> Path:
+    """Per attribute: the share right for seen and held-out captions, random pick and reranked, with
+    the reader's ceiling on the splits' own renders as a tick."""
+    plt = _pyplot()
+    keys = [*ATTRIBUTES, "all"]
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=100)
+    bars = [(split, pick) for split in result["splits"] for pick in ("random_pick", "reranked")]
+    width = 0.8 / len(bars)
+    for b, (split, pick) in enumerate(bars):
+        acc = result["splits"][split]["attributes"][pick]
+        xs = [i + (b - (len(bars) - 1) / 2) * width for i in range(len(keys))]
+        ax.bar(xs, [acc[k] for k in keys], width, label=f"{split}, {pick.replace('_', ' ')}")
+        ceiling = result["splits"][split]["reader_ceiling"]
+        ax.scatter(xs, [ceiling[k] for k in keys], marker="_", color="black", s=60, zorder=3)
+    ax.set_xticks(range(len(keys)), keys)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share right")
+    ax.set_title("Attributes read back from samples (black ticks: the reader on the data's own renders)")
+    ax.legend(fontsize=8, ncol=2, loc="lower left")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_best_of_n(result: dict[str, Any], path: Path) -> Path:
+    """All attributes right and CLIP score of CLIP's best of the first N candidates, against N."""
+    plt = _pyplot()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
+    for split, rep in result["splits"].items():
+        ns = sorted(int(n) for n in rep["best_of_n"])
+        a2.plot(ns, [rep["best_of_n"][str(n)]["clip_score"] for n in ns], marker="o", label=split)
+        if "all_attributes_right" in rep["best_of_n"][str(ns[0])]:
+            a1.plot(ns, [rep["best_of_n"][str(n)]["all_attributes_right"] for n in ns], marker="o", label=split)
+    for ax, title in ((a1, "all attributes right"), (a2, "CLIP score")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("N (candidates reranked)")
+        ax.set_title(f"best of N: {title}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_fid_by_blur(fids: dict[str, dict[str, float]], path: Path, name: str = "FID") -> Path:
+    """``fids``: series name -> {radius: distance}."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
+    for label, by_radius in fids.items():
+        rs = sorted(by_radius, key=float)
+        ax.plot([float(r) for r in rs], [by_radius[r] for r in rs], marker="o", label=label)
+    ax.set_xlabel("Gaussian blur radius (pixels)")
+    ax.set_ylabel(name)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_nearest(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor, str, torch.Tensor]], path: Path) -> Path:
+    """Rows of: held-out caption, its reranked and random samples, the nearest training caption and its image."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.1 * len(rows)), dpi=100, squeeze=False)
+    for (caption, best, first, near_caption, near_image), ax in zip(rows, axes, strict=True):
+        for a, im, title in (
+            (ax[0], best, f"held out: {caption}\n(reranked sample)"),
+            (ax[1], first, "(random sample)"),
+            (ax[2], near_image, f"nearest training caption:\n{near_caption}"),
+        ):
+            a.imshow(im.permute(1, 2, 0).numpy(), interpolation="nearest")
+            a.set_title(textwrap.fill(title, 34), fontsize=7)
+            a.axis("off")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """The figure as a PNG, written as every picture here is (viz.save_png: atomic, honouring the umask)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    buf.seek(0)
+    return save_png(Image.open(buf), path)

@@ -1,0 +1,1 @@
+"""The networks: the dVAE, the sparse transformer, its attention masks and backends."""

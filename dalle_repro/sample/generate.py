@@ -1,0 +1,141 @@
+"""Sampling (SPEC §5): candidates from the cached decoder, decoded by the dVAE, reranked by CLIP.
+
+:func:`generate` is the library call; launch/sample.py is a thin command line over it. For each
+caption it draws ``candidates`` image-token grids in batches with :meth:`Transformer.generate`
+(the model's own forward with the per-layer caches of every mask kind), optionally with
+classifier-free guidance (conditional and unconditional rows in one batch) and image priming
+(the top rows of an init image's tokens), decodes them with the dVAE, scores them with a
+:class:`~dalle_repro.sample.rerank.Reranker` when one is given, and keeps the best ``keep``.
+
+[departure] The paper draws 512 candidates per caption and reranks them; ``candidates`` defaults to
+64 (keep 8), which is what a CPU can draw in minutes at the demo's size. ``--candidates 512`` gives
+the paper's setting.
+
+Determinism: caption ``i`` draws from a generator seeded with ``(seed, i)``, so a result depends on
+the seed, the settings and the batch size, not on the other captions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from dalle_repro.data.tokenizer import TextTokenizer
+from dalle_repro.models.dvae import DVAE
+from dalle_repro.models.transformer import Transformer
+from dalle_repro.sample.rerank import Reranker
+
+
+@dataclass
+class SampleSettings:
+    candidates: int = 64
+    keep: int = 8
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance: float = 1.0
+    init_rows: int = 0
+    seed: int = 0
+    batch_size: int = 16
+
+    def check(self, model: Transformer) -> None:
+        a = model.args
+        if self.candidates < 1 or not 1 <= self.keep:
+            raise ValueError(f"candidates ({self.candidates}) and keep ({self.keep}) must be >= 1")
+        if self.keep > self.candidates:
+            raise ValueError(f"keep ({self.keep}) cannot exceed candidates ({self.candidates})")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and not 1 <= self.top_k <= a.image_vocab:
+            raise ValueError(f"top_k must be in [1, {a.image_vocab}], got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.init_rows <= a.grid:
+            raise ValueError(f"init_rows must be in [0, {a.grid}], got {self.init_rows}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class PromptResult:
+    caption: str
+    images: torch.Tensor  # (keep, 3, H, W) in [0, 1], best first
+    tokens: torch.Tensor  # (keep, grid, grid)
+    scores: list[float] | None  # CLIP scores of the kept images, best first (None without a reranker)
+    candidate_scores: list[float] | None = None  # every candidate's score, in generation order
+    kept: list[int] = field(default_factory=list)  # indices of the kept candidates
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"caption": self.caption, "kept": self.kept, "scores": self.scores}
+        if self.candidate_scores:
+            cs = self.candidate_scores
+            out |= {
+                "mean_score_all": sum(cs) / len(cs),
+                "mean_score_kept": sum(self.scores or []) / max(1, len(self.kept)),
+            }
+        return out
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    dvae: DVAE,
+    captions: list[str],
+    tokenizer: TextTokenizer,
+    settings: SampleSettings | None = None,
+    reranker: Reranker | None = None,
+    init_image: torch.Tensor | None = None,
+    progress: bool = True,
+) -> list[PromptResult]:
+    """Images (and scores) for each caption; see the module docstring."""
+    s = settings or SampleSettings()
+    s.check(model)
+    a = model.args
+    dev = next(model.parameters()).device
+    prime = None
+    if s.init_rows:
+        if init_image is None:
+            raise ValueError("init_rows > 0 needs an init image")
+        grid = dvae.encode(init_image.to(dev).float()[None] if init_image.dim() == 3 else init_image.to(dev).float())
+        if tuple(grid.shape[1:]) != (a.grid, a.grid):
+            raise ValueError(f"the init image encodes to a {tuple(grid.shape[1:])} grid; the prior has {a.grid}")
+        prime = grid[:1].flatten(1)[:, : s.init_rows * a.grid]
+    uncond = torch.tensor([tokenizer.encode("")], dtype=torch.long, device=dev) if s.guidance != 1.0 else None
+    results = []
+    total = len(captions) * s.candidates * a.n_image
+    bar = tqdm(total=total, desc="sample", unit="tok", disable=not progress or None)
+    for i, caption in enumerate(captions):
+        gen = torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + i)
+        text_row = torch.tensor([tokenizer.encode(caption)], dtype=torch.long, device=dev)
+        grids = []
+        for start in range(0, s.candidates, s.batch_size):
+            b = min(s.batch_size, s.candidates - start)
+            tokens = model.generate(
+                text_row.expand(b, -1),
+                temperature=s.temperature,
+                top_k=s.top_k,
+                top_p=s.top_p,
+                prime=None if prime is None else prime.expand(b, -1),
+                generator=gen,
+                uncond=uncond,
+                guidance=s.guidance,
+                progress=lambda _, b=b: bar.update(b),
+            )
+            grids.append(tokens.view(b, a.grid, a.grid))
+        tokens = torch.cat(grids)
+        images = torch.cat([dvae.decode(t) for t in tokens.split(s.batch_size)]).cpu()
+        if reranker is not None:
+            order, scores = reranker.rank(images, caption, s.keep)
+            kept = order.tolist()
+            result = PromptResult(
+                caption, images[order], tokens[order].cpu(), [float(scores[j]) for j in kept], scores.tolist(), kept
+            )
+        else:
+            kept = list(range(s.keep))
+            result = PromptResult(caption, images[: s.keep], tokens[: s.keep].cpu(), None, None, kept)
+        results.append(result)
+    bar.close()
+    return results

@@ -1,0 +1,1 @@
+"""Training: the dVAE, prior and CLIP trainers, optimizers and schedules, checkpoints, DeepSpeed."""

@@ -1,0 +1,950 @@
+"""Training the prior (SPEC §2-3) under DeepSpeed, on one rank or many nodes, with exact resume.
+
+The input is either token shards (tools/encode_tokens.py; ``data.kind: tokens``) or image shards
+encoded on the fly by a dVAE (``data.kind: images`` with ``dvae``). Captions become text tokens with
+the BPE tokenizer (with BPE dropout), and with probability ``run.caption_dropout`` the empty caption
+(all pads) for classifier-free guidance.
+
+DeepSpeed: the engine's config is generated from ours (ZeRO stage, precision, micro-batch, gradient
+accumulation, clipping, optimizer) and written to ``RUN/deepspeed.json``; a JSON of the user's own
+is merged over it. The learning-rate schedule (warm-up, then cosine or halve-on-plateau) is a
+client scheduler that DeepSpeed steps and checkpoints.
+
+Precision (``precision.mode``):
+
+- ``block_scaled`` (default): the engine keeps fp32 weights; each resblock computes in ``precision.dtype``
+  with per-resblock gradient scaling and the non-finite filter (core/precision.py), so an overflow in
+  one block skips only that block's update. The scales are part of the train state.
+  ``precision.dtype: auto`` (the default) is bf16 where the device runs it natively and fast, else
+  fp32 (precision.pick_precision), decided at start; config.yaml keeps ``auto`` and notes the pick.
+- ``deepspeed``: DeepSpeed's own bf16/fp16 (half weights, one loss scale), for comparison.
+
+A step whose loss is non-finite on any rank is skipped (no parameter moves and Adam's moments are
+untouched, at every ZeRO stage: train/exact_skip.py) and counted; after
+``run.max_nonfinite`` in a row the run writes a checkpoint and stops with an error.
+
+Checkpoints (``RUN/checkpoints/``): DeepSpeed's own checkpoint of the engine (weights, optimizer,
+scheduler; any ZeRO stage) in ``deepspeed/step_N/``, then ``step_N/`` written atomically by rank 0
+with the EMA weights (safetensors), the per-rank data positions and RNG states, the block scales,
+the counters and the config. ``step_N/state.json`` exists only once both are whole, and only such
+checkpoints are resumed from. DeepSpeed's stock checkpoint engine pickles; the run swaps in
+``ds_checkpoint``'s, so DeepSpeed's files are safetensors too (in DeepSpeed's own file layout) and
+``--resume`` unpickles nothing. Exports and our own state are safetensors, JSON and YAML.
+
+Sizes (``resolve_sizes``): ``model.text_len``, ``model.text_vocab``, ``model.grid``,
+``model.image_vocab`` and, for image shards, ``data.image_size`` are read off their sources when
+left null (the default): ``text.text_len``, the tokenizer file, the dVAE folder, the token shards'
+``summary.json``. A value given anyway is checked against its source. ``RUN/config.yaml`` holds the
+values used, with where each came from in its header.
+
+SIGTERM (a preempted job) finishes the current step, writes a checkpoint and exits with status 0.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as torch_dist
+
+from dalle_repro.core import distributed, faults
+from dalle_repro.core.config import (
+    ConfigError,
+    arg,
+    atomic_write_text,
+    deep_merge,
+    load_yaml,
+    save_config,
+    to_dict,
+)
+from dalle_repro.core.images import grid, save_png
+from dalle_repro.core.precision import BlockScaler, Pick, PrecisionArgs, agree_across_ranks, pick_precision
+from dalle_repro.data.loader import DataArgs, Loader, expand_shards, first_token_grid, is_remote
+from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs
+from dalle_repro.models.dvae import DVAE, DVAEArgs
+from dalle_repro.models.transformer import Transformer, TransformerArgs
+from dalle_repro.sample.export import write_export
+from dalle_repro.train.checkpoint import (
+    Checkpoints,
+    load_state_strict,
+    model_shapes,
+    pretrained_args,
+    rng_state,
+    save_json,
+    set_rng_state,
+    shape_mismatch,
+)
+from dalle_repro.train.deepspeed import is_safe_engine, safe_checkpoint_engine
+from dalle_repro.train.dvae import weights_digest
+from dalle_repro.train.exact_skip import step_without
+from dalle_repro.train.metrics import LogArgs, MetricsLogger, last_validation
+from dalle_repro.train.optim import EMA, cosine, param_groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PriorScheduleArgs:
+    """Learning rate: linear warm-up, then decay (SPEC §2: 4.5e-4 after 5,000 warm-up updates)."""
+
+    lr: float = arg(4.5e-4, "Peak learning rate, reached at the end of the warm-up.", gt=0)
+    warmup_steps: int = arg(5000, "Updates of linear warm-up from lr/warmup_steps to lr.", ge=0)
+    decay: Literal["cosine", "plateau", "constant"] = arg(
+        "cosine", "After the warm-up: cosine to lr_end; plateau: times plateau_factor when validation stalls."
+    )
+    lr_end: float = arg(0.0, "cosine: the final learning rate; plateau: the smallest.", ge=0)
+    decay_steps: int | None = arg(None, "cosine: updates of the decay after the warm-up; null: until run.steps.", gt=0)
+    plateau_factor: float = arg(0.5, "plateau: the factor applied when validation loss stops falling.", gt=0, lt=1)
+    plateau_patience: int = arg(2, "plateau: validations without a new best before the learning rate drops.", ge=1)
+
+
+@dataclass
+class PriorOptimArgs:
+    """AdamW (SPEC §2), clipping and the EMA of weights."""
+
+    impl: Literal["torch", "deepspeed", "apex"] = arg(
+        "torch",
+        "torch: torch.optim.AdamW (fused on CUDA); deepspeed: DeepSpeed's FusedAdam from the generated config; "
+        "apex: apex.optimizers.FusedAdam (needs apex installed).",
+    )
+    beta1: float = arg(0.9, "Adam beta1.", ge=0, lt=1)
+    beta2: float = arg(0.96, "Adam beta2 (the paper: 0.96).", ge=0, lt=1)
+    eps: float = arg(1e-8, "Adam epsilon.", gt=0)
+    weight_decay: float = arg(4.5e-2, "Decoupled weight decay, on weights (2-d tensors) only.", ge=0)
+    grad_clip: float = arg(4.0, "Clip the global gradient norm to this (the paper: 4); 0: no clipping.", ge=0)
+    ema_decay: float = arg(
+        0.999, "[?] EMA decay of the weights (the paper names 0.99 or 0.999, not which); warmed up.", ge=0, lt=1
+    )
+
+
+@dataclass
+class DeepSpeedArgs:
+    """What goes into the generated DeepSpeed config (RUN/deepspeed.json)."""
+
+    zero_stage: int = arg(
+        0, "ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+weights).", ge=0, le=3
+    )
+    grad_accum: int = arg(1, "Micro-batches (data.batch_size each) per update on each rank.", ge=1)
+    config: str | None = arg(None, "A DeepSpeed JSON of your own, merged over the generated one (its keys win).")
+
+
+@dataclass
+class PriorRunArgs:
+    """Length, checkpoints, validation, samples and failure handling of a run."""
+
+    run_dir: str = arg("runs/prior", "Folder for checkpoints, metrics, sample grids and the export.")
+    steps: int = arg(1000, "Updates to train for.", gt=0)
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: CUDA when there is one.")
+    seed: int = arg(0, "Seed of the initial weights (the same on every rank) and of caption dropout.", ge=0)
+    caption_dropout: float = arg(
+        0.0, "Probability of replacing a caption by the empty one (for classifier-free guidance).", ge=0, lt=1
+    )
+    ckpt_every: int = arg(500, "Updates between checkpoints (one is always written at the end).", gt=0)
+    keep: int = arg(3, "Checkpoints to keep.", ge=1)
+    stop_after: int | None = arg(
+        None, "Stop with a checkpoint after this many updates in this process (time-boxed jobs); resume later.", gt=0
+    )
+    val_every: int = arg(500, "Updates between validations (one always at the end).", gt=0)
+    val_shards: str | None = arg(None, "Validation shards (same kind as data.kind); null: no validation.")
+    val_batches: int = arg(8, "Batches per validation (0: the whole split).", ge=0)
+    sample_every: int = arg(1000, "Updates between sample grids from fixed captions (needs dvae).", gt=0)
+    sample_captions: int = arg(4, "Captions from the validation split in the sample grid.", ge=0)
+    sample_prompts: list[str] = arg(factory=list, doc="More captions for the sample grid.")
+    deterministic: Literal["auto", "on", "off"] = arg(
+        "auto",
+        "torch.use_deterministic_algorithms, which exact resume needs (2-thread CPU embedding gradients vary "
+        "otherwise; ~0-6% slower). auto: on for CPU, off for CUDA.",
+    )
+    max_nonfinite: int = arg(20, "Stop (with a checkpoint) after this many non-finite losses in a row.", ge=1)
+    copy_dvae: bool = arg(True, "Copy the dVAE folder into the export (else the export records its path).")
+
+
+@dataclass
+class PriorTrainConfig:
+    """Everything a prior run reads."""
+
+    model: TransformerArgs = arg(factory=TransformerArgs, doc="The transformer.")
+    precision: PrecisionArgs = arg(factory=PrecisionArgs, doc="Mixed precision (SPEC §3).")
+    text: TokenizerArgs = arg(factory=TokenizerArgs, doc="Caption encoding.")
+    dvae: str | None = arg(
+        None, "dVAE folder (train_dvae's RUN/dvae): encodes image shards on the fly and decodes sample grids."
+    )
+    data: DataArgs = arg(factory=DataArgs, doc="Training samples: token shards (data.kind: tokens) or images.")
+    schedule: PriorScheduleArgs = arg(factory=PriorScheduleArgs, doc="Learning-rate schedule.")
+    optim: PriorOptimArgs = arg(factory=PriorOptimArgs, doc="Optimiser and EMA.")
+    deepspeed: DeepSpeedArgs = arg(factory=DeepSpeedArgs, doc="DeepSpeed.")
+    run: PriorRunArgs = arg(factory=PriorRunArgs, doc="The run.")
+    log: LogArgs = arg(factory=LogArgs, doc="Logging.")
+
+    def __post_init__(self) -> None:
+        if self.model.text_len is not None and self.text.text_len != self.model.text_len:
+            raise ConfigError(
+                f"model.text_len: {self.model.text_len}, but text.text_len is {self.text.text_len}; state it once, "
+                "as text.text_len (model.text_len follows it when null)"
+            )
+        if self.data.kind == "images" and self.dvae is None:
+            raise ConfigError("dvae: image shards (data.kind: images) need a dVAE folder to encode them")
+        if self.precision.mode == "deepspeed" and self.precision.dtype == "fp32":
+            raise ConfigError("precision.dtype: precision.mode 'deepspeed' needs bf16 or fp16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Learning rate
+
+
+class LRSchedule:
+    """Warm-up, then cosine / plateau / constant. DeepSpeed calls :meth:`step` after each update and
+    saves :meth:`state_dict` in its checkpoint; :meth:`report` feeds the plateau rule."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, args: PriorScheduleArgs, total_steps: int):
+        self.optimizer, self.args, self.total = optimizer, args, total_steps
+        self.last_step = 0
+        self.factor = 1.0
+        self.best = math.inf
+        self.stale = 0
+        self.apply()
+
+    def lr_at(self, step: int) -> float:
+        a = self.args
+        if step < a.warmup_steps:
+            return a.lr * (step + 1) / a.warmup_steps
+        if a.decay == "cosine":
+            steps = a.decay_steps if a.decay_steps is not None else max(1, self.total - a.warmup_steps)
+            return cosine(step - a.warmup_steps, a.lr, a.lr_end, steps)
+        if a.decay == "plateau":
+            return max(a.lr * self.factor, a.lr_end)
+        return a.lr
+
+    def apply(self) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr_at(self.last_step)
+
+    def step(self, **_: Any) -> None:
+        self.last_step += 1
+        self.apply()
+
+    def report(self, val_loss: float) -> None:
+        """The plateau rule: after ``plateau_patience`` validations without a new best, lower the rate."""
+        if val_loss < self.best:
+            self.best, self.stale = val_loss, 0
+            return
+        self.stale += 1
+        if self.args.decay == "plateau" and self.last_step >= self.args.warmup_steps:
+            if self.stale >= self.args.plateau_patience:
+                self.factor *= self.args.plateau_factor
+                self.stale = 0
+                log.info("validation loss stalled: learning rate now %.3g", self.lr_at(self.last_step))
+                self.apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_step": self.last_step, "factor": self.factor, "best": self.best, "stale": self.stale}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_step, self.factor = int(state["last_step"]), float(state["factor"])
+        self.best, self.stale = float(state["best"]), int(state["stale"])
+        self.apply()
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed
+
+
+# Top-level keys of a DeepSpeed config that change how checkpoints are read or written: "checkpoint"
+# (load_universal reaches torch.load(weights_only=False) past any checkpoint engine; writer engines),
+# "datastates_ckpt" (another engine), "nebula" (removed from DeepSpeed, refused all the same).
+READ_PATH_KEYS = frozenset({"checkpoint", "datastates_ckpt", "nebula"})
+
+
+def check_safe_loading(engine: Any) -> None:
+    """Before ``load_checkpoint``: the engine reads through our safetensors engine and no universal
+    checkpoint path (which unpickles whatever file it is given). A RuntimeError otherwise."""
+    if not is_safe_engine(engine.checkpoint_engine):
+        raise RuntimeError(f"DeepSpeed's checkpoint engine is {type(engine.checkpoint_engine).__name__}, not ours")
+    if engine.load_universal_checkpoint():
+        raise RuntimeError("DeepSpeed is set to load a universal checkpoint, which unpickles; refusing to resume")
+
+
+def deepspeed_config(cfg: PriorTrainConfig, world_size: int) -> dict[str, Any]:
+    """The engine's config, generated from ours, with the user's JSON (``deepspeed.config``) merged over it.
+    ``cfg.precision.dtype`` must be resolved already (``auto`` is picked in :func:`picked_precision`)."""
+    if cfg.precision.dtype == "auto":
+        raise ValueError("deepspeed_config: precision.dtype 'auto' must be picked first (picked_precision)")
+    b, gas = cfg.data.batch_size, cfg.deepspeed.grad_accum
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": b,
+        "gradient_accumulation_steps": gas,
+        "train_batch_size": b * gas * world_size,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": cfg.precision.mode == "deepspeed" and cfg.precision.dtype == "bf16"},
+        "fp16": {"enabled": cfg.precision.mode == "deepspeed" and cfg.precision.dtype == "fp16"},
+    }
+    if ds["fp16"]["enabled"]:
+        ds["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2)
+    if cfg.optim.impl == "deepspeed":
+        o = cfg.optim
+        ds["optimizer"] = {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.schedule.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+            },
+        }
+    if cfg.deepspeed.config:
+        path = Path(cfg.deepspeed.config)
+        try:
+            user = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"deepspeed.config: cannot read {path} as JSON: {e}") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"deepspeed.config: {path} must hold a JSON object")
+        refused = sorted(READ_PATH_KEYS & set(user))
+        if refused:
+            raise ConfigError(
+                f"deepspeed.config: {path} sets {', '.join(refused)}, which change how DeepSpeed reads and writes "
+                "checkpoints (universal checkpoints, other engines: paths that unpickle); this trainer's checkpoints "
+                "go through its own engine, which never unpickles. Remove the key."
+            )
+        ds = deep_merge(ds, user)
+        micro = ds.get("train_micro_batch_size_per_gpu")
+        if micro != b:
+            raise ConfigError(
+                f"deepspeed.config: {path} sets train_micro_batch_size_per_gpu={micro}; "
+                f"set data.batch_size={micro} instead (the loader reads it)"
+            )
+        gas = ds.get("gradient_accumulation_steps", gas)
+        ds["train_batch_size"] = b * gas * world_size
+    return ds
+
+
+def _client_optimizer(model: torch.nn.Module, cfg: PriorTrainConfig) -> torch.optim.Optimizer | None:
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    if o.impl == "deepspeed":
+        return None
+    if o.impl == "apex":
+        try:
+            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
+        except ImportError:
+            raise ConfigError("optim.impl: apex is not installed; use torch or deepspeed") from None
+        return FusedAdam(groups, lr=cfg.schedule.lr, betas=(o.beta1, o.beta2), eps=o.eps, adam_w_mode=True)
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.schedule.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+@dataclass
+class Counters:
+    """Events a run counts; part of the train state."""
+
+    skipped_steps: int = 0
+    nonfinite_in_row: int = 0
+    skipped_blocks: int = 0
+    caption_dropped: int = 0
+
+
+@dataclass
+class Run:
+    cfg: PriorTrainConfig
+    d: distributed.Dist
+    model: Transformer
+    engine: Any
+    scheduler: LRSchedule
+    scaler: BlockScaler | None
+    ema: EMA | None  # rank 0 only
+    loader: Loader
+    tokenizer: TextTokenizer
+    dvae: DVAE | None
+    empty_text: torch.Tensor
+    run_dir: Path
+    step: int = 0
+    counters: Counters = field(default_factory=Counters)
+    written_cfg: PriorTrainConfig | None = None  # what checkpoints and the export store (precision auto kept)
+
+    @property
+    def zero(self) -> int:
+        return int(self.engine.zero_optimization_stage())
+
+
+class StopRequested:
+    """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) after each update."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self.training = False  # set when the first update starts: before it there is nothing to save
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+        if self.training:
+            log.warning("%s received: the run stops after this update, with a checkpoint", self.signal)
+        else:
+            log.warning(
+                "%s received before the first update: the run stops when its set-up ends, before training "
+                "(no update was made, so there is nothing new to save)",
+                self.signal,
+            )
+
+
+def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    model = Transformer(cfg.model).to(d.device)
+    scaler = model.enable_precision(cfg.precision) if cfg.precision.mode == "block_scaled" else None
+    tokenizer = TextTokenizer(cfg.text.path, cfg.text.text_len)
+    dvae = DVAE.from_pretrained(cfg.dvae).to(d.device).eval() if cfg.dvae is not None else None
+    if cfg.data.kind == "tokens":
+        check_token_shards(cfg)
+    ds_config = deepspeed_config(cfg, d.world_size)
+    optimizer = _client_optimizer(model, cfg)
+    if d.is_main:
+        for note in distributed.extension_notes(d.device):
+            log.warning(note)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None,
+        lr_scheduler=lambda opt: LRSchedule(opt, cfg.schedule, cfg.run.steps),
+        config=ds_config,
+    )
+    engine.checkpoint_engine = safe_checkpoint_engine()  # no pickle in DeepSpeed's files either
+    # DeepSpeed copies zero_to_fp32.py beside ZeRO checkpoints; it torch.loads pickles, so it cannot read
+    # these files. RUN/export/ (raw.safetensors, model.safetensors) holds the consolidated weights instead.
+    engine._copy_recovery_script = lambda save_path: None
+    if d.is_main:
+        atomic_write_text(Path(cfg.run.run_dir) / "deepspeed.json", json.dumps(ds_config, indent=2) + "\n")
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the optimizer
+        log.info(
+            "optimizer: %s (optim.impl=%s), ZeRO stage %d",
+            type(base).__name__,
+            cfg.optim.impl,
+            cfg.deepspeed.zero_stage,
+        )
+    loader = Loader(
+        cfg.data.shards,
+        cfg.data,
+        tokenizer,
+        text_dropout=cfg.text.dropout,
+        rank=d.rank,
+        world_size=d.world_size,
+        token_grid=cfg.model.grid,
+        token_vocab=cfg.model.image_vocab,
+    )
+    ema = _gathered(engine, lambda: EMA(model, cfg.optim.ema_decay), d)  # rank 0 keeps the EMA
+    empty = torch.tensor(tokenizer.encode(""), dtype=torch.long)
+    torch.manual_seed(cfg.run.seed + 1000 * (d.rank + 1))  # caption dropout and model dropout differ per rank
+    return Run(
+        cfg, d, model, engine, engine.lr_scheduler, scaler, ema, loader, tokenizer, dvae, empty, Path(cfg.run.run_dir)
+    )
+
+
+def token_summary(shards: list[str]) -> tuple[Path, dict[str, Any]] | None:
+    """The ``summary.json`` that tools/encode_tokens.py wrote at the top of its output, found from
+    the first local shard upwards (three folders at most), when it names a grid and a codebook."""
+    for shard in [p for p in shards if not is_remote(p)][:1]:
+        folder = Path(shard).parent
+        for d in [folder, *list(folder.parents)[:3]]:
+            path = d / "summary.json"
+            try:
+                summary = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(summary, dict) and {"grid", "vocab_size"} <= summary.keys():
+                return path, summary
+    return None
+
+
+def resolve_sizes(cfg: PriorTrainConfig) -> tuple[PriorTrainConfig, list[str]]:
+    """``cfg`` with every null size read off its source, and one line per size saying where from.
+
+    Sources: ``text.text_len``; the tokenizer file (``TextTokenizer.vocab_size``: BPE + text_len
+    pads); the dVAE folder's config (grid, codes, image size); without a dVAE, the token shards'
+    ``summary.json`` (tools/encode_tokens.py). A size given explicitly is kept and checked against
+    its source, with an error naming both."""
+    m, notes = cfg.model, []
+    sizes: dict[str, int] = {}
+
+    def take(key: str, given: int | None, found: int | None, source: str, hint: str = "") -> None:
+        if found is None:
+            if given is None:
+                raise ConfigError(f"{key}: not set, and {source}{hint}")
+            notes.append(f"{key}: {given} (given)")
+            return
+        if given is not None and given != found:
+            raise ConfigError(f"{key}: {given}, but {source} gives {found}{hint}; leave it unset to use {found}")
+        notes.append(f"{key}: {found} ({'given, checked against ' if given is not None else 'from '}{source})")
+        sizes[key.split(".")[1]] = found
+
+    text_len = cfg.text.text_len
+    take("model.text_len", m.text_len, text_len, "text.text_len")
+    tokenizer = TextTokenizer(cfg.text.path, text_len)
+    take(
+        "model.text_vocab",
+        m.text_vocab,
+        tokenizer.vocab_size,
+        f"{cfg.text.path} ({tokenizer.bpe_vocab_size} BPE + {text_len} pads)",
+    )
+    image_size = None
+    if cfg.dvae is not None:
+        dv = pretrained_args(cfg.dvae, DVAEArgs)
+        grid_src = codes_src = f"the dVAE {cfg.dvae}"
+        grid, codes, image_size = dv.grid, dv.vocab_size, dv.image_size
+    else:
+        found = token_summary(expand_shards(cfg.data.shards)) if cfg.data.kind == "tokens" else None
+        where = found[0] if found else None
+        grid = int(found[1]["grid"]) if found else None
+        codes = int(found[1]["vocab_size"]) if found else None
+        grid_src = codes_src = (
+            f"the token shards' summary {where}" if where else "there is no dvae= and no summary.json beside the shards"
+        )
+    hint = "" if grid is not None else " (tools/encode_tokens.py writes one at the top of its output); set dvae="
+    take("model.grid", m.grid, grid, grid_src, hint)
+    take("model.image_vocab", m.image_vocab, codes, codes_src, hint)
+    data = cfg.data
+    if cfg.data.kind == "images" and image_size is not None:
+        given = cfg.data.image_size
+        if given is not None and given != image_size:
+            raise ConfigError(f"data.image_size: {given}, but the dVAE {cfg.dvae} takes {image_size}; leave it unset")
+        notes.append(f"data.image_size: {image_size} (from the dVAE {cfg.dvae})")
+        data = dataclasses.replace(cfg.data, image_size=image_size)
+    model = dataclasses.replace(m, **sizes)
+    return dataclasses.replace(cfg, model=model, data=data), notes
+
+
+PAPER_BPE, PAPER_GRID, PAPER_CODES = 16384, 32, 8192  # SPEC §2: the paper's BPE vocabulary, token grid, codebook
+
+
+def model_with_paper_sizes(cfg: PriorTrainConfig) -> TransformerArgs:
+    """``cfg.model`` with each null size set to the paper's (16,384 BPE + text.text_len pads, a 32x32
+    grid of 8192 codes), for tools that size a config without its tokenizer, dVAE or shards at
+    hand (tools/memory_table.py, bench/gpu_check.py). Training reads them off the files instead."""
+    m, t = cfg.model, cfg.text.text_len
+    return dataclasses.replace(
+        m,
+        text_len=m.text_len or t,
+        text_vocab=m.text_vocab or PAPER_BPE + t,
+        grid=m.grid or PAPER_GRID,
+        image_vocab=m.image_vocab or PAPER_CODES,
+    )
+
+
+def check_token_shards(cfg: PriorTrainConfig) -> None:
+    """Token shards whose grids the model cannot take fail here, before DeepSpeed starts, rather
+    than as every sample skipped (``wrong_token_grid``) once the loader runs."""
+    found = first_token_grid([p for p in expand_shards(cfg.data.shards) if not is_remote(p)])  # no download
+    g = cfg.model.grid
+    if found is not None and found[1] != (g, g):
+        where, shape = found
+        raise ConfigError(
+            f"model.grid: {g}, but the token shards hold {shape[0]}x{shape[1]} grids ({where}): they were made "
+            "with another dVAE. Encode the images again with this one (tools/encode_tokens.py), or set "
+            f"model.grid={shape[0]} and dvae= the dVAE that made them."
+        )
+
+
+def _gathered(engine: Any, fn: Any, d: distributed.Dist) -> Any:
+    """``fn()`` on rank 0 with ZeRO-3's partitioned weights gathered (every rank takes part)."""
+    if engine.zero_optimization_stage() < 3:
+        return fn() if d.is_main else None
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
+        return fn() if d.is_main else None
+
+
+def batch_tokens(r: Run, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(text, image) LongTensors on the device; image shards go through the dVAE; caption dropout."""
+    a = r.cfg.model
+    text = batch["text"].to(r.d.device)
+    if "image_tokens" in batch:
+        image = batch["image_tokens"].to(r.d.device)
+    else:
+        assert r.dvae is not None
+        with torch.no_grad():
+            image = r.dvae.encode(batch["image"].to(r.d.device).float() / 255)
+    if tuple(image.shape[1:]) != (a.grid, a.grid):
+        raise ValueError(
+            f"image tokens of shape {tuple(image.shape[1:])} in shards {r.cfg.data.shards}, but model.grid is {a.grid}"
+        )
+    if train and r.cfg.run.caption_dropout > 0:
+        drop = torch.rand(text.shape[0]) < r.cfg.run.caption_dropout
+        if drop.any():
+            text = torch.where(drop.to(text.device)[:, None], r.empty_text.to(text.device), text)
+            r.counters.caption_dropped += int(drop.sum())
+    return text, image.flatten(1).long()
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    return distributed.total({"flag": float(flag)}, device)["flag"] > 0
+
+
+def train_step(r: Run, it: Any) -> dict[str, float]:
+    """One update: ``grad_accum`` micro-batches through the engine, the block scaler, the skip rules."""
+    engine = r.engine
+    gas = engine.gradient_accumulation_steps()
+    sums = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
+    nonfinite = False
+    for micro in range(gas):
+        text, image = batch_tokens(r, next(it), train=True)
+        out = r.model.loss_from_logits(text, image, *engine(text, image))
+        loss_ok = bool(torch.isfinite(out.loss))
+        nonfinite |= not loss_ok
+        for k, v in (("loss", out.loss), ("text_loss", out.text), ("image_loss", out.image)):
+            sums[k] += v.item() / gas if loss_ok else 0.0
+        engine.backward(out.loss)
+        if micro < gas - 1:
+            engine.step()  # DeepSpeed counts micro-batches; it updates only at the boundary
+    skipped: list[int] = []
+    rest_bad = False
+    if r.scaler is not None:
+        skipped, rest_bad = r.scaler.end_step(r.model.branch_params(), r.step, drop_grads=False)
+    skip = _any_rank(nonfinite, r.d.device)
+    if skip:  # a non-finite loss: the whole update is skipped
+        frozen = list(r.model.parameters())
+    else:  # the skipped branches, and the parameters outside them if they saw a non-finite gradient
+        frozen = [p for j in skipped for p in r.model.branch_params()[j]] + (r.model.other_params() if rest_bad else [])
+    lr = r.scheduler.get_last_lr()[0]
+    grad_norm = float("nan")
+    if r.zero == 0:
+        for p in frozen:
+            p.grad = None
+        grads = [p.grad for p in r.model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+    clip = engine._config.gradient_clipping
+    if r.zero == 0 and len(frozen) == sum(1 for _ in r.model.parameters()):
+        engine._config.gradient_clipping = 0.0  # DeepSpeed's clip fails when no parameter has a gradient
+    try:
+        step_without(engine, frozen)  # exact at every ZeRO stage (dalle_repro/train/exact_skip.py)
+    finally:
+        engine._config.gradient_clipping = clip
+    if r.zero > 0:
+        norm = engine.get_global_grad_norm()
+        grad_norm = float(norm) if norm is not None else float("nan")
+    r.step += 1
+    if skip:
+        r.counters.skipped_steps += 1
+        r.counters.nonfinite_in_row += 1
+    else:
+        r.counters.nonfinite_in_row = 0
+        _gathered(engine, lambda: r.ema.update(r.model, r.step - 1), r.d)  # type: ignore[union-attr]
+    r.counters.skipped_blocks += len(skipped)
+    return sums | {
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "skipped_step": float(skip),
+        "blocks_skipped": float(len(skipped)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save(r: Run, ckpts: Checkpoints) -> Path:
+    """DeepSpeed's checkpoint (every rank), then our state folder (rank 0), which completes it."""
+    tag = f"step_{r.step:08d}"
+    ds_root = ckpts.root / "deepspeed"
+    mine = {"loader": r.loader.state_dict(), "rng": rng_state()}
+    if r.zero < 3:  # every rank holds all weights: they must agree
+        mine["weights"] = weights_digest(r.model)
+    per_rank = distributed.gather_objects(mine, r.d)
+    if len({p.get("weights") for p in per_rank}) != 1:
+        raise RuntimeError(f"data-parallel replicas diverged at step {r.step}: {[p['weights'] for p in per_rank]}")
+    r.engine.save_checkpoint(str(ds_root), tag=tag, save_latest=False)
+    distributed.barrier()
+    faults.point("deepspeed_saved", tag)
+    path = ckpts.root / tag
+    if r.d.is_main:
+        state = {
+            "step": r.step,
+            "ranks": per_rank,
+            "deepspeed_tag": tag,
+            "zero_stage": r.zero,
+            "block_scaler": r.scaler.state_dict() if r.scaler is not None else None,
+            "counters": dataclasses.asdict(r.counters),
+        }
+        assert r.ema is not None
+        path = ckpts.save(r.step, {"ema": r.ema.state_dict()}, state, r.written_cfg or r.cfg)
+        kept = {p.name for p in ckpts.all()}
+        for old in ds_root.iterdir():
+            if old.is_dir() and old.name not in kept:
+                shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
+    return path
+
+
+def resume(r: Run, ckpts: Checkpoints) -> Path | None:
+    latest = ckpts.latest()
+    if latest is None:
+        return None
+    files, state = Checkpoints.load(latest)
+    theirs = {k: tuple(v.shape) for k, v in files["ema"].items()}
+    problem = shape_mismatch(model_shapes(r.model), theirs, f"{latest} (written with {latest / 'config.yaml'})")
+    if problem:
+        was = load_yaml(latest / "config.yaml").get("model", {})
+        now = to_dict(r.cfg.model)
+        changed = [f"model.{k}: {was.get(k)!r} in the checkpoint, {now[k]!r} now" for k in now if was.get(k) != now[k]]
+        raise ValueError(
+            problem
+            + "\n  settings that differ: "
+            + ("; ".join(changed) or "none in model.*")
+            + "\nResume with the model settings the run was started with."
+        )
+    if len(state["ranks"]) != r.d.world_size:
+        raise ValueError(f"{latest} was written by {len(state['ranks'])} ranks; this run has {r.d.world_size}")
+    tag = state["deepspeed_tag"]
+    ds_root = ckpts.root / "deepspeed"
+    if not (ds_root / tag).is_dir():
+        raise FileNotFoundError(f"{latest} needs DeepSpeed's checkpoint {ds_root / tag}, which is missing")
+    check_safe_loading(r.engine)
+    load_path, _ = r.engine.load_checkpoint(
+        str(ds_root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load {ds_root / tag}")
+    if r.ema is not None:
+        r.ema.load_state_dict(files["ema"])
+    mine = state["ranks"][r.d.rank]
+    r.loader.load_state_dict(mine["loader"])
+    set_rng_state(mine["rng"])
+    if r.scaler is not None and state.get("block_scaler"):
+        r.scaler.load_state_dict(state["block_scaler"])
+    r.counters = Counters(**state["counters"])
+    r.step = int(state["step"])
+    return latest
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation, samples, export
+
+
+def _eval_model(r: Run) -> Transformer | None:
+    """A plain copy of the model with the EMA weights, on rank 0 (half-precision blocks as in training)."""
+    if not r.d.is_main:
+        return None
+    assert r.ema is not None
+    m = Transformer(r.cfg.model).to(r.d.device)
+    load_state_strict(m, {k: v.to(r.d.device) for k, v in r.ema.state_dict().items()}, "EMA")
+    if r.cfg.precision.dtype != "fp32":
+        m.enable_precision(r.cfg.precision)
+    return m.eval()
+
+
+def _val_loader(r: Run) -> Loader | None:
+    if r.cfg.run.val_shards is None:
+        return None
+    args = dataclasses.replace(r.cfg.data, crop="center", shuffle=False, num_workers=0)
+    m = r.cfg.model
+    return Loader(r.cfg.run.val_shards, args, r.tokenizer, epochs=1, token_grid=m.grid, token_vocab=m.image_vocab)
+
+
+@torch.no_grad()
+def validate(r: Run, model: Transformer) -> dict[str, float]:
+    loader = _val_loader(r)
+    if loader is None:
+        return {}
+    sums, n = {"val_loss": 0.0, "val_text_loss": 0.0, "val_image_loss": 0.0}, 0
+    for i, batch in enumerate(loader):
+        if r.cfg.run.val_batches and i >= r.cfg.run.val_batches:
+            break
+        text, image = batch_tokens(r, batch, train=False)
+        out = model.loss(text, image)
+        b = text.shape[0]
+        sums["val_loss"] += out.loss.item() * b
+        sums["val_text_loss"] += out.text.item() * b
+        sums["val_image_loss"] += out.image.item() * b
+        n += b
+    if n == 0:
+        raise RuntimeError(f"no validation sample in {r.cfg.run.val_shards}")
+    return {k: v / n for k, v in sums.items()}
+
+
+def sample_captions(r: Run) -> list[str]:
+    """The grid's fixed captions: the first ``run.sample_captions`` of the validation split, then the prompts."""
+    captions: list[str] = []
+    loader = _val_loader(r)
+    if loader is not None and r.cfg.run.sample_captions:
+        for batch in loader:
+            captions += batch["caption"]
+            if len(captions) >= r.cfg.run.sample_captions:
+                break
+    return captions[: r.cfg.run.sample_captions] + list(r.cfg.run.sample_prompts)
+
+
+@torch.no_grad()
+def sample_grid(r: Run, model: Transformer, captions: list[str]) -> Path | None:
+    if r.dvae is None or not captions:
+        return None
+    text = torch.tensor([r.tokenizer.encode(c) for c in captions], dtype=torch.long, device=r.d.device)
+    gen = torch.Generator(device=r.d.device).manual_seed(r.cfg.run.seed)
+    tokens = model.generate(text, temperature=1.0, generator=gen)
+    images = r.dvae.decode(tokens.view(-1, r.cfg.model.grid, r.cfg.model.grid)).cpu()
+    sheet = grid(list(images), ncol=min(8, len(captions)), labels=captions, scale=2)
+    path = save_png(sheet, r.run_dir / "samples" / f"step_{r.step:08d}.png")
+    save_png(sheet, r.run_dir / "samples_latest.png")
+    return path
+
+
+def export(r: Run) -> Path | None:
+    """``RUN/export``: what launch/sample.py loads (sample/export.py); rank 0 writes."""
+    raw = _gathered(r.engine, lambda: {k: v.detach().cpu().clone() for k, v in r.model.state_dict().items()}, r.d)
+    if not r.d.is_main:
+        return None
+    assert r.ema is not None
+    info = {"step": r.step, "text_len": r.cfg.model.text_len, "caption_dropout": r.cfg.run.caption_dropout}
+    cfg = r.written_cfg or r.cfg  # precision auto stays auto: the sampler picks on its own machine
+    ema = r.ema.state_dict()
+    return write_export(r.run_dir / "export", cfg, ema, raw, cfg.text.path, cfg.dvae, info, cfg.run.copy_dvae)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+class NonFiniteLosses(RuntimeError):
+    """Too many non-finite losses in a row (the run wrote a checkpoint first)."""
+
+
+def train(cfg: PriorTrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
+    """Train (or continue) a prior run; returns the last validation metrics on rank 0."""
+    d = distributed.init(cfg.run.device, require_group=True)
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if cfg.run.deterministic == "on" or (cfg.run.deterministic == "auto" and d.device.type == "cpu"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _train(cfg, d, resume_run, stop)
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def picked_precision(cfg: PriorTrainConfig, d: distributed.Dist) -> Pick:
+    """``precision.dtype`` resolved on this machine (rank 0's pick on every rank), logged on rank 0."""
+    pick = agree_across_ranks(pick_precision(cfg.precision.dtype, d.device, "precision.dtype"))
+    if cfg.precision.mode == "deepspeed" and pick.dtype == "fp32":
+        raise ConfigError(f"precision.dtype: precision.mode 'deepspeed' needs bf16 or fp16, and {pick.reason}")
+    if d.is_main:
+        log.info("precision: %s (mode %s)", pick.reason, cfg.precision.mode)
+    return pick
+
+
+def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: StopRequested | None) -> dict[str, Any]:
+    run_dir = Path(cfg.run.run_dir)
+    ckpts = Checkpoints(run_dir, cfg.run.keep)
+    latest = ckpts.latest()
+    if latest is not None and not resume_run:
+        raise FileExistsError(
+            f"{run_dir} already holds checkpoints ({latest.name}); pass --resume, or set another run.run_dir"
+        )
+    cfg, sizes = resolve_sizes(cfg)
+    pick = picked_precision(cfg, d)
+    r = build(dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype)), d)
+    r.written_cfg = cfg
+    if resume_run and (found := resume(r, ckpts)) is not None:
+        log.info("resumed from %s at step %d", found, r.step)
+    if d.is_main:  # after resume, so a config that cannot resume does not overwrite the run's own
+        save_config(cfg, run_dir, header="\n".join([f"precision: {pick.reason}", *sizes]))
+    stop = stop or StopRequested()
+    logger = MetricsLogger(run_dir, cfg.log, cfg, cfg.run.steps, r.step, d.is_main)
+    captions = sample_captions(r) if d.is_main else []
+    tokens_per_update = cfg.data.batch_size * cfg.model.seq_len * r.engine.gradient_accumulation_steps() * d.world_size
+    val: dict[str, Any] = {}
+    it = iter(r.loader)
+    t0, updates, start = time.perf_counter(), 0, r.step
+    ended = "done"
+    if _any_rank(stop.signal is not None, d.device):
+        it.close()
+        log.warning("stopped before the first update (%s); nothing was trained or saved", stop.signal or "another rank")
+        logger.close()
+        return {"step": r.step, "ended": "signal_before_training"}
+    stop.training = True
+    try:
+        while r.step < cfg.run.steps:
+            metrics = train_step(r, it)
+            faults.point("after_step", r.step)
+            updates += 1
+            logger.advance()
+            last = r.step == cfg.run.steps
+            if r.step % cfg.log.every == 0 or last:
+                metrics = distributed.mean(metrics, None)
+                errors = distributed.total({k: float(v) for k, v in r.loader.errors.items()})
+                rate = updates * tokens_per_update / (time.perf_counter() - t0)
+                counters = {k: v for k, v in dataclasses.asdict(r.counters).items() if k != "nonfinite_in_row"}
+                logger.log(
+                    r.step,
+                    metrics | {"tok_per_s": rate} | counters | {f"data_{k}": v for k, v in errors.items()},
+                    show=("loss", "text_loss", "image_loss", "lr"),
+                )
+                t0, updates = time.perf_counter(), 0
+            if r.step % cfg.run.val_every == 0 or last or r.step % cfg.run.sample_every == 0:
+                val = _validate_and_sample(r, logger, captions, validate_now=r.step % cfg.run.val_every == 0 or last)
+            if r.counters.nonfinite_in_row >= cfg.run.max_nonfinite:
+                save(r, ckpts)
+                raise NonFiniteLosses(
+                    f"{r.counters.nonfinite_in_row} non-finite losses in a row at step {r.step} "
+                    f"(run.max_nonfinite={cfg.run.max_nonfinite}); a checkpoint is in {ckpts.latest()}. "
+                    "Lower schedule.lr, check the data, or try precision.dtype=bf16."
+                )
+            stopping = _any_rank(stop.signal is not None, d.device)
+            time_boxed = cfg.run.stop_after is not None and r.step - start >= cfg.run.stop_after
+            if r.step % cfg.run.ckpt_every == 0 or last or stopping or time_boxed:
+                save(r, ckpts)
+            if (stopping or time_boxed) and not last:
+                ended = "signal" if stopping else "stop_after"
+                log.warning("stopped at step %d (%s); continue with --resume", r.step, ended)
+                break
+    finally:
+        it.close()  # shuts the loader's workers down (they ignore SIGTERM; see data/loader.py)
+
+    if r.step == cfg.run.steps:
+        path = export(r)
+        if path is not None:
+            log.info("exported the model to %s", path)
+            val = val or last_validation(run_dir, "val_loss")
+            save_json(run_dir / "final_metrics.json", val | {"step": r.step})
+    logger.close()
+    distributed.barrier()
+    return val | {"step": r.step, "ended": ended}
+
+
+def _validate_and_sample(r: Run, logger: MetricsLogger, captions: list[str], validate_now: bool) -> dict[str, Any]:
+    model = _eval_model(r)
+    val: dict[str, Any] = {}
+    if model is not None:
+        if validate_now:
+            val = validate(r, model)
+        if r.step % r.cfg.run.sample_every == 0 or r.step == r.cfg.run.steps:
+            sample_grid(r, model, captions)
+        if val:
+            logger.log(r.step, val)
+    loss = [val.get("val_loss", math.nan)]
+    if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+        torch_dist.broadcast_object_list(loss, src=0)
+    if validate_now and not math.isnan(loss[0]):
+        r.scheduler.report(loss[0])  # every rank, so the plateau rule stays in step
+    return val
