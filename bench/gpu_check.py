@@ -44,10 +44,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dalle_repro.core.config import load_config, plain_text  # noqa: E402
-from dalle_repro.core.precision import PrecisionArgs  # noqa: E402
-from dalle_repro.models.attention import KINDS, MaskSpec, allowed, attend, layer_kind  # noqa: E402
-from dalle_repro.models.transformer import Transformer, TransformerArgs  # noqa: E402
+from dalle_repro.core.config import load_config, plain_text
+from dalle_repro.core.precision import PrecisionArgs
+from dalle_repro.models.attention import attend
+from dalle_repro.models.masks import KINDS, MaskSpec, allowed, layer_kind
+from dalle_repro.models.transformer import Transformer, TransformerArgs
 
 PEAK_BF16_TFLOPS = 989.0  # H100/H200 SXM, dense bf16
 
@@ -128,7 +129,7 @@ def _prior_flops_per_sequence(model: Transformer) -> float:
 
 
 def _model_args(config: str, dry: bool) -> tuple[TransformerArgs, int]:
-    from dalle_repro.train.prior import PriorTrainConfig, model_with_paper_sizes
+    from dalle_repro.train.prior_config import PriorTrainConfig, model_with_paper_sizes
 
     cfg = load_config(PriorTrainConfig, ROOT / config)
     if dry:

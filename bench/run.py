@@ -75,14 +75,9 @@ import webdataset as wds
 from dalle_repro.core.config import plain_text
 from dalle_repro.core.cpuinfo import cpu_record
 from dalle_repro.core.precision import Pick, auto_precision, cpu_matmul_probe, pick_precision
-from dalle_repro.data.loader import (
-    DataArgs,
-    Loader,
-    crop_resize,
-    decode_image,
-    expand_shards,
-    image_to_tensor,
-)
+from dalle_repro.data.loader import DataArgs, Loader
+from dalle_repro.data.samples import crop_resize, decode_image, image_to_tensor
+from dalle_repro.data.sources import expand_shards
 from dalle_repro.models.dvae import logit_laplace_nll
 
 
@@ -513,7 +508,7 @@ def _attention_flops(spec: Any, backend: str, heads: int = 8, d: int = 64) -> fl
     every pair. Local (the CPU kernel) scores every query against the text in one product, and each
     image query's listed image keys. Blocked scores the causal text, and per image query the text
     and its whole window of grid rows (a column, for the column kind)."""
-    from dalle_repro.models.attention import image_key_lists, reach_rows
+    from dalle_repro.models.masks import image_key_lists, reach_rows
 
     t, g = spec.text_len, spec.grid
     if backend == "dense":
@@ -539,7 +534,8 @@ def bench_attention(rounds: int, threads: int, precision: str = "auto") -> dict[
     computes, against a 2048^3 matmul in the same run.
     """
     from dalle_repro.kernels import cpu as cpu_kernels
-    from dalle_repro.models.attention import MaskSpec, attend, blocked_attention, dense_mask, layer_kind
+    from dalle_repro.models.attention import attend, blocked_attention
+    from dalle_repro.models.masks import MaskSpec, dense_mask, layer_kind
 
     if cpu_kernels.load() is None:
         raise SystemExit("the CPU attention kernel is unavailable (see the warning above); nothing to compare")

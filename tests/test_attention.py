@@ -8,16 +8,8 @@ import torch.nn.functional as F
 
 from dalle_repro.kernels import cpu as cpu_kernels
 from dalle_repro.models import attention
-from dalle_repro.models.attention import (
-    KINDS,
-    MaskSpec,
-    allowed,
-    attend,
-    dense_mask,
-    flex_densities,
-    image_key_lists,
-    layer_kind,
-)
+from dalle_repro.models.attention import attend, flex_densities
+from dalle_repro.models.masks import KINDS, MaskSpec, allowed, dense_mask, image_key_lists, layer_kind
 
 T, G = 3, 4  # 3 text tokens, a 4x4 image grid
 

@@ -112,7 +112,7 @@ def test_every_shipped_config_validates():
 
     root = Path(__file__).resolve().parents[1] / "configs"
     from dalle_repro.train.dvae import DVAETrainConfig
-    from dalle_repro.train.prior import PriorTrainConfig
+    from dalle_repro.train.prior_config import PriorTrainConfig
 
     cfg = load_config(DemoConfig, root / "demo" / "demo.yaml")
     assert cfg.text.text_len == 16 and cfg.prior_ranks == 2 and cfg.dataset == "shapes"
@@ -132,9 +132,9 @@ def test_files_written_atomically_honour_the_umask(tmp_path):
     import torch
     from PIL import Image
 
-    from dalle_repro.core.config import atomic_write_text
+    from dalle_repro.core.files import atomic_write_text
     from dalle_repro.core.images import save_png
-    from dalle_repro.train.checkpoint import write_folder
+    from dalle_repro.core.pretrained import write_folder
 
     old = os.umask(0o022)
     try:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from dalle_repro.kernels import cpu as cpu_kernels
-from dalle_repro.models.attention import MaskSpec, attend
+from dalle_repro.models.attention import attend
+from dalle_repro.models.masks import MaskSpec
 
 
 @pytest.fixture
@@ -278,7 +279,8 @@ def _cpu_flags() -> set[str]:
 
 def _kernel_outputs(lib) -> list[torch.Tensor]:
     """Forward and backward of both kernels, float32, on fixed inputs."""
-    from dalle_repro.models.attention import MaskSpec, _key_lists
+    from dalle_repro.models.attention import _key_lists
+    from dalle_repro.models.masks import MaskSpec
 
     gen = torch.Generator().manual_seed(0)
     rows, V = 300, 512
@@ -366,7 +368,8 @@ def test_demo_dvae_skips_no_update_in_fp32(emoji32, kernel, monkeypatch):
 
 
 def _list_attention(q, k, v, keys=None, text_len=None):
-    from dalle_repro.models.attention import MaskSpec, _key_lists, _ListAttention
+    from dalle_repro.models.attention import _key_lists, _ListAttention
+    from dalle_repro.models.masks import MaskSpec
 
     spec = MaskSpec("conv", 4, 4, conv_kernel=3)
     keys = _key_lists(spec) if keys is None else keys
@@ -391,7 +394,8 @@ def test_attention_kernel_refuses_mismatched_operands(what, k_shape, match):
 
 
 def test_attention_kernel_refuses_bad_key_lists_and_text_len():
-    from dalle_repro.models.attention import MaskSpec, _key_lists
+    from dalle_repro.models.attention import _key_lists
+    from dalle_repro.models.masks import MaskSpec
 
     q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
     keys = _key_lists(MaskSpec("conv", 4, 4, conv_kernel=3))

@@ -15,18 +15,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dalle_repro.data.loader import (
-    DataArgs,
-    Loader,
+from dalle_repro.data.loader import DataArgs, Loader
+from dalle_repro.data.samples import (
     SampleError,
-    Shard,
     clean_caption,
     crop_resize,
     decode_image,
     decode_tokens,
-    expand_shards,
     split_key,
 )
+from dalle_repro.data.sources import expand_shards
+from dalle_repro.data.tar import Shard
 from dalle_repro.data.tokenizer import TextTokenizer
 from dalle_repro.data.writer import Sample, ShardWriter
 
@@ -316,7 +315,7 @@ def test_only_the_accepted_formats_are_decoded_and_ghostscript_is_never_reached(
 
 def test_a_token_grid_is_checked_from_its_header_before_it_is_loaded(monkeypatch):
     """Issue 18 item 13: grids were loaded and widened to int64 before their shape was checked."""
-    from dalle_repro.data import loader as data
+    from dalle_repro.data import samples as data
 
     buf = io.BytesIO()
     np.save(buf, np.zeros((64, 64), np.int16))
@@ -339,7 +338,7 @@ def test_a_token_grid_is_checked_from_its_header_before_it_is_loaded(monkeypatch
 def test_a_16_bit_image_is_reduced_to_8_bits_without_float64_copies(monkeypatch):
     """Issue 18 item 13: an 8000 x 8000 16-bit PNG peaked at 1.6 GB in float64 copies. The values
     stay exact (every level maps to the nearest 8-bit one), and no float64 array is ever made."""
-    from dalle_repro.data import loader as data
+    from dalle_repro.data import samples as data
 
     a = (np.arange(600 * 300, dtype=np.uint32).reshape(600, 300) * 7 % 65536).astype(np.uint16)
     buf = io.BytesIO()
@@ -364,7 +363,7 @@ def test_shard_index_reads_plain_headers_itself_and_keeps_three_values_a_member(
     worker. Plain headers are now scanned directly (same samples as tarfile's reader gives), the
     index holds offsets and sizes, PAX headers still go through tarfile, and a shard with more than
     MAX_SHARD_SAMPLES samples is refused."""
-    from dalle_repro.data import loader as data
+    from dalle_repro.data import tar as data
 
     plain = write_shards(tmp_path / "plain", 1, 5)[0]
     w = ShardWriter(tmp_path / "pax", 5)
@@ -420,7 +419,7 @@ def test_members_after_an_end_marker_are_not_lost_by_the_fast_index(tmp_path):
 def test_latin_1_captions_that_hold_a_utf8_lookalike_are_read_as_latin_1(text):
     """Review: one byte pair that happens to be valid UTF-8 (cp1252 "é»" is E9 BB) made
     decode_caption read the whole caption as damaged UTF-8."""
-    from dalle_repro.data.loader import decode_caption
+    from dalle_repro.data.samples import decode_caption
 
     got, encoding = decode_caption(text.encode("cp1252"))
     assert got == text and encoding in ("latin-1", "utf-8")

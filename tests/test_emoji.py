@@ -8,7 +8,8 @@ import numpy as np
 from helpers import needs_emoji
 
 from dalle_repro.data.emoji import EMOJI_TEST_PATH, build_emoji_dataset, read_emoji_names, render_emoji
-from dalle_repro.data.loader import decode_image, iter_shard_samples
+from dalle_repro.data.samples import decode_image
+from dalle_repro.data.tar import iter_shard_samples
 
 
 @needs_emoji

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from dalle_repro.core.precision import BlockScaler, PrecisionArgs
+from dalle_repro.core.precision import PrecisionArgs
+from dalle_repro.models.block_scaling import BlockScaler
 from dalle_repro.models.transformer import Transformer, TransformerArgs
 
 ARGS = dict(dim=32, depth=3, heads=4, text_len=6, text_vocab=40, grid=4, image_vocab=24, conv_kernel=3)

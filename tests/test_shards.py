@@ -17,17 +17,11 @@ import pytest
 from helpers import bomb_png, make_folder, odd_mode_image, png_bytes
 from PIL import Image
 
-from dalle_repro.data.loader import decode_image, expand_shards, iter_shard_samples
-from dalle_repro.data.writer import (
-    Record,
-    Sample,
-    ShardWriter,
-    make_shards,
-    process_file,
-    sanitize_key,
-    split_of,
-    write_dataset,
-)
+from dalle_repro.data.make_shards import make_shards, process_file
+from dalle_repro.data.samples import decode_image
+from dalle_repro.data.sources import expand_shards
+from dalle_repro.data.tar import iter_shard_samples
+from dalle_repro.data.writer import Record, Sample, ShardWriter, sanitize_key, split_of, write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -382,7 +376,7 @@ def test_metadata_is_dropped_from_kept_files_unless_asked_and_the_image_bytes_st
 def test_a_link_swapped_between_check_and_open_cannot_leave_the_table_folder(tmp_path, monkeypatch):
     """A review of item 7: --paths-inside resolved the name, then opened it; a link re-pointed in
     between read a file outside the folder. The check is now made on the opened file."""
-    from dalle_repro.data import writer as shards
+    from dalle_repro.data import make_shards as shards
 
     table = tmp_path / "table"
     table.mkdir()
@@ -406,7 +400,7 @@ def test_a_link_swapped_between_check_and_open_cannot_leave_the_table_folder(tmp
 def test_metadata_between_progressive_scans_and_after_the_end_is_dropped():
     """A review of item 7: the strip stopped at the first scan, so a progressive JPEG's comment
     between scans, and bytes appended after the end marker, were kept."""
-    from dalle_repro.data.writer import strip_metadata
+    from dalle_repro.data.make_shards import strip_metadata
 
     buf = io.BytesIO()
     rng = np.random.default_rng(0)

@@ -15,8 +15,9 @@ from helpers import dvae_overrides
 from safetensors.torch import load_file
 
 from dalle_repro.core.config import load_config
-from dalle_repro.data.loader import DataArgs, Loader, iter_shard_samples
+from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.data.pre_encode import encode_token_shards
+from dalle_repro.data.tar import iter_shard_samples
 from dalle_repro.models.dvae import DVAE
 from dalle_repro.train.dvae import DVAETrainConfig, schedule_at, train
 from dalle_repro.train.metrics import read_metrics

@@ -24,18 +24,16 @@ from safetensors.torch import load_file
 from dalle_repro.core.config import ConfigError, load_config, save_config
 from dalle_repro.core.distributed import free_port
 from dalle_repro.data.tokenizer import TextTokenizer
+from dalle_repro.train.deepspeed import deepspeed_config
 from dalle_repro.train.metrics import read_metrics
 from dalle_repro.train.prior import (
     Counters,
     LRSchedule,
     NonFiniteLosses,
-    PriorScheduleArgs,
-    PriorTrainConfig,
     batch_tokens,
-    deepspeed_config,
-    resolve_sizes,
     train,
 )
+from dalle_repro.train.prior_config import PriorScheduleArgs, PriorTrainConfig, resolve_sizes
 
 pytest.importorskip("deepspeed")
 
@@ -278,8 +276,7 @@ def test_a_users_deepspeed_json_cannot_switch_on_an_unpickling_read_path(prior_d
 def test_resume_refuses_an_engine_that_would_unpickle():
     from types import SimpleNamespace
 
-    from dalle_repro.train.deepspeed import safe_checkpoint_engine
-    from dalle_repro.train.prior import check_safe_loading
+    from dalle_repro.train.deepspeed import check_safe_loading, safe_checkpoint_engine
 
     check_safe_loading(
         SimpleNamespace(checkpoint_engine=safe_checkpoint_engine(), load_universal_checkpoint=lambda: False)
@@ -436,7 +433,7 @@ def test_errors_name_the_folder_kind_found_and_the_one_wanted(prior_data, tmp_pa
     """Issue 18 item 17: run folders, a model of the other kind and a shard folder, given where a
     model or shards are wanted, said "model.safetensors not found (the folder has [])", "unknown key
     image_size" or "none of the 1 shards exists"."""
-    from dalle_repro.data.loader import expand_shards
+    from dalle_repro.data.sources import expand_shards
     from dalle_repro.models.dvae import DVAE
     from dalle_repro.sample.export import load_prior
 

@@ -134,7 +134,8 @@ def test_cached_logits_equal_the_full_forward(depth, grid, kernel, wrap):
 
 
 def test_row_cache_holds_o_of_w_keys():
-    from dalle_repro.models.attention import MaskSpec, cache_capacity
+    from dalle_repro.models.kv_cache import cache_capacity
+    from dalle_repro.models.masks import MaskSpec
 
     assert cache_capacity(MaskSpec("row", 256, 32)) == 33
     assert cache_capacity(MaskSpec("conv", 256, 32)) == 5 * 32 + 5 + 1
@@ -160,7 +161,7 @@ def test_generate_greedy_equals_uncached_greedy():
 
 
 def test_shipped_prior_configs_build():
-    from dalle_repro.train.prior import PriorTrainConfig, model_with_paper_sizes
+    from dalle_repro.train.prior_config import PriorTrainConfig, model_with_paper_sizes
 
     root = Path(__file__).resolve().parents[1] / "configs"
     paper = load_config(PriorTrainConfig, root / "paper" / "prior.yaml")

@@ -24,7 +24,8 @@ from safetensors.torch import save_file
 
 from dalle_repro.core.precision import PrecisionArgs
 from dalle_repro.models.transformer import Transformer, TransformerArgs
-from dalle_repro.train.exact_skip import ADAM_STATE, link_moments, step_without
+from dalle_repro.train.deepspeed import link_moments
+from dalle_repro.train.exact_skip import ADAM_STATE, step_without
 from dalle_repro.train.optim import param_groups
 
 ARGS = TransformerArgs(

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from dalle_repro.core.pretrained import check_replaceable, load_state_strict
 from dalle_repro.models.dvae import DVAE, args_from_openai, state_from_openai
-from dalle_repro.train.checkpoint import check_replaceable, load_state_strict
 
 ENC_ATTRS = ("n_hid", "n_blk_per_group", "input_channels", "vocab_size", "group_count")
 DEC_ATTRS = ("n_hid", "n_blk_per_group", "output_channels", "vocab_size", "n_init", "group_count")

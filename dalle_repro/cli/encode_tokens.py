@@ -12,8 +12,8 @@ import json
 import logging
 import sys
 
-from dalle_repro.data.loader import expand_shards
 from dalle_repro.data.pre_encode import encode_token_shards
+from dalle_repro.data.sources import expand_shards
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -54,7 +54,7 @@ def _distances(ref: torch.Tensor, gen: torch.Tensor, a: argparse.Namespace, rera
 
 
 def _load_folder(d: Path) -> tuple[list[str], torch.Tensor]:
-    from dalle_repro.data.loader import decode_image, image_to_tensor
+    from dalle_repro.data.samples import decode_image, image_to_tensor
 
     captions, images = [], []
     for png in sorted(d.glob("*.png")):
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.guidance < 0:
         p.error("--guidance must be >= 0")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    from dalle_repro.core.config import atomic_write_text
+    from dalle_repro.core.files import atomic_write_text
     from dalle_repro.evaluation.evaluate import (
         attribute_accuracy,
         caption_images,

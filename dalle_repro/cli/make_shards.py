@@ -13,8 +13,8 @@ import logging
 import sys
 
 from dalle_repro.core.config import plain_text
-from dalle_repro.data.loader import DEFAULT_MAX_PIXELS
-from dalle_repro.data.writer import MAX_FILE_BYTES, caption_like_files, make_shards
+from dalle_repro.data.make_shards import MAX_FILE_BYTES, caption_like_files, make_shards
+from dalle_repro.data.samples import DEFAULT_MAX_PIXELS
 
 
 def main(argv: list[str] | None = None) -> int:

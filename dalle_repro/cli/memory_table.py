@@ -36,7 +36,7 @@ import torch
 
 from dalle_repro.core.config import load_config
 from dalle_repro.models.transformer import Transformer
-from dalle_repro.train.prior import PriorTrainConfig, model_with_paper_sizes
+from dalle_repro.train.prior_config import PriorTrainConfig, model_with_paper_sizes
 
 DEFAULT = ["configs/gpu/prior-350m.yaml", "configs/gpu/prior-1.3b.yaml", "configs/paper/prior.yaml"]
 GIB = 2**30

@@ -23,10 +23,10 @@ import re
 import sys
 from pathlib import Path
 
-from dalle_repro.core.config import atomic_write_text
 from dalle_repro.core.distributed import pick_device
+from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png, to_pil
-from dalle_repro.data.loader import crop_resize, decode_caption, decode_image, image_to_tensor
+from dalle_repro.data.samples import crop_resize, decode_caption, decode_image, image_to_tensor
 from dalle_repro.sample.export import load_prior
 from dalle_repro.sample.generate import SampleSettings, generate
 from dalle_repro.sample.rerank import Reranker, RerankError

@@ -22,7 +22,8 @@ import logging
 import sys
 
 from dalle_repro.core.config import ConfigError, parse_cli
-from dalle_repro.train.prior import NonFiniteLosses, PriorTrainConfig, StopRequested, train
+from dalle_repro.train.prior import NonFiniteLosses, StopRequested, train
+from dalle_repro.train.prior_config import PriorTrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:

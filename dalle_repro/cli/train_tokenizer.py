@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from dalle_repro.data.loader import expand_shards
+from dalle_repro.data.sources import expand_shards
 from dalle_repro.data.tokenizer import save_tokenizer, train_from_shards
 
 

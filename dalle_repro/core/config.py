@@ -19,7 +19,6 @@ import difflib
 import os
 import re
 import sys
-import tempfile
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from omegaconf import OmegaConf
+
+from dalle_repro.core.files import atomic_write_text
 
 T = TypeVar("T")
 
@@ -317,44 +318,6 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def to_yaml(cfg: Any) -> str:
     """The resolved config as YAML text."""
     return OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
-
-
-def current_umask() -> int:
-    """The process's umask (read from /proc where it can be, without changing it even briefly)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def honour_umask(path: str | os.PathLike[str]) -> None:
-    """Give a file or folder made under a temporary name (mkstemp: 0600, mkdtemp: 0700) the mode an
-    ordinary create would have (0666 or 0777 less the umask), before it is renamed into place:
-    otherwise weights, configs and pictures came out readable by their owner only."""
-    base = 0o777 if os.path.isdir(path) else 0o666
-    os.chmod(path, base & ~current_umask())
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write a text file so that readers see either the old or the whole new content."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        honour_umask(tmp)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def yaml_comment(text: str) -> str:

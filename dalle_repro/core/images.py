@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from dalle_repro.core.config import honour_umask
+from dalle_repro.core.files import honour_umask
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

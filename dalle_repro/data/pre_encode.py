@@ -27,17 +27,17 @@ import torch
 from tqdm import tqdm
 
 from dalle_repro.core import faults
-from dalle_repro.core.config import atomic_write_text
-from dalle_repro.data.loader import (
+from dalle_repro.core.files import atomic_write_text
+from dalle_repro.data.samples import (
     IMAGE_EXTS,
     SampleError,
     clean_caption,
     crop_resize,
     decode_image,
     image_to_tensor,
-    is_remote,
-    iter_shard_samples,
 )
+from dalle_repro.data.sources import is_remote
+from dalle_repro.data.tar import iter_shard_samples
 from dalle_repro.data.writer import Sample, safe_key, write_tar
 from dalle_repro.models.dvae import DVAE
 

@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from dalle_repro.core.config import arg, atomic_write_text
-from dalle_repro.data.loader import clean_caption, iter_shard_samples
+from dalle_repro.core.config import arg
+from dalle_repro.core.files import atomic_write_text
+from dalle_repro.data.samples import clean_caption
+from dalle_repro.data.tar import iter_shard_samples
 
 
 @dataclass

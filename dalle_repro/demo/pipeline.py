@@ -35,7 +35,6 @@ from PIL import Image, ImageDraw
 from dalle_repro.core.config import (
     ConfigError,
     arg,
-    atomic_write_text,
     deep_merge,
     from_dict,
     load_config,
@@ -45,11 +44,14 @@ from dalle_repro.core.config import (
     to_dict,
 )
 from dalle_repro.core.distributed import free_port, usable_cores
+from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png
 from dalle_repro.data.emoji import build_emoji_dataset
-from dalle_repro.data.loader import DataArgs, Loader, clean_caption, iter_shard_samples
+from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.data.pre_encode import encode_token_shards
+from dalle_repro.data.samples import clean_caption
 from dalle_repro.data.shapes import build_shapes_dataset
+from dalle_repro.data.tar import iter_shard_samples
 from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
 from dalle_repro.demo.report import write_report
 from dalle_repro.evaluation.evaluate import zero_shot
@@ -61,7 +63,7 @@ from dalle_repro.train.clip import ClipTrainConfig, train_clip
 from dalle_repro.train.dvae import DVAETrainConfig
 from dalle_repro.train.dvae import train as train_dvae
 from dalle_repro.train.metrics import last_validation
-from dalle_repro.train.prior import PriorTrainConfig, resolve_sizes
+from dalle_repro.train.prior_config import PriorTrainConfig, resolve_sizes
 
 log = logging.getLogger(__name__)
 

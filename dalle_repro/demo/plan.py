@@ -127,7 +127,7 @@ def prior_step_seconds(model_args: Any, precision: str, batch: int, ranks: int, 
 
 def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int = 4) -> float:
     """Seconds of one step of the small CLIP (clip_train.train_clip's loop body) on random images."""
-    from dalle_repro.train.clip import _pixels, build_clip, hf_tokenizer
+    from dalle_repro.train.clip import build_clip, clip_input, hf_tokenizer
 
     a = ccfg.model
     tokenizer = hf_tokenizer(tokenizer_path, a.text_len)
@@ -149,7 +149,7 @@ def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int 
             out = model(
                 input_ids=t["input_ids"],
                 attention_mask=t["attention_mask"],
-                pixel_values=_pixels(images, a.image_size),
+                pixel_values=clip_input(images, a.image_size),
                 return_loss=True,
             )
         opt.zero_grad(set_to_none=True)

@@ -13,7 +13,8 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from dalle_repro.core.config import atomic_write_text, load_yaml
+from dalle_repro.core.config import load_yaml
+from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import save_png
 from dalle_repro.train.metrics import read_metrics
 

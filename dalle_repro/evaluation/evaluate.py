@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from dalle_repro.core.config import atomic_write_text
+from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import save_png, to_uint8, to_unit
 from dalle_repro.data.shapes import ATTRIBUTES, parse_caption, read_scene, score
 from dalle_repro.models.dvae import DVAE, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
@@ -180,15 +180,9 @@ def dvae_reconstructions(dvae: DVAE, batches: Iterable[torch.Tensor]) -> dict[st
 def caption_images(shards: str | Sequence[str], limit: int | None = None) -> tuple[list[str], list[torch.Tensor]]:
     """Every (caption, image) of some shards in shard order, images as (3, H, W) uint8 at their own
     size; at most ``limit`` distinct captions (each caption's images are all kept)."""
-    from dalle_repro.data.loader import (
-        IMAGE_EXTS,
-        SampleError,
-        clean_caption,
-        decode_image,
-        expand_shards,
-        image_to_tensor,
-        iter_shard_samples,
-    )
+    from dalle_repro.data.samples import IMAGE_EXTS, SampleError, clean_caption, decode_image, image_to_tensor
+    from dalle_repro.data.sources import expand_shards
+    from dalle_repro.data.tar import iter_shard_samples
 
     captions, images, distinct = [], [], set()
     for _, members in iter_shard_samples(expand_shards(shards)):

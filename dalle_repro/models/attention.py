@@ -21,7 +21,6 @@ cache all come from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -29,113 +28,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from dalle_repro.kernels import cpu as cpu_kernels
-
-Kind = Literal["row", "column", "conv"]
-KINDS: tuple[Kind, ...] = ("row", "column", "conv")
-
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """One layer's mask: its kind, the sequence shape and the conv options."""
-
-    kind: Kind
-    text_len: int
-    grid: int
-    conv_kernel: int = 11
-    wrap: bool = False
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"mask kind must be one of {KINDS}, got {self.kind!r}")
-        if self.text_len < 0 or self.grid < 1:
-            raise ValueError(f"need text_len >= 0 and grid >= 1, got {self.text_len}, {self.grid}")
-        if self.conv_kernel < 1 or self.conv_kernel % 2 == 0:
-            raise ValueError(f"conv_kernel must be odd and >= 1, got {self.conv_kernel}")
-
-    @property
-    def n_image(self) -> int:
-        return self.grid * self.grid
-
-    @property
-    def n(self) -> int:
-        return self.text_len + self.n_image
-
-
-def layer_kind(layer: int, n_layers: int) -> Kind:
-    """The paper's schedule, 1-based ``layer`` of ``n_layers``: conv last, column where (l-2) % 4 == 0."""
-    if not 1 <= layer <= n_layers:
-        raise ValueError(f"layer must be in 1..{n_layers}, got {layer}")
-    if layer == n_layers:
-        return "conv"
-    return "column" if (layer - 2) % 4 == 0 else "row"
-
-
-def image_predicate(spec: MaskSpec, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """Whether image query ``i`` may attend image key ``j`` (broadcasting int tensors)."""
-    w = spec.grid
-    causal = j <= i
-    if spec.kind == "row":
-        return causal & (j > i - (w + 1))
-    if spec.kind == "column":
-        return causal & ((i - j) % w == 0)
-    r = spec.conv_kernel // 2
-    qy, qx, ky, kx = i // w, i % w, j // w, j % w
-    dx = kx - qx
-    if spec.wrap:
-        dx = (dx + r) % w - r  # the column distance going round the nearer way
-    return causal & ((ky - qy).abs() <= r) & (dx.abs() <= r)
-
-
-def allowed(spec: MaskSpec, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Whether query position ``q`` may attend key position ``k`` (whole-sequence positions)."""
-    t = spec.text_len
-    q_img, k_img = q >= t, k >= t
-    text_part = ~q_img & ~k_img & (k <= q)
-    image_part = q_img & (~k_img | image_predicate(spec, q - t, k - t))
-    return text_part | image_part
-
-
-def dense_mask(kind: Kind, text_len: int, grid: int, **options: object) -> torch.Tensor:
-    """(N, N) bool, True where query i may attend key j; N = text_len + grid**2. The reference."""
-    spec = MaskSpec(kind, text_len, grid, **options)  # type: ignore[arg-type]
-    pos = torch.arange(spec.n)
-    return allowed(spec, pos[:, None], pos[None, :])
-
-
-def image_key_lists(spec: MaskSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each image query, its allowed image keys: (n_image, K) indices and a (n_image, K) validity mask.
-
-    K is the most keys any query has (row: W + 1; column: grid; conv: the causal half-window).
-    Padding entries point at key 0 and are marked invalid.
-    """
-    n = spec.n_image
-    i = torch.arange(n)[:, None]
-    if spec.kind == "row":
-        cand = i - torch.arange(spec.grid + 1)[None, :]
-    elif spec.kind == "column":
-        cand = i - spec.grid * torch.arange(spec.grid)[None, :]
-    else:
-        r, w = spec.conv_kernel // 2, spec.grid
-        dy = torch.arange(-r, 1)[:, None].expand(r + 1, 2 * r + 1).flatten()
-        dx = torch.arange(-r, r + 1)[None, :].expand(r + 1, 2 * r + 1).flatten()
-        qy, qx = i // w, i % w
-        ky, kx = qy + dy[None, :], qx + dx[None, :]
-        if spec.wrap:
-            kx = kx % w
-        inside = (ky >= 0) & (kx >= 0) & (kx < w)
-        cand = torch.where(inside, ky * w + kx, -1)
-    valid = (cand >= 0) & (cand < n)
-    cand = cand.clamp(0, n - 1)
-    valid &= image_predicate(spec, i.expand_as(cand), cand)
-    # drop duplicate entries (a wrapped window narrower than the kernel repeats columns)
-    sorted_c, order = torch.sort(torch.where(valid, cand, n + torch.arange(cand.shape[1])), dim=1)
-    dup = torch.zeros_like(valid)
-    dup[:, 1:] = sorted_c[:, 1:] == sorted_c[:, :-1]
-    valid = torch.gather(valid, 1, order) & ~dup
-    cand = torch.gather(cand, 1, order)
-    keep = valid.any(0)
-    return cand[:, keep], valid[:, keep]
-
+from dalle_repro.models.masks import MaskSpec, allowed, image_key_lists, image_predicate, reach_rows
 
 # ----------------------------------------------------------------------------------------------
 # Backends. Each takes q, k, v of shape (B, H, N, d) and returns (B, H, N, d).
@@ -164,13 +57,6 @@ def dense_attention(
     if pb_relax:
         return _masked_attention(q, k[:, :, :0], v[:, :, :0], k, v, mask, pb_relax)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-
-
-def reach_rows(spec: MaskSpec) -> int:
-    """How many grid rows above its own an image query can see (row and conv kinds)."""
-    if spec.kind == "row":
-        return min(1, spec.grid - 1)
-    return min(spec.conv_kernel // 2, spec.grid - 1)
 
 
 def _local_index(spec: MaskSpec, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -594,62 +480,3 @@ def attend(
         return flex_attention(q, k, v, spec, pb_relax, flex_block)
     fn = {"dense": dense_attention, "local": local_attention}[backend]
     return fn(q, k, v, spec, pb_relax)
-
-
-# ----------------------------------------------------------------------------------------------
-# Cached decoding: one new token at a time, keeping only the keys the mask can still reach.
-
-
-def cache_capacity(spec: MaskSpec) -> int:
-    """Image keys a layer must keep: one more than the farthest look-back of any query.
-
-    Row: W + 1. Conv (kernel 2r + 1): r W + r + 1. Column: (grid - 1) W + 1, every column's history.
-    """
-    idx, valid = image_key_lists(spec)
-    i = torch.arange(spec.n_image)[:, None]
-    return int(torch.where(valid, i - idx, 0).max().item()) + 1
-
-
-class LayerCache:
-    """Keys and values of one layer for decoding: all text positions and a ring of image positions.
-
-    A ring of ``cache_capacity(spec)`` slots is enough: a key that a later query can reach is never
-    more than that many image positions back, so its slot is not yet reused.
-    """
-
-    def __init__(self, spec: MaskSpec, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype):
-        self.spec = spec
-        self.capacity = cache_capacity(spec)
-        t = spec.text_len
-        # one buffer per layer: the text's keys in [0, t), the image ring after them, so that each
-        # step gathers its keys with one index_select (no concatenation)
-        shape = (batch, heads, t + self.capacity, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.has_text = False
-        idx, valid = image_key_lists(spec)
-        text = torch.arange(t)
-        self._keys = [torch.cat([text, t + idx[i][valid[i]] % self.capacity]).to(device) for i in range(spec.n_image)]
-
-    def text(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """All text positions at once (causal); they are kept whole."""
-        t = self.spec.text_len
-        self.k[:, :, :t] = k
-        self.v[:, :, :t] = v
-        self.has_text = True
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-
-    def image(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor:
-        """Image position ``i`` (q, k, v of shape (B, H, 1, d)): store it, attend text + reachable keys."""
-        if not self.has_text:
-            raise RuntimeError("decode the text before the image")
-        slot = self.spec.text_len + i % self.capacity
-        self.k[:, :, slot] = k[:, :, 0]
-        self.v[:, :, slot] = v[:, :, 0]
-        keys = self._keys[i]
-        # every kept key is allowed: no mask
-        return F.scaled_dot_product_attention(q, self.k.index_select(2, keys), self.v.index_select(2, keys))
-
-    def keep_rows(self, index: torch.Tensor) -> None:
-        """Select batch rows (e.g. to drop finished candidates)."""
-        self.k, self.v = self.k[index], self.v[index]

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from dalle_repro.core.config import ConfigError, arg
+from dalle_repro.core.pretrained import build_pretrained, save_pretrained
 from dalle_repro.kernels import cpu as cpu_kernels
-from dalle_repro.train.checkpoint import build_pretrained, save_pretrained
 
 LOGIT_LAPLACE_EPS = 0.1
 

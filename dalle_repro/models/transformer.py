@@ -25,16 +25,11 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from dalle_repro.core.config import ConfigError, arg
-from dalle_repro.core.precision import BlockScaler, PrecisionArgs, pick_precision
-from dalle_repro.models.attention import (
-    BACKENDS,
-    FLEX_BLOCK,
-    LayerCache,
-    MaskSpec,
-    attend,
-    layer_kind,
-    pick_backend,
-)
+from dalle_repro.core.precision import PrecisionArgs, pick_precision
+from dalle_repro.models.attention import BACKENDS, FLEX_BLOCK, attend, pick_backend
+from dalle_repro.models.block_scaling import BlockScaler
+from dalle_repro.models.kv_cache import LayerCache
+from dalle_repro.models.masks import MaskSpec, layer_kind
 
 SIZE_KEYS = ("text_len", "text_vocab", "grid", "image_vocab")
 

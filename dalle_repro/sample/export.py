@@ -24,10 +24,10 @@ import torch
 
 from dalle_repro.core.config import load_yaml, to_yaml
 from dalle_repro.core.precision import Pick, PrecisionArgs, pick_precision, slow_bf16_note
+from dalle_repro.core.pretrained import build_pretrained, write_folder
 from dalle_repro.data.tokenizer import TextTokenizer
 from dalle_repro.models.dvae import DVAE
 from dalle_repro.models.transformer import Transformer, TransformerArgs
-from dalle_repro.train.checkpoint import build_pretrained, write_folder
 
 
 def write_export(

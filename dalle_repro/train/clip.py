@@ -25,11 +25,12 @@ from typing import Any, Literal
 import torch
 from tqdm import tqdm
 
-from dalle_repro.core.config import arg, honour_umask, save_config
+from dalle_repro.core.config import arg, save_config
+from dalle_repro.core.files import honour_umask
 from dalle_repro.core.precision import pick_precision
+from dalle_repro.core.pretrained import check_replaceable
 from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.sample.rerank import CLIP_MEAN, CLIP_STD, clip_pixels
-from dalle_repro.train.checkpoint import check_replaceable
 from dalle_repro.train.optim import cosine
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def build_clip(args: ClipModelArgs, tokenizer: Any) -> Any:
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=args.embed_dim))
 
 
-def _pixels(images: torch.Tensor, size: int) -> torch.Tensor:
+def clip_input(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 images from the loader -> CLIP's normalised input."""
     return clip_pixels(images.float() / 255, size)
 
@@ -163,7 +164,7 @@ def retrieval(model: Any, tokenizer: Any, shards: str, args: ClipModelArgs) -> d
         out = model(
             input_ids=t["input_ids"],
             attention_mask=t["attention_mask"],
-            pixel_values=_pixels(batch["image"], args.image_size),
+            pixel_values=clip_input(batch["image"], args.image_size),
         )
         imgs.append(out.image_embeds)
         txts.append(out.text_embeds)
@@ -220,7 +221,7 @@ def train_clip(cfg: ClipTrainConfig, progress: bool = True) -> dict[str, Any]:
             out = model(
                 input_ids=t["input_ids"],
                 attention_mask=t["attention_mask"],
-                pixel_values=_pixels(batch["image"], a.image_size),
+                pixel_values=clip_input(batch["image"], a.image_size),
                 return_loss=True,
             )
         opt.zero_grad(set_to_none=True)

@@ -15,7 +15,6 @@ and no optimizer state; it is counted in ``skipped_steps`` (metrics and checkpoi
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 import time
@@ -30,6 +29,7 @@ from dalle_repro.core import distributed, faults
 from dalle_repro.core.config import ConfigError, arg, save_config
 from dalle_repro.core.images import grid, save_png
 from dalle_repro.core.precision import PrecisionChoice, agree_across_ranks, pick_precision
+from dalle_repro.core.pretrained import load_state_strict, save_pretrained, weights_digest
 from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.models.dvae import (
     DVAE,
@@ -39,14 +39,7 @@ from dalle_repro.models.dvae import (
     nll_to_bits_per_dim,
     unmap_pixels,
 )
-from dalle_repro.train.checkpoint import (
-    Checkpoints,
-    load_state_strict,
-    rng_state,
-    save_json,
-    save_pretrained,
-    set_rng_state,
-)
+from dalle_repro.train.checkpoint import Checkpoints, rng_state, save_json, set_rng_state
 from dalle_repro.train.metrics import LogArgs, MetricsLogger, last_validation
 from dalle_repro.train.optim import EMA, adamw, cosine, load_optimizer_state, set_lr
 
@@ -252,15 +245,6 @@ def build(cfg: DVAETrainConfig, d: distributed.Dist) -> State:
     torch.manual_seed(cfg.run.seed + 1000 * (d.rank + 1))  # a different Gumbel noise stream per rank
     net = DistributedDataParallel(model) if d.world_size > 1 else model
     return State(model, net, opt, ema, scaler, loader)
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """A hash of every weight's bytes, to check that data-parallel replicas agree."""
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().float().numpy().tobytes())  # C-order bytes, whatever the layout
-    return h.hexdigest()[:16]
 
 
 def save(st: State, cfg: DVAETrainConfig, d: distributed.Dist, ckpts: Checkpoints) -> None:

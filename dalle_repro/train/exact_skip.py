@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from dalle_repro.train.deepspeed import link_moments
+
 ADAM_STATE = ("exp_avg", "exp_avg_sq")
 
 
@@ -95,20 +97,6 @@ def step_without(engine: Any, frozen: Sequence[torch.nn.Parameter]) -> None:
             value = moments[k] if k in moments else torch.zeros_like(master)
             safe_set_full_optimizer_state(p, value.to(dev), k)
         _set_model_weight(p, master, stage)
-
-
-def link_moments(engine: Any) -> None:
-    """Make DeepSpeed's moment views of every parameter group readable (ZeRO 1-2).
-
-    DeepSpeed (checked on 0.19.8) links each parameter to its slice of Adam's moments once, lazily,
-    inside the loop that steps the parameter groups one by one, and marks it done after the first
-    group: the parameters of the second group (ours: no weight decay) never get their slice, and
-    ``safe_get_full_optimizer_state`` raises for them. Linking again after the first update, when
-    every group has its state, fixes that. This is the one private name used here."""
-    opt = engine.optimizer
-    if hasattr(opt, "_lazy_init_hp_params_optimizer_state") and hasattr(opt, "_hp_optimizer_states_linked"):
-        opt._hp_optimizer_states_linked = False
-        opt._lazy_init_hp_params_optimizer_state()
 
 
 def _set_model_weight(p: torch.nn.Parameter, master: torch.Tensor, stage: int) -> None:

@@ -20,7 +20,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from dalle_repro.core.config import arg, atomic_write_text, to_dict
+from dalle_repro.core.config import arg, to_dict
+from dalle_repro.core.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -52,150 +52,38 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
 from dalle_repro.core import distributed, faults
-from dalle_repro.core.config import (
-    ConfigError,
-    arg,
-    atomic_write_text,
-    deep_merge,
-    load_yaml,
-    save_config,
-    to_dict,
-)
+from dalle_repro.core.config import ConfigError, load_yaml, save_config, to_dict
+from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png
-from dalle_repro.core.precision import BlockScaler, Pick, PrecisionArgs, agree_across_ranks, pick_precision
-from dalle_repro.data.loader import DataArgs, Loader, expand_shards, first_token_grid, is_remote
-from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs
-from dalle_repro.models.dvae import DVAE, DVAEArgs
-from dalle_repro.models.transformer import Transformer, TransformerArgs
+from dalle_repro.core.precision import Pick, agree_across_ranks, pick_precision
+from dalle_repro.core.pretrained import load_state_strict, model_shapes, shape_mismatch, weights_digest
+from dalle_repro.data.loader import Loader
+from dalle_repro.data.tokenizer import TextTokenizer
+from dalle_repro.models.block_scaling import BlockScaler
+from dalle_repro.models.dvae import DVAE
+from dalle_repro.models.transformer import Transformer
 from dalle_repro.sample.export import write_export
-from dalle_repro.train.checkpoint import (
-    Checkpoints,
-    load_state_strict,
-    model_shapes,
-    pretrained_args,
-    rng_state,
-    save_json,
-    set_rng_state,
-    shape_mismatch,
+from dalle_repro.train.checkpoint import Checkpoints, rng_state, save_json, set_rng_state
+from dalle_repro.train.deepspeed import (
+    check_safe_loading,
+    client_optimizer,
+    deepspeed_config,
+    gathered,
+    gradient_clipping_off,
+    initialize,
 )
-from dalle_repro.train.deepspeed import is_safe_engine, safe_checkpoint_engine
-from dalle_repro.train.dvae import weights_digest
 from dalle_repro.train.exact_skip import step_without
-from dalle_repro.train.metrics import LogArgs, MetricsLogger, last_validation
+from dalle_repro.train.metrics import MetricsLogger, last_validation
 from dalle_repro.train.optim import EMA, cosine, param_groups
+from dalle_repro.train.prior_config import PriorScheduleArgs, PriorTrainConfig, check_token_shards, resolve_sizes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PriorScheduleArgs:
-    """Learning rate: linear warm-up, then decay (SPEC §2: 4.5e-4 after 5,000 warm-up updates)."""
-
-    lr: float = arg(4.5e-4, "Peak learning rate, reached at the end of the warm-up.", gt=0)
-    warmup_steps: int = arg(5000, "Updates of linear warm-up from lr/warmup_steps to lr.", ge=0)
-    decay: Literal["cosine", "plateau", "constant"] = arg(
-        "cosine", "After the warm-up: cosine to lr_end; plateau: times plateau_factor when validation stalls."
-    )
-    lr_end: float = arg(0.0, "cosine: the final learning rate; plateau: the smallest.", ge=0)
-    decay_steps: int | None = arg(None, "cosine: updates of the decay after the warm-up; null: until run.steps.", gt=0)
-    plateau_factor: float = arg(0.5, "plateau: the factor applied when validation loss stops falling.", gt=0, lt=1)
-    plateau_patience: int = arg(2, "plateau: validations without a new best before the learning rate drops.", ge=1)
-
-
-@dataclass
-class PriorOptimArgs:
-    """AdamW (SPEC §2), clipping and the EMA of weights."""
-
-    impl: Literal["torch", "deepspeed", "apex"] = arg(
-        "torch",
-        "torch: torch.optim.AdamW (fused on CUDA); deepspeed: DeepSpeed's FusedAdam from the generated config; "
-        "apex: apex.optimizers.FusedAdam (needs apex installed).",
-    )
-    beta1: float = arg(0.9, "Adam beta1.", ge=0, lt=1)
-    beta2: float = arg(0.96, "Adam beta2 (the paper: 0.96).", ge=0, lt=1)
-    eps: float = arg(1e-8, "Adam epsilon.", gt=0)
-    weight_decay: float = arg(4.5e-2, "Decoupled weight decay, on weights (2-d tensors) only.", ge=0)
-    grad_clip: float = arg(4.0, "Clip the global gradient norm to this (the paper: 4); 0: no clipping.", ge=0)
-    ema_decay: float = arg(
-        0.999, "[?] EMA decay of the weights (the paper names 0.99 or 0.999, not which); warmed up.", ge=0, lt=1
-    )
-
-
-@dataclass
-class DeepSpeedArgs:
-    """What goes into the generated DeepSpeed config (RUN/deepspeed.json)."""
-
-    zero_stage: int = arg(
-        0, "ZeRO stage: 0 (plain data parallel), 1 (optimizer), 2 (+gradients), 3 (+weights).", ge=0, le=3
-    )
-    grad_accum: int = arg(1, "Micro-batches (data.batch_size each) per update on each rank.", ge=1)
-    config: str | None = arg(None, "A DeepSpeed JSON of your own, merged over the generated one (its keys win).")
-
-
-@dataclass
-class PriorRunArgs:
-    """Length, checkpoints, validation, samples and failure handling of a run."""
-
-    run_dir: str = arg("runs/prior", "Folder for checkpoints, metrics, sample grids and the export.")
-    steps: int = arg(1000, "Updates to train for.", gt=0)
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: CUDA when there is one.")
-    seed: int = arg(0, "Seed of the initial weights (the same on every rank) and of caption dropout.", ge=0)
-    caption_dropout: float = arg(
-        0.0, "Probability of replacing a caption by the empty one (for classifier-free guidance).", ge=0, lt=1
-    )
-    ckpt_every: int = arg(500, "Updates between checkpoints (one is always written at the end).", gt=0)
-    keep: int = arg(3, "Checkpoints to keep.", ge=1)
-    stop_after: int | None = arg(
-        None, "Stop with a checkpoint after this many updates in this process (time-boxed jobs); resume later.", gt=0
-    )
-    val_every: int = arg(500, "Updates between validations (one always at the end).", gt=0)
-    val_shards: str | None = arg(None, "Validation shards (same kind as data.kind); null: no validation.")
-    val_batches: int = arg(8, "Batches per validation (0: the whole split).", ge=0)
-    sample_every: int = arg(1000, "Updates between sample grids from fixed captions (needs dvae).", gt=0)
-    sample_captions: int = arg(4, "Captions from the validation split in the sample grid.", ge=0)
-    sample_prompts: list[str] = arg(factory=list, doc="More captions for the sample grid.")
-    deterministic: Literal["auto", "on", "off"] = arg(
-        "auto",
-        "torch.use_deterministic_algorithms, which exact resume needs (2-thread CPU embedding gradients vary "
-        "otherwise; ~0-6% slower). auto: on for CPU, off for CUDA.",
-    )
-    max_nonfinite: int = arg(20, "Stop (with a checkpoint) after this many non-finite losses in a row.", ge=1)
-    copy_dvae: bool = arg(True, "Copy the dVAE folder into the export (else the export records its path).")
-
-
-@dataclass
-class PriorTrainConfig:
-    """Everything a prior run reads."""
-
-    model: TransformerArgs = arg(factory=TransformerArgs, doc="The transformer.")
-    precision: PrecisionArgs = arg(factory=PrecisionArgs, doc="Mixed precision (SPEC §3).")
-    text: TokenizerArgs = arg(factory=TokenizerArgs, doc="Caption encoding.")
-    dvae: str | None = arg(
-        None, "dVAE folder (train_dvae's RUN/dvae): encodes image shards on the fly and decodes sample grids."
-    )
-    data: DataArgs = arg(factory=DataArgs, doc="Training samples: token shards (data.kind: tokens) or images.")
-    schedule: PriorScheduleArgs = arg(factory=PriorScheduleArgs, doc="Learning-rate schedule.")
-    optim: PriorOptimArgs = arg(factory=PriorOptimArgs, doc="Optimiser and EMA.")
-    deepspeed: DeepSpeedArgs = arg(factory=DeepSpeedArgs, doc="DeepSpeed.")
-    run: PriorRunArgs = arg(factory=PriorRunArgs, doc="The run.")
-    log: LogArgs = arg(factory=LogArgs, doc="Logging.")
-
-    def __post_init__(self) -> None:
-        if self.model.text_len is not None and self.text.text_len != self.model.text_len:
-            raise ConfigError(
-                f"model.text_len: {self.model.text_len}, but text.text_len is {self.text.text_len}; state it once, "
-                "as text.text_len (model.text_len follows it when null)"
-            )
-        if self.data.kind == "images" and self.dvae is None:
-            raise ConfigError("dvae: image shards (data.kind: images) need a dVAE folder to encode them")
-        if self.precision.mode == "deepspeed" and self.precision.dtype == "fp32":
-            raise ConfigError("precision.dtype: precision.mode 'deepspeed' needs bf16 or fp16")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,97 +147,6 @@ class LRSchedule:
 
 
 # ----------------------------------------------------------------------------------------------
-# DeepSpeed
-
-
-# Top-level keys of a DeepSpeed config that change how checkpoints are read or written: "checkpoint"
-# (load_universal reaches torch.load(weights_only=False) past any checkpoint engine; writer engines),
-# "datastates_ckpt" (another engine), "nebula" (removed from DeepSpeed, refused all the same).
-READ_PATH_KEYS = frozenset({"checkpoint", "datastates_ckpt", "nebula"})
-
-
-def check_safe_loading(engine: Any) -> None:
-    """Before ``load_checkpoint``: the engine reads through our safetensors engine and no universal
-    checkpoint path (which unpickles whatever file it is given). A RuntimeError otherwise."""
-    if not is_safe_engine(engine.checkpoint_engine):
-        raise RuntimeError(f"DeepSpeed's checkpoint engine is {type(engine.checkpoint_engine).__name__}, not ours")
-    if engine.load_universal_checkpoint():
-        raise RuntimeError("DeepSpeed is set to load a universal checkpoint, which unpickles; refusing to resume")
-
-
-def deepspeed_config(cfg: PriorTrainConfig, world_size: int) -> dict[str, Any]:
-    """The engine's config, generated from ours, with the user's JSON (``deepspeed.config``) merged over it.
-    ``cfg.precision.dtype`` must be resolved already (``auto`` is picked in :func:`picked_precision`)."""
-    if cfg.precision.dtype == "auto":
-        raise ValueError("deepspeed_config: precision.dtype 'auto' must be picked first (picked_precision)")
-    b, gas = cfg.data.batch_size, cfg.deepspeed.grad_accum
-    ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": b,
-        "gradient_accumulation_steps": gas,
-        "train_batch_size": b * gas * world_size,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-        "bf16": {"enabled": cfg.precision.mode == "deepspeed" and cfg.precision.dtype == "bf16"},
-        "fp16": {"enabled": cfg.precision.mode == "deepspeed" and cfg.precision.dtype == "fp16"},
-    }
-    if ds["fp16"]["enabled"]:
-        ds["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2)
-    if cfg.optim.impl == "deepspeed":
-        o = cfg.optim
-        ds["optimizer"] = {
-            "type": "AdamW",
-            "params": {
-                "lr": cfg.schedule.lr,
-                "betas": [o.beta1, o.beta2],
-                "eps": o.eps,
-                "weight_decay": o.weight_decay,
-            },
-        }
-    if cfg.deepspeed.config:
-        path = Path(cfg.deepspeed.config)
-        try:
-            user = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"deepspeed.config: cannot read {path} as JSON: {e}") from None
-        if not isinstance(user, dict):
-            raise ConfigError(f"deepspeed.config: {path} must hold a JSON object")
-        refused = sorted(READ_PATH_KEYS & set(user))
-        if refused:
-            raise ConfigError(
-                f"deepspeed.config: {path} sets {', '.join(refused)}, which change how DeepSpeed reads and writes "
-                "checkpoints (universal checkpoints, other engines: paths that unpickle); this trainer's checkpoints "
-                "go through its own engine, which never unpickles. Remove the key."
-            )
-        ds = deep_merge(ds, user)
-        micro = ds.get("train_micro_batch_size_per_gpu")
-        if micro != b:
-            raise ConfigError(
-                f"deepspeed.config: {path} sets train_micro_batch_size_per_gpu={micro}; "
-                f"set data.batch_size={micro} instead (the loader reads it)"
-            )
-        gas = ds.get("gradient_accumulation_steps", gas)
-        ds["train_batch_size"] = b * gas * world_size
-    return ds
-
-
-def _client_optimizer(model: torch.nn.Module, cfg: PriorTrainConfig) -> torch.optim.Optimizer | None:
-    o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
-    if o.impl == "deepspeed":
-        return None
-    if o.impl == "apex":
-        try:
-            from apex.optimizers import FusedAdam  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConfigError("optim.impl: apex is not installed; use torch or deepspeed") from None
-        return FusedAdam(groups, lr=cfg.schedule.lr, betas=(o.beta1, o.beta2), eps=o.eps, adam_w_mode=True)
-    fused = next(model.parameters()).device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.schedule.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
-
-
-# ----------------------------------------------------------------------------------------------
 # The run
 
 
@@ -410,7 +207,6 @@ class StopRequested:
 
 
 def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
-    import deepspeed
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
@@ -421,21 +217,17 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
     if cfg.data.kind == "tokens":
         check_token_shards(cfg)
     ds_config = deepspeed_config(cfg, d.world_size)
-    optimizer = _client_optimizer(model, cfg)
+    optimizer = client_optimizer(model, cfg)
     if d.is_main:
         for note in distributed.extension_notes(d.device):
             log.warning(note)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        model_parameters=param_groups(model, cfg.optim.weight_decay) if optimizer is None else None,
-        lr_scheduler=lambda opt: LRSchedule(opt, cfg.schedule, cfg.run.steps),
-        config=ds_config,
+    engine = initialize(
+        model,
+        optimizer,
+        param_groups(model, cfg.optim.weight_decay) if optimizer is None else None,
+        lambda opt: LRSchedule(opt, cfg.schedule, cfg.run.steps),
+        ds_config,
     )
-    engine.checkpoint_engine = safe_checkpoint_engine()  # no pickle in DeepSpeed's files either
-    # DeepSpeed copies zero_to_fp32.py beside ZeRO checkpoints; it torch.loads pickles, so it cannot read
-    # these files. RUN/export/ (raw.safetensors, model.safetensors) holds the consolidated weights instead.
-    engine._copy_recovery_script = lambda save_path: None
     if d.is_main:
         atomic_write_text(Path(cfg.run.run_dir) / "deepspeed.json", json.dumps(ds_config, indent=2) + "\n")
         base = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the optimizer
@@ -455,126 +247,12 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
         token_grid=cfg.model.grid,
         token_vocab=cfg.model.image_vocab,
     )
-    ema = _gathered(engine, lambda: EMA(model, cfg.optim.ema_decay), d)  # rank 0 keeps the EMA
+    ema = gathered(engine, lambda: EMA(model, cfg.optim.ema_decay), d)  # rank 0 keeps the EMA
     empty = torch.tensor(tokenizer.encode(""), dtype=torch.long)
     torch.manual_seed(cfg.run.seed + 1000 * (d.rank + 1))  # caption dropout and model dropout differ per rank
     return Run(
         cfg, d, model, engine, engine.lr_scheduler, scaler, ema, loader, tokenizer, dvae, empty, Path(cfg.run.run_dir)
     )
-
-
-def token_summary(shards: list[str]) -> tuple[Path, dict[str, Any]] | None:
-    """The ``summary.json`` that tools/encode_tokens.py wrote at the top of its output, found from
-    the first local shard upwards (three folders at most), when it names a grid and a codebook."""
-    for shard in [p for p in shards if not is_remote(p)][:1]:
-        folder = Path(shard).parent
-        for d in [folder, *list(folder.parents)[:3]]:
-            path = d / "summary.json"
-            try:
-                summary = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if isinstance(summary, dict) and {"grid", "vocab_size"} <= summary.keys():
-                return path, summary
-    return None
-
-
-def resolve_sizes(cfg: PriorTrainConfig) -> tuple[PriorTrainConfig, list[str]]:
-    """``cfg`` with every null size read off its source, and one line per size saying where from.
-
-    Sources: ``text.text_len``; the tokenizer file (``TextTokenizer.vocab_size``: BPE + text_len
-    pads); the dVAE folder's config (grid, codes, image size); without a dVAE, the token shards'
-    ``summary.json`` (tools/encode_tokens.py). A size given explicitly is kept and checked against
-    its source, with an error naming both."""
-    m, notes = cfg.model, []
-    sizes: dict[str, int] = {}
-
-    def take(key: str, given: int | None, found: int | None, source: str, hint: str = "") -> None:
-        if found is None:
-            if given is None:
-                raise ConfigError(f"{key}: not set, and {source}{hint}")
-            notes.append(f"{key}: {given} (given)")
-            return
-        if given is not None and given != found:
-            raise ConfigError(f"{key}: {given}, but {source} gives {found}{hint}; leave it unset to use {found}")
-        notes.append(f"{key}: {found} ({'given, checked against ' if given is not None else 'from '}{source})")
-        sizes[key.split(".")[1]] = found
-
-    text_len = cfg.text.text_len
-    take("model.text_len", m.text_len, text_len, "text.text_len")
-    tokenizer = TextTokenizer(cfg.text.path, text_len)
-    take(
-        "model.text_vocab",
-        m.text_vocab,
-        tokenizer.vocab_size,
-        f"{cfg.text.path} ({tokenizer.bpe_vocab_size} BPE + {text_len} pads)",
-    )
-    image_size = None
-    if cfg.dvae is not None:
-        dv = pretrained_args(cfg.dvae, DVAEArgs)
-        grid_src = codes_src = f"the dVAE {cfg.dvae}"
-        grid, codes, image_size = dv.grid, dv.vocab_size, dv.image_size
-    else:
-        found = token_summary(expand_shards(cfg.data.shards)) if cfg.data.kind == "tokens" else None
-        where = found[0] if found else None
-        grid = int(found[1]["grid"]) if found else None
-        codes = int(found[1]["vocab_size"]) if found else None
-        grid_src = codes_src = (
-            f"the token shards' summary {where}" if where else "there is no dvae= and no summary.json beside the shards"
-        )
-    hint = "" if grid is not None else " (tools/encode_tokens.py writes one at the top of its output); set dvae="
-    take("model.grid", m.grid, grid, grid_src, hint)
-    take("model.image_vocab", m.image_vocab, codes, codes_src, hint)
-    data = cfg.data
-    if cfg.data.kind == "images" and image_size is not None:
-        given = cfg.data.image_size
-        if given is not None and given != image_size:
-            raise ConfigError(f"data.image_size: {given}, but the dVAE {cfg.dvae} takes {image_size}; leave it unset")
-        notes.append(f"data.image_size: {image_size} (from the dVAE {cfg.dvae})")
-        data = dataclasses.replace(cfg.data, image_size=image_size)
-    model = dataclasses.replace(m, **sizes)
-    return dataclasses.replace(cfg, model=model, data=data), notes
-
-
-PAPER_BPE, PAPER_GRID, PAPER_CODES = 16384, 32, 8192  # SPEC §2: the paper's BPE vocabulary, token grid, codebook
-
-
-def model_with_paper_sizes(cfg: PriorTrainConfig) -> TransformerArgs:
-    """``cfg.model`` with each null size set to the paper's (16,384 BPE + text.text_len pads, a 32x32
-    grid of 8192 codes), for tools that size a config without its tokenizer, dVAE or shards at
-    hand (tools/memory_table.py, bench/gpu_check.py). Training reads them off the files instead."""
-    m, t = cfg.model, cfg.text.text_len
-    return dataclasses.replace(
-        m,
-        text_len=m.text_len or t,
-        text_vocab=m.text_vocab or PAPER_BPE + t,
-        grid=m.grid or PAPER_GRID,
-        image_vocab=m.image_vocab or PAPER_CODES,
-    )
-
-
-def check_token_shards(cfg: PriorTrainConfig) -> None:
-    """Token shards whose grids the model cannot take fail here, before DeepSpeed starts, rather
-    than as every sample skipped (``wrong_token_grid``) once the loader runs."""
-    found = first_token_grid([p for p in expand_shards(cfg.data.shards) if not is_remote(p)])  # no download
-    g = cfg.model.grid
-    if found is not None and found[1] != (g, g):
-        where, shape = found
-        raise ConfigError(
-            f"model.grid: {g}, but the token shards hold {shape[0]}x{shape[1]} grids ({where}): they were made "
-            "with another dVAE. Encode the images again with this one (tools/encode_tokens.py), or set "
-            f"model.grid={shape[0]} and dvae= the dVAE that made them."
-        )
-
-
-def _gathered(engine: Any, fn: Any, d: distributed.Dist) -> Any:
-    """``fn()`` on rank 0 with ZeRO-3's partitioned weights gathered (every rank takes part)."""
-    if engine.zero_optimization_stage() < 3:
-        return fn() if d.is_main else None
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None):
-        return fn() if d.is_main else None
 
 
 def batch_tokens(r: Run, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -635,13 +313,10 @@ def train_step(r: Run, it: Any) -> dict[str, float]:
             p.grad = None
         grads = [p.grad for p in r.model.parameters() if p.grad is not None]
         grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
-    clip = engine._config.gradient_clipping
-    if r.zero == 0 and len(frozen) == sum(1 for _ in r.model.parameters()):
-        engine._config.gradient_clipping = 0.0  # DeepSpeed's clip fails when no parameter has a gradient
-    try:
+    # DeepSpeed's clip fails when no parameter has a gradient
+    nothing_left = r.zero == 0 and len(frozen) == sum(1 for _ in r.model.parameters())
+    with gradient_clipping_off(engine, nothing_left):
         step_without(engine, frozen)  # exact at every ZeRO stage (dalle_repro/train/exact_skip.py)
-    finally:
-        engine._config.gradient_clipping = clip
     if r.zero > 0:
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
@@ -651,7 +326,7 @@ def train_step(r: Run, it: Any) -> dict[str, float]:
         r.counters.nonfinite_in_row += 1
     else:
         r.counters.nonfinite_in_row = 0
-        _gathered(engine, lambda: r.ema.update(r.model, r.step - 1), r.d)  # type: ignore[union-attr]
+        gathered(engine, lambda: r.ema.update(r.model, r.step - 1), r.d)  # type: ignore[union-attr]
     r.counters.skipped_blocks += len(skipped)
     return sums | {
         "lr": lr,
@@ -812,7 +487,7 @@ def sample_grid(r: Run, model: Transformer, captions: list[str]) -> Path | None:
 
 def export(r: Run) -> Path | None:
     """``RUN/export``: what launch/sample.py loads (sample/export.py); rank 0 writes."""
-    raw = _gathered(r.engine, lambda: {k: v.detach().cpu().clone() for k, v in r.model.state_dict().items()}, r.d)
+    raw = gathered(r.engine, lambda: {k: v.detach().cpu().clone() for k, v in r.model.state_dict().items()}, r.d)
     if not r.d.is_main:
         return None
     assert r.ema is not None

@@ -24,13 +24,15 @@ import pytest
 from helpers import ROOT, bomb_png, dvae_overrides, odd_mode_image, png_bytes, prior_overrides
 
 from dalle_repro.core.config import load_config
-from dalle_repro.data.loader import DataArgs, Loader, Shard, expand_shards
+from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.data.pre_encode import encode_token_shards
+from dalle_repro.data.sources import expand_shards
+from dalle_repro.data.tar import Shard
 from dalle_repro.train.dvae import DVAETrainConfig
 from dalle_repro.train.dvae import train as train_dvae
 from dalle_repro.train.metrics import read_metrics
-from dalle_repro.train.prior import PriorTrainConfig
 from dalle_repro.train.prior import train as train_prior
+from dalle_repro.train.prior_config import PriorTrainConfig
 
 GOOD = 40
 MODES = {  # mode -> file format that can carry it

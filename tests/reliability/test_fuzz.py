@@ -19,7 +19,8 @@ from helpers import png_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dalle_repro.data.loader import DataArgs, Loader, SampleError, clean_caption, decode_tokens
+from dalle_repro.data.loader import DataArgs, Loader
+from dalle_repro.data.samples import SampleError, clean_caption, decode_tokens
 from dalle_repro.data.tokenizer import TextTokenizer
 
 

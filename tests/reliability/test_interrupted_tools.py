@@ -18,7 +18,7 @@ from pathlib import Path
 
 from helpers import ROOT, launch_env, png_bytes
 
-from dalle_repro.data.loader import Shard, iter_shard_samples
+from dalle_repro.data.tar import Shard, iter_shard_samples
 
 
 def make_source(root: Path, n: int) -> Path:

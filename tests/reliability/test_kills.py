@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from dalle_repro.core.config import load_config, save_config
 from dalle_repro.core.distributed import free_port
 from dalle_repro.train.checkpoint import Checkpoints
-from dalle_repro.train.prior import PriorTrainConfig
+from dalle_repro.train.prior_config import PriorTrainConfig
 
 
 def run(cmd: list[str], kill: str | None = None, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:

@@ -16,7 +16,8 @@ from helpers import ROOT, launch_env, prior_overrides
 
 from dalle_repro.core.config import load_config, save_config
 from dalle_repro.train.deepspeed import load_state, save_state
-from dalle_repro.train.prior import PriorTrainConfig, train
+from dalle_repro.train.prior import train
+from dalle_repro.train.prior_config import PriorTrainConfig
 
 pytest.importorskip("deepspeed")
 
