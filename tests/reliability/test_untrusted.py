@@ -42,8 +42,8 @@ def test_only_the_flagged_converter_unpickles():
                 code = line.split("#", 1)[0]
                 if UNPICKLING.search(code) and "weights_only=True" not in code:  # tensors-only loading is safe
                     hits.setdefault(str(path.relative_to(ROOT)), []).append(n)
-    assert set(hits) == {"tools/convert_openai_dvae.py"}, hits
-    source = (ROOT / "tools" / "convert_openai_dvae.py").read_text()
+    assert set(hits) == {"dalle_repro/cli/convert_openai_dvae.py"}, hits
+    source = (ROOT / "dalle_repro" / "cli" / "convert_openai_dvae.py").read_text()
     assert "if not a.trust_pickle" in source
 
 
