@@ -23,7 +23,6 @@ import io
 import json
 import math
 import textwrap
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,8 @@ from PIL import Image
 
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import save_png, to_uint8, to_unit
-from dalle_repro.data.shapes import ATTRIBUTES, parse_caption, read_scene, score
+from dalle_repro.data.shapes import ATTRIBUTES, parse_caption
+from dalle_repro.evaluation.tasks import gain, rates, read_back, summarize
 from dalle_repro.models.dvae import DVAE, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, H, W) in [0, 1] -> (B, D)
@@ -130,20 +130,20 @@ def best_of_n(scores: torch.Tensor, ns: Sequence[int]) -> dict[int, torch.Tensor
 
 def attribute_accuracy(images: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
     """The share of images (N, 3, S, S) whose every attribute (shapes.ATTRIBUTES) reads back as its
-    shapes-grammar caption says, per attribute and ``all``; ``n`` is the count."""
-    if len(images) != len(captions):
-        raise ValueError(f"{len(images)} images for {len(captions)} captions")
-    hits: Counter = Counter()
-    for im, caption in zip(images, captions, strict=True):
-        a = to_uint8(im)
-        hits.update(
-            {
-                k: int(v)
-                for k, v in score(parse_caption(caption), read_scene(a.permute(1, 2, 0).numpy()), a.shape[-1]).items()
-            }
-        )
-    n = len(captions)
-    return {k: hits[k] / n for k in (*ATTRIBUTES, "all")} | {"n": n}
+    shapes-grammar caption says, per attribute and ``all``; ``n`` is the count. With intervals and
+    tasks: :func:`dalle_repro.evaluation.tasks.summarize` of :func:`~dalle_repro.evaluation.tasks.read_back`."""
+    return rates(summarize(read_back(images, captions)))
+
+
+def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
+    """How many of the codes a set of images uses, and the perplexity of their frequencies
+    (exp of the entropy: the number of equally used codes that would give the same entropy)."""
+    p = counts[counts > 0].double() / max(int(counts.sum()), 1)
+    return {
+        "codes_used": int((counts > 0).sum()),
+        "codebook_size": len(counts),
+        "perplexity": float(torch.exp(-(p * p.log()).sum())) if len(p) else 0.0,
+    }
 
 
 @torch.no_grad()
@@ -153,9 +153,12 @@ def dvae_reconstructions(dvae: DVAE, batches: Iterable[torch.Tensor]) -> dict[st
     dev = next(dvae.parameters()).device
     originals, recons = [], []
     nll = sq = dims = 0.0
+    counts = torch.zeros(dvae.args.vocab_size, dtype=torch.long)
     for batch in batches:
         x = to_unit(batch.to(dev))
-        mu, ln_b = dvae.decode_stats(dvae.encode(x))
+        tokens = dvae.encode(x)
+        counts += torch.bincount(tokens.flatten().cpu(), minlength=len(counts))
+        mu, ln_b = dvae.decode_stats(tokens)
         r = unmap_pixels(torch.sigmoid(mu))
         nll += float(logit_laplace_nll(map_pixels(x), mu, ln_b).sum())
         sq += float(((r - x) ** 2).sum())
@@ -168,6 +171,7 @@ def dvae_reconstructions(dvae: DVAE, batches: Iterable[torch.Tensor]) -> dict[st
     return {
         "psnr": float("inf") if mse == 0 else 10 * math.log10(1 / mse),
         "bits_per_dim": float(nll_to_bits_per_dim(nll / dims)),
+        **codebook_usage(counts),
         "originals": torch.cat(originals),
         "reconstructions": torch.cat(recons),
     }
@@ -229,10 +233,12 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
 
 
 def candidate_report(cands: CandidateSet, attributes: bool) -> dict[str, Any]:
-    """Attribute accuracy (with ``attributes``) and CLIP score of the random pick, of the reranked
-    pick and over all candidates, and best-of-N for N = 1, 2, 4, ... candidates."""
+    """CLIP score and (with ``attributes``) what the samples got right, for the random pick (candidate
+    0), the reranked pick (CLIP's best) and over all candidates, and best-of-N for N = 1, 2, 4, ...
+    Every candidate is read once; ``tasks`` holds the GenEval-style breakdown with 95% intervals
+    (:mod:`dalle_repro.evaluation.tasks`) and ``clip_gain`` what CLIP's pick adds over a random one."""
     p, c = cands.scores.shape
-    first, best = cands.images[:, 0], cands.images[torch.arange(p), cands.scores.argmax(1)]
+    best_idx = cands.scores.argmax(1)
     out: dict[str, Any] = {
         "prompts": p,
         "candidates": c,
@@ -246,16 +252,22 @@ def candidate_report(cands: CandidateSet, attributes: bool) -> dict[str, Any]:
     picks = best_of_n(cands.scores, ns)
     out["best_of_n"] = {str(n): {"clip_score": float(cands.scores[torch.arange(p), picks[n]].mean())} for n in ns}
     if attributes:
-        every = cands.images.flatten(0, 1)
         repeated = [cap for cap in cands.captions for _ in range(c)]
-        out["attributes"] = {
-            "random_pick": attribute_accuracy(first, cands.captions),
-            "reranked": attribute_accuracy(best, cands.captions),
-            "all_candidates": attribute_accuracy(every, repeated),
+        hits = read_back(cands.images.flatten(0, 1), repeated)  # (prompt, candidate) in row-major order
+
+        def picked(idx: torch.Tensor) -> list[dict[str, bool | None]]:
+            return [hits[i * c + int(j)] for i, j in enumerate(idx)]
+
+        tasks = {
+            "random_pick": summarize(picked(torch.zeros(p, dtype=torch.long))),
+            "reranked": summarize(picked(best_idx)),
+            "all_candidates": summarize(hits),
         }
+        out["tasks"] = tasks
+        out["attributes"] = {k: rates(v) for k, v in tasks.items()}
+        out["clip_gain"] = gain(tasks["reranked"], tasks["random_pick"])
         for n in ns:
-            chosen = cands.images[torch.arange(p), picks[n]]
-            out["best_of_n"][str(n)]["all_attributes_right"] = attribute_accuracy(chosen, cands.captions)["all"]
+            out["best_of_n"][str(n)]["all_attributes_right"] = summarize(picked(picks[n]))["all"]["rate"]
     return out
 
 
@@ -277,7 +289,7 @@ def zero_shot(
     seen_shards: str,
     heldout_shards: str,
     settings: Any,
-    captions: int = 24,
+    captions: int = 96,
     train_shards: str | None = None,
     pictures: int = 6,
     out_dir: str | Path | None = None,
@@ -306,10 +318,15 @@ def zero_shot(
             first.setdefault(c, im)
         cands = sample_candidates(prior, list(first), reranker, settings)
         rep = candidate_report(cands, attributes=True)
-        rep["reader_ceiling"] = attribute_accuracy(torch.stack(ims), caps)
+        reader = summarize(read_back(torch.stack(ims), caps))
+        rep["ceilings"] = {"reader": reader}
+        rep["reader_ceiling"] = rates(reader)
         if prior.dvae is not None:  # what the tokens keep: the same renders through the dVAE and back
             rec = dvae_reconstructions(prior.dvae, torch.stack(ims).split(64))
-            rep["dvae_ceiling"] = attribute_accuracy(rec["reconstructions"], caps) | {"psnr": rec["psnr"]}
+            dvae = summarize(read_back(rec["reconstructions"], caps))
+            usage = {k: rec[k] for k in ("psnr", "codes_used", "codebook_size", "perplexity")}
+            rep["ceilings"]["dvae"] = dvae | usage
+            rep["dvae_ceiling"] = rates(dvae) | usage
         embed = reranker.embed_images
         rep["fd_clip"] = frechet_distance(
             features(torch.stack(ims), embed), features(cands.images.flatten(0, 1), embed)
