@@ -101,7 +101,7 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
         ("rerank", "gain (kept - random)", sm.get("rerank_gain")),
     ]
     md += [f"| {a} | {b} | {_fmt(c)} |" for a, b, c in rows]
-    md += [""] + plan_lines(results.get("plan", {}))
+    md += [""] + plan_lines(results.get("plan", {}), stage_settings)
     images: list[tuple[str, Path]] = []
     for key, title in (
         ("fid_by_blur", "FID against blur radius"),
@@ -136,19 +136,42 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
     return out / "report.md"
 
 
-def plan_lines(plan: dict[str, Any]) -> list[str]:
-    """What the demo's time plan (demo/plan.py) decided on this machine."""
+def plan_lines(plan: dict[str, Any], stage_settings: dict[str, Any] | None = None) -> list[str]:
+    """What the demo's time plan (demo/plan.py) decided on this machine, and each training stage's
+    predicted minutes beside what it took (the stage markers' seconds)."""
     if "predicted_minutes_configured" not in plan:
         return []
     full = sum(plan["predicted_minutes_configured"].values())
     f = plan["fraction"]
     runs = ", ".join(f"{k} {v}" for k, v in plan["planned_updates"].items())
-    return [
+    md = [
         f"Time plan: the configured training would take about {full:.1f} minutes on this machine (timed "
         f"updates x measured factors); the budget is {plan['train_minutes']:g} (`train_minutes`), so the "
         f"demo trained {100 * f:.0f}% of it: {runs} updates (`plan.json`).",
         "",
     ]
+    rows = plan_table(plan, stage_settings or {})
+    if rows:
+        md += ["| stage | predicted | actual | actual / predicted |", "|---|---|---|---|", *rows, ""]
+    return md
+
+
+def plan_table(plan: dict[str, Any], stage_settings: dict[str, Any]) -> list[str]:
+    """A row per planned stage that has run: predicted and actual minutes, and their ratio; then the sum."""
+    stage_of = {"dvae": "dvae", "prior": "prior", "clip": "clip"}
+    rows, total_p, total_a = [], 0.0, 0.0
+    for key, minutes in plan["predicted_minutes_configured"].items():
+        seconds = stage_settings.get(stage_of.get(key, key), {}).get("seconds")
+        if seconds is None:
+            continue
+        predicted, actual = minutes * plan["fraction"], seconds / 60
+        total_p, total_a = total_p + predicted, total_a + actual
+        ratio = f"{actual / predicted:.2f}" if predicted > 0 else "n/a"
+        rows.append(f"| {key} | {predicted:.1f} min | {actual:.1f} min | {ratio} |")
+    if rows:
+        ratio = f"{total_a / total_p:.2f}" if total_p > 0 else "n/a"
+        rows.append(f"| all three | {total_p:.1f} min | {total_a:.1f} min | {ratio} |")
+    return rows
 
 
 TARGET = {"seen": 0.90, "heldout": 0.60}  # all attributes right, CLIP's pick

@@ -1,0 +1,22 @@
+"""demo/report.py: the time plan's predicted minutes beside each stage's actual ones."""
+
+from __future__ import annotations
+
+from dalle_repro.demo.report import plan_lines
+
+
+def test_the_plan_shows_predicted_and_actual_minutes_per_stage():
+    plan = {
+        "train_minutes": 20,
+        "fraction": 0.5,
+        "planned_updates": {"dvae": 1250, "prior": 600, "clip": 200},
+        "predicted_minutes_configured": {"dvae": 8.0, "prior": 24.0, "clip": 4.0},
+    }
+    seconds = {"dvae": {"seconds": 240.0}, "prior": {"seconds": 540.0}, "clip": {"seconds": 132.0}}
+    md = "\n".join(plan_lines(plan, seconds))
+    assert "| dvae | 4.0 min | 4.0 min | 1.00 |" in md
+    assert "| prior | 12.0 min | 9.0 min | 0.75 |" in md
+    assert "| clip | 2.0 min | 2.2 min | 1.10 |" in md
+    assert "| all three | 18.0 min | 15.2 min | 0.84 |" in md
+    assert "| prior |" not in "\n".join(plan_lines(plan, {"dvae": {"seconds": 1.0}}))  # not run yet: no row
+    assert plan_lines({}, seconds) == []
