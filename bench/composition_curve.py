@@ -1,0 +1,187 @@
+"""Composition against compute: the demo configuration at several multiples of its updates.
+
+Does more training buy composition, or only memory? For each factor (default 0.5, 1, 2, 4) this
+runs the whole demo (``python -m dalle_repro.cli.demo``) with every training stage's updates and
+schedules (the dVAE's tau, KL and lr schedules, the prior's warm-up and decay, the CLIP's steps,
+and their checkpoint/validation intervals) multiplied by the factor and the time plan off
+(``train_minutes: null``), one seed each, in ``OUT/x{factor}/``. The runs share the data set and
+its tokenizer; each has its own dVAE, token shards, prior and CLIP. A run that stopped continues
+where it stopped (the demo's stages resume), so the script can be killed and started again.
+
+At the end it reads each run's zero-shot evaluation and stage times and writes ``OUT/curve.json``,
+``OUT/curve.md`` (a table: training minutes, all attributes right with CLIP's pick on seen and
+held-out captions with 95% intervals, shape on held-out, the dVAE ceilings) and a plot of seen and
+held-out accuracy against training minutes (``--plot``, default OUT/curve.png; docs/ keeps one).
+It is a benchmark: about 10 + 20 + 40 + 80 minutes of training on a 2-core CPU, so run it in the
+background and nothing else beside it when the minutes matter.
+
+Usage: python bench/composition_curve.py [--out outputs/curve] [--factors 0.5 1 2 4]
+       [--config configs/demo/demo.yaml] [--seed 0] [--collect-only] [--plot PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dalle_repro.core.config import load_config, load_yaml  # noqa: E402
+from dalle_repro.demo.pipeline import DemoConfig, clip_config, dvae_config, prior_config  # noqa: E402
+from dalle_repro.demo.plan import SCALED_KEYS  # noqa: E402
+
+TRAINING = ("dvae", "prior", "clip")
+
+
+def multiplied(config: Any, keys: tuple[str, ...], factor: float) -> list[str]:
+    """``key=value`` overrides setting each update count of ``config`` to ``factor`` times its value
+    (at least 1; 0 and unset stay as they are)."""
+    out = []
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value:
+            out.append(f"{key}={max(1, math.floor(value * factor))}")
+    return out
+
+
+def run_config(base: Path, out: Path, factor: float, seed: int) -> dict[str, Any]:
+    """The demo YAML of one run: the base config, its own output folders, the time plan off, ``seed``
+    for the scenes and every model, and every training stage's updates multiplied by ``factor``."""
+    data = load_yaml(base)
+    data |= {"out_dir": str(out), "tokens_output": str(out / "tokens"), "train_minutes": None}
+    data.setdefault("shapes", {})["seed"] = seed
+    cfg = load_config(DemoConfig, base, [f"out_dir={out}", f"tokens_output={out / 'tokens'}", "train_minutes=null"])
+    configs = {"dvae": dvae_config(cfg, plan=False), "prior": prior_config(cfg, plan=False)}
+    for stage in ("dvae", "prior"):
+        own = list(data.get(f"{stage}_overrides") or [])
+        data[f"{stage}_overrides"] = [*own, f"run.seed={seed}", *multiplied(configs[stage], SCALED_KEYS[stage], factor)]
+    clip = data.setdefault("clip", {}).setdefault("run", {})
+    clip["steps"] = max(1, math.floor(clip_config(cfg, plan=False).run.steps * factor))
+    clip["seed"] = seed
+    return data
+
+
+def stage_seconds(out: Path) -> dict[str, float]:
+    seconds = {}
+    for name in TRAINING:
+        marker = out / "stages" / f"{name}.json"
+        if marker.is_file():
+            seconds[name] = float(json.loads(marker.read_text()).get("seconds") or 0.0)
+    return seconds
+
+
+def collect(out: Path, factor: float) -> dict[str, Any] | None:
+    """One finished run's point of the curve, or None when its evaluation is not written yet."""
+    path = out / "evaluation" / "evaluation.json"
+    if not path.is_file():
+        return None
+    ev = json.loads(path.read_text())
+    seconds = stage_seconds(out)
+    point: dict[str, Any] = {"factor": factor, "training_minutes": round(sum(seconds.values()) / 60, 2)}
+    point["stage_minutes"] = {k: round(v / 60, 2) for k, v in seconds.items()}
+    for split, rep in ev["splits"].items():
+        tasks = rep.get("tasks", {}).get("reranked", {})
+        point[split] = {
+            "all": tasks.get("all") or {"rate": rep["attributes"]["reranked"]["all"]},
+            "shape": tasks.get("shape") or {"rate": rep["attributes"]["reranked"]["shape"]},
+            "dvae_ceiling": rep.get("dvae_ceiling", {}).get("all"),
+        }
+    return point
+
+
+def table(points: list[dict[str, Any]]) -> str:
+    def cell(s: dict[str, Any]) -> str:
+        ci = s.get("ci")
+        return f"{s['rate']:.1%}" + (f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]" if ci else "")
+
+    rows = [
+        "| updates | training minutes | seen: all right (CLIP's pick) | held out: all right | held out: shape "
+        "| dVAE ceiling seen / held out |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        ceilings = [p[s]["dvae_ceiling"] for s in ("seen", "heldout")]
+        ceil = " / ".join(f"{c:.0%}" if c is not None else "n/a" for c in ceilings)
+        rows.append(
+            f"| {p['factor']:g}x | {p['training_minutes']:.1f} | {cell(p['seen']['all'])} "
+            f"| {cell(p['heldout']['all'])} | {cell(p['heldout']['shape'])} | {ceil} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def plot(points: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for split, colour in (("seen", "tab:blue"), ("heldout", "tab:red")):
+        xs = [p["training_minutes"] for p in points]
+        ys = [p[split]["all"]["rate"] for p in points]
+        lo = [y - p[split]["all"].get("ci", [y, y])[0] for y, p in zip(ys, points, strict=True)]
+        hi = [p[split]["all"].get("ci", [y, y])[1] - y for y, p in zip(ys, points, strict=True)]
+        ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colour, label=f"{split} captions")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training minutes (dVAE + prior + CLIP), log scale")
+    ax.set_ylabel("all attributes right, CLIP's pick")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="outputs/curve", help="folder of the runs and the curve (default outputs/curve)")
+    p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1, 2, 4], help="multiples of the updates")
+    p.add_argument("--config", default="configs/demo/demo.yaml", help="the demo config the runs start from")
+    p.add_argument("--seed", type=int, default=0, help="the demo's seed, where its config has one")
+    p.add_argument("--collect-only", action="store_true", help="only read finished runs and write the curve")
+    p.add_argument("--plot", default=None, help="where to draw the plot (default OUT/curve.png)")
+    a = p.parse_args(argv)
+    if any(f <= 0 for f in a.factors):
+        p.error("--factors must be > 0")
+    out = Path(a.out)
+    for factor in a.factors:
+        run_dir = out / f"x{factor:g}"
+        if a.collect_only or collect(run_dir, factor) is not None:
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg_path = run_dir / "demo.yaml"
+        cfg_path.write_text(json.dumps(run_config(Path(a.config), run_dir, factor, a.seed), indent=1) + "\n")
+        print(f"[curve] {factor:g}x: python -m dalle_repro.cli.demo --config {cfg_path}", flush=True)
+        with open(run_dir / "demo.log", "a") as log:
+            code = subprocess.run(
+                [sys.executable, "-m", "dalle_repro.cli.demo", "--config", str(cfg_path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            ).returncode
+        if code != 0:
+            print(f"[curve] {factor:g}x failed (exit {code}): see {run_dir / 'demo.log'}", file=sys.stderr)
+            return code
+    points = [pt for f in a.factors if (pt := collect(out / f"x{f:g}", f)) is not None]
+    if not points:
+        print("[curve] no finished run to collect", file=sys.stderr)
+        return 1
+    (out / "curve.json").write_text(json.dumps(points, indent=1) + "\n")
+    (out / "curve.md").write_text(table(points))
+    plot(points, Path(a.plot) if a.plot else out / "curve.png")
+    print(table(points), end="")
+    print(f"[curve] wrote {out / 'curve.json'}, {out / 'curve.md'} and the plot")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""bench/composition_curve.py without training: the runs' configs scale every update count alike,
+and a finished run's evaluation becomes a point of the curve, a table row and a plot."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from dalle_repro.core.config import load_config
+from dalle_repro.demo.pipeline import DemoConfig, dvae_config, prior_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def curve():
+    spec = importlib.util.spec_from_file_location("composition_curve", ROOT / "bench" / "composition_curve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_run_config_multiplies_every_stage_alike(curve, tmp_path):
+    base = ROOT / "configs" / "demo" / "demo.yaml"
+    data = curve.run_config(base, tmp_path / "x2", 2.0, seed=7)
+    path = tmp_path / "demo.yaml"
+    path.write_text(json.dumps(data))
+    cfg = load_config(DemoConfig, path, [])
+    ref = load_config(DemoConfig, base, [])
+    d, d0 = dvae_config(cfg, plan=False), dvae_config(ref, plan=False)
+    p, p0 = prior_config(cfg, plan=False), prior_config(ref, plan=False)
+    assert d.run.steps == 2 * d0.run.steps and d.schedule.tau_steps == 2 * d0.schedule.tau_steps
+    assert d.schedule.lr_steps == 2 * d0.schedule.lr_steps and d.run.seed == 7
+    assert p.run.steps == 2 * p0.run.steps and p.schedule.warmup_steps == 2 * p0.schedule.warmup_steps
+    assert p.run.seed == 7 and cfg.shapes.seed == 7 and cfg.train_minutes is None
+    assert cfg.clip.run.steps == 2 * ref.clip.run.steps
+    assert cfg.out_dir == str(tmp_path / "x2") and cfg.tokens_output == str(tmp_path / "x2" / "tokens")
+
+
+def test_finished_runs_become_a_table_and_a_plot(curve, tmp_path):
+    for factor, (seen, held) in {0.5: (30, 10), 1: (60, 25)}.items():
+        run = tmp_path / f"x{factor:g}"
+        (run / "evaluation").mkdir(parents=True)
+        (run / "stages").mkdir()
+        for name, sec in (("dvae", 120 * factor), ("prior", 480 * factor), ("clip", 60 * factor)):
+            (run / "stages" / f"{name}.json").write_text(json.dumps({"seconds": sec}))
+
+        def rep(k):
+            share = {"rate": k / 96, "k": k, "n": 96, "ci": [k / 96 - 0.1, k / 96 + 0.1]}
+            return {"tasks": {"reranked": {"all": share, "shape": share}}, "dvae_ceiling": {"all": 0.9}}
+
+        ev = {"splits": {"seen": rep(seen), "heldout": rep(held)}}
+        (run / "evaluation" / "evaluation.json").write_text(json.dumps(ev))
+    assert curve.main(["--out", str(tmp_path), "--factors", "0.5", "1", "2", "--collect-only"]) == 0
+    points = json.loads((tmp_path / "curve.json").read_text())
+    assert [p["factor"] for p in points] == [0.5, 1]  # the 2x run has not finished: no point
+    assert points[1]["training_minutes"] == pytest.approx(11.0)
+    md = (tmp_path / "curve.md").read_text()
+    assert "| 1x | 11.0 | 62.5% [52.5, 72.5] | 26.0% [16.0, 36.0] |" in md
+    assert (tmp_path / "curve.png").stat().st_size > 1000
