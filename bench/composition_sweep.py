@@ -1,0 +1,280 @@
+"""Which choices buy composition: the shapes demo's stages, in memory, for several variants at once.
+
+The demo takes 20 minutes a run on a 2-core CPU, too long to compare choices by whole runs there.
+This sweep runs the same models on whatever device it is given (a GPU turns a demo run into
+seconds) without the demo's files: scenes rendered in memory, the dVAE trained with the trainer's
+own ``train_step`` and schedules, the prior with the model's own loss, the demo's LR schedule,
+caption dropout, EMA and AdamW (no DeepSpeed: one process), and samples drawn with the sampler
+the project ships (``sample.generate``: the KV cache, temperature, guidance). Each variant is
+scored by reading every sample back (``evaluation.tasks``): all attributes right over all
+candidates, for 96 seen and 96 held-out captions, with 95% intervals; the dVAE by what its
+reconstructions of the same renders keep, with codebook usage.
+
+Variants are named ``key=value`` edits of the demo configuration (configs/demo/*.yaml), so a
+variant that wins here is a config change the demo can take. Numbers from another device are not
+the demo's numbers (other kernels, other precision): they rank choices, the demo run measures them.
+
+Usage: python bench/composition_sweep.py --out OUT [--device cuda] [--scale 1.0]
+       [--dvae NAME:key=value,key=value ...] [--prior NAME:key=value,... ...] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dalle_repro.core.config import deep_merge, from_dict, load_yaml, parse_overrides  # noqa: E402
+from dalle_repro.data import shapes  # noqa: E402
+from dalle_repro.evaluation.tasks import read_back, summarize  # noqa: E402
+from dalle_repro.models.dvae import DVAE  # noqa: E402
+from dalle_repro.models.transformer import Transformer, TransformerArgs  # noqa: E402
+from dalle_repro.train.dvae import DVAETrainConfig, State, train_step  # noqa: E402
+from dalle_repro.train.optim import EMA, adamw, cosine, param_groups  # noqa: E402
+
+
+def _render(args: tuple[dict[str, Any], int, int]) -> np.ndarray:
+    scene, size, seed = args
+    return np.asarray(shapes.render(shapes.Scene.from_json(scene), size, seed=seed))
+
+
+def scenes(n: int, held_out: bool, seed: int, size: int, workers: int) -> tuple[list[str], torch.Tensor]:
+    """``n`` random scenes (seen pairs only, or each with a held-out pair): captions and uint8 images."""
+    rng = np.random.default_rng([seed, int(held_out)])
+    sc = [shapes.random_scene(rng, held_out) for _ in range(n)]
+    jobs = [(s.to_json(), size, seed * 1_000_003 + i + (10**9 if held_out else 0)) for i, s in enumerate(sc)]
+    with Pool(workers) as pool:
+        ims = pool.map(_render, jobs, chunksize=256)
+    return [s.caption() for s in sc], torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()
+
+
+def distinct(captions: list[str], images: torch.Tensor, limit: int) -> tuple[list[str], torch.Tensor]:
+    """The first ``limit`` distinct captions and the first image of each."""
+    seen: dict[str, int] = {}
+    for i, c in enumerate(captions):
+        if c not in seen and len(seen) < limit:
+            seen[c] = i
+    return list(seen), images[list(seen.values())]
+
+
+def edited(path: str, cls: type, edits: str) -> Any:
+    """The config at ``path`` with ``key=value,key=value`` edits."""
+    data = load_yaml(ROOT / path)
+    if edits:
+        data = deep_merge(data, parse_overrides(edits.split(",")))
+    return from_dict(cls, data)
+
+
+def train_dvae(cfg: DVAETrainConfig, images: torch.Tensor, dev: torch.device, seed: int) -> tuple[DVAE, dict]:
+    torch.manual_seed(seed)
+    model = DVAE(cfg.model).to(dev)
+    o = cfg.optim
+    opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)
+    st = State(model, model, opt, EMA(model, o.ema_decay), None, None)  # type: ignore[arg-type]
+    gen = torch.Generator().manual_seed(seed)
+    b, t0 = cfg.data.batch_size, time.perf_counter()
+    for _ in range(cfg.run.steps):
+        idx = torch.randint(0, len(images), (b,), generator=gen)
+        x = images[idx].to(dev).float().div_(255)
+        last = train_step(st, x, cfg, dev)
+    ema = DVAE(cfg.model).to(dev)
+    ema.load_state_dict({k: v.to(dev) for k, v in st.ema.state_dict().items()})
+    return ema.eval(), {"seconds": round(time.perf_counter() - t0, 1), "last": last}
+
+
+@torch.no_grad()
+def encode(dvae: DVAE, images: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    return torch.cat([dvae.encode(b.to(dev).float() / 255).cpu() for b in images.split(512)])
+
+
+@torch.no_grad()
+def ceiling(dvae: DVAE, captions: list[str], images: torch.Tensor, dev: torch.device) -> dict[str, Any]:
+    tokens = encode(dvae, images, dev)
+    recon = torch.cat([dvae.decode(t.to(dev)).cpu() for t in tokens.split(512)])
+    counts = torch.bincount(tokens.flatten(), minlength=dvae.args.vocab_size).double()
+    p = counts[counts > 0] / counts.sum()
+    s = summarize(read_back(recon, captions))
+    return {
+        "all": s["all"],
+        "shape": s["shape"],
+        "codes_used": int((counts > 0).sum()),
+        "perplexity": round(float(torch.exp(-(p * p.log()).sum())), 1),
+    }
+
+
+def train_prior(
+    settings: dict[str, Any],
+    text: torch.Tensor,
+    image: torch.Tensor,
+    empty: torch.Tensor,
+    margs: TransformerArgs,
+    dev: torch.device,
+    seed: int,
+) -> tuple[Transformer, dict[str, Any]]:
+    """The demo prior's training without DeepSpeed: AdamW on the model's loss, warm-up then cosine,
+    caption dropout, the EMA the export keeps."""
+    torch.manual_seed(seed)
+    model = Transformer(margs).to(dev)
+    o, s, r = settings["optim"], settings["schedule"], settings["run"]
+    opt = torch.optim.AdamW(param_groups(model, o.get("weight_decay", 0.01)), lr=s["lr"], betas=(0.9, 0.96))
+    ema = EMA(model, o.get("ema_decay", 0.99))
+    steps, batch = int(r["steps"]), int(settings["data"]["batch_size"]) * settings.get("ranks", 2)
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.perf_counter()
+    for step in range(steps):
+        warm = int(s.get("warmup_steps", 100))
+        lr = s["lr"] * (step + 1) / warm if step < warm else cosine(step - warm, s["lr"], s["lr_end"], steps - warm)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(text), (batch,), generator=gen)
+        t, im = text[idx].to(dev), image[idx].to(dev)
+        drop = torch.rand(batch, generator=gen) < float(r.get("caption_dropout", 0.0))
+        t = torch.where(drop.to(dev)[:, None], empty.to(dev), t)
+        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = model.loss(t, im).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(o.get("grad_clip", 4.0)))
+        opt.step()
+        ema.update(model, step)
+    out = Transformer(margs).to(dev)
+    out.load_state_dict({k: v.to(dev) for k, v in ema.state_dict().items()})
+    return out.eval(), {"seconds": round(time.perf_counter() - t0, 1), "last_loss": round(float(loss.detach()), 4)}
+
+
+@torch.no_grad()
+def score_prior(prior, dvae, tok, captions: list[str], candidates: int, seed: int, dev: torch.device) -> dict[str, Any]:
+    """``candidates`` samples of every caption in one cached, guided generate call (temperature 0.7,
+    guidance 2: the demo's evaluation settings), decoded and read back."""
+    rows = torch.tensor([tok.encode(c) for c in captions for _ in range(candidates)], dtype=torch.long, device=dev)
+    uncond = torch.tensor([tok.encode("")], dtype=torch.long, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    grid = prior.args.grid
+    tokens = torch.cat(
+        [prior.generate(r, temperature=0.7, uncond=uncond, guidance=2.0, generator=gen) for r in rows.split(1024)]
+    )
+    images = torch.cat([dvae.decode(t.view(-1, grid, grid)).cpu() for t in tokens.split(1024)])
+    s = summarize(read_back(images, [c for c in captions for _ in range(candidates)]))
+    keys = ("all", "shape", "colour", "colour_shape_binding", "position", "counting")
+    return {k: s[k] for k in keys} | {"overall": s["overall"]}
+
+
+def variant(text: str) -> tuple[str, str]:
+    name, _, edits = text.partition(":")
+    return name, edits
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder for sweep.json")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--train", type=int, default=8000, help="training scenes (the demo's shapes.train)")
+    p.add_argument("--dvae", nargs="+", default=["base:"], help="dVAE variants, NAME:key=value,...")
+    p.add_argument("--prior", nargs="+", default=["base:"], help="prior variants, NAME:key=value,... (+train=N)")
+    p.add_argument("--prior-dvae", default=None, help="the dVAE variant the priors use (default: the first)")
+    p.add_argument("--captions", type=int, default=96)
+    p.add_argument("--candidates", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on a CPU")
+    a = p.parse_args(argv)
+    dev = torch.device(a.device)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"device": str(dev), "args": vars(a), "dvae": {}, "prior": {}}
+    if dev.type == "cuda":
+        result["gpu"] = torch.cuda.get_device_name(dev)
+    t0 = time.perf_counter()
+    n_train = 64 if a.quick else a.train
+    wanted = [
+        int(e.split("=", 1)[1])
+        for _, edits in map(variant, a.prior)
+        for e in edits.split(",")
+        if e.startswith("train=")
+    ]
+    max_train = max([n_train, *([] if a.quick else wanted)])
+    train_caps, train_ims = scenes(max_train, False, a.seed, 32, a.workers)
+    val_caps, val_ims = distinct(*scenes(600, False, a.seed + 1, 32, a.workers), a.captions)
+    held_caps, held_ims = distinct(*scenes(600, True, a.seed + 2, 32, a.workers), a.captions)
+    result["data_seconds"] = round(time.perf_counter() - t0, 1)
+    dvaes = {}
+    for name, edits in map(variant, a.dvae):
+        cfg = edited("configs/demo/dvae.yaml", DVAETrainConfig, edits)
+        if a.quick:
+            cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=3))
+        precision = "bf16" if dev.type == "cuda" else "fp32"
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=precision))
+        dvae, info = train_dvae(cfg, train_ims[:n_train], dev, a.seed)
+        info |= {"seen": ceiling(dvae, val_caps, val_ims, dev), "heldout": ceiling(dvae, held_caps, held_ims, dev)}
+        info["edits"] = edits
+        result["dvae"][name] = info
+        dvaes[name] = dvae
+        print(json.dumps({"dvae": name, **{k: v for k, v in info.items() if k != "last"}}), flush=True)
+        (out / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    from dalle_repro.data.tokenizer import TextTokenizer, train_bpe
+
+    tok = TextTokenizer(train_bpe(train_caps[:n_train], 512, 2), 16)
+    base = load_yaml(ROOT / "configs/demo/prior.yaml")
+    tokens_of: dict[str, torch.Tensor] = {}
+    text_all = torch.tensor([tok.encode(c) for c in train_caps], dtype=torch.long)
+    empty = torch.tensor([tok.encode("")], dtype=torch.long)
+    for name, edits in map(variant, a.prior):
+        pairs = [e for e in edits.split(",") if e]
+        extra = dict(e.split("=", 1) for e in pairs if e.split("=", 1)[0] in ("train", "ranks", "dvae"))
+        dvae_name = extra.get("dvae", a.prior_dvae or next(iter(dvaes)))
+        dvae = dvaes[dvae_name]
+        if dvae_name not in tokens_of:
+            tokens_of[dvae_name] = encode(dvae, train_ims, dev)
+        tokens_all = tokens_of[dvae_name]
+        settings = deep_merge(base, parse_overrides([e for e in pairs if e.split("=", 1)[0] not in extra]))
+        settings["ranks"] = int(extra.get("ranks", 2))
+        n = 32 if a.quick else int(extra.get("train", n_train))
+        if a.quick:
+            settings["run"]["steps"] = 3
+        m = settings["model"]
+        margs = TransformerArgs(
+            text_vocab=tok.vocab_size,
+            text_len=16,
+            image_vocab=dvae.args.vocab_size,
+            grid=dvae.args.image_size // 2 ** (dvae.args.group_count - 1),
+            dim=m["dim"],
+            depth=m["depth"],
+            heads=m["heads"],
+            conv_kernel=m.get("conv_kernel", 11),
+            # dense on a GPU: the sequences are short, and flex's compile would cost more than it saves
+            attention=m.get("attention", "auto") if dev.type == "cpu" else "dense",
+            text_loss_weight=m.get("text_loss_weight", 0.125),
+            image_loss_weight=m.get("image_loss_weight", 0.875),
+        )
+        prior, info = train_prior(settings, text_all[:n], tokens_all[:n].flatten(1), empty, margs, dev, a.seed)
+        c = 2 if a.quick else a.candidates
+        caps_v, caps_h = (val_caps[:2], held_caps[:2]) if a.quick else (val_caps, held_caps)
+        info["seen"] = score_prior(prior, dvae, tok, caps_v, c, a.seed, dev)
+        info["heldout"] = score_prior(prior, dvae, tok, caps_h, c, a.seed, dev)
+        info |= {"edits": edits, "train_scenes": n, "dvae": dvae_name}
+        result["prior"][name] = info
+        brief = {
+            s: {k: round(v["rate"] if isinstance(v, dict) else v, 3) for k, v in info[s].items()}
+            for s in ("seen", "heldout")
+        }
+        print(json.dumps({"prior": name, "seconds": info["seconds"], **brief}), flush=True)
+        (out / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print(f"[sweep] {result['seconds']} s; wrote {out / 'sweep.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
