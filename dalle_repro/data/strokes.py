@@ -10,12 +10,14 @@ the shapes', attribute for attribute, so the evaluation's tasks apply unchanged:
 pair per form (:data:`HELD_OUT`) never appears in training; ``heldout/`` holds scenes that use them.
 
 :func:`read_scene` reads the strokes back from pixels, written against the renderer: the background
-is the image's median colour, pixels far from it are ink, and ink pixels within two pixels of each
-other form one stroke (a thin anti-aliased stroke has faint gaps; two strokes are laid out at least
-three pixels apart). A stroke's colour is its pixels' vote, each pixel taking the hue whose blend
-with the background passes nearest it, weighted by how far it is from the background; a stroke whose
+is the image's median colour, pixels far from it are a stroke's core, and core pixels within two
+pixels of each other form one stroke (a thin anti-aliased stroke has faint gaps; two strokes are laid
+out at least three pixels apart), split by colour where two colours' pixels lie in two blocks (two
+strokes touching). A stroke's colour is its pixels' vote, each pixel taking the hue whose blend with
+the background passes nearest it, weighted by how far it is from the background; a stroke whose
 pixels lie far from every hue's blend is ``grey`` (a colour no caption asks for). Its form and weight
-are the template (form and weight drawn in its bounding box) nearest its coverage map.
+are the template (form and weight drawn in its bounding box) nearest its coverage map, faint edge
+pixels included.
 Scenes, objects, the found strokes and the scoring are the shapes set's own
 (:class:`~dalle_repro.data.shapes.Scene`, :func:`~dalle_repro.data.shapes.score`).
 """
