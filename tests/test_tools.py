@@ -24,6 +24,7 @@ TOOLS = [
     "tools/convert_openai_dvae.py",
     "tools/encode_tokens.py",
     "tools/make_shapes_dataset.py",
+    "tools/make_strokes_dataset.py",
     "tools/evaluate.py",
 ]
 

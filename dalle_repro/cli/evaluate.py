@@ -11,7 +11,8 @@
 FID needs FID's Inception weights from a local file (--inception: pytorch-fid's
 pt_inception-2015-12-05-6726825d.pth); nothing is downloaded. Without them the Fréchet distance is
 reported in the CLIP's image space (fd_clip), which compares runs with each other but is not FID.
---attributes reads shapes-set captions back from the pixels (dalle_repro/data/shapes.py). Writes
+--attributes reads shapes-set captions back from the pixels (dalle_repro/data/shapes.py); --world
+strokes reads the strokes set's instead (data/strokes.py), for --model too. Writes
 OUT/evaluation.json and PNG plots; prints the JSON's main numbers.
 """
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference", help="reference shards (--images, --dvae)")
     p.add_argument("--attributes", action="store_true", help="read shapes captions back (--images, --dvae)")
     p.add_argument("--limit", type=int, default=None, help="at most this many reference images (--dvae)")
+    p.add_argument("--world", choices=["shapes", "strokes"], default="shapes", help="the captions' data set")
     g = p.add_argument_group("the prior (--model)")
     g.add_argument("--seen", help="shards whose captions use pairs seen in training (the validation split)")
     g.add_argument("--heldout", help="shards whose captions use held-out pairs")
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir=out,
                 inception=a.inception,
                 blur_radii=a.blur_radii,
+                world=a.world,
             )
             summary = {
                 split: {
@@ -182,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             result["clip_score"] = clip_score(gen, caps, reranker)
             result["clip_score_reference"] = clip_score(ref, ref_caps, reranker)
         if a.attributes:
-            result["attributes"] = attribute_accuracy(gen, caps)
-            result["attributes_reference"] = attribute_accuracy(ref, ref_caps)
+            result["attributes"] = attribute_accuracy(gen, caps, a.world)
+            result["attributes_reference"] = attribute_accuracy(ref, ref_caps, a.world)
         atomic_write_text(out / "evaluation.json", json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=1))
     except (FileNotFoundError, ValueError) as e:

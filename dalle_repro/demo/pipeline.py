@@ -6,7 +6,7 @@ skipped, so rerunning after an interruption continues at the first unfinished st
 a stage's settings reruns it and the stages that read its output. An interrupted dVAE run resumes
 from its last checkpoint.
 
-Stages: the data set (shapes or emoji shards), the tokenizer, a look at one loader batch (a preview
+Stages: the data set (shapes, strokes or emoji shards), the tokenizer, a look at one loader batch (a preview
 image), the time plan (demo_plan: how much of the configured training fits ``train_minutes`` on this
 machine), the demo dVAE (with its reconstruction grid), the token shards, the demo prior, trained by
 launch/train_prior.py under the ``deepspeed`` launcher with 2 CPU ranks (an interrupted run resumes
@@ -51,6 +51,7 @@ from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.data.pre_encode import encode_token_shards
 from dalle_repro.data.samples import clean_caption
 from dalle_repro.data.shapes import build_shapes_dataset
+from dalle_repro.data.strokes import build_strokes_dataset
 from dalle_repro.data.tar import iter_shard_samples
 from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
 from dalle_repro.demo.report import write_report
@@ -97,6 +98,15 @@ class ShapesArgs:
 
 
 @dataclass
+class StrokesArgs(ShapesArgs):
+    """The second compositional data set (data/strokes.py), never used for tuning: scenes of one or two
+    thin or thick coloured strokes on textured paper, some colour-form pairs held out of training."""
+
+    output: str = arg("data/strokes", "Folder for train/, val/, heldout/ and summary.json.")
+    image_size: int = arg(32, "Side of the rendered scenes, in pixels (a thin stroke's form needs 32).", ge=32, le=512)
+
+
+@dataclass
 class EvalArgs:
     """The zero-shot evaluation (evaluation/evaluate.py): samples for seen and for held-out captions, read back."""
 
@@ -136,12 +146,14 @@ class DemoConfig:
     """Settings of every stage of the demo."""
 
     out_dir: str = arg("outputs/demo", "Where the demo's report, previews and stage markers go.")
-    dataset: Literal["shapes", "emoji"] = arg(
+    dataset: Literal["shapes", "strokes", "emoji"] = arg(
         "shapes",
-        "shapes: the compositional scenes with held-out pairs (zero-shot, measured); emoji: the emoji set, "
-        "which the prior memorises (configs/demo/emoji.yaml).",
+        "shapes: the compositional scenes with held-out pairs (zero-shot, measured); strokes: the second such "
+        "set, never tuned on (configs/demo/strokes.yaml); emoji: the emoji set, which the prior memorises "
+        "(configs/demo/emoji.yaml).",
     )
     shapes: ShapesArgs = arg(factory=ShapesArgs, doc="The shapes data set.")
+    strokes: StrokesArgs = arg(factory=StrokesArgs, doc="The strokes data set.")
     emoji: EmojiArgs = arg(factory=EmojiArgs, doc="The emoji shards.")
     bpe: BPEArgs = arg(factory=BPEArgs, doc="Tokenizer training.")
     text: TokenizerArgs = arg(factory=TokenizerArgs, doc="Caption encoding.")
@@ -172,12 +184,21 @@ class DemoConfig:
     keep: int = arg(4, "Images kept per caption after reranking.", ge=1)
     top_k: int | None = arg(None, "Sampling top-k; null: the whole codebook.", gt=0)
     temperature: float = arg(1.0, "Sampling softmax temperature (lower: safer, less varied images).", gt=0)
-    evaluation: EvalArgs = arg(factory=EvalArgs, doc="The zero-shot evaluation (shapes only).")
+    evaluation: EvalArgs = arg(factory=EvalArgs, doc="The zero-shot evaluation (shapes and strokes only).")
+
+
+# The compositional worlds (data/worlds.py): their data sets' settings and builders.
+_SCENES = {"shapes": build_shapes_dataset, "strokes": build_strokes_dataset}
+
+
+def data_args(cfg: DemoConfig) -> ShapesArgs | EmojiArgs:
+    """The settings of the chosen data set."""
+    return {"shapes": cfg.shapes, "strokes": cfg.strokes, "emoji": cfg.emoji}[cfg.dataset]
 
 
 def data_dir(cfg: DemoConfig) -> Path:
-    """The folder of the chosen data set (train/, val/, and for shapes heldout/)."""
-    return Path(cfg.shapes.output if cfg.dataset == "shapes" else cfg.emoji.output)
+    """The folder of the chosen data set (train/, val/, and for shapes and strokes heldout/)."""
+    return Path(data_args(cfg).output)
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -185,9 +206,10 @@ def _fingerprint(*parts: Any) -> str:
 
 
 def stage_data(cfg: DemoConfig) -> dict[str, Any]:
-    if cfg.dataset == "shapes":
-        a = cfg.shapes
-        s = build_shapes_dataset(
+    if cfg.dataset in _SCENES:
+        a = data_args(cfg)
+        assert isinstance(a, ShapesArgs)
+        s = _SCENES[cfg.dataset](
             a.output,
             n_train=a.train,
             n_heldout=a.heldout,
@@ -197,7 +219,7 @@ def stage_data(cfg: DemoConfig) -> dict[str, Any]:
             seed=a.seed,
             overwrite=True,  # the demo's own folder
         )
-        return {"written": s["written"], "splits": s["splits"], "heldout": s["heldout"]}
+        return {"world": cfg.dataset, "written": s["written"], "splits": s["splits"], "heldout": s["heldout"]}
     e = cfg.emoji
     s = build_emoji_dataset(
         e.output,
@@ -222,7 +244,7 @@ def stage_tokenizer(cfg: DemoConfig) -> dict[str, Any]:
 def stage_preview(cfg: DemoConfig) -> dict[str, Any]:
     """One batch through the real loader and tokenizer, drawn with its decoded captions."""
     tok = TextTokenizer(cfg.text.path, cfg.text.text_len)
-    size = cfg.shapes.image_size if cfg.dataset == "shapes" else cfg.emoji.image_size
+    size = data_args(cfg).image_size
     data = dataclasses.replace(cfg.data, shards=f"{data_dir(cfg)}/train/*.tar", image_size=cfg.data.image_size or size)
     loader = Loader(data.shards, data, tok, text_dropout=cfg.text.dropout)
     batch = next(iter(loader))
@@ -509,8 +531,8 @@ def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
 def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
     """The zero-shot numbers (evaluate.zero_shot): seen and held-out captions sampled, read back,
     with and without rerank; tools/evaluate.py with the same settings gives the same numbers."""
-    if cfg.dataset != "shapes":
-        return {"skipped": "the emoji have no attribute reader; the shapes data set does (dataset=shapes)"}
+    if cfg.dataset not in _SCENES:
+        return {"skipped": "the emoji have no attribute reader; the shapes and strokes data sets do"}
     prior = load_prior(Path(prior_config(cfg).run.run_dir, "export"))
     prior.use_trained_precision()
     e, d = cfg.evaluation, data_dir(cfg)
@@ -533,6 +555,7 @@ def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
         pictures=e.pictures,
         out_dir=Path(cfg.out_dir, "evaluation"),
         inception=e.inception,
+        world=cfg.dataset,
     )
     return result | {"command": evaluate_command(cfg)}
 
@@ -547,6 +570,7 @@ def evaluate_command(cfg: DemoConfig) -> str:
         f"--captions {e.captions} --candidates {e.candidates} --temperature {cfg.temperature}{top_k} "
         f"--guidance {e.guidance} "
         + (f"--inception {e.inception} " if e.inception else "")
+        + (f"--world {cfg.dataset} " if cfg.dataset != "shapes" else "")
         + f"--pictures {e.pictures} --output {cfg.out_dir}/evaluation"
     )
 
@@ -566,7 +590,7 @@ def stages() -> list[Stage]:
         Stage(
             "data",
             stage_data,
-            lambda c: [c.dataset, to_dict(c.shapes if c.dataset == "shapes" else c.emoji)],
+            lambda c: [c.dataset, to_dict(data_args(c))],
             lambda c: [data_dir(c) / "summary.json"],
         ),
         Stage(
@@ -635,7 +659,7 @@ def stages() -> list[Stage]:
             "evaluate",
             stage_evaluate,
             lambda c: [c.dataset, to_dict(c.evaluation), c.top_k, c.temperature],
-            lambda c: [Path(c.out_dir, "evaluation", "evaluation.json")] if c.dataset == "shapes" else [],
+            lambda c: [Path(c.out_dir, "evaluation", "evaluation.json")] if c.dataset in _SCENES else [],
             after=("data", "prior", "clip"),
         ),
     ]

@@ -73,8 +73,13 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
     out = Path(out_dir)
     plots = out / "plots"
     md: list[str] = ["# dalle-repro demo report", ""]
-    shapes = "heldout" in results.get("data", {})
-    data = "the shapes set (scenes of coloured shapes, some colour-shape pairs held out)" if shapes else "the emoji"
+    shapes = "heldout" in results.get("data", {})  # a compositional set: shapes or strokes
+    worlds = {
+        "shapes": "the shapes set (scenes of coloured shapes, some colour-shape pairs held out)",
+        "strokes": "the strokes set (thin and thick coloured strokes on textured paper, some colour-form pairs "
+        "held out; never used for tuning)",
+    }
+    data = worlds[results["data"].get("world", "shapes")] if shapes else "the emoji"
     md += [
         f"The whole DALL-E pipeline on {data}, on this machine's CPU: shards, BPE tokenizer, dVAE, token "
         "shards, the prior (under the deepspeed launcher), a small CLIP, reranked samples"

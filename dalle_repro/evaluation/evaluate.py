@@ -12,8 +12,9 @@
   images), and best-of-N by CLIP against a random pick of the same candidates, N = 1, 2, 4, ...
 - **The dVAE**: PSNR, bits per dimension (its logit-Laplace likelihood of the original under the
   decoding of its hard tokens) and FID of reconstructions against originals (the tokenizer's rFID).
-- **Attributes** (the shapes data set, data/shapes.py): the share of images whose count, shape, colour,
-  size and place read back as their caption says, per attribute and all together.
+- **Attributes** (the shapes data set, data/shapes.py, or the strokes set, data/strokes.py: the
+  ``world``, data/worlds.py): the share of images whose count, shape, colour, size and place read
+  back as their caption says, per attribute and all together.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -35,7 +37,8 @@ from PIL import Image
 
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import save_png, to_uint8, to_unit
-from dalle_repro.data.shapes import ATTRIBUTES, parse_caption
+from dalle_repro.data.shapes import ATTRIBUTES
+from dalle_repro.data.worlds import world_name, world_of
 from dalle_repro.evaluation.tasks import gain, rates, read_back, summarize
 from dalle_repro.models.dvae import DVAE, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
 
@@ -128,11 +131,13 @@ def best_of_n(scores: torch.Tensor, ns: Sequence[int]) -> dict[int, torch.Tensor
     return {n: scores[:, :n].argmax(1) for n in ns}
 
 
-def attribute_accuracy(images: torch.Tensor, captions: Sequence[str]) -> dict[str, float]:
+def attribute_accuracy(
+    images: torch.Tensor, captions: Sequence[str], world: str | ModuleType = "shapes"
+) -> dict[str, float]:
     """The share of images (N, 3, S, S) whose every attribute (shapes.ATTRIBUTES) reads back as its
-    shapes-grammar caption says, per attribute and ``all``; ``n`` is the count. With intervals and
+    caption of ``world``'s grammar says, per attribute and ``all``; ``n`` is the count. With intervals and
     tasks: :func:`dalle_repro.evaluation.tasks.summarize` of :func:`~dalle_repro.evaluation.tasks.read_back`."""
-    return rates(summarize(read_back(images, captions)))
+    return rates(summarize(read_back(images, captions, world)))
 
 
 def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
@@ -232,11 +237,12 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
     return CandidateSet(captions, torch.stack(images), torch.stack(scores))
 
 
-def candidate_report(cands: CandidateSet, attributes: bool) -> dict[str, Any]:
+def candidate_report(cands: CandidateSet, attributes: bool, world: str | ModuleType = "shapes") -> dict[str, Any]:
     """CLIP score and (with ``attributes``) what the samples got right, for the random pick (candidate
     0), the reranked pick (CLIP's best) and over all candidates, and best-of-N for N = 1, 2, 4, ...
     Every candidate is read once; ``tasks`` holds the GenEval-style breakdown with 95% intervals
-    (:mod:`dalle_repro.evaluation.tasks`) and ``clip_gain`` what CLIP's pick adds over a random one."""
+    (:mod:`dalle_repro.evaluation.tasks`) and ``clip_gain`` what CLIP's pick adds over a random one.
+    The captions are of ``world``'s grammar, read back by its reader."""
     p, c = cands.scores.shape
     best_idx = cands.scores.argmax(1)
     out: dict[str, Any] = {
@@ -253,7 +259,7 @@ def candidate_report(cands: CandidateSet, attributes: bool) -> dict[str, Any]:
     out["best_of_n"] = {str(n): {"clip_score": float(cands.scores[torch.arange(p), picks[n]].mean())} for n in ns}
     if attributes:
         repeated = [cap for cap in cands.captions for _ in range(c)]
-        hits = read_back(cands.images.flatten(0, 1), repeated)  # (prompt, candidate) in row-major order
+        hits = read_back(cands.images.flatten(0, 1), repeated, world)  # (prompt, candidate) in row-major order
 
         def picked(idx: torch.Tensor) -> list[dict[str, bool | None]]:
             return [hits[i * c + int(j)] for i, j in enumerate(idx)]
@@ -271,15 +277,16 @@ def candidate_report(cands: CandidateSet, attributes: bool) -> dict[str, Any]:
     return out
 
 
-def nearest_training(captions: Sequence[str], train_captions: Sequence[str]) -> list[int]:
-    """For each shapes caption, the index of the training caption sharing most attributes with it."""
-    from dalle_repro.data.shapes import similarity
-
-    train = [parse_caption(c) for c in train_captions]
+def nearest_training(
+    captions: Sequence[str], train_captions: Sequence[str], world: str | ModuleType = "shapes"
+) -> list[int]:
+    """For each caption of ``world``'s grammar, the index of the training caption sharing most attributes with it."""
+    w = world_of(world)
+    train = [w.parse_caption(c) for c in train_captions]
     out = []
     for c in captions:
-        scene = parse_caption(c)
-        out.append(max(range(len(train)), key=lambda j: similarity(scene, train[j])))  # noqa: B023 (used at once)
+        scene = w.parse_caption(c)
+        out.append(max(range(len(train)), key=lambda j: w.similarity(scene, train[j])))  # noqa: B023 (used at once)
     return out
 
 
@@ -295,16 +302,21 @@ def zero_shot(
     out_dir: str | Path | None = None,
     inception: str | Path | None = None,
     blur_radii: Sequence[float] = (0, 1, 2, 4, 8),
+    world: str | ModuleType = "shapes",
 ) -> dict[str, Any]:
-    """The zero-shot report on the shapes set: for the first ``captions`` distinct captions of the
-    seen split (pairs seen in training) and of the held-out one, ``settings.candidates`` samples each,
-    read back (:func:`candidate_report`), beside the reader's accuracy on the splits' own renders
-    (its ceiling) and on their dVAE reconstructions (what the tokens keep), with the Fréchet distance
-    in the CLIP's image space against those renders.
+    """The zero-shot report on the shapes set (or the strokes set: ``world``): for the first
+    ``captions`` distinct captions of the seen split (pairs seen in training) and of the held-out one,
+    ``settings.candidates`` samples each, read back (:func:`candidate_report`), beside the reader's
+    accuracy on the splits' own renders (its ceiling) and on their dVAE reconstructions (what the
+    tokens keep), with the Fréchet distance in the CLIP's image space against those renders.
     With ``out_dir``: evaluation.json, plots and a picture of held-out captions beside the nearest
     training caption (``train_shards``) go there. With ``inception`` (FID's weights, a local file):
     FID of all candidates against the renders at each of ``blur_radii``."""
-    result: dict[str, Any] = {"settings": {"captions": captions, **dataclasses.asdict(settings)}, "splits": {}}
+    result: dict[str, Any] = {
+        "world": world_name(world),  # before any sampling: an unknown world fails at once
+        "settings": {"captions": captions, **dataclasses.asdict(settings)},
+        "splits": {},
+    }
     kept: dict[str, tuple[CandidateSet, list[str], list[torch.Tensor]]] = {}
     net = None
     if inception is not None:
@@ -317,13 +329,13 @@ def zero_shot(
         for c, im in zip(caps, ims, strict=True):
             first.setdefault(c, im)
         cands = sample_candidates(prior, list(first), reranker, settings)
-        rep = candidate_report(cands, attributes=True)
-        reader = summarize(read_back(torch.stack(ims), caps))
+        rep = candidate_report(cands, attributes=True, world=world)
+        reader = summarize(read_back(torch.stack(ims), caps, world))
         rep["ceilings"] = {"reader": reader}
         rep["reader_ceiling"] = rates(reader)
         if prior.dvae is not None:  # what the tokens keep: the same renders through the dVAE and back
             rec = dvae_reconstructions(prior.dvae, torch.stack(ims).split(64))
-            dvae = summarize(read_back(rec["reconstructions"], caps))
+            dvae = summarize(read_back(rec["reconstructions"], caps, world))
             usage = {k: rec[k] for k in ("psnr", "codes_used", "codebook_size", "perplexity")}
             rep["ceilings"]["dvae"] = dvae | usage
             rep["dvae_ceiling"] = rates(dvae) | usage
@@ -348,7 +360,7 @@ def zero_shot(
         if train_shards and pictures:
             cands = kept["heldout"][0]
             t_caps, t_ims = caption_images(train_shards)
-            near = nearest_training(cands.captions[:pictures], t_caps)
+            near = nearest_training(cands.captions[:pictures], t_caps, world)
             rows = [
                 (cap, cands.images[i, int(cands.scores[i].argmax())], cands.images[i, 0], t_caps[j], t_ims[j])
                 for i, (cap, j) in enumerate(zip(cands.captions[:pictures], near, strict=True))

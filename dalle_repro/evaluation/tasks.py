@@ -2,7 +2,9 @@
 
 GenEval (Ghosh et al. 2023) scores text-to-image models by task: one object, two objects, counting,
 colours, position and colour attribution, each image right only when every constraint of its prompt
-holds. The shapes grammar has the same tasks, read off pixels by :func:`dalle_repro.data.shapes.read_scene`:
+holds. The shapes grammar has the same tasks, read off pixels by :func:`dalle_repro.data.shapes.read_scene`
+(and so has the strokes grammar, data/strokes.py, whose attributes carry the same names; ``world``
+picks the reader, data/worlds.py):
 
 - ``one_object`` / ``two_objects``: captions of one / two objects, every attribute right (count, shape,
   colour, size, place): GenEval's all-constraints scoring;
@@ -23,12 +25,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import torch
 
 from dalle_repro.core.images import to_uint8
-from dalle_repro.data.shapes import ATTRIBUTES, Scene, parse_caption, read_scene, score
+from dalle_repro.data.shapes import ATTRIBUTES, Scene
+from dalle_repro.data.worlds import world_of
 
 TASKS = ("one_object", "two_objects", "counting", "colour", "position", "colour_shape_binding")
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
@@ -63,15 +67,19 @@ def task_hits(scene: Scene, right: dict[str, bool]) -> dict[str, bool | None]:
     }
 
 
-def read_back(images: torch.Tensor, captions: Sequence[str]) -> list[dict[str, bool | None]]:
-    """Per image (N, 3, S, S) of its caption: every attribute's verdict, ``all``, and the tasks'."""
+def read_back(
+    images: torch.Tensor, captions: Sequence[str], world: str | ModuleType = "shapes"
+) -> list[dict[str, bool | None]]:
+    """Per image (N, 3, S, S) of its caption: every attribute's verdict, ``all``, and the tasks'; the
+    captions of ``world``'s grammar (a name in data/worlds.py), read by its reader."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images for {len(captions)} captions")
+    w = world_of(world)
     out = []
     for im, caption in zip(images, captions, strict=True):
         a = to_uint8(im)
-        scene = parse_caption(caption)
-        right = score(scene, read_scene(a.permute(1, 2, 0).numpy()), a.shape[-1])
+        scene = w.parse_caption(caption)
+        right = w.score(scene, w.read_scene(a.permute(1, 2, 0).numpy()), a.shape[-1])
         out.append(dict(right) | task_hits(scene, right))
     return out
 
