@@ -16,13 +16,15 @@ their scores), 00.png, 01.png, ... and result.json (prompt, seed, settings, scor
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+from dalle_repro.core.config import ConfigError, arg, flag_aliases, parse_cli
 from dalle_repro.core.distributed import pick_device
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png, to_pil
@@ -32,28 +34,30 @@ from dalle_repro.sample.generate import SampleSettings, generate
 from dalle_repro.sample.rerank import Reranker, RerankError
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="the export folder (RUN/export of launch/train_prior.py)")
-    p.add_argument("--prompt", action="append", default=[], help="a caption (repeatable)")
-    p.add_argument("--prompts-file", help="a text file with one caption per line")
-    p.add_argument(
-        "--candidates", type=int, default=64, help="images generated per caption (default 64; the paper reranks 512)"
-    )
-    p.add_argument("--keep", type=int, default=8, help="images kept per caption, best CLIP score first (default 8)")
-    p.add_argument("--clip", help="CLIP for reranking: a local HF folder, or open_clip:ARCH:/path.safetensors")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 is greedy (default 1)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely codes")
-    p.add_argument("--top-p", type=float, default=None, help="sample within the nucleus of probability P")
-    p.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
-    p.add_argument("--init-image", help="an image whose top --init-rows token rows are kept (image-to-image)")
-    p.add_argument("--init-rows", type=int, default=0, help="token rows of --init-image to keep")
-    p.add_argument("--seed", type=int, default=0, help="seed; the same seed and settings give the same images")
-    p.add_argument("--batch-size", type=int, default=16, help="candidates decoded together (default 16)")
-    p.add_argument("--output", default="samples", help="output folder (default samples/)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--weights", default="model", choices=["model", "raw"], help="EMA (model) or raw weights")
-    return p.parse_args(argv)
+@dataclass
+class SampleArgs:
+    """launch/sample.py: what to sample from, for which captions, and where the images go."""
+
+    model: str = arg(doc="The export folder (RUN/export of launch/train_prior.py).")
+    prompts: list[str] = arg(factory=list, doc="Captions to sample (--prompt, repeatable).")
+    prompts_file: str | None = arg(None, "A text file with one caption per line.")
+    clip: str | None = arg(None, "CLIP for reranking: a local HF folder, or open_clip:ARCH:/path.safetensors.")
+    init_image: str | None = arg(None, "An image whose top sample.init_rows token rows are kept (image-to-image).")
+    output: str = arg("samples", "Output folder.")
+    device: str = arg("auto", "auto, cpu or cuda.")
+    weights: Literal["model", "raw"] = arg("model", "EMA (model) or raw weights.")
+    sample: SampleSettings = arg(factory=SampleSettings, doc="The sampling settings.")
+
+    def __post_init__(self) -> None:
+        if self.sample.init_rows and not self.init_image:
+            raise ConfigError("sample.init_rows: needs init_image (--init-image)")
+
+
+FLAGS = (
+    flag_aliases(SampleArgs, only=("model", "prompts_file", "clip", "init_image", "output", "device", "weights"))
+    | {"--prompt": "prompts"}
+    | flag_aliases(SampleSettings, "sample.")
+)
 
 
 def slug(text: str, n: int = 40) -> str:
@@ -61,8 +65,10 @@ def slug(text: str, n: int = 40) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = parse(argv)
-    captions = list(a.prompt)
+    a, _ = parse_cli(SampleArgs, argv, __doc__ or "", aliases=FLAGS)
+    if a is None:
+        return 0
+    captions = list(a.prompts)
     if a.prompts_file:
         path = Path(a.prompts_file)
         if not path.is_file():
@@ -72,9 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         captions += [line.strip() for line in text.splitlines() if line.strip()]
     if not captions:
         print("error: give at least one --prompt or a --prompts-file", file=sys.stderr)
-        return 2
-    if a.init_rows and not a.init_image:
-        print("error: --init-rows needs --init-image", file=sys.stderr)
         return 2
     try:
         device = pick_device(a.device)
@@ -86,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     if prior.dvae is None:
         print(f"error: {a.model} has no dVAE (its export.json names none)", file=sys.stderr)
         return 2
-    if a.guidance != 1.0 and not prior.info.get("caption_dropout"):
+    settings = a.sample
+    if settings.guidance != 1.0 and not prior.info.get("caption_dropout"):
         print("warning: this prior was trained without caption dropout; guidance may not help", file=sys.stderr)
     init = None
     if a.init_image:
@@ -96,17 +100,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot read --init-image {a.init_image}: {e}", file=sys.stderr)
             return 2
         init = image_to_tensor(crop_resize(im, prior.dvae.args.image_size, "center")).float() / 255
-    settings = SampleSettings(
-        candidates=a.candidates,
-        keep=a.keep,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        top_p=a.top_p,
-        guidance=a.guidance,
-        init_rows=a.init_rows,
-        seed=a.seed,
-        batch_size=a.batch_size,
-    )
     print(f"precision: {prior.use_trained_precision().reason}", file=sys.stderr)
     try:
         results = generate(prior.model, prior.dvae, captions, prior.tokenizer, settings, reranker, init)
@@ -129,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for j, im in enumerate(r.images):
             save_png(to_pil(im), d / f"{j:02d}.png")
-        info = {"prompt": r.caption, "seed": a.seed, "settings": dataclasses.asdict(settings), "model": a.model}
+        info = {"prompt": r.caption, "seed": settings.seed, "settings": dataclasses.asdict(settings), "model": a.model}
         info |= {"clip": a.clip, "init_image": a.init_image} | r.summary()
         atomic_write_text(d / "result.json", json.dumps(info, indent=2) + "\n")
         print(f"{d}/grid.png  {r.caption!r}" + (f"  best {r.scores[0]:.3f}" if r.scores else ""))

@@ -10,10 +10,12 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from dalle_repro.core.config import arg
 from dalle_repro.data.samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTS,
@@ -312,6 +314,63 @@ def process_file(
         caption, meta["caption_truncated"] = caption[:max_caption_chars], True
     meta.update(caption=caption, width=im.size[0], height=im.size[1])
     return Sample(rec.key, image, ext, caption, meta)
+
+
+@dataclass
+class MakeShardsArgs:
+    """tools/make_shards.py: a folder of captioned images, or a table, into webdataset shards."""
+
+    input: str = arg(
+        doc="A folder of images with STEM.txt captions beside them, or a .csv/.tsv/.parquet table with an "
+        "image-path column and a caption column."
+    )
+    output: str = arg(doc="Folder for the shards and summary.json.")
+    shard_size: int = arg(1000, "Samples per shard.", gt=0)
+    image_size: int | None = arg(
+        None, "Resize + center-crop to this square size; null: images are kept as they are.", gt=0
+    )
+    val_fraction: float = arg(
+        0.0, "Fraction of samples (by key) for OUTPUT/val; 0 writes all shards to OUTPUT.", ge=0, lt=1
+    )
+    workers: int = arg(1, "Image-processing processes.", gt=0)
+    image_col: str = arg("image", "Table column with image paths.")
+    caption_col: str = arg("caption", "Table column with captions.")
+    key_col: str | None = arg(None, "Table column with sample keys; null: the image file's stem.")
+    max_pixels: int = arg(DEFAULT_MAX_PIXELS, "Reject images with more pixels, before decoding.", gt=0)
+    format: Literal["jpg", "png"] = arg("jpg", "Encoding for re-encoded images (jpg at quality 95, as img2dataset).")
+    max_caption_chars: int = arg(4096, "Captions are cut to this length.", gt=0)
+    max_file_bytes: int = arg(MAX_FILE_BYTES, "Skip (file_too_large) image files larger than this (128 MiB).", gt=0)
+    paths_inside: bool = arg(
+        False, "Skip (outside_table_folder) table rows whose image path, symlinks resolved, leaves the table's folder."
+    )
+    caption_ext: str = arg("txt", "Extension of a folder's caption files, beside each image (txt: cat.jpg + cat.txt).")
+    keep_metadata: bool = arg(
+        False, "Keep EXIF, XMP, comments and PNG text in stored files (dropped by default; image bytes unchanged)."
+    )
+    overwrite: bool = arg(False, "Replace shards of a different earlier run in OUTPUT.")
+
+
+def make_shards_from(a: MakeShardsArgs) -> dict[str, Any]:
+    """:func:`make_shards` with the settings of ``a``."""
+    return make_shards(
+        a.input,
+        a.output,
+        shard_size=a.shard_size,
+        image_size=a.image_size,
+        val_fraction=a.val_fraction,
+        workers=a.workers,
+        image_col=a.image_col,
+        caption_col=a.caption_col,
+        key_col=a.key_col,
+        max_pixels=a.max_pixels,
+        image_format=a.format,
+        max_caption_chars=a.max_caption_chars,
+        overwrite=a.overwrite,
+        max_file_bytes=a.max_file_bytes,
+        paths_inside=a.paths_inside,
+        keep_metadata=a.keep_metadata,
+        caption_ext=a.caption_ext,
+    )
 
 
 def make_shards(

@@ -43,6 +43,25 @@ class TokenizerArgs:
     dropout: float = arg(0.1, "BPE dropout probability for training captions (0 turns it off).", ge=0, lt=1)
 
 
+@dataclass
+class BPEArgs:
+    """Training the BPE tokenizer."""
+
+    vocab_size: int = arg(
+        16384, "Target BPE vocabulary (the paper's); a small corpus runs out of merges sooner.", ge=257
+    )
+    min_frequency: int = arg(2, "A merge needs this many occurrences.", ge=1)
+
+
+@dataclass
+class TrainTokenizerArgs:
+    """tools/train_tokenizer.py: the captions to learn from and where the tokenizer goes."""
+
+    shards: str = arg(doc="Shards: a glob, brace pattern, comma list or list file.")
+    output: str = arg(doc="Where to write tokenizer.json.")
+    bpe: BPEArgs = arg(factory=BPEArgs, doc="The BPE training.")
+
+
 def new_bpe() -> Tokenizer:
     """An untrained byte-level BPE with the paper's normalisation (lowercase)."""
     tok = Tokenizer(models.BPE())

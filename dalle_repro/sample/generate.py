@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.data.tokenizer import TextTokenizer
 from dalle_repro.models.dvae import DVAE
 from dalle_repro.models.transformer import Transformer
@@ -31,15 +32,29 @@ from dalle_repro.sample.rerank import Reranker
 
 @dataclass
 class SampleSettings:
-    candidates: int = 64
-    keep: int = 8
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    guidance: float = 1.0
-    init_rows: int = 0
-    seed: int = 0
-    batch_size: int = 16
+    """How captions are sampled: the config section ``sample`` of launch/sample.py, of the demo, and of
+    the zero-shot evaluation (``evaluation.sample``), each with its own defaults."""
+
+    candidates: int = arg(64, "Images generated per caption (the paper reranks 512).", ge=1)
+    keep: int = arg(8, "Images kept per caption, best CLIP score first (without CLIP: the first ones).", ge=1)
+    temperature: float = arg(1.0, "Softmax temperature; 0 is greedy.", ge=0)
+    top_k: int | None = arg(None, "Sample among the K most likely codes; null: the whole codebook.", gt=0)
+    top_p: float | None = arg(None, "Sample within the nucleus of probability P; null: no nucleus.", gt=0, le=1)
+    guidance: float = arg(
+        1.0, "Classifier-free guidance scale (1: none; needs a prior trained with caption dropout).", ge=0
+    )
+    init_rows: int = arg(0, "Token rows of the init image kept at the top (image-to-image); 0: none.", ge=0)
+    seed: int = arg(0, "Seed; the same seed and settings give the same images.", ge=0)
+    batch_size: int | None = arg(16, "Candidates drawn and decoded together; null: all of a caption's at once.", gt=0)
+
+    def __post_init__(self) -> None:
+        if self.keep > self.candidates:
+            raise ConfigError(f"keep: got {self.keep}; it cannot exceed candidates ({self.candidates})")
+
+    @property
+    def batch(self) -> int:
+        """Candidates per batch (``batch_size``, or all of them)."""
+        return self.batch_size or self.candidates
 
     def check(self, model: Transformer) -> None:
         a = model.args
@@ -55,7 +70,7 @@ class SampleSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.init_rows <= a.grid:
             raise ValueError(f"init_rows must be in [0, {a.grid}], got {self.init_rows}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
@@ -111,8 +126,8 @@ def generate(
         gen = torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + i)
         text_row = torch.tensor([tokenizer.encode(caption)], dtype=torch.long, device=dev)
         grids = []
-        for start in range(0, s.candidates, s.batch_size):
-            b = min(s.batch_size, s.candidates - start)
+        for start in range(0, s.candidates, s.batch):
+            b = min(s.batch, s.candidates - start)
             tokens = model.generate(
                 text_row.expand(b, -1),
                 temperature=s.temperature,
@@ -126,7 +141,7 @@ def generate(
             )
             grids.append(tokens.view(b, a.grid, a.grid))
         tokens = torch.cat(grids)
-        images = torch.cat([dvae.decode(t) for t in tokens.split(s.batch_size)]).cpu()
+        images = torch.cat([dvae.decode(t) for t in tokens.split(s.batch)]).cpu()
         if reranker is not None:
             order, scores = reranker.rank(images, caption, s.keep)
             kept = order.tolist()
