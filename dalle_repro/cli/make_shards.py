@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from typing import Any
 
 from dalle_repro.core.config import flag_aliases, parse_cli
-from dalle_repro.data.make_shards import MakeShardsArgs, caption_like_files, make_shards_from
+from dalle_repro.data.make_shards import READERS, MakeShardsArgs, caption_like_files, make_shards_from
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,12 +35,35 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"error: nothing was written from {a.input} ({skipped}). A folder needs each image with its caption "
             f"in a file beside it named STEM.{ext} (cat.jpg + cat.{ext}); a table needs the columns --image-col "
-            f"and --caption-col name.{hint}",
+            f"and --caption-col name.{hint} Each skipped file and its reason: {a.output}/skipped.jsonl.",
             file=sys.stderr,
         )
         return 1
-    print(f"shards and summary.json in {a.output}")
+    print(shards_report(summary, a))
     return 0
+
+
+def shards_report(summary: dict[str, Any], a: MakeShardsArgs) -> str:
+    """How many shards were written and how many loader readers (ranks x data.num_workers) they feed;
+    the loader hands out whole shards, so a reader beyond the shard count idles."""
+    shards = {name: s["shards"] for name, s in summary["splits"].items()}
+    size = summary["options"].get("shard_size")
+    split_text = ", ".join(f"{name} {n}" for name, n in shards.items())
+    lines = [
+        f"{sum(shards.values())} shards of up to {size} samples ({split_text}): the training shards feed up to "
+        f"{shards.get('train', 0)} loader readers (ranks x data.num_workers)"
+    ]
+    if shards.get("train", 0) < READERS:
+        if a.shard_size is not None and summary["splits"]["train"]["written"] >= READERS:
+            lines.append(
+                f"note: fewer than {READERS} training shards (2 ranks x 4 workers): leave out --shard-size, or pass "
+                f"--shard-size {max(1, summary['splits']['train']['written'] // READERS)}"
+            )
+        else:
+            lines.append(f"note: set data.num_workers so that ranks x workers <= {shards.get('train', 0)}")
+    skipped = f"; the skipped files, with their reasons, in {a.output}/skipped.jsonl" if summary["skipped"] else ""
+    lines.append(f"wrote {sum(shards.values())} shards and summary.json in {a.output}{skipped}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
