@@ -1,7 +1,9 @@
 """Train a byte-level BPE tokenizer (Hugging Face tokenizers) on the captions of tar shards.
 
 Captions are lowercased, as in the paper, whose vocabulary is 16,384. A small corpus may run out
-of merges before reaching --vocab-size (bpe.vocab_size); the size reached is printed.
+of merges before reaching --vocab-size (bpe.vocab_size); the size reached is printed. So are the
+captions' lengths in tokens (median, p90, p99, max) and the text.text_len that fits 99% of them
+whole, also written beside the tokenizer (tokenizer.json -> tokenizer.lengths.json).
 """
 
 from __future__ import annotations
@@ -11,8 +13,15 @@ import logging
 import sys
 
 from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.core.files import atomic_write_text
 from dalle_repro.data.sources import expand_shards
-from dalle_repro.data.tokenizer import BPEArgs, TrainTokenizerArgs, save_tokenizer, train_from_shards
+from dalle_repro.data.tokenizer import (
+    BPEArgs,
+    TrainTokenizerArgs,
+    length_stats_path,
+    save_tokenizer,
+    train_from_shards,
+)
 
 FLAGS = flag_aliases(TrainTokenizerArgs) | flag_aliases(BPEArgs, "bpe.")
 
@@ -28,8 +37,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     save_tokenizer(tok, a.output)
+    lengths = stats["caption_tokens"]
+    stats_path = length_stats_path(a.output)
+    atomic_write_text(stats_path, json.dumps(lengths, indent=2) + "\n")
     print(json.dumps(stats))
-    print(f"tokenizer written to {a.output}")
+    print(
+        f"caption length in tokens: median {lengths['median']:g}, p90 {lengths['p90']}, p99 {lengths['p99']}, "
+        f"max {lengths['max']}; text.text_len={lengths['suggested_text_len']} fits 99% of the captions whole"
+    )
+    print(f"wrote the tokenizer to {a.output} and its caption lengths to {stats_path}")
     return 0
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -105,7 +106,35 @@ def train_from_shards(
     if not captions:
         raise ValueError(f"no caption found in the {len(paths)} shards (first: {paths[0] if paths else '-'})")
     tok = train_bpe(captions, vocab_size, min_frequency)
-    return tok, {"captions_read": len(captions), "vocab_size": tok.get_vocab_size(), "skipped": dict(errors)}
+    stats = {"captions_read": len(captions), "vocab_size": tok.get_vocab_size(), "skipped": dict(errors)}
+    return tok, stats | {"caption_tokens": caption_lengths(tok, captions)}
+
+
+def covering(lengths: Sequence[int], share: float) -> int:
+    """The smallest length that at least ``share`` of ``lengths`` fit in."""
+    ordered = sorted(lengths)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def caption_lengths(tok: Tokenizer, captions: Sequence[str]) -> dict[str, float | int]:
+    """The captions' length distribution in BPE tokens, and the ``text.text_len`` that fits 99% of
+    them whole: a longer text_len pads every sample for the sake of a few, a shorter one cuts many."""
+    if not captions:
+        raise ValueError("no caption to measure")
+    lengths = [len(e.ids) for e in tok.encode_batch(list(captions))]
+    return {
+        "median": float(np.median(lengths)),
+        "p90": covering(lengths, 0.90),
+        "p99": covering(lengths, 0.99),
+        "max": max(lengths),
+        "suggested_text_len": covering(lengths, 0.99),
+    }
+
+
+def length_stats_path(tokenizer_path: str | Path) -> Path:
+    """Where the caption length statistics go: ``NAME.lengths.json`` beside ``NAME.json``."""
+    p = Path(tokenizer_path)
+    return p.with_name(p.stem + ".lengths.json")
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
