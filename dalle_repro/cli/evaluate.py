@@ -3,7 +3,9 @@
   Prior (zero-shot, on the shapes set; the demo's "evaluate" stage runs exactly this):
     python tools/evaluate.py --model RUN/export --clip CLIP_DIR --seen 'data/shapes/val/*.tar' \\
         --heldout 'data/shapes/heldout/*.tar' --train 'data/shapes/train/*.tar' --output OUT
-  Generated images (KEY.png with KEY.txt captions in a folder) against reference shards:
+  Generated images against reference shards: DIR is launch/sample.py's --output as it wrote it
+  (NNN-caption/ folders, each with result.json and 00.png, 01.png, ...; grid.png is left out), or a
+  folder of KEY.png with KEY.txt captions:
     python tools/evaluate.py --images DIR --reference 'data/val/*.tar' [--clip CLIP_DIR] [--inception PTH] --output OUT
   A dVAE's reconstructions:
     python tools/evaluate.py --dvae RUN/dvae --reference 'data/val/*.tar' [--clip ...] [--inception PTH] --output OUT
@@ -12,13 +14,15 @@ FID needs FID's Inception weights from a local file (--inception: pytorch-fid's
 pt_inception-2015-12-05-6726825d.pth); nothing is downloaded. Without them the Fréchet distance is
 reported in the CLIP's image space (fd_clip), which compares runs with each other but is not FID.
 --attributes reads shapes-set captions back from the pixels (dalle_repro/data/shapes.py). Writes
-OUT/evaluation.json and PNG plots; prints the JSON's main numbers.
+OUT/evaluation.json and prints its main numbers; --model adds the plots attributes.png,
+best_of_n.png and heldout_vs_nearest.png (with --train), and --inception fid_by_blur.png.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,19 +58,49 @@ def _distances(ref: torch.Tensor, gen: torch.Tensor, a: EvaluateConfig, reranker
     return res
 
 
-def _load_folder(d: Path) -> tuple[list[str], torch.Tensor]:
-    from dalle_repro.data.samples import decode_image, image_to_tensor
+def _sample_output(d: Path) -> list[tuple[str, list[Path]]]:
+    """(caption, images) of each prompt folder launch/sample.py wrote under ``d`` (or of ``d`` itself
+    when it is one): the caption from result.json, the images NN.png (grid.png is their montage)."""
+    folders = [d] if (d / "result.json").is_file() else sorted(p.parent for p in d.glob("*/result.json"))
+    out = []
+    for folder in folders:
+        try:
+            caption = json.loads((folder / "result.json").read_text(encoding="utf-8"))["prompt"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{folder / 'result.json'} is not launch/sample.py's result.json: {e}") from None
+        pngs = sorted(p for p in folder.glob("*.png") if re.fullmatch(r"\d+", p.stem))
+        out.append((str(caption), pngs))
+    return out
 
-    captions, images = [], []
+
+def _flat_folder(d: Path) -> list[tuple[str, list[Path]]]:
+    """(caption, [image]) of each KEY.png with its KEY.txt in ``d``."""
+    out = []
     for png in sorted(d.glob("*.png")):
         txt = png.with_suffix(".txt")
         if not txt.is_file():
-            raise FileNotFoundError(f"{txt} not found: each generated image needs its caption beside it")
-        im, _ = decode_image(png.read_bytes())
-        captions.append(txt.read_text(encoding="utf-8").strip())
-        images.append(image_to_tensor(im))
+            raise FileNotFoundError(
+                f"{txt} not found: --images takes launch/sample.py's output folder (NNN-caption/result.json), "
+                "or KEY.png images each with its KEY.txt caption"
+            )
+        out.append((txt.read_text(encoding="utf-8").strip(), [png]))
+    return out
+
+
+def _load_folder(d: Path) -> tuple[list[str], torch.Tensor]:
+    """The captions and images (N, 3, H, W) uint8 of --images: launch/sample.py's output or a flat folder."""
+    from dalle_repro.data.samples import decode_image, image_to_tensor
+
+    if not d.is_dir():
+        raise FileNotFoundError(f"--images {d} is not a folder")
+    captions, images = [], []
+    for caption, pngs in _sample_output(d) or _flat_folder(d):
+        for png in pngs:
+            im, _ = decode_image(png.read_bytes())
+            captions.append(caption)
+            images.append(image_to_tensor(im))
     if not images:
-        raise FileNotFoundError(f"no .png in {d}")
+        raise FileNotFoundError(f"no image in {d}: neither NNN-caption/NN.png with result.json nor KEY.png")
     sizes = {tuple(im.shape) for im in images}
     if len(sizes) > 1:
         raise ValueError(f"{d}: images of several sizes {sorted(sizes)}")
@@ -154,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         reranker = Reranker(a.clip) if a.clip else None
         if a.model:
             print(json.dumps(_evaluate_prior(a, reranker, out), indent=1))
-            return 0
-        result = _evaluate_images(a, reranker, out)
-        atomic_write_text(out / "evaluation.json", json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=1))
+        else:
+            result = _evaluate_images(a, reranker, out)
+            atomic_write_text(out / "evaluation.json", json.dumps(result, indent=2) + "\n")
+            print(json.dumps(result, indent=1))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    plots = sorted(p.name for p in out.glob("*.png"))
+    print(f"wrote evaluation.json{' and ' + ', '.join(plots) if plots else ''} in {out}")
     return 0
 
 

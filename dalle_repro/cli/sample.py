@@ -22,7 +22,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dalle_repro.core.config import ConfigError, arg, flag_aliases, parse_cli
 from dalle_repro.core.distributed import pick_device
@@ -30,7 +30,7 @@ from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png, to_pil
 from dalle_repro.data.samples import crop_resize, decode_caption, decode_image, image_to_tensor
 from dalle_repro.sample.export import load_prior
-from dalle_repro.sample.generate import SampleSettings, generate
+from dalle_repro.sample.generate import PromptResult, SampleSettings, generate
 from dalle_repro.sample.rerank import Reranker, RerankError
 
 
@@ -107,26 +107,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(a.output)
+    common = {"seed": settings.seed, "settings": dataclasses.asdict(settings), "model": a.model}
+    common |= {"clip": a.clip, "init_image": a.init_image}
     for i, r in enumerate(results):
-        d = out / f"{i:03d}-{slug(r.caption)}"
-        labels = [f"{s:.3f}" for s in r.scores] if r.scores else [f"#{k}" for k in r.kept]
-        save_png(
-            grid(
-                list(r.images),
-                ncol=min(8, len(r.images)),
-                labels=labels,
-                scale=max(1, 128 // r.images.shape[-1]),
-                title=r.caption,
-            ),
-            d / "grid.png",
-        )
-        for j, im in enumerate(r.images):
-            save_png(to_pil(im), d / f"{j:02d}.png")
-        info = {"prompt": r.caption, "seed": settings.seed, "settings": dataclasses.asdict(settings), "model": a.model}
-        info |= {"clip": a.clip, "init_image": a.init_image} | r.summary()
-        atomic_write_text(d / "result.json", json.dumps(info, indent=2) + "\n")
+        d = write_prompt(out / f"{i:03d}-{slug(r.caption)}", r, common)
         print(f"{d}/grid.png  {r.caption!r}" + (f"  best {r.scores[0]:.3f}" if r.scores else ""))
+    print(f"wrote {len(results)} folders (grid.png, 00.png, ..., result.json) in {out}")
     return 0
+
+
+def write_prompt(d: Path, r: PromptResult, info: dict[str, Any]) -> Path:
+    """One prompt's folder: grid.png (the kept images, best first, labelled with their scores),
+    00.png, 01.png, ... and result.json (``info``, the prompt and the scores); tools/evaluate.py
+    --images reads it back."""
+    labels = [f"{s:.3f}" for s in r.scores] if r.scores else [f"#{k}" for k in r.kept]
+    image = grid(
+        list(r.images),
+        ncol=min(8, len(r.images)),
+        labels=labels,
+        scale=max(1, 128 // r.images.shape[-1]),
+        title=r.caption,
+    )
+    save_png(image, d / "grid.png")
+    for j, im in enumerate(r.images):
+        save_png(to_pil(im), d / f"{j:02d}.png")
+    result = {"prompt": r.caption} | info | r.summary()
+    atomic_write_text(d / "result.json", json.dumps(result, indent=2) + "\n")
+    return d
 
 
 if __name__ == "__main__":
