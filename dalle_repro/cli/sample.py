@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import sys
 from dataclasses import dataclass
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     a, _ = parse_cli(SampleArgs, argv, __doc__ or "", aliases=FLAGS)
     if a is None:
         return 0
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")  # generate's notes
     captions = list(a.prompts)
     if a.prompts_file:
         path = Path(a.prompts_file)
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     common |= {"clip": a.clip, "init_image": a.init_image}
     for i, r in enumerate(results):
         d = write_prompt(out / f"{i:03d}-{slug(r.caption)}", r, common)
-        print(f"{d}/grid.png  {r.caption!r}" + (f"  best {r.scores[0]:.3f}" if r.scores else ""))
+        dropped = f"  ({r.duplicates_dropped} duplicates dropped)" if r.duplicates_dropped else ""
+        print(f"{d}/grid.png  {r.caption!r}" + (f"  best {r.scores[0]:.3f}" if r.scores else "") + dropped)
     print(f"wrote {len(results)} folders (grid.png, 00.png, ..., result.json) in {out}")
     return 0
 

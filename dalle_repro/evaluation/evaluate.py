@@ -280,7 +280,7 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
     by ``reranker``; the sampler's seeds make a rerun give the same images."""
     from dalle_repro.sample.generate import generate
 
-    s = dataclasses.replace(settings, keep=settings.candidates)
+    s = dataclasses.replace(settings, keep=settings.candidates, dedup=False)  # every candidate, in order
     results = generate(prior.model, prior.dvae, captions, prior.tokenizer, s, reranker, progress=False)
     images, scores = [], []
     for r in results:

@@ -17,6 +17,7 @@ the seed, the settings and the batch size, not on the other captions.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,8 @@ from dalle_repro.data.tokenizer import TextTokenizer
 from dalle_repro.models.dvae import DVAE
 from dalle_repro.models.transformer import Transformer
 from dalle_repro.sample.rerank import Reranker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,6 +49,11 @@ class SampleSettings:
     init_rows: int = arg(0, "Token rows of the init image kept at the top (image-to-image); 0: none.", ge=0)
     seed: int = arg(0, "Seed; the same seed and settings give the same images.", ge=0)
     batch_size: int | None = arg(16, "Candidates drawn and decoded together; null: all of a caption's at once.", gt=0)
+    dedup: bool = arg(
+        True,
+        "Pass over a candidate whose image tokens equal a better kept one's, keeping the next best instead "
+        "(fewer than keep when too few differ); result.json counts them (duplicates_dropped).",
+    )
 
     def __post_init__(self) -> None:
         if self.keep > self.candidates:
@@ -82,9 +90,11 @@ class PromptResult:
     scores: list[float] | None  # CLIP scores of the kept images, best first (None without a reranker)
     candidate_scores: list[float] | None = None  # every candidate's score, in generation order
     kept: list[int] = field(default_factory=list)  # indices of the kept candidates
+    duplicates_dropped: int = 0  # candidates passed over because a kept one had the same tokens
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"caption": self.caption, "kept": self.kept, "scores": self.scores}
+        out["duplicates_dropped"] = self.duplicates_dropped
         if self.candidate_scores:
             cs = self.candidate_scores
             out |= {
@@ -92,6 +102,27 @@ class PromptResult:
                 "mean_score_kept": sum(self.scores or []) / max(1, len(self.kept)),
             }
         return out
+
+
+def pick_distinct(ranked: list[int], tokens: torch.Tensor, keep: int, dedup: bool) -> tuple[list[int], int]:
+    """The first ``keep`` candidates of ``ranked`` (best first) and how many were passed over: with
+    ``dedup``, one whose token grid equals an already kept one's (a low temperature or a small top-k
+    draws the same image again, and a grid of copies shows less than it seems)."""
+    if not dedup:
+        return ranked[:keep], 0
+    kept: list[int] = []
+    seen: set[bytes] = set()
+    dropped = 0
+    for j in ranked:
+        grid = tokens[j].cpu().numpy().tobytes()
+        if grid in seen:
+            dropped += 1
+            continue
+        seen.add(grid)
+        kept.append(j)
+        if len(kept) == keep:
+            break
+    return kept, dropped
 
 
 @torch.no_grad()
@@ -123,6 +154,8 @@ def generate(
     total = len(captions) * s.candidates * a.n_image
     bar = tqdm(total=total, desc="sample", unit="tok", disable=not progress or None)
     for i, caption in enumerate(captions):
+        if not caption.strip():
+            log.warning("caption %d is empty: its images are sampled unconditionally (no text to follow)", i)
         gen = torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + i)
         text_row = torch.tensor([tokenizer.encode(caption)], dtype=torch.long, device=dev)
         grids = []
@@ -142,15 +175,22 @@ def generate(
             grids.append(tokens.view(b, a.grid, a.grid))
         tokens = torch.cat(grids)
         images = torch.cat([dvae.decode(t) for t in tokens.split(s.batch)]).cpu()
+        scores = None
         if reranker is not None:
-            order, scores = reranker.rank(images, caption, s.keep)
-            kept = order.tolist()
-            result = PromptResult(
-                caption, images[order], tokens[order].cpu(), [float(scores[j]) for j in kept], scores.tolist(), kept
-            )
+            order, scores = reranker.rank(images, caption)
+            ranked = order.tolist()
         else:
-            kept = list(range(s.keep))
-            result = PromptResult(caption, images[: s.keep], tokens[: s.keep].cpu(), None, None, kept)
+            ranked = list(range(s.candidates))
+        kept, dropped = pick_distinct(ranked, tokens, s.keep, s.dedup)
+        result = PromptResult(
+            caption,
+            images[kept],
+            tokens[kept].cpu(),
+            None if scores is None else [float(scores[j]) for j in kept],
+            None if scores is None else scores.tolist(),
+            kept,
+            dropped,
+        )
         results.append(result)
     bar.close()
     return results
