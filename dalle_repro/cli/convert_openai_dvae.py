@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model.save_pretrained(Path(a.output), overwrite=flags["overwrite"])
-    print(f"converted: {args} -> {a.output}")
+    print(f"converted {args}: wrote config.yaml and model.safetensors in {a.output}")
     return 0
 
 

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("written", "skipped", "grid", "vocab_size")}))
-    print(f"token shards and summary.json in {a.output}")
+    print(f"wrote token shards and summary.json in {a.output}")
     return 0
 
 

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("written", "skipped", "splits")}))
-    print(f"emoji shards in {a.output}/train and {a.output}/val")
+    print(f"wrote emoji shards in {a.output}/train and {a.output}/val, and summary.json in {a.output}")
     return 0
 
 

@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("written", "splits", "heldout") if k in summary}))
-    print(f"shapes shards in {a.output}/train, {a.output}/val and {a.output}/heldout")
+    print(
+        f"wrote shapes shards in {a.output}/{{train,val,heldout}}, "
+        f"with summary.json in {a.output} and {a.output}/heldout"
+    )
     return 0
 
 
