@@ -409,6 +409,17 @@ def make_shards_from(a: MakeShardsArgs) -> dict[str, Any]:
     )
 
 
+def _list_input(
+    src: Path, caption_ext: str, columns: tuple[str, str, str | None], files: list[tuple[str, str]]
+) -> tuple[list[Record], Counter]:
+    """The records of a folder or a table (image, caption and key columns), skips noted in ``files``."""
+    if src.is_dir():
+        return list_folder(src, caption_ext, files)
+    if src.is_file():
+        return list_table(src, *columns, files=files)
+    raise FileNotFoundError(f"--input {src} is neither a folder nor a table file")
+
+
 def make_shards(
     input_path: str | Path,
     output: str | Path,
@@ -440,12 +451,7 @@ def make_shards(
     unless ``keep_metadata`` (:func:`process_file`)."""
     src = Path(input_path)
     files: list[tuple[str, str]] = []
-    if src.is_dir():
-        records, skipped = list_folder(src, caption_ext.lstrip("."), files)
-    elif src.is_file():
-        records, skipped = list_table(src, image_col, caption_col, key_col, files)
-    else:
-        raise FileNotFoundError(f"--input {src} is neither a folder nor a table file")
+    records, skipped = _list_input(src, caption_ext.lstrip("."), (image_col, caption_col, key_col), files)
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     if shard_size is None:
