@@ -3,7 +3,7 @@
 Usage:
   python launch/sample.py --model EXPORT_DIR --prompt "..." [--prompt ...] [--prompts-file F]
       [--candidates 64] [--keep 8] [--clip CLIP_DIR] [--temperature 1.0] [--top-k K] [--top-p P]
-      [--guidance S] [--init-image IMG --init-rows R] [--seed 0] [--batch-size B] [--output DIR]
+      [--guidance S] [--init-image IMG --init-rows R] [--seed 0] [--batch-size B] [--no-dedup] [--output DIR]
 
 EXPORT_DIR is RUN/export from launch/train_prior.py (weights, config, tokenizer and dVAE).
 CLIP_DIR is a local Hugging Face CLIP folder (a downloaded openai/clip-vit-base-patch32, or

@@ -203,10 +203,12 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             given = data[name]
             if (
                 dataclasses.is_dataclass(hints[name])
-                and f.default_factory is not _MISSING
+                and f.default_factory not in (_MISSING, hints[name])
                 and isinstance(given, Mapping)
             ):
-                given = deep_merge(to_dict(f.default_factory()), given)  # the section's own defaults first
+                # a factory such as lambda: SampleSettings(keep=1) gives the section's defaults; a plain
+                # class factory adds nothing, and a section's values derived in __post_init__ stay derived
+                given = deep_merge(to_dict(f.default_factory()), given)
             value = _coerce(given, hints[name], key)
         elif f.default is not _MISSING:
             value = f.default
