@@ -8,7 +8,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from dalle_repro.core.config import ConfigError, arg, cli_help, load_config, save_config
+from dalle_repro.core.config import ConfigError, arg, cli_help, flag_aliases, load_config, parse_cli, save_config
 
 
 @dataclass
@@ -170,3 +170,55 @@ def test_a_config_resolves_no_environment_variable_without_the_flag(tmp_path, mo
     cmd = [sys.executable, str(root / "launch/train_dvae.py"), "--config", str(path), "run.steps=0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--config-env" in r.stderr and "s3cret" not in r.stderr + r.stdout
+
+
+@dataclass
+class _Sub:
+    n: int = arg(3, "a number", ge=1)
+    word: str = arg("x", "a word")
+
+
+@dataclass
+class _Tool:
+    out: str = arg(doc="where")
+    fraction: float = arg(0.0, "a fraction", ge=0, lt=1)
+    on: bool = arg(True, "a switch")
+    words: list[str] = arg(factory=list, doc="repeatable words")
+    radii: list[float] = arg(factory=lambda: [0.0], doc="comma list", sep=",")
+    rest: list[str] = arg(factory=list, doc="bare words")
+    sub: _Sub = arg(factory=lambda: _Sub(n=5), doc="a section with its own defaults")
+
+
+_FLAGS = flag_aliases(_Tool) | flag_aliases(_Sub, "sub.") | {"--word-list": "words"}
+
+
+def test_flags_are_spellings_of_config_keys():
+    argv = ["bare", "--out", "o", "--fraction", "0.5", "--no-on", "--words", "a=b", "c", "--words", "d, e"]
+    argv += ["--radii", "1,2.5", "--n=7", "sub.word=hi", "--word-list", "f"]
+    cfg, _ = parse_cli(_Tool, argv, "doc", aliases=_FLAGS, positional="rest")
+    assert cfg.out == "o" and cfg.fraction == 0.5 and cfg.on is False
+    assert cfg.words == ["a=b", "c", "d, e", "f"] and cfg.radii == [1.0, 2.5] and cfg.rest == ["bare"]
+    assert cfg.sub.n == 7 and cfg.sub.word == "hi"
+    cfg, _ = parse_cli(_Tool, ["--out", "123", "--word", "456"], "doc", aliases=_FLAGS)
+    # a text key's flag keeps its value as text; a section set in part keeps its factory's defaults
+    assert cfg.out == "123" and cfg.sub.word == "456" and cfg.sub.n == 5
+
+
+def test_flag_errors_name_the_flag(capsys):
+    for argv, expected in [
+        (["--out", "o", "--fraction", "1.5"], "fraction: got 1.5; allowed: < 1 (--fraction)"),
+        ([], "out: required, no default (--out)"),
+        (["--out", "o", "--fractoin", "0.1"], "unknown flag --fractoin; did you mean --fraction?"),
+        (["--out"], "--out (out) needs a value"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            parse_cli(_Tool, argv, "doc", aliases=_FLAGS)
+        assert e.value.code == 2 and expected in capsys.readouterr().err, argv
+
+
+def test_help_shows_each_keys_flag_and_the_sections_defaults(capsys):
+    assert parse_cli(_Tool, ["--help"], "doc", aliases=_FLAGS) == (None, {})
+    text = capsys.readouterr().out
+    assert "fraction (float [>= 0, < 1]) = 0.0  [--fraction]" in text
+    assert "on (bool) = True  [--on | --no-on]" in text
+    assert "sub.n (int [>= 1]) = 5  [--n]" in text

@@ -123,3 +123,30 @@ def test_clip_score_is_the_mean_cosine(clip_dir):
     assert clip_score(images, captions, r, batch_size=2) == pytest.approx(float(expected), abs=1e-5)
     with pytest.raises(ValueError, match="5 images for 4 captions"):
         clip_score(images, captions[:4], r)
+
+
+def test_evaluate_reads_the_folder_launch_sample_writes(tmp_path):
+    """--images wanted flat KEY.png + KEY.txt files, so sample.py's NNN-caption/ folders had to be
+    flattened with a shell loop; it now reads them as written (grid.png left out)."""
+    import json
+
+    from dalle_repro.cli.evaluate import main
+    from dalle_repro.cli.sample import write_prompt
+    from dalle_repro.data.shapes import build_shapes_dataset
+    from dalle_repro.sample.generate import PromptResult
+
+    build_shapes_dataset(tmp_path / "ref", n_train=12, n_heldout=2, image_size=32, shard_size=6)
+    rng = np.random.default_rng(0)
+    scenes = [random_scene(rng, held_out=False) for _ in range(2)]
+    for i, scene in enumerate(scenes):
+        ims = torch.stack([torch.tensor(np.asarray(render(scene, 32, seed=j))).permute(2, 0, 1) for j in range(3)])
+        r = PromptResult(scene.caption(), ims.float() / 255, torch.zeros(3, 4, 4), None, None, [0, 1, 2])
+        write_prompt(tmp_path / "samples" / f"{i:03d}-x", r, {"seed": 0})
+    argv = ["--images", str(tmp_path / "samples"), "--reference", str(tmp_path / "ref" / "train" / "*.tar")]
+    assert main([*argv, "--attributes", "--output", str(tmp_path / "ev")]) == 0
+    result = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert result["generated_images"] == 6  # 3 a prompt, not the grids
+    assert result["attributes"]["all"] == 1.0  # each image read back as its prompt folder's caption
+    # one prompt folder on its own reads too
+    assert main(["--images", str(tmp_path / "samples" / "001-x"), *argv[2:], "--output", str(tmp_path / "e2")]) == 0
+    assert json.loads((tmp_path / "e2" / "evaluation.json").read_text())["generated_images"] == 3

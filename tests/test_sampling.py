@@ -3,7 +3,9 @@ order, CLIP loading errors, tools/train_clip.py and launch/sample.py end to end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -47,7 +49,9 @@ def test_cached_sampling_equals_uncached_greedy_for_every_mask_kind(parts):
     model, dvae, tok = parts
     assert {b.kind for b in model.blocks} == {"row", "column", "conv"}
     captions = ["grinning face", "red heart"]
-    res = generate(model, dvae, captions, tok, SampleSettings(candidates=2, keep=2, temperature=0), progress=False)
+    res = generate(
+        model, dvae, captions, tok, SampleSettings(candidates=2, keep=2, temperature=0, dedup=False), progress=False
+    )
     text = torch.tensor([tok.encode(c) for c in captions])
     slow = slow_greedy(model, text)
     for r, want in zip(res, slow, strict=True):
@@ -168,6 +172,7 @@ def test_sample_cli_writes_grids_images_and_json(parts, clip_dir, tokenizer_path
     info = json.loads((out / folders[0] / "result.json").read_text())
     assert info["prompt"] == "dog face" and len(info["scores"]) == 2 and info["scores"][0] >= info["scores"][1]
     assert info["settings"]["top_k"] == 10 and info["seed"] == 0
+    assert info["settings"]["dedup"] is True and info["duplicates_dropped"] >= 0
     assert {p.name for p in (out / folders[0]).iterdir()} == {"grid.png", "00.png", "01.png", "result.json"}
     # a broken CLIP folder stops the CLI before any sampling
     assert cli.main([*argv[:-6], "--clip", str(tmp_path / "nope"), "--output", str(tmp_path / "o2")]) == 2
@@ -248,3 +253,24 @@ def test_a_latin_1_prompts_file_is_read(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cli, "decode_caption", lambda raw: seen.setdefault("text", real(raw)))
     assert cli.main(["--model", str(tmp_path / "m"), "--prompts-file", str(prompts)]) == 2
     assert seen["text"] == ("un chat été\ncafé noir\n", "latin-1") and "stops here" in capsys.readouterr().err
+
+
+def test_identical_samples_are_dropped_and_counted(parts):
+    """Greedy sampling draws one image again and again; a grid of copies showed less than it seemed."""
+    model, dvae, tok = parts
+    s = SampleSettings(candidates=3, keep=2, temperature=0)
+    (r,) = generate(model, dvae, ["red heart"], tok, s, progress=False)
+    assert r.kept == [0] and r.images.shape[0] == 1 and r.duplicates_dropped == 2
+    assert r.summary()["duplicates_dropped"] == 2
+    (r,) = generate(model, dvae, ["red heart"], tok, dataclasses.replace(s, dedup=False), progress=False)
+    assert r.kept == [0, 1] and r.duplicates_dropped == 0 and torch.equal(r.tokens[0], r.tokens[1])
+
+
+def test_an_empty_prompt_is_sampled_with_a_warning(parts, caplog):
+    model, dvae, tok = parts
+    s = SampleSettings(candidates=1, keep=1, temperature=0)
+    with caplog.at_level(logging.WARNING, logger="dalle_repro.sample.generate"):
+        generate(model, dvae, ["red heart", "  "], tok, s, progress=False)
+    assert [r.getMessage() for r in caplog.records] == [
+        "caption 1 is empty: its images are sampled unconditionally (no text to follow)"
+    ]

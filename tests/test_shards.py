@@ -221,7 +221,7 @@ def test_long_and_control_captions_are_cleaned(tmp_path):
     (src / "img_001.txt").write_text("x" * 100_000)
     s = make_shards(src, tmp_path / "out", max_caption_chars=1000)
     assert s["written"] == 2
-    got = dict(iter_shard_samples([str(tmp_path / "out" / "00000.tar")]))
+    got = dict(iter_shard_samples(sorted(str(p) for p in (tmp_path / "out").glob("*.tar"))))
     # not UTF-8 and no UTF-8 sequence in it: read as Latin-1 (data.decode_caption), controls as spaces
     assert got["img_000"]["txt"].decode() == "a b c \u00ff\u00fe end"
     assert len(got["img_001"]["txt"]) == 1000 and json.loads(got["img_001"]["json"])["caption_truncated"]
@@ -467,3 +467,30 @@ def test_a_sample_that_cannot_be_written_is_skipped_and_counted_and_the_shard_st
     assert keys == [f"k{i}" for i in range(5)]
     with tarfile.open(tmp_path / "out" / "00001.tar") as t:
         assert sorted(t.getnames()) == ["k3.json", "k3.png", "k3.txt", "k4.json", "k4.png", "k4.txt"]
+
+
+def test_skipped_files_are_listed_with_their_reasons_and_orphan_captions_counted(tmp_path):
+    """summary.json counted skips without saying which files; a caption with no image was not counted."""
+    src = make_folder(tmp_path / "src", 4)
+    (src / "orphan.txt").write_text("a caption whose image is missing")
+    (src / "broken.png").write_bytes(b"not a png")
+    (src / "broken.txt").write_text("a caption")
+    (src / "nocap.png").write_bytes((src / next(p.name for p in src.glob("*.png") if p.stem != "broken")).read_bytes())
+    s = make_shards(src, tmp_path / "out")
+    assert s["written"] == 4
+    assert s["skipped"] == {"caption_without_image": 1, "missing_caption": 1, "not_an_image": 1}
+    rows = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert sorted((Path(r["path"]).name, r["reason"]) for r in rows) == [
+        ("broken.png", "not_an_image"),
+        ("nocap.png", "missing_caption"),
+        ("orphan.txt", "caption_without_image"),
+    ]
+
+
+def test_a_small_set_gets_shards_for_eight_readers(tmp_path):
+    """1000 samples per shard gave a 40-image set one shard: one loader reader busy, the rest idle."""
+    from dalle_repro.data.make_shards import READERS, auto_shard_size
+
+    s = make_shards(make_folder(tmp_path / "src", 40), tmp_path / "out")
+    assert s["options"]["shard_size"] == 5 and s["splits"]["train"]["shards"] == READERS
+    assert auto_shard_size(3) == 1 and auto_shard_size(10**6) == 1000

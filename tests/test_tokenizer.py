@@ -149,3 +149,34 @@ def test_bpe_dropout_on_a_long_word_is_bounded(repetitive, word):
     for seed in range(5):
         rng_a, rng_b = np.random.default_rng(seed), np.random.default_rng(seed)
         assert tok._bpe_word(short, 0.1, rng_a) == _rescan_bpe_word(tok, short, 0.1, rng_b)
+
+
+def test_caption_lengths_suggest_the_text_len_that_fits_99_percent():
+    from dalle_repro.data.tokenizer import caption_lengths, covering
+
+    assert covering(list(range(1, 101)), 0.99) == 99 and covering([7], 0.99) == 7
+    bpe = train_bpe(CAPTIONS, vocab_size=400)
+    captions = ["red apple"] * 99 + ["woman astronaut: medium skin tone " * 4]
+    stats = caption_lengths(bpe, captions)
+    short = len(bpe.encode("red apple").ids)
+    assert stats["median"] == stats["p90"] == stats["p99"] == stats["suggested_text_len"] == short
+    assert stats["max"] == len(bpe.encode(captions[-1]).ids) > short
+
+
+def test_train_tokenizer_writes_the_caption_lengths_beside_the_tokenizer(tmp_path, capsys):
+    """A user had to guess text.text_len; the tool now measures the captions in tokens."""
+    import json
+
+    from helpers import make_folder
+
+    from dalle_repro.cli.train_tokenizer import main
+    from dalle_repro.data.make_shards import make_shards
+
+    make_shards(make_folder(tmp_path / "src", 30), tmp_path / "shards")
+    out = tmp_path / "tok" / "tokenizer.json"
+    assert main(["--shards", str(tmp_path / "shards" / "*.tar"), "--vocab-size", "300", "--output", str(out)]) == 0
+    lengths = json.loads((tmp_path / "tok" / "tokenizer.lengths.json").read_text())
+    assert lengths["suggested_text_len"] == lengths["p99"] >= lengths["median"] > 0
+    printed = capsys.readouterr().out
+    assert f"text.text_len={lengths['suggested_text_len']} fits 99%" in printed
+    assert printed.rstrip().splitlines()[-1].endswith(f"{tmp_path / 'tok' / 'tokenizer.lengths.json'}")

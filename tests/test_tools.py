@@ -143,10 +143,10 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
         "captions_train=[a big red circle on the left]",
         "captions_val=1",
         "captions_new=[a big red triangle on the right]",
-        "candidates=3",
-        "keep=2",
+        "sample.candidates=3",
+        "sample.keep=2",
         "evaluation.captions=2",
-        "evaluation.candidates=2",
+        "evaluation.sample.candidates=2",
         "evaluation.pictures=1",
     ]
     r = run(str(ROOT / "launch/demo.py"), *over)

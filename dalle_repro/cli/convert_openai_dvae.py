@@ -9,17 +9,34 @@ DVAE.from_pretrained, which reads safetensors only; nothing else in dalle-repro 
 
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from dalle_repro.core.config import arg, flag_aliases, parse_cli
 from dalle_repro.core.pretrained import check_replaceable, load_state_strict
 from dalle_repro.models.dvae import DVAE, args_from_openai, state_from_openai
 
 ENC_ATTRS = ("n_hid", "n_blk_per_group", "input_channels", "vocab_size", "group_count")
 DEC_ATTRS = ("n_hid", "n_blk_per_group", "output_channels", "vocab_size", "n_init", "group_count")
+
+
+@dataclass
+class ConvertArgs:
+    """OpenAI's two pickles in, one dVAE folder out."""
+
+    encoder: str = arg(doc="OpenAI's encoder.pkl.")
+    decoder: str = arg(doc="OpenAI's decoder.pkl.")
+    output: str = arg(doc="Folder to write (config.yaml, model.safetensors).")
+    image_size: int = arg(256, "Input size recorded in the config.", gt=0)
+
+
+SWITCHES_DOC = """
+--trust-pickle: allow unpickling the two files (runs their code).
+--overwrite: replace the output folder even if it holds files that are not a dVAE's.
+"""
 
 
 def _unpickle(path: Path) -> torch.nn.Module:
@@ -38,17 +55,16 @@ def _unpickle(path: Path) -> torch.nn.Module:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--encoder", required=True, type=Path, help="OpenAI's encoder.pkl")
-    p.add_argument("--decoder", required=True, type=Path, help="OpenAI's decoder.pkl")
-    p.add_argument("--output", required=True, type=Path, help="folder to write (config.yaml, model.safetensors)")
-    p.add_argument("--image-size", type=int, default=256, help="input size recorded in the config (default 256)")
-    p.add_argument("--trust-pickle", action="store_true", help="allow unpickling the two files (runs their code)")
-    p.add_argument(
-        "--overwrite", action="store_true", help="replace --output even if it holds files that are not a dVAE's"
+    a, flags = parse_cli(
+        ConvertArgs,
+        argv,
+        (__doc__ or "") + SWITCHES_DOC,
+        flags=("--trust-pickle", "--overwrite"),
+        aliases=flag_aliases(ConvertArgs),
     )
-    a = p.parse_args(argv)
-    if not a.trust_pickle:
+    if a is None:
+        return 0
+    if not flags["trust_pickle"]:
         print(
             "error: refusing to unpickle without --trust-pickle: loading a pickle runs code from the file. "
             "Pass --trust-pickle only for files from a source you trust.",
@@ -56,11 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:  # before the (slow) unpickling: a folder of the user's other files is never replaced
-        check_replaceable(a.output, {"config.yaml", "model.safetensors"}, a.overwrite)
+        check_replaceable(Path(a.output), {"config.yaml", "model.safetensors"}, flags["overwrite"])
     except FileExistsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    enc, dec = _unpickle(a.encoder), _unpickle(a.decoder)
+    enc, dec = _unpickle(Path(a.encoder)), _unpickle(Path(a.decoder))
     enc_attrs = {k: getattr(enc, k) for k in ENC_ATTRS if hasattr(enc, k)}
     dec_attrs = {k: getattr(dec, k) for k in DEC_ATTRS if hasattr(dec, k)}
     try:
@@ -70,8 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model.save_pretrained(a.output, overwrite=a.overwrite)
-    print(f"converted: {args} -> {a.output}")
+    model.save_pretrained(Path(a.output), overwrite=flags["overwrite"])
+    print(f"converted {args}: wrote config.yaml and model.safetensors in {a.output}")
     return 0
 
 

@@ -7,40 +7,32 @@ samples that fail to decode are skipped and counted in OUTPUT/summary.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 
-from dalle_repro.data.pre_encode import encode_token_shards
+from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.data.pre_encode import EncodeArgs, encode_token_shards
 from dalle_repro.data.sources import expand_shards
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dvae", required=True, help="a dVAE folder (config.yaml + model.safetensors)")
-    p.add_argument("--shards", required=True, help="image shards: a glob, brace pattern, comma list or list file")
-    p.add_argument("--output", required=True, help="folder for the token shards and summary.json")
-    p.add_argument("--batch-size", type=int, default=64, help="images per encoder batch (default 64)")
-    p.add_argument(
-        "--device",
-        default="cuda" if __import__("torch").cuda.is_available() else "cpu",
-        help="cpu or cuda (default: cuda when present)",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace token shards that another dVAE made in --output")
-    a = p.parse_args(argv)
-    if a.batch_size <= 0:
-        p.error(f"--batch-size must be > 0, got {a.batch_size}")
+    a, _ = parse_cli(EncodeArgs, argv, __doc__ or "", aliases=flag_aliases(EncodeArgs))
+    if a is None:
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    device = a.device
+    if device == "auto":
+        device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
     try:
         summary = encode_token_shards(
-            a.dvae, expand_shards(a.shards), a.output, a.batch_size, a.device, overwrite=a.overwrite
+            a.dvae, expand_shards(a.shards), a.output, a.batch_size, device, overwrite=a.overwrite
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("written", "skipped", "grid", "vocab_size")}))
-    print(f"token shards in {a.output}")
+    print(f"wrote token shards and summary.json in {a.output}")
     return 0
 
 

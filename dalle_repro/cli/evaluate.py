@@ -3,7 +3,9 @@
   Prior (zero-shot, on the shapes set; the demo's "evaluate" stage runs exactly this):
     python tools/evaluate.py --model RUN/export --clip CLIP_DIR --seen 'data/shapes/val/*.tar' \\
         --heldout 'data/shapes/heldout/*.tar' --train 'data/shapes/train/*.tar' --output OUT
-  Generated images (KEY.png with KEY.txt captions in a folder) against reference shards:
+  Generated images against reference shards: DIR is launch/sample.py's --output as it wrote it
+  (NNN-caption/ folders, each with result.json and 00.png, 01.png, ...; grid.png is left out), or a
+  folder of KEY.png with KEY.txt captions:
     python tools/evaluate.py --images DIR --reference 'data/val/*.tar' [--clip CLIP_DIR] [--inception PTH] --output OUT
   A dVAE's reconstructions:
     python tools/evaluate.py --dvae RUN/dvae --reference 'data/val/*.tar' [--clip ...] [--inception PTH] --output OUT
@@ -13,39 +15,42 @@ pt_inception-2015-12-05-6726825d.pth); nothing is downloaded. Without them the F
 reported in the CLIP's image space (fd_clip), which compares runs with each other but is not FID.
 --attributes reads shapes-set captions back from the pixels (dalle_repro/data/shapes.py); --world
 strokes reads the strokes set's instead (data/strokes.py), for --model too. Writes
-OUT/evaluation.json and PNG plots; prints the JSON's main numbers.
+OUT/evaluation.json and prints its main numbers; --model adds the plots attributes.png,
+best_of_n.png and heldout_vs_nearest.png (with --train), and --inception fid_by_blur.png.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.evaluation.evaluate import EvalArgs, EvaluateConfig
+from dalle_repro.sample.generate import SampleSettings
 
-def _radii(text: str) -> list[float]:
-    try:
-        out = [float(r) for r in text.split(",") if r.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--blur-radii: {text!r} is not a comma-separated list of numbers") from None
-    if not out or min(out) < 0:
-        raise argparse.ArgumentTypeError("--blur-radii: give radii >= 0, e.g. 0,1,2,4,8")
-    return out
+FLAGS = (
+    flag_aliases(EvaluateConfig)
+    | flag_aliases(EvalArgs, "evaluation.")
+    | flag_aliases(
+        SampleSettings, "evaluation.sample.", only=("candidates", "temperature", "top_k", "guidance", "seed")
+    )
+)
 
 
-def _distances(ref: torch.Tensor, gen: torch.Tensor, a: argparse.Namespace, reranker: Any, out: Path) -> dict:
+def _distances(ref: torch.Tensor, gen: torch.Tensor, a: EvaluateConfig, reranker: Any, out: Path) -> dict:
     """FID at each blur radius (with --inception), and the Fréchet distance in CLIP space (with --clip)."""
     from dalle_repro.evaluation.evaluate import features, fid_by_blur, frechet_distance, plot_fid_by_blur
     from dalle_repro.evaluation.inception import FIDInception
 
     res: dict[str, Any] = {}
-    if a.inception:
-        net = FIDInception.from_file(a.inception)
+    if a.evaluation.inception:
+        net = FIDInception.from_file(a.evaluation.inception)
         res["fid_by_blur"] = fid_by_blur(ref, gen, net, a.blur_radii)
         res["fid"] = res["fid_by_blur"].get("0")
         res["plot_fid_by_blur"] = str(plot_fid_by_blur({"samples": res["fid_by_blur"]}, out / "fid_by_blur.png"))
@@ -54,144 +59,146 @@ def _distances(ref: torch.Tensor, gen: torch.Tensor, a: argparse.Namespace, rera
     return res
 
 
-def _load_folder(d: Path) -> tuple[list[str], torch.Tensor]:
-    from dalle_repro.data.samples import decode_image, image_to_tensor
+def _sample_output(d: Path) -> list[tuple[str, list[Path]]]:
+    """(caption, images) of each prompt folder launch/sample.py wrote under ``d`` (or of ``d`` itself
+    when it is one): the caption from result.json, the images NN.png (grid.png is their montage)."""
+    folders = [d] if (d / "result.json").is_file() else sorted(p.parent for p in d.glob("*/result.json"))
+    out = []
+    for folder in folders:
+        try:
+            caption = json.loads((folder / "result.json").read_text(encoding="utf-8"))["prompt"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{folder / 'result.json'} is not launch/sample.py's result.json: {e}") from None
+        pngs = sorted(p for p in folder.glob("*.png") if re.fullmatch(r"\d+", p.stem))
+        out.append((str(caption), pngs))
+    return out
 
-    captions, images = [], []
+
+def _flat_folder(d: Path) -> list[tuple[str, list[Path]]]:
+    """(caption, [image]) of each KEY.png with its KEY.txt in ``d``."""
+    out = []
     for png in sorted(d.glob("*.png")):
         txt = png.with_suffix(".txt")
         if not txt.is_file():
-            raise FileNotFoundError(f"{txt} not found: each generated image needs its caption beside it")
-        im, _ = decode_image(png.read_bytes())
-        captions.append(txt.read_text(encoding="utf-8").strip())
-        images.append(image_to_tensor(im))
+            raise FileNotFoundError(
+                f"{txt} not found: --images takes launch/sample.py's output folder (NNN-caption/result.json), "
+                "or KEY.png images each with its KEY.txt caption"
+            )
+        out.append((txt.read_text(encoding="utf-8").strip(), [png]))
+    return out
+
+
+def _load_folder(d: Path) -> tuple[list[str], torch.Tensor]:
+    """The captions and images (N, 3, H, W) uint8 of --images: launch/sample.py's output or a flat folder."""
+    from dalle_repro.data.samples import decode_image, image_to_tensor
+
+    if not d.is_dir():
+        raise FileNotFoundError(f"--images {d} is not a folder")
+    captions, images = [], []
+    for caption, pngs in _sample_output(d) or _flat_folder(d):
+        for png in pngs:
+            im, _ = decode_image(png.read_bytes())
+            captions.append(caption)
+            images.append(image_to_tensor(im))
     if not images:
-        raise FileNotFoundError(f"no .png in {d}")
+        raise FileNotFoundError(f"no image in {d}: neither NNN-caption/NN.png with result.json nor KEY.png")
     sizes = {tuple(im.shape) for im in images}
     if len(sizes) > 1:
         raise ValueError(f"{d}: images of several sizes {sorted(sizes)}")
     return captions, torch.stack(images)
 
 
+def _evaluate_prior(a: EvaluateConfig, reranker: Any, out: Path) -> dict[str, Any]:
+    """The zero-shot evaluation of a prior export; returns the main numbers of each split."""
+    from dalle_repro.evaluation.evaluate import zero_shot
+    from dalle_repro.sample.export import load_prior
+
+    assert a.model is not None and a.seen is not None and a.heldout is not None  # EvaluateConfig checked them
+    prior = load_prior(a.model)
+    prior.use_trained_precision()
+    e = a.evaluation
+    result = zero_shot(
+        prior,
+        reranker,
+        a.seen,
+        a.heldout,
+        e.sample,
+        e.captions,
+        a.train,
+        e.pictures,
+        out_dir=out,
+        inception=e.inception,
+        blur_radii=a.blur_radii,
+        world=a.world,
+    )
+    return {
+        split: {
+            "all_attributes_right": {k: v["all"] for k, v in rep["attributes"].items()},
+            "reader_ceiling": rep["reader_ceiling"]["all"],
+            "clip_score": rep["clip_score"],
+            "fd_clip": rep["fd_clip"],
+            **({"fid_by_blur": rep["fid_by_blur"]} if "fid_by_blur" in rep else {}),
+        }
+        for split, rep in result["splits"].items()
+    }
+
+
+def _evaluate_images(a: EvaluateConfig, reranker: Any, out: Path) -> dict[str, Any]:
+    """Generated images (--images) or a dVAE's reconstructions (--dvae) against --reference."""
+    from dalle_repro.evaluation.evaluate import attribute_accuracy, caption_images, clip_score, dvae_reconstructions
+
+    assert a.reference is not None  # EvaluateConfig checked it
+    ref_caps, ref_list = caption_images(a.reference)
+    if a.limit:
+        ref_caps, ref_list = ref_caps[: a.limit], ref_list[: a.limit]
+    if not ref_list:
+        raise ValueError(f"no captioned image in {a.reference}")
+    ref = torch.stack(ref_list)
+    result: dict[str, Any] = {"reference": a.reference, "reference_images": len(ref)}
+    out.mkdir(parents=True, exist_ok=True)
+    if a.images:
+        caps, gen = _load_folder(Path(a.images))
+        result |= {"images": a.images, "generated_images": len(gen)}
+    else:
+        from dalle_repro.models.dvae import DVAE
+
+        assert a.dvae is not None
+        dvae = DVAE.from_pretrained(a.dvae).eval()
+        rec = dvae_reconstructions(dvae, ref.split(64))
+        caps, gen = ref_caps, rec["reconstructions"]
+        result |= {"dvae": a.dvae, "psnr": rec["psnr"], "bits_per_dim": rec["bits_per_dim"]}
+    result |= _distances(ref, gen, a, reranker, out)
+    if reranker is not None:
+        result["clip_score"] = clip_score(gen, caps, reranker)
+        result["clip_score_reference"] = clip_score(ref, ref_caps, reranker)
+    if a.attributes:
+        result["attributes"] = attribute_accuracy(gen, caps, a.world)
+        result["attributes_reference"] = attribute_accuracy(ref, ref_caps, a.world)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--model", help="a prior export (RUN/export): the zero-shot evaluation on the shapes set")
-    what.add_argument("--images", help="a folder of generated KEY.png with KEY.txt captions")
-    what.add_argument("--dvae", help="a dVAE model folder (RUN/dvae): its reconstructions of --reference")
-    p.add_argument("--output", required=True, help="folder for evaluation.json and the plots")
-    p.add_argument("--clip", help="a CLIP folder (tools/train_clip.py's, or a Hugging Face download)")
-    p.add_argument("--inception", help="FID's Inception weights (pt_inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--blur-radii", type=_radii, default=[0, 1, 2, 4, 8], help="FID blur radii (default 0,1,2,4,8)")
-    p.add_argument("--reference", help="reference shards (--images, --dvae)")
-    p.add_argument("--attributes", action="store_true", help="read shapes captions back (--images, --dvae)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many reference images (--dvae)")
-    p.add_argument("--world", choices=["shapes", "strokes"], default="shapes", help="the captions' data set")
-    g = p.add_argument_group("the prior (--model)")
-    g.add_argument("--seen", help="shards whose captions use pairs seen in training (the validation split)")
-    g.add_argument("--heldout", help="shards whose captions use held-out pairs")
-    g.add_argument("--train", help="training shards, for the picture of the nearest training captions")
-    g.add_argument("--captions", type=int, default=24, help="distinct captions per split (default 24)")
-    g.add_argument("--candidates", type=int, default=16, help="samples per caption (default 16)")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    g.add_argument("--top-k", type=int, default=None, help="sampling top-k (default: none)")
-    g.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none)")
-    g.add_argument("--pictures", type=int, default=6, help="held-out captions in the nearest-caption picture")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    a = p.parse_args(argv)
-    if a.model and not (a.clip and a.seen and a.heldout):
-        p.error("--model needs --clip, --seen and --heldout")
-    if (a.images or a.dvae) and not a.reference:
-        p.error("--images and --dvae need --reference shards")
-    if a.captions < 1 or a.candidates < 1 or (a.top_k is not None and a.top_k < 1) or a.temperature <= 0:
-        p.error("--captions, --candidates and --top-k must be >= 1, --temperature > 0")
-    if a.guidance < 0:
-        p.error("--guidance must be >= 0")
+    a, _ = parse_cli(EvaluateConfig, argv, __doc__ or "", aliases=FLAGS)
+    if a is None:
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     from dalle_repro.core.files import atomic_write_text
-    from dalle_repro.evaluation.evaluate import (
-        attribute_accuracy,
-        caption_images,
-        clip_score,
-        dvae_reconstructions,
-        zero_shot,
-    )
     from dalle_repro.sample.rerank import Reranker
 
     out = Path(a.output)
     try:
         reranker = Reranker(a.clip) if a.clip else None
         if a.model:
-            from dalle_repro.sample.export import load_prior
-            from dalle_repro.sample.generate import SampleSettings
-
-            prior = load_prior(a.model)
-            prior.use_trained_precision()
-            settings = SampleSettings(
-                candidates=a.candidates,
-                keep=1,
-                top_k=a.top_k,
-                temperature=a.temperature,
-                guidance=a.guidance,
-                seed=a.seed,
-                batch_size=a.candidates,
-            )
-            result = zero_shot(
-                prior,
-                reranker,
-                a.seen,
-                a.heldout,
-                settings,
-                a.captions,
-                a.train,
-                a.pictures,
-                out_dir=out,
-                inception=a.inception,
-                blur_radii=a.blur_radii,
-                world=a.world,
-            )
-            summary = {
-                split: {
-                    "all_attributes_right": {k: v["all"] for k, v in rep["attributes"].items()},
-                    "reader_ceiling": rep["reader_ceiling"]["all"],
-                    "clip_score": rep["clip_score"],
-                    "fd_clip": rep["fd_clip"],
-                    **({"fid_by_blur": rep["fid_by_blur"]} if "fid_by_blur" in rep else {}),
-                }
-                for split, rep in result["splits"].items()
-            }
-            print(json.dumps(summary, indent=1))
-            return 0
-        ref_caps, ref_list = caption_images(a.reference)
-        if a.limit:
-            ref_caps, ref_list = ref_caps[: a.limit], ref_list[: a.limit]
-        if not ref_list:
-            raise ValueError(f"no captioned image in {a.reference}")
-        ref = torch.stack(ref_list)
-        result: dict[str, Any] = {"reference": a.reference, "reference_images": len(ref)}
-        out.mkdir(parents=True, exist_ok=True)
-        if a.images:
-            caps, gen = _load_folder(Path(a.images))
-            result |= {"images": a.images, "generated_images": len(gen)}
+            print(json.dumps(_evaluate_prior(a, reranker, out), indent=1))
         else:
-            from dalle_repro.models.dvae import DVAE
-
-            dvae = DVAE.from_pretrained(a.dvae).eval()
-            rec = dvae_reconstructions(dvae, ref.split(64))
-            caps, gen = ref_caps, rec["reconstructions"]
-            result |= {"dvae": a.dvae, "psnr": rec["psnr"], "bits_per_dim": rec["bits_per_dim"]}
-        result |= _distances(ref, gen, a, reranker, out)
-        if reranker is not None:
-            result["clip_score"] = clip_score(gen, caps, reranker)
-            result["clip_score_reference"] = clip_score(ref, ref_caps, reranker)
-        if a.attributes:
-            result["attributes"] = attribute_accuracy(gen, caps, a.world)
-            result["attributes_reference"] = attribute_accuracy(ref, ref_caps, a.world)
-        atomic_write_text(out / "evaluation.json", json.dumps(result, indent=2) + "\n")
-        print(json.dumps(result, indent=1))
+            result = _evaluate_images(a, reranker, out)
+            atomic_write_text(out / "evaluation.json", json.dumps(result, indent=2) + "\n")
+            print(json.dumps(result, indent=1))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    plots = sorted(p.name for p in out.glob("*.png"))
+    print(f"wrote evaluation.json{' and ' + ', '.join(plots) if plots else ''} in {out}")
     return 0
 
 

@@ -10,50 +10,31 @@ finished job is a no-op, rerunning a killed one continues it.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
 
-from dalle_repro.data.shapes import HELD_OUT, build_shapes_dataset
+from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.data.shapes import HELD_OUT, ShapesArgs, build_shapes_from
 
 
 def main(argv: list[str] | None = None) -> int:
     held = ", ".join(f"{c} {s}" for c, s in HELD_OUT)
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"Held out: {held}."
-    )
-    p.add_argument("--output", required=True, help="folder for train/, val/, heldout/ and summary.json")
-    p.add_argument("--train", type=int, default=8000, help="scenes of seen pairs, before the val split (default 8000)")
-    p.add_argument("--heldout", type=int, default=400, help="scenes with a held-out pair (default 400)")
-    p.add_argument("--image-size", type=int, default=32, help="square image side in pixels, >= 16 (default 32)")
-    p.add_argument("--shard-size", type=int, default=500, help="samples per shard (default 500)")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="fraction of seen scenes for val (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scenes and their jitter (default 0)")
-    p.add_argument("--workers", type=int, default=1, help="rendering processes (default 1)")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier run")
-    a = p.parse_args(argv)
-    if a.train <= 0 or a.heldout <= 0 or a.shard_size <= 0 or a.workers <= 0:
-        p.error("--train, --heldout, --shard-size and --workers must be > 0")
-    if not 0 < a.val_fraction < 1:
-        p.error(f"--val-fraction must be in (0, 1), got {a.val_fraction}")
+    doc = (__doc__ or "") + f"\nHeld out: {held}.\n\n--overwrite: replace shards of a different earlier run.\n"
+    a, flags = parse_cli(ShapesArgs, argv, doc, flags=("--overwrite",), aliases=flag_aliases(ShapesArgs))
+    if a is None:
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        summary = build_shapes_dataset(
-            a.output,
-            n_train=a.train,
-            n_heldout=a.heldout,
-            image_size=a.image_size,
-            shard_size=a.shard_size,
-            val_fraction=a.val_fraction,
-            seed=a.seed,
-            workers=a.workers,
-            overwrite=a.overwrite,
-        )
+        summary = build_shapes_from(a, overwrite=flags["overwrite"])
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary[k] for k in ("written", "splits", "heldout") if k in summary}))
+    print(
+        f"wrote shapes shards in {a.output}/{{train,val,heldout}}, "
+        f"with summary.json in {a.output} and {a.output}/heldout"
+    )
     return 0
 
 

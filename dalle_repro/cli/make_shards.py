@@ -7,108 +7,22 @@ and counted in ``OUTPUT/summary.json``; a killed run continues where it stopped 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
+from typing import Any
 
-from dalle_repro.core.config import plain_text
-from dalle_repro.data.make_shards import MAX_FILE_BYTES, caption_like_files, make_shards
-from dalle_repro.data.samples import DEFAULT_MAX_PIXELS
+from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.data.make_shards import READERS, MakeShardsArgs, caption_like_files, make_shards_from
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=plain_text(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--input",
-        required=True,
-        help="a folder of images with STEM.txt captions beside them, "
-        "or a .csv/.tsv/.parquet table with an image-path column and a caption column",
-    )
-    p.add_argument("--output", required=True, help="folder for the shards and summary.json")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument(
-        "--image-size",
-        type=int,
-        default=None,
-        help="resize + center-crop to this square size; without it images are kept as they are",
-    )
-    p.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.0,
-        help="fraction of samples (by key) for OUTPUT/val; 0 (default) writes all shards to OUTPUT",
-    )
-    p.add_argument("--workers", type=int, default=1, help="image-processing processes (default 1)")
-    p.add_argument("--image-col", default="image", help="table column with image paths (default 'image')")
-    p.add_argument("--caption-col", default="caption", help="table column with captions (default 'caption')")
-    p.add_argument("--key-col", default=None, help="table column with sample keys (default: the image file's stem)")
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=DEFAULT_MAX_PIXELS,
-        help=f"reject images with more pixels, before decoding (default {DEFAULT_MAX_PIXELS})",
-    )
-    p.add_argument(
-        "--format",
-        choices=["jpg", "png"],
-        default="jpg",
-        help="encoding for re-encoded images (default jpg, quality 95, as img2dataset)",
-    )
-    p.add_argument("--max-caption-chars", type=int, default=4096, help="captions are cut to this length")
-    p.add_argument("--overwrite", action="store_true", help="replace shards of a different earlier run in OUTPUT")
-    p.add_argument(
-        "--max-file-bytes",
-        type=int,
-        default=MAX_FILE_BYTES,
-        help=f"skip (file_too_large) image files larger than this (default {MAX_FILE_BYTES}, 128 MiB)",
-    )
-    p.add_argument(
-        "--paths-inside",
-        action="store_true",
-        help="skip (outside_table_folder) table rows whose image path, symlinks resolved, leaves the table's folder",
-    )
-    p.add_argument(
-        "--caption-ext",
-        default="txt",
-        help="extension of a folder's caption files, beside each image (default txt: cat.jpg + cat.txt)",
-    )
-    p.add_argument(
-        "--keep-metadata",
-        action="store_true",
-        help="keep EXIF, XMP, comments and PNG text in stored files (default: dropped, image bytes unchanged)",
-    )
-    a = p.parse_args(argv)
-    for name in ("shard_size", "workers", "max_pixels", "max_caption_chars", "max_file_bytes"):
-        if getattr(a, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(a, name)}")
-    if a.image_size is not None and a.image_size <= 0:
-        p.error(f"--image-size must be > 0, got {a.image_size}")
-    if not 0 <= a.val_fraction < 1:
-        p.error(f"--val-fraction must be in [0, 1), got {a.val_fraction}")
+    a, _ = parse_cli(MakeShardsArgs, argv, __doc__ or "", aliases=flag_aliases(MakeShardsArgs))
+    if a is None:
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        summary = make_shards(
-            a.input,
-            a.output,
-            shard_size=a.shard_size,
-            image_size=a.image_size,
-            val_fraction=a.val_fraction,
-            workers=a.workers,
-            image_col=a.image_col,
-            caption_col=a.caption_col,
-            key_col=a.key_col,
-            max_pixels=a.max_pixels,
-            image_format=a.format,
-            max_caption_chars=a.max_caption_chars,
-            overwrite=a.overwrite,
-            max_file_bytes=a.max_file_bytes,
-            paths_inside=a.paths_inside,
-            keep_metadata=a.keep_metadata,
-            caption_ext=a.caption_ext,
-        )
+        summary = make_shards_from(a)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -121,12 +35,35 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"error: nothing was written from {a.input} ({skipped}). A folder needs each image with its caption "
             f"in a file beside it named STEM.{ext} (cat.jpg + cat.{ext}); a table needs the columns --image-col "
-            f"and --caption-col name.{hint}",
+            f"and --caption-col name.{hint} Each skipped file and its reason: {a.output}/skipped.jsonl.",
             file=sys.stderr,
         )
         return 1
-    print(f"shards and summary.json in {a.output}")
+    print(shards_report(summary, a))
     return 0
+
+
+def shards_report(summary: dict[str, Any], a: MakeShardsArgs) -> str:
+    """How many shards were written and how many loader readers (ranks x data.num_workers) they feed;
+    the loader hands out whole shards, so a reader beyond the shard count idles."""
+    shards = {name: s["shards"] for name, s in summary["splits"].items()}
+    size = summary["options"].get("shard_size")
+    split_text = ", ".join(f"{name} {n}" for name, n in shards.items())
+    lines = [
+        f"{sum(shards.values())} shards of up to {size} samples ({split_text}): the training shards feed up to "
+        f"{shards.get('train', 0)} loader readers (ranks x data.num_workers)"
+    ]
+    if shards.get("train", 0) < READERS:
+        if a.shard_size is not None and summary["splits"]["train"]["written"] >= READERS:
+            lines.append(
+                f"note: fewer than {READERS} training shards (2 ranks x 4 workers): leave out --shard-size, or pass "
+                f"--shard-size {max(1, summary['splits']['train']['written'] // READERS)}"
+            )
+        else:
+            lines.append(f"note: set data.num_workers so that ranks x workers <= {shards.get('train', 0)}")
+    skipped = f"; the skipped files, with their reasons, in {a.output}/skipped.jsonl" if summary["skipped"] else ""
+    lines.append(f"wrote {sum(shards.values())} shards and summary.json in {a.output}{skipped}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Expected GPU memory per rank for prior configs: parameters, gradients + optimizer, activations.
 
-Usage: python tools/memory_table.py [--gpus 8 64 ...] [CONFIG ...]
+Usage: python tools/memory_table.py [CONFIG ...] [--gpus 8 64 ...]
   (default: configs/gpu/prior-350m.yaml configs/gpu/prior-1.3b.yaml configs/paper/prior.yaml)
 
 Prints a Markdown table (the one in docs/design.md). How each column is computed (P = parameters, counted
@@ -27,19 +27,27 @@ context, typically 1-3 GiB, come on top); measure with torch.cuda.max_memory_all
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from dalle_repro.core.config import load_config
+from dalle_repro.core.config import arg, load_config, parse_cli
 from dalle_repro.models.transformer import Transformer
 from dalle_repro.train.prior_config import PriorTrainConfig, model_with_paper_sizes
 
 DEFAULT = ["configs/gpu/prior-350m.yaml", "configs/gpu/prior-1.3b.yaml", "configs/paper/prior.yaml"]
 GIB = 2**30
+
+
+@dataclass
+class MemoryTableArgs:
+    """The configs to tabulate, and at which data-parallel sizes."""
+
+    configs: list[str] = arg(factory=lambda: list(DEFAULT), doc="Prior configs (launch/train_prior.py's format).")
+    gpus: list[int] = arg(factory=lambda: [8, 64], doc="Data-parallel ranks to tabulate.", ge=1)
 
 
 def fp32_in_the_paper(model: Transformer) -> int:
@@ -81,10 +89,9 @@ def estimate(cfg: PriorTrainConfig, gpus: int, paper_storage: bool = False) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("configs", nargs="*", default=DEFAULT, help="prior configs (launch/train_prior.py's format)")
-    ap.add_argument("--gpus", type=int, nargs="+", default=[8, 64], help="data-parallel ranks to tabulate")
-    a = ap.parse_args(argv)
+    a, _ = parse_cli(MemoryTableArgs, argv, __doc__ or "", aliases={"--gpus": "gpus"}, positional="configs")
+    if a is None:
+        return 0
     cols = [
         "config",
         "params",

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from dalle_repro.core.config import ConfigError, parse_cli
 from dalle_repro.train.dvae import DVAETrainConfig, train
@@ -31,7 +33,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if val:
         print(json.dumps(val))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(written_line(Path(cfg.run.run_dir)))
     return 0
+
+
+def written_line(run: Path) -> str:
+    """The tool's last line: what the run folder holds now (a stopped run has no dvae/ yet)."""
+    done = (run / "dvae" / "model.safetensors").is_file()
+    model = (
+        f"; the dVAE tools/encode_tokens.py reads: {run / 'dvae'}"
+        if done
+        else "; no dvae/ yet (the run stopped early: --resume continues it)"
+    )
+    return f"wrote config.yaml, metrics.jsonl and checkpoints/ in {run}{model}"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from dalle_repro.core.config import ConfigError, parse_cli
 from dalle_repro.train.prior import NonFiniteLosses, StopRequested, train
@@ -42,7 +44,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 3
     print(json.dumps(result))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(written_line(Path(cfg.run.run_dir)))
     return 0
+
+
+def written_line(run: Path) -> str:
+    """The tool's last line: what the run folder holds now (a stopped run has no export/ yet)."""
+    done = (run / "export" / "model.safetensors").is_file()
+    model = (
+        f"; the export launch/sample.py loads: {run / 'export'}"
+        if done
+        else "; no export/ yet (the run stopped early: --resume continues it)"
+    )
+    return f"wrote config.yaml, metrics.jsonl and checkpoints/ in {run}{model}"
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ import hashlib
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
+from dalle_repro.core.config import arg
 from dalle_repro.data.writer import Record, Sample, encode_image, fingerprint, write_dataset
 
 FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
@@ -95,6 +97,43 @@ def render_record(rec: Record, image_size: int = 64, font_path: str = FONT_PATH)
 
 def _file_stamp(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+@dataclass
+class EmojiArgs:
+    """The emoji shards (tools/make_emoji_dataset.py, and the demo's ``emoji`` section)."""
+
+    output: str = arg("data/emoji", "Folder for train/, val/ and summary.json.")
+    image_size: int = arg(64, "Side of the rendered emoji, in pixels.", ge=8)
+    shard_size: int = arg(256, "Samples per shard.", gt=0)
+    val_fraction: float = arg(0.05, "Fraction of emoji held out for validation, by key.", gt=0, lt=1)
+    workers: int = arg(1, "Rendering processes.", gt=0)
+    limit: int | None = arg(None, "Render only this many emoji, spread over all groups (quick runs); null: all.", gt=0)
+    skin_tones: bool = arg(
+        True, "Include the skin-tone variants (1785 of the 3655 emoji: the same pictures recoloured)."
+    )
+    groups: list[str] | None = arg(
+        None, "Unicode emoji groups to keep, e.g. ['Smileys & Emotion', 'Food & Drink']; null: all.", sep=","
+    )
+    font: str = arg(FONT_PATH, "The emoji font.")
+    names: str = arg(EMOJI_TEST_PATH, "Unicode's emoji-test.txt.")
+
+
+def build_emoji_from(args: EmojiArgs, overwrite: bool = False) -> dict[str, Any]:
+    """:func:`build_emoji_dataset` with the settings of ``args``."""
+    return build_emoji_dataset(
+        args.output,
+        image_size=args.image_size,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        limit=args.limit,
+        skin_tones=args.skin_tones,
+        groups=args.groups,
+        workers=args.workers,
+        font_path=args.font,
+        names_path=args.names,
+        overwrite=overwrite,
+    )
 
 
 def build_emoji_dataset(

@@ -10,10 +10,12 @@ import os
 import stat
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from dalle_repro.core.config import arg
 from dalle_repro.data.samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTS,
@@ -30,6 +32,7 @@ from dalle_repro.data.writer import (
     encode_image,
     fingerprint,
     sanitize_key,
+    split_of,
     write_dataset,
 )
 
@@ -63,27 +66,42 @@ def _caption(raw: bytes) -> tuple[str, dict[str, str]]:
     return clean_caption(text), ({"caption_encoding": encoding} if encoding != "utf-8" else {})
 
 
-def list_folder(root: str | Path, caption_ext: str = "txt") -> tuple[list[Record], Counter]:
-    """Images under ``root`` (recursively) with a sidecar caption ``STEM.{caption_ext}`` beside each."""
+def _skip(skipped: Counter, files: list[tuple[str, str]] | None, path: str, reason: str) -> None:
+    skipped[reason] += 1
+    if files is not None:
+        files.append((path, reason))
+
+
+def list_folder(
+    root: str | Path, caption_ext: str = "txt", files: list[tuple[str, str]] | None = None
+) -> tuple[list[Record], Counter]:
+    """Images under ``root`` (recursively) with a sidecar caption ``STEM.{caption_ext}`` beside each.
+    A caption file with no image beside it is counted (``caption_without_image``): a user whose
+    images failed to copy sees it in the summary instead of a silently smaller set. ``files``
+    collects (path, reason) of every file skipped."""
     root = Path(root)
     skipped: Counter = Counter()
     records: dict[str, Record] = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    all_files = sorted(p for p in root.rglob("*") if p.is_file())
+    image_stems = {p.with_suffix("") for p in all_files if p.suffix.lower().lstrip(".") in IMAGE_EXTS}
+    for path in all_files:
         ext = path.suffix.lower().lstrip(".")
         if ext not in IMAGE_EXTS:
+            if path.suffix == f".{caption_ext}" and path.with_suffix("") not in image_stems:
+                _skip(skipped, files, str(path), "caption_without_image")
             continue
         rel = path.relative_to(root).with_suffix("")
         key = sanitize_key(str(rel))
         cap_path = path.with_suffix(f".{caption_ext}")
         if not cap_path.is_file():
-            skipped["missing_caption"] += 1
+            _skip(skipped, files, str(path), "missing_caption")
             continue
         caption, noted = _caption(cap_path.read_bytes())
         if not caption:
-            skipped["empty_caption"] += 1
+            _skip(skipped, files, str(path), "empty_caption")
             continue
         if key in records:
-            skipped["duplicate_key"] += 1
+            _skip(skipped, files, str(path), "duplicate_key")
             log.warning("duplicate key %s (%s); keeping %s", key, path, records[key].source)
             continue
         records[key] = Record(key, str(path), caption, {"source": str(rel) + path.suffix} | noted)
@@ -120,9 +138,14 @@ def _read_table(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
 
 
 def list_table(
-    path: str | Path, image_col: str = "image", caption_col: str = "caption", key_col: str | None = None
+    path: str | Path,
+    image_col: str = "image",
+    caption_col: str = "caption",
+    key_col: str | None = None,
+    files: list[tuple[str, str]] | None = None,
 ) -> tuple[list[Record], Counter]:
-    """Rows of a CSV/TSV/parquet file; image paths may be relative to the table's folder."""
+    """Rows of a CSV/TSV/parquet file; image paths may be relative to the table's folder. ``files``
+    collects (TABLE:row N or the image path, reason) of every row skipped."""
     path = Path(path)
     columns, rows = _read_table(path)
     for name, col in (("--image-col", image_col), ("--caption-col", caption_col), ("--key-col", key_col)):
@@ -133,22 +156,32 @@ def list_table(
     for i, row in enumerate(rows):
         img = str(row.get(image_col) or "").strip()
         if not img:
-            skipped["missing_image"] += 1
+            _skip(skipped, files, f"{path}:row {i}", "missing_image")
             continue
         img_path = Path(img) if os.path.isabs(img) else path.parent / img
         caption = clean_caption(str(row.get(caption_col) or ""))
         if not caption:
-            skipped["empty_caption"] += 1
+            _skip(skipped, files, str(img_path), "empty_caption")
             continue
         key = sanitize_key(str(row[key_col]) if key_col else Path(img).with_suffix("").as_posix())
         if key in records:
-            skipped["duplicate_key"] += 1
+            _skip(skipped, files, str(img_path), "duplicate_key")
             continue
         records[key] = Record(key, str(img_path), caption, {"source": img, "row": i})
     return sorted(records.values(), key=lambda r: r.key), skipped
 
 
 MAX_FILE_BYTES = 128 * 2**20  # the default --max-file-bytes
+MAX_SHARD_SIZE = 1000  # img2dataset's default: tars of some tens of MB
+READERS = 8  # loader readers a small set should still feed: 2 ranks x 4 workers (data.num_workers)
+
+
+def auto_shard_size(train_samples: int) -> int:
+    """The shard size for a set with ``train_samples`` training samples: :data:`MAX_SHARD_SIZE`, or
+    fewer so that there are at least :data:`READERS` training shards (the loader hands out whole
+    shards, so a reader without one idles), but never fewer than one sample per shard."""
+    return max(1, min(MAX_SHARD_SIZE, train_samples // READERS))
+
 
 # Metadata dropped from kept files: JPEG's APP1 (EXIF, XMP), APP12-13 (Photoshop, Ducky) and COM
 # segments; PNG's text, EXIF and time chunks. Kept: what decoding needs (JFIF's APP0, the ICC
@@ -314,11 +347,84 @@ def process_file(
     return Sample(rec.key, image, ext, caption, meta)
 
 
+@dataclass
+class MakeShardsArgs:
+    """tools/make_shards.py: a folder of captioned images, or a table, into webdataset shards."""
+
+    input: str = arg(
+        doc="A folder of images with STEM.txt captions beside them, or a .csv/.tsv/.parquet table with an "
+        "image-path column and a caption column."
+    )
+    output: str = arg(doc="Folder for the shards and summary.json.")
+    shard_size: int | None = arg(
+        None,
+        f"Samples per shard; null: {MAX_SHARD_SIZE}, or fewer for a small set, so that its training shards can "
+        f"feed {READERS} loader readers (2 ranks x 4 workers each reading whole shards).",
+        gt=0,
+    )
+    image_size: int | None = arg(
+        None, "Resize + center-crop to this square size; null: images are kept as they are.", gt=0
+    )
+    val_fraction: float = arg(
+        0.0, "Fraction of samples (by key) for OUTPUT/val; 0 writes all shards to OUTPUT.", ge=0, lt=1
+    )
+    workers: int = arg(1, "Image-processing processes.", gt=0)
+    image_col: str = arg("image", "Table column with image paths.")
+    caption_col: str = arg("caption", "Table column with captions.")
+    key_col: str | None = arg(None, "Table column with sample keys; null: the image file's stem.")
+    max_pixels: int = arg(DEFAULT_MAX_PIXELS, "Reject images with more pixels, before decoding.", gt=0)
+    format: Literal["jpg", "png"] = arg("jpg", "Encoding for re-encoded images (jpg at quality 95, as img2dataset).")
+    max_caption_chars: int = arg(4096, "Captions are cut to this length.", gt=0)
+    max_file_bytes: int = arg(MAX_FILE_BYTES, "Skip (file_too_large) image files larger than this (128 MiB).", gt=0)
+    paths_inside: bool = arg(
+        False, "Skip (outside_table_folder) table rows whose image path, symlinks resolved, leaves the table's folder."
+    )
+    caption_ext: str = arg("txt", "Extension of a folder's caption files, beside each image (txt: cat.jpg + cat.txt).")
+    keep_metadata: bool = arg(
+        False, "Keep EXIF, XMP, comments and PNG text in stored files (dropped by default; image bytes unchanged)."
+    )
+    overwrite: bool = arg(False, "Replace shards of a different earlier run in OUTPUT.")
+
+
+def make_shards_from(a: MakeShardsArgs) -> dict[str, Any]:
+    """:func:`make_shards` with the settings of ``a``."""
+    return make_shards(
+        a.input,
+        a.output,
+        shard_size=a.shard_size,
+        image_size=a.image_size,
+        val_fraction=a.val_fraction,
+        workers=a.workers,
+        image_col=a.image_col,
+        caption_col=a.caption_col,
+        key_col=a.key_col,
+        max_pixels=a.max_pixels,
+        image_format=a.format,
+        max_caption_chars=a.max_caption_chars,
+        overwrite=a.overwrite,
+        max_file_bytes=a.max_file_bytes,
+        paths_inside=a.paths_inside,
+        keep_metadata=a.keep_metadata,
+        caption_ext=a.caption_ext,
+    )
+
+
+def _list_input(
+    src: Path, caption_ext: str, columns: tuple[str, str, str | None], files: list[tuple[str, str]]
+) -> tuple[list[Record], Counter]:
+    """The records of a folder or a table (image, caption and key columns), skips noted in ``files``."""
+    if src.is_dir():
+        return list_folder(src, caption_ext, files)
+    if src.is_file():
+        return list_table(src, *columns, files=files)
+    raise FileNotFoundError(f"--input {src} is neither a folder nor a table file")
+
+
 def make_shards(
     input_path: str | Path,
     output: str | Path,
     *,
-    shard_size: int = 1000,
+    shard_size: int | None = None,
     image_size: int | None = None,
     val_fraction: float = 0.0,
     workers: int = 1,
@@ -344,14 +450,12 @@ def make_shards(
     whose image path (symlinks resolved) leaves the table's folder; image metadata is dropped
     unless ``keep_metadata`` (:func:`process_file`)."""
     src = Path(input_path)
-    if src.is_dir():
-        records, skipped = list_folder(src, caption_ext.lstrip("."))
-    elif src.is_file():
-        records, skipped = list_table(src, image_col, caption_col, key_col)
-    else:
-        raise FileNotFoundError(f"--input {src} is neither a folder nor a table file")
+    files: list[tuple[str, str]] = []
+    records, skipped = _list_input(src, caption_ext.lstrip("."), (image_col, caption_col, key_col), files)
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
+    if shard_size is None:
+        shard_size = auto_shard_size(sum(split_of(r.key, val_fraction) == "train" for r in records))
     options = {
         "input": str(src.resolve()),
         "shard_size": shard_size,
@@ -387,6 +491,7 @@ def make_shards(
         workers=workers,
         fp=fingerprint(records, options),
         skipped=skipped,
+        skipped_files=files,
         options=options,
         overwrite=overwrite,
         notes={

@@ -19,6 +19,7 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from dalle_repro.core import faults
+from dalle_repro.core.config import arg
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.data.samples import (
     IMAGE_EXTS,
@@ -42,6 +44,18 @@ from dalle_repro.data.writer import Sample, safe_key, write_tar
 from dalle_repro.models.dvae import DVAE
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeArgs:
+    """tools/encode_tokens.py: image shards in, token shards out."""
+
+    dvae: str = arg(doc="A dVAE folder (config.yaml + model.safetensors).")
+    shards: str = arg(doc="Image shards: a glob, brace pattern, comma list or list file.")
+    output: str = arg(doc="Folder for the token shards and summary.json.")
+    batch_size: int = arg(64, "Images per encoder batch.", gt=0)
+    device: str = arg("auto", "auto (cuda when present), cpu or cuda.")
+    overwrite: bool = arg(False, "Replace token shards that another dVAE made in the output folder.")
 
 
 def tokens_bytes(grid: np.ndarray, vocab_size: int) -> bytes:

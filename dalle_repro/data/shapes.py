@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dalle_repro.core.config import arg
 from dalle_repro.data.loader import stable_seed
 from dalle_repro.data.writer import Record, Sample, encode_image, fingerprint, write_dataset
 
@@ -411,6 +412,36 @@ def scene_records(n: int, held_out: bool, seed: int, prefix: str) -> list[Record
         scene = random_scene(rng, held_out)
         out.append(Record(f"{prefix}{i:06d}", json.dumps(scene.to_json()), scene.caption(), {}))
     return out
+
+
+@dataclass
+class ShapesArgs:
+    """The compositional data set: scenes of one or two coloured shapes, some colour-shape pairs held
+    out of training (tools/make_shapes_dataset.py, and the demo's ``shapes`` section)."""
+
+    output: str = arg("data/shapes", "Folder for train/, val/, heldout/ and summary.json.")
+    train: int = arg(8000, "Scenes of seen pairs, before the validation split.", gt=0)
+    heldout: int = arg(400, "Scenes with a held-out colour-shape pair (heldout/, never trained on).", gt=0)
+    image_size: int = arg(32, "Side of the rendered scenes, in pixels.", ge=16)
+    shard_size: int = arg(500, "Samples per shard.", gt=0)
+    val_fraction: float = arg(0.05, "Fraction of the seen scenes kept for validation, by key.", gt=0, lt=1)
+    seed: int = arg(0, "Seed of the scenes and their jitter.", ge=0)
+    workers: int = arg(1, "Rendering processes.", gt=0)
+
+
+def build_shapes_from(args: ShapesArgs, overwrite: bool = False) -> dict[str, Any]:
+    """:func:`build_shapes_dataset` with the settings of ``args``."""
+    return build_shapes_dataset(
+        args.output,
+        n_train=args.train,
+        n_heldout=args.heldout,
+        image_size=args.image_size,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        seed=args.seed,
+        workers=args.workers,
+        overwrite=overwrite,
+    )
 
 
 def build_shapes_dataset(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import json
+import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -41,6 +42,25 @@ class TokenizerArgs:
     path: str = arg("data/emoji/tokenizer.json", "The tokenizer.json written by tools/train_tokenizer.py.")
     text_len: int = arg(256, "Text tokens per sample; longer captions are truncated, shorter ones padded.", gt=0)
     dropout: float = arg(0.1, "BPE dropout probability for training captions (0 turns it off).", ge=0, lt=1)
+
+
+@dataclass
+class BPEArgs:
+    """Training the BPE tokenizer."""
+
+    vocab_size: int = arg(
+        16384, "Target BPE vocabulary (the paper's); a small corpus runs out of merges sooner.", ge=257
+    )
+    min_frequency: int = arg(2, "A merge needs this many occurrences.", ge=1)
+
+
+@dataclass
+class TrainTokenizerArgs:
+    """tools/train_tokenizer.py: the captions to learn from and where the tokenizer goes."""
+
+    shards: str = arg(doc="Shards: a glob, brace pattern, comma list or list file.")
+    output: str = arg(doc="Where to write tokenizer.json.")
+    bpe: BPEArgs = arg(factory=BPEArgs, doc="The BPE training.")
 
 
 def new_bpe() -> Tokenizer:
@@ -86,7 +106,35 @@ def train_from_shards(
     if not captions:
         raise ValueError(f"no caption found in the {len(paths)} shards (first: {paths[0] if paths else '-'})")
     tok = train_bpe(captions, vocab_size, min_frequency)
-    return tok, {"captions_read": len(captions), "vocab_size": tok.get_vocab_size(), "skipped": dict(errors)}
+    stats = {"captions_read": len(captions), "vocab_size": tok.get_vocab_size(), "skipped": dict(errors)}
+    return tok, stats | {"caption_tokens": caption_lengths(tok, captions)}
+
+
+def covering(lengths: Sequence[int], share: float) -> int:
+    """The smallest length that at least ``share`` of ``lengths`` fit in."""
+    ordered = sorted(lengths)
+    return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
+
+
+def caption_lengths(tok: Tokenizer, captions: Sequence[str]) -> dict[str, float | int]:
+    """The captions' length distribution in BPE tokens, and the ``text.text_len`` that fits 99% of
+    them whole: a longer text_len pads every sample for the sake of a few, a shorter one cuts many."""
+    if not captions:
+        raise ValueError("no caption to measure")
+    lengths = [len(e.ids) for e in tok.encode_batch(list(captions))]
+    return {
+        "median": float(np.median(lengths)),
+        "p90": covering(lengths, 0.90),
+        "p99": covering(lengths, 0.99),
+        "max": max(lengths),
+        "suggested_text_len": covering(lengths, 0.99),
+    }
+
+
+def length_stats_path(tokenizer_path: str | Path) -> Path:
+    """Where the caption length statistics go: ``NAME.lengths.json`` beside ``NAME.json``."""
+    p = Path(tokenizer_path)
+    return p.with_name(p.stem + ".lengths.json")
 
 
 def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:

@@ -41,6 +41,7 @@ TMP_NAME = re.compile(r"^\d{5,}\.tar\.tmp")
 STATE_TMP = re.compile(r"^\.(\.progress|summary)\.json\..+\.tmp$")  # atomic_write_text's temporaries
 PROGRESS = ".progress.json"
 SUMMARY = "summary.json"
+SKIPPED = "skipped.jsonl"  # one {"path", "reason"} line per input skipped, beside summary.json
 
 
 @dataclass
@@ -319,11 +320,14 @@ def write_dataset(
     overwrite: bool = False,
     desc: str = "shards",
     notes: dict[str, Any] | None = None,
+    skipped_files: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Any]:
     """Process records (in ``workers`` processes) and write them as shards; returns the summary.
 
     With ``val_fraction`` > 0 samples go to ``out_dir/train`` and ``out_dir/val`` by key; otherwise
-    to ``out_dir``. ``skipped`` holds counts of records already rejected while listing them;
+    to ``out_dir``. ``skipped`` holds counts of records already rejected while listing them, and
+    ``skipped_files`` their (path, reason); those and the records skipped while processing go to
+    ``out_dir/skipped.jsonl``, so that a user can find the files behind the summary's counts.
     ``notes`` are further counts for the summary (e.g. captions read in another encoding).
     """
     if not 0 <= val_fraction < 1:
@@ -347,6 +351,7 @@ def write_dataset(
         }
         # recorded before the first shard, so that a run killed at any point is recognised as ours
         atomic_write_text(out / PROGRESS, json.dumps(progress))
+        atomic_write_text(out / SKIPPED, "".join(_skip_line(p, r) for p, r in skipped_files))
     by_split: dict[str, list[Record]] = {s: [] for s in dirs}
     for r in records:
         by_split[split_of(r.key, val_fraction)].append(r)
@@ -360,9 +365,21 @@ def write_dataset(
         if pool is not None:
             pool.terminate()
     summary = _summarize(out, progress, options or {})
+    _dedupe_skipped(out / SKIPPED)
     atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2) + "\n")
     (out / PROGRESS).unlink(missing_ok=True)
     return summary
+
+
+def _skip_line(path: str, reason: str) -> str:
+    return json.dumps({"path": path, "reason": reason}, ensure_ascii=False) + "\n"
+
+
+def _dedupe_skipped(path: Path) -> None:
+    """One line per skipped input: a resumed run processes again what followed its last shard."""
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        atomic_write_text(path, "".join(dict.fromkeys(lines)))
 
 
 def _write_split(
@@ -399,10 +416,12 @@ def _write_split(
                 except SampleWriteError as e:  # this sample only: the shard and the job go on
                     skipped["write_failed"] += 1
                     log.warning("skipped a sample that cannot be written: %s", e)
+                    _note_skip(out, recs[i].source, "write_failed")
             else:
                 reason, detail = res
                 skipped[reason] += 1
                 log.debug("skipped %s: %s", reason, detail)
+                _note_skip(out, recs[i].source, reason)
         writer.finish_shard()
     except BaseException:
         writer.abort()
@@ -410,6 +429,11 @@ def _write_split(
     if state["next_record"] != len(recs):  # the split ended with skipped records after its last shard
         state.update(next_record=len(recs), skipped=dict(skipped))
         atomic_write_text(out / PROGRESS, json.dumps(progress))
+
+
+def _note_skip(out: Path, source: str, reason: str) -> None:
+    with open(out / SKIPPED, "a", encoding="utf-8") as f:
+        f.write(_skip_line(source, reason))
 
 
 def _summarize(out: Path, progress: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:

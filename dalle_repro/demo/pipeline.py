@@ -46,16 +46,16 @@ from dalle_repro.core.config import (
 from dalle_repro.core.distributed import free_port, usable_cores
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png
-from dalle_repro.data.emoji import build_emoji_dataset
+from dalle_repro.data.emoji import EmojiArgs, build_emoji_from
 from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.data.pre_encode import encode_token_shards
 from dalle_repro.data.samples import clean_caption
-from dalle_repro.data.shapes import build_shapes_dataset
+from dalle_repro.data.shapes import ShapesArgs, build_shapes_from
 from dalle_repro.data.strokes import build_strokes_dataset
 from dalle_repro.data.tar import iter_shard_samples
-from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
+from dalle_repro.data.tokenizer import BPEArgs, TextTokenizer, TokenizerArgs, save_tokenizer, train_from_shards
 from dalle_repro.demo.report import write_report
-from dalle_repro.evaluation.evaluate import zero_shot
+from dalle_repro.evaluation.evaluate import EvalArgs, zero_shot
 from dalle_repro.sample.export import load_prior
 from dalle_repro.sample.generate import SampleSettings, generate
 from dalle_repro.sample.rerank import Reranker
@@ -70,33 +70,6 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class EmojiArgs:
-    """The emoji shards."""
-
-    output: str = arg("data/emoji", "Folder for train/, val/ and summary.json.")
-    image_size: int = arg(64, "Side of the rendered emoji, in pixels.", ge=8)
-    shard_size: int = arg(256, "Samples per shard.", gt=0)
-    val_fraction: float = arg(0.05, "Fraction of emoji held out for validation, by key.", gt=0, lt=1)
-    workers: int = arg(2, "Rendering processes.", gt=0)
-    limit: int | None = arg(None, "Render only this many emoji, spread over all groups (quick runs); null: all.", gt=0)
-    skin_tones: bool = arg(True, "Include the skin-tone variants (the same pictures recoloured, half of all emoji).")
-    groups: list[str] | None = arg(None, "Unicode emoji groups to keep, e.g. ['Food & Drink']; null: all.")
-
-
-@dataclass
-class ShapesArgs:
-    """The compositional data set (data/shapes.py): scenes of one or two coloured shapes, some colour-shape
-    pairs held out of training."""
-
-    output: str = arg("data/shapes", "Folder for train/, val/, heldout/ and summary.json.")
-    train: int = arg(8000, "Scenes of seen pairs, before the validation split.", gt=0)
-    heldout: int = arg(400, "Scenes with a held-out colour-shape pair (heldout/, never trained on).", gt=0)
-    image_size: int = arg(32, "Side of the rendered scenes, in pixels.", ge=16)
-    shard_size: int = arg(500, "Samples per shard.", gt=0)
-    val_fraction: float = arg(0.05, "Fraction of the seen scenes kept for validation, by key.", gt=0, lt=1)
-    seed: int = arg(0, "Seed of the scenes.", ge=0)
-
-
 @dataclass
 class StrokesArgs(ShapesArgs):
     """The second compositional data set (data/strokes.py), never used for tuning: scenes of one or two
@@ -104,41 +77,6 @@ class StrokesArgs(ShapesArgs):
 
     output: str = arg("data/strokes", "Folder for train/, val/, heldout/ and summary.json.")
     image_size: int = arg(32, "Side of the rendered scenes, in pixels (a thin stroke's form needs 32).", ge=32, le=512)
-
-
-@dataclass
-class EvalArgs:
-    """The zero-shot evaluation (evaluation/evaluate.py): samples for seen and for held-out captions, read back."""
-
-    captions: int = arg(
-        96,
-        "Distinct captions per split: the first of the validation split (seen pairs) and of heldout/ (all of "
-        "them where fewer exist). 96 keeps a share's 95% interval within about +-10 points.",
-        gt=0,
-    )
-    candidates: int = arg(
-        16, "Samples per caption; the reranked pick is CLIP's best of them, the random pick the first.", ge=1
-    )
-    guidance: float = arg(
-        1.0,
-        "Classifier-free guidance scale for the evaluation's samples (1: none; needs run.caption_dropout > 0).",
-        ge=0,
-    )
-    pictures: int = arg(6, "Held-out captions drawn beside the nearest training caption.", ge=0)
-    inception: str | None = arg(
-        None,
-        "FID's Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, a local file); with them the "
-        "report adds FID at blur radii 0-8. null: no FID (nothing is downloaded), the Fréchet distance in the "
-        "small CLIP's space only.",
-    )
-
-
-@dataclass
-class BPEArgs:
-    """Training the BPE tokenizer."""
-
-    vocab_size: int = arg(4096, "Target BPE vocabulary (the paper's is 16384; emoji names run out sooner).", ge=257)
-    min_frequency: int = arg(2, "A merge needs this many occurrences.", ge=1)
 
 
 @dataclass
@@ -154,8 +92,10 @@ class DemoConfig:
     )
     shapes: ShapesArgs = arg(factory=ShapesArgs, doc="The shapes data set.")
     strokes: StrokesArgs = arg(factory=StrokesArgs, doc="The strokes data set.")
-    emoji: EmojiArgs = arg(factory=EmojiArgs, doc="The emoji shards.")
-    bpe: BPEArgs = arg(factory=BPEArgs, doc="Tokenizer training.")
+    emoji: EmojiArgs = arg(factory=lambda: EmojiArgs(workers=2), doc="The emoji shards.")
+    bpe: BPEArgs = arg(
+        factory=lambda: BPEArgs(vocab_size=4096), doc="Tokenizer training (emoji names run out of merges sooner)."
+    )
     text: TokenizerArgs = arg(factory=TokenizerArgs, doc="Caption encoding.")
     data: DataArgs = arg(factory=DataArgs, doc="The loader.")
     dvae_config: str = arg("configs/demo/dvae.yaml", "Config of the demo dVAE (launch/train_dvae.py's format).")
@@ -180,15 +120,29 @@ class DemoConfig:
     captions_train: list[str] = arg(factory=list, doc="Training-split captions to sample (the report checks them).")
     captions_val: int = arg(2, "Validation-split captions to sample, the first ones of the split.", ge=0)
     captions_new: list[str] = arg(factory=list, doc="Captions in neither split.")
-    candidates: int = arg(32, "Images generated per caption.", ge=1)
-    keep: int = arg(4, "Images kept per caption after reranking.", ge=1)
-    top_k: int | None = arg(None, "Sampling top-k; null: the whole codebook.", gt=0)
-    temperature: float = arg(1.0, "Sampling softmax temperature (lower: safer, less varied images).", gt=0)
+    sample: SampleSettings = arg(
+        factory=lambda: SampleSettings(candidates=32, keep=4, batch_size=None),
+        doc="How the demo captions are sampled and reranked.",
+    )
     evaluation: EvalArgs = arg(factory=EvalArgs, doc="The zero-shot evaluation (shapes and strokes only).")
 
 
-# The compositional worlds (data/worlds.py): their data sets' settings and builders.
-_SCENES = {"shapes": build_shapes_dataset, "strokes": build_strokes_dataset}
+def _build_strokes(a: ShapesArgs, overwrite: bool = False) -> dict[str, Any]:
+    return build_strokes_dataset(
+        a.output,
+        n_train=a.train,
+        n_heldout=a.heldout,
+        image_size=a.image_size,
+        shard_size=a.shard_size,
+        val_fraction=a.val_fraction,
+        seed=a.seed,
+        workers=a.workers,
+        overwrite=overwrite,
+    )
+
+
+# The compositional worlds (data/worlds.py): their data sets' builders.
+_SCENES = {"shapes": build_shapes_from, "strokes": _build_strokes}
 
 
 def data_args(cfg: DemoConfig) -> ShapesArgs | EmojiArgs:
@@ -209,28 +163,9 @@ def stage_data(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.dataset in _SCENES:
         a = data_args(cfg)
         assert isinstance(a, ShapesArgs)
-        s = _SCENES[cfg.dataset](
-            a.output,
-            n_train=a.train,
-            n_heldout=a.heldout,
-            image_size=a.image_size,
-            shard_size=a.shard_size,
-            val_fraction=a.val_fraction,
-            seed=a.seed,
-            overwrite=True,  # the demo's own folder
-        )
+        s = _SCENES[cfg.dataset](a, overwrite=True)  # the demo's own folder
         return {"world": cfg.dataset, "written": s["written"], "splits": s["splits"], "heldout": s["heldout"]}
-    e = cfg.emoji
-    s = build_emoji_dataset(
-        e.output,
-        image_size=e.image_size,
-        shard_size=e.shard_size,
-        val_fraction=e.val_fraction,
-        workers=e.workers,
-        limit=e.limit,
-        skin_tones=e.skin_tones,
-        groups=e.groups,
-    )
+    s = build_emoji_from(cfg.emoji)
     return {"written": s["written"], "skipped": s["skipped"], "splits": s["splits"], "fingerprint": s["fingerprint"]}
 
 
@@ -495,13 +430,7 @@ def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
     log.info("sampling precision: %s", pick.reason)
     reranker = Reranker(Path(cfg.out_dir, "clip"))
     pairs = demo_captions(cfg)
-    settings = SampleSettings(
-        candidates=cfg.candidates,
-        keep=cfg.keep,
-        top_k=cfg.top_k,
-        temperature=cfg.temperature,
-        batch_size=cfg.candidates,
-    )
+    settings = cfg.sample
     assert prior.dvae is not None
     results = generate(prior.model, prior.dvae, [c for c, _ in pairs], prior.tokenizer, settings, reranker)
     out = Path(cfg.out_dir, "samples")
@@ -536,20 +465,12 @@ def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
     prior = load_prior(Path(prior_config(cfg).run.run_dir, "export"))
     prior.use_trained_precision()
     e, d = cfg.evaluation, data_dir(cfg)
-    settings = SampleSettings(
-        candidates=e.candidates,
-        keep=1,
-        top_k=cfg.top_k,
-        temperature=cfg.temperature,
-        guidance=e.guidance,
-        batch_size=e.candidates,
-    )
     result = zero_shot(
         prior,
         Reranker(Path(cfg.out_dir, "clip")),
         f"{d}/val/*.tar",
         f"{d}/heldout/*.tar",
-        settings,
+        e.sample,
         captions=e.captions,
         train_shards=f"{d}/train/*.tar",
         pictures=e.pictures,
@@ -563,12 +484,13 @@ def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
 def evaluate_command(cfg: DemoConfig) -> str:
     """tools/evaluate.py with the demo's settings: it reproduces the report's numbers."""
     e, d = cfg.evaluation, data_dir(cfg)
-    top_k = f" --top-k {cfg.top_k}" if cfg.top_k else ""
+    s = e.sample
+    top_k = f" --top-k {s.top_k}" if s.top_k else ""
     return (
         f"python tools/evaluate.py --model {prior_config(cfg).run.run_dir}/export --clip {cfg.out_dir}/clip "
         f"--seen '{d}/val/*.tar' --heldout '{d}/heldout/*.tar' --train '{d}/train/*.tar' "
-        f"--captions {e.captions} --candidates {e.candidates} --temperature {cfg.temperature}{top_k} "
-        f"--guidance {e.guidance} "
+        f"--captions {e.captions} --candidates {s.candidates} --temperature {s.temperature}{top_k} "
+        f"--guidance {s.guidance} --seed {s.seed} "
         + (f"--inception {e.inception} " if e.inception else "")
         + (f"--world {cfg.dataset} " if cfg.dataset != "shapes" else "")
         + f"--pictures {e.pictures} --output {cfg.out_dir}/evaluation"
@@ -651,14 +573,14 @@ def stages() -> list[Stage]:
         Stage(
             "samples",
             stage_samples,
-            lambda c: [c.captions_train, c.captions_val, c.captions_new, c.candidates, c.keep, c.top_k, c.temperature],
+            lambda c: [c.captions_train, c.captions_val, c.captions_new, to_dict(c.sample)],
             lambda c: [Path(c.out_dir, "samples", "samples.json")],
             after=("prior", "clip"),
         ),
         Stage(
             "evaluate",
             stage_evaluate,
-            lambda c: [c.dataset, to_dict(c.evaluation), c.top_k, c.temperature],
+            lambda c: [c.dataset, to_dict(c.evaluation)],
             lambda c: [Path(c.out_dir, "evaluation", "evaluation.json")] if c.dataset in _SCENES else [],
             after=("data", "prior", "clip"),
         ),

@@ -28,21 +28,90 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import save_png, to_uint8, to_unit
 from dalle_repro.data.shapes import ATTRIBUTES
 from dalle_repro.data.worlds import world_name, world_of
 from dalle_repro.evaluation.tasks import gain, rates, read_back, summarize
 from dalle_repro.models.dvae import DVAE, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
+from dalle_repro.sample.generate import SampleSettings
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, H, W) in [0, 1] -> (B, D)
+
+
+def _zero_shot_sampling() -> SampleSettings:
+    """The zero-shot evaluation's sampling defaults: 16 candidates in one batch; the reranked pick
+    is CLIP's best of them and the random pick the first, so ``keep`` is 1."""
+    return SampleSettings(candidates=16, keep=1, batch_size=None)
+
+
+@dataclass
+class EvalArgs:
+    """The zero-shot evaluation (:func:`zero_shot`): samples for seen and for held-out captions, read back."""
+
+    captions: int = arg(
+        96,
+        "Distinct captions per split: the first of the validation split (seen pairs) and of heldout/ (all of "
+        "them where fewer exist). 96 keeps a share's 95% interval within about +-10 points.",
+        gt=0,
+    )
+    pictures: int = arg(6, "Held-out captions drawn beside the nearest training caption.", ge=0)
+    inception: str | None = arg(
+        None,
+        "FID's Inception weights (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, a local file); with them "
+        "FID is added at each blur radius. null: no FID (nothing is downloaded), the Fréchet distance in the "
+        "CLIP's space only.",
+    )
+    sample: SampleSettings = arg(
+        factory=_zero_shot_sampling,
+        doc="How the evaluation samples (guidance needs a prior trained with caption dropout).",
+    )
+
+
+@dataclass
+class EvaluateConfig:
+    """tools/evaluate.py: one of a prior export (model), a folder of generated images (images) or a
+    dVAE (dvae), evaluated into ``output``."""
+
+    output: str = arg(doc="Folder for evaluation.json and the plots.")
+    model: str | None = arg(None, "A prior export (RUN/export): the zero-shot evaluation on the shapes set.")
+    images: str | None = arg(
+        None,
+        "Generated images: launch/sample.py's output folder (NNN-caption/ folders with result.json and "
+        "00.png, ...), or a folder of KEY.png with KEY.txt captions.",
+    )
+    dvae: str | None = arg(None, "A dVAE model folder (RUN/dvae): its reconstructions of the reference.")
+    clip: str | None = arg(None, "A CLIP folder (tools/train_clip.py's, or a Hugging Face download).")
+    reference: str | None = arg(None, "Reference shards (with images or dvae).")
+    attributes: bool = arg(False, "Read the captions' attributes back from the pixels (with images or dvae).")
+    world: Literal["shapes", "strokes"] = arg(
+        "shapes", "The data set whose grammar the captions follow and whose reader reads them back."
+    )
+    limit: int | None = arg(None, "At most this many reference images (with dvae); null: all.", gt=0)
+    blur_radii: list[float] = arg(factory=lambda: [0, 1, 2, 4, 8], doc="FID blur radii.", ge=0, sep=",")
+    seen: str | None = arg(None, "Shards whose captions use pairs seen in training (the validation split).")
+    heldout: str | None = arg(None, "Shards whose captions use held-out pairs.")
+    train: str | None = arg(None, "Training shards, for the picture of the nearest training captions.")
+    evaluation: EvalArgs = arg(factory=EvalArgs, doc="The zero-shot evaluation of a prior (with model).")
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("model", "images", "dvae") if getattr(self, k)]
+        if len(given) != 1:
+            raise ConfigError(f"{'/'.join(given) or 'model'}: give exactly one of --model, --images and --dvae")
+        if self.model and not (self.clip and self.seen and self.heldout):
+            raise ConfigError("model: --model needs --clip, --seen and --heldout")
+        if not self.model and not self.reference:
+            raise ConfigError(f"reference: --{given[0]} needs --reference shards")
+        if not self.blur_radii:
+            raise ConfigError("blur_radii: give at least one radius, e.g. 0,1,2,4,8")
 
 
 class _Given(nn.Module):
@@ -226,7 +295,7 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
     by ``reranker``; the sampler's seeds make a rerun give the same images."""
     from dalle_repro.sample.generate import generate
 
-    s = dataclasses.replace(settings, keep=settings.candidates)
+    s = dataclasses.replace(settings, keep=settings.candidates, dedup=False)  # every candidate, in order
     results = generate(prior.model, prior.dvae, captions, prior.tokenizer, s, reranker, progress=False)
     images, scores = [], []
     for r in results:

@@ -17,29 +17,52 @@ the seed, the settings and the batch size, not on the other captions.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.data.tokenizer import TextTokenizer
 from dalle_repro.models.dvae import DVAE
 from dalle_repro.models.transformer import Transformer
 from dalle_repro.sample.rerank import Reranker
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class SampleSettings:
-    candidates: int = 64
-    keep: int = 8
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    guidance: float = 1.0
-    init_rows: int = 0
-    seed: int = 0
-    batch_size: int = 16
+    """How captions are sampled: the config section ``sample`` of launch/sample.py, of the demo, and of
+    the zero-shot evaluation (``evaluation.sample``), each with its own defaults."""
+
+    candidates: int = arg(64, "Images generated per caption (the paper reranks 512).", ge=1)
+    keep: int = arg(8, "Images kept per caption, best CLIP score first (without CLIP: the first ones).", ge=1)
+    temperature: float = arg(1.0, "Softmax temperature; 0 is greedy.", ge=0)
+    top_k: int | None = arg(None, "Sample among the K most likely codes; null: the whole codebook.", gt=0)
+    top_p: float | None = arg(None, "Sample within the nucleus of probability P; null: no nucleus.", gt=0, le=1)
+    guidance: float = arg(
+        1.0, "Classifier-free guidance scale (1: none; needs a prior trained with caption dropout).", ge=0
+    )
+    init_rows: int = arg(0, "Token rows of the init image kept at the top (image-to-image); 0: none.", ge=0)
+    seed: int = arg(0, "Seed; the same seed and settings give the same images.", ge=0)
+    batch_size: int | None = arg(16, "Candidates drawn and decoded together; null: all of a caption's at once.", gt=0)
+    dedup: bool = arg(
+        True,
+        "Pass over a candidate whose image tokens equal a better kept one's, keeping the next best instead "
+        "(fewer than keep when too few differ); result.json counts them (duplicates_dropped).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.keep > self.candidates:
+            raise ConfigError(f"keep: got {self.keep}; it cannot exceed candidates ({self.candidates})")
+
+    @property
+    def batch(self) -> int:
+        """Candidates per batch (``batch_size``, or all of them)."""
+        return self.batch_size or self.candidates
 
     def check(self, model: Transformer) -> None:
         a = model.args
@@ -55,7 +78,7 @@ class SampleSettings:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.init_rows <= a.grid:
             raise ValueError(f"init_rows must be in [0, {a.grid}], got {self.init_rows}")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
@@ -67,9 +90,11 @@ class PromptResult:
     scores: list[float] | None  # CLIP scores of the kept images, best first (None without a reranker)
     candidate_scores: list[float] | None = None  # every candidate's score, in generation order
     kept: list[int] = field(default_factory=list)  # indices of the kept candidates
+    duplicates_dropped: int = 0  # candidates passed over because a kept one had the same tokens
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"caption": self.caption, "kept": self.kept, "scores": self.scores}
+        out["duplicates_dropped"] = self.duplicates_dropped
         if self.candidate_scores:
             cs = self.candidate_scores
             out |= {
@@ -77,6 +102,27 @@ class PromptResult:
                 "mean_score_kept": sum(self.scores or []) / max(1, len(self.kept)),
             }
         return out
+
+
+def pick_distinct(ranked: list[int], tokens: torch.Tensor, keep: int, dedup: bool) -> tuple[list[int], int]:
+    """The first ``keep`` candidates of ``ranked`` (best first) and how many were passed over: with
+    ``dedup``, one whose token grid equals an already kept one's (a low temperature or a small top-k
+    draws the same image again, and a grid of copies shows less than it seems)."""
+    if not dedup:
+        return ranked[:keep], 0
+    kept: list[int] = []
+    seen: set[bytes] = set()
+    dropped = 0
+    for j in ranked:
+        grid = tokens[j].cpu().numpy().tobytes()
+        if grid in seen:
+            dropped += 1
+            continue
+        seen.add(grid)
+        kept.append(j)
+        if len(kept) == keep:
+            break
+    return kept, dropped
 
 
 @torch.no_grad()
@@ -108,11 +154,13 @@ def generate(
     total = len(captions) * s.candidates * a.n_image
     bar = tqdm(total=total, desc="sample", unit="tok", disable=not progress or None)
     for i, caption in enumerate(captions):
+        if not caption.strip():
+            log.warning("caption %d is empty: its images are sampled unconditionally (no text to follow)", i)
         gen = torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + i)
         text_row = torch.tensor([tokenizer.encode(caption)], dtype=torch.long, device=dev)
         grids = []
-        for start in range(0, s.candidates, s.batch_size):
-            b = min(s.batch_size, s.candidates - start)
+        for start in range(0, s.candidates, s.batch):
+            b = min(s.batch, s.candidates - start)
             tokens = model.generate(
                 text_row.expand(b, -1),
                 temperature=s.temperature,
@@ -126,16 +174,23 @@ def generate(
             )
             grids.append(tokens.view(b, a.grid, a.grid))
         tokens = torch.cat(grids)
-        images = torch.cat([dvae.decode(t) for t in tokens.split(s.batch_size)]).cpu()
+        images = torch.cat([dvae.decode(t) for t in tokens.split(s.batch)]).cpu()
+        scores = None
         if reranker is not None:
-            order, scores = reranker.rank(images, caption, s.keep)
-            kept = order.tolist()
-            result = PromptResult(
-                caption, images[order], tokens[order].cpu(), [float(scores[j]) for j in kept], scores.tolist(), kept
-            )
+            order, scores = reranker.rank(images, caption)
+            ranked = order.tolist()
         else:
-            kept = list(range(s.keep))
-            result = PromptResult(caption, images[: s.keep], tokens[: s.keep].cpu(), None, None, kept)
+            ranked = list(range(s.candidates))
+        kept, dropped = pick_distinct(ranked, tokens, s.keep, s.dedup)
+        result = PromptResult(
+            caption,
+            images[kept],
+            tokens[kept].cpu(),
+            None if scores is None else [float(scores[j]) for j in kept],
+            None if scores is None else scores.tolist(),
+            kept,
+            dropped,
+        )
         results.append(result)
     bar.close()
     return results
