@@ -243,17 +243,38 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 ENV_FLAG = "--config-env"
+PIPE_FLAG = "--allow-pipe"
+
+
+def _find_value(value: Any, pattern: str, key: str = "") -> str | None:
+    """The dotted key of the first string in ``value`` (nested dicts and lists) that matches ``pattern``."""
+    if isinstance(value, dict):
+        return next((k for k2, v in value.items() if (k := _find_value(v, pattern, f"{key}{k2}."))), None)
+    if isinstance(value, list):
+        return next((k for i, v in enumerate(value) if (k := _find_value(v, pattern, f"{key}{i}."))), None)
+    if isinstance(value, str) and re.search(pattern, value):
+        return key.rstrip(".")
+    return None
 
 
 def _env_reference(value: Any, key: str = "") -> str | None:
     """The dotted key of the first value that reads an environment variable (``${oc.env:...}``)."""
-    if isinstance(value, dict):
-        return next((k for k2, v in value.items() if (k := _env_reference(v, f"{key}{k2}."))), None)
-    if isinstance(value, list):
-        return next((k for i, v in enumerate(value) if (k := _env_reference(v, f"{key}{i}."))), None)
-    if isinstance(value, str) and re.search(r"\$\{\s*(oc\.)?env\s*:", value):
-        return key.rstrip(".")
-    return None
+    return _find_value(value, r"\$\{\s*(oc\.)?env\s*:", key)
+
+
+def refuse_pipe(data: Any, source: str) -> None:
+    """Raise :class:`ConfigError` when ``data``, read from ``source`` (a file), holds a ``pipe:`` shard.
+
+    A ``pipe:`` shard runs a shell command when a reader opens it, so it is taken from the command
+    line only (an override or a flag), where the user typed it: a config, plan or list that came
+    with someone else's data set or run must not run commands on this machine. Any string holding
+    ``pipe:`` counts, wherever it sits (a brace pattern or an override string inside a list can
+    carry one too). ``PIPE_FLAG`` on the command line accepts them."""
+    if (key := _find_value(data, r"pipe:")) is not None:
+        raise ConfigError(
+            f"{key}: {source} holds a pipe: shard, a shell command; commands are taken from the command line "
+            f"only: give it there ({key}=...) or add {PIPE_FLAG} to run the file's commands"
+        )
 
 
 def load_yaml(path: str | os.PathLike[str], allow_env: bool = False) -> dict[str, Any]:
@@ -292,10 +313,14 @@ def load_config(
     yaml_path: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
     allow_env: bool = False,
+    allow_pipe: bool = False,
 ) -> T:
     """Defaults of ``cls`` <- the YAML file <- ``key.sub=value`` overrides, validated.
-    ``allow_env``: let the YAML file read environment variables (see :func:`load_yaml`)."""
+    ``allow_env``: let the YAML file read environment variables (see :func:`load_yaml`);
+    ``allow_pipe``: let it hold ``pipe:`` shards (see :func:`refuse_pipe`; overrides may always)."""
     data: dict[str, Any] = load_yaml(yaml_path, allow_env) if yaml_path else {}
+    if not allow_pipe:
+        refuse_pipe(data, f"config file {yaml_path}")
     data = deep_merge(data, parse_overrides(overrides))
     return _build(cls, data)
 
@@ -375,6 +400,8 @@ def cli_help(cls: type, usage: str) -> str:
     env = (
         f"\n\n{ENV_FLAG}: let the YAML config read environment variables (${{oc.env:NAME}}); off by default, so "
         "that a shared config cannot copy a secret into the run's config.yaml, checkpoints and wandb."
+        f"\n{PIPE_FLAG}: let the YAML config hold pipe: shards (shell commands); off by default, so that a shared "
+        "config cannot run commands here. A pipe: shard given on the command line (key.sub=pipe:...) needs no flag."
     )
     keys = "\n".join(describe(cls))
     return plain_text(usage.rstrip() + env + "\n\nConfig keys (set in YAML or as key.sub=value):\n" + keys)
@@ -393,6 +420,7 @@ def parse_cli(
     p.add_argument("--config", default=default_config)
     p.add_argument("--local_rank", type=int, default=None)
     p.add_argument(ENV_FLAG, action="store_true")
+    p.add_argument(PIPE_FLAG, action="store_true")
     p.add_argument("-h", "--help", action="store_true")
     for flag in flags:
         p.add_argument(flag, action="store_true")
@@ -401,8 +429,9 @@ def parse_cli(
         print(cli_help(cls, doc))
         return None, {}
     try:
-        cfg = load_config(cls, a.config, overrides, allow_env=a.config_env)
+        cfg = load_config(cls, a.config, overrides, allow_env=a.config_env, allow_pipe=a.allow_pipe)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    return cfg, {f.lstrip("-").replace("-", "_"): getattr(a, f.lstrip("-").replace("-", "_")) for f in flags}
+    names = [f.lstrip("-").replace("-", "_") for f in (*flags, PIPE_FLAG)]
+    return cfg, {n: getattr(a, n) for n in names}

@@ -15,6 +15,7 @@ from its last checkpoint), the small CLIP, reranked samples and the zero-shot ev
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dalle_repro.core.config import (
+    PIPE_FLAG,
     ConfigError,
     arg,
     deep_merge,
@@ -66,6 +68,11 @@ from dalle_repro.train.metrics import last_validation
 from dalle_repro.train.prior_config import PriorTrainConfig, resolve_sizes
 
 log = logging.getLogger(__name__)
+
+# Whether the demo's command line carried --allow-pipe: the dVAE and prior YAML files the demo
+# config names are files too, so their pipe: shards need it (config.refuse_pipe). Set by run_demo
+# for its own run only.
+_ALLOW_PIPE: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_pipe", default=False)
 
 
 @dataclass
@@ -271,7 +278,10 @@ def dvae_config(cfg: DemoConfig, plan: bool = True) -> DVAETrainConfig:
     e = data_dir(cfg)
     own = [f"data.shards={e}/train/*.tar", f"run.val_shards={e}/val/*.tar", f"run.run_dir={cfg.out_dir}/dvae"]
     return load_config(
-        DVAETrainConfig, cfg.dvae_config, [*own, *cfg.dvae_overrides, *(planned(cfg, "dvae") if plan else [])]
+        DVAETrainConfig,
+        cfg.dvae_config,
+        [*own, *cfg.dvae_overrides, *(planned(cfg, "dvae") if plan else [])],
+        allow_pipe=_ALLOW_PIPE.get(),
     )
 
 
@@ -323,7 +333,10 @@ def prior_config(cfg: DemoConfig, plan: bool = True) -> PriorTrainConfig:
         f"run.run_dir={cfg.out_dir}/prior",
     ]
     return load_config(
-        PriorTrainConfig, cfg.prior_config, [*own, *cfg.prior_overrides, *(planned(cfg, "prior") if plan else [])]
+        PriorTrainConfig,
+        cfg.prior_config,
+        [*own, *cfg.prior_overrides, *(planned(cfg, "prior") if plan else [])],
+        allow_pipe=_ALLOW_PIPE.get(),
     )
 
 
@@ -422,7 +435,8 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
         launcher = Path(shutil.which("deepspeed") or "deepspeed")
     cmd = [str(launcher), "--num_gpus", str(cfg.prior_ranks), "--master_port", str(free_port())]
     # as a module, so that an installed (not editable) package runs the demo too
-    cmd += ["--module", "dalle_repro.cli.train_prior", "--config", str(path)]
+    # the file is ours, written just now from a config whose files were checked for pipe: shards
+    cmd += ["--module", "dalle_repro.cli.train_prior", "--config", str(path), PIPE_FLAG]
     cmd += ["--resume"] if resume else []
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -638,8 +652,21 @@ def stages() -> list[Stage]:
     ]
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Run every unfinished stage; returns each stage's result (from its marker when skipped)."""
+def run_demo(
+    cfg: DemoConfig, log: Callable[[str], None] = print, allow_pipe: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Run every unfinished stage; returns each stage's result (from its marker when skipped).
+    ``allow_pipe``: the command line's --allow-pipe, which lets the dVAE and prior YAML files hold
+    pipe: shards."""
+    token = _ALLOW_PIPE.set(allow_pipe)
+    try:
+        return _run_stages(cfg, log)
+    finally:
+        _ALLOW_PIPE.reset(token)
+
+
+def _run_stages(cfg: DemoConfig, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    dvae_config(cfg, plan=False), prior_config(cfg, plan=False)  # a config file's error stops it before any stage
     out = Path(cfg.out_dir)
     save_config(cfg, out)
     results: dict[str, dict[str, Any]] = {}
