@@ -32,7 +32,7 @@ def _plan(cfg, tmp_path, fraction):
         "clip": demo.clip_config(cfg, plan=False),
     }
     overrides = {k: demo_plan.scaled_overrides(c, demo_plan.SCALED_KEYS[k], fraction) for k, c in configs.items()}
-    demo.plan_path(cfg).write_text(json.dumps({"overrides": overrides}))
+    demo.plan_path(cfg).write_text(json.dumps({"fraction": fraction, "overrides": overrides}))
     return configs
 
 
@@ -74,11 +74,32 @@ def test_a_zero_length_schedule_stays_zero():
 
 def test_an_unreadable_plan_is_named(cfg, tmp_path):
     cfg.out_dir = str(tmp_path)
-    demo.plan_path(cfg).write_text('{"overrides": {"dvae": [')  # torn
+    demo.plan_path(cfg).write_text('{"fraction": 0.5, "overrides": {"dvae": [')  # torn
     with pytest.raises(ConfigError, match="plan.json: unreadable time plan"):
         demo.dvae_config(cfg)
     assert demo.dvae_config(cfg, plan=False).run.steps > 0  # the plan stage's own settings still load
     assert demo.prior_config(cfg, plan=False).dvae.endswith("dvae/dvae")
+
+
+def test_a_plan_file_sets_no_override_of_its_own(cfg, tmp_path, monkeypatch):
+    """plan.json sits in the output folder, which may come from someone else: the overrides it
+    records (any key, a pipe: shard, an environment variable) are not applied; only its fraction is
+    read, in bounds, and the update counts are recomputed from it."""
+    monkeypatch.setenv("DALLE_REPRO_TEST_SECRET", "s3cret")
+    full = _plan(cfg, tmp_path, 0.5)
+    plan = json.loads(demo.plan_path(cfg).read_text())
+    plan["overrides"]["dvae"] += [f"data.shards=pipe:touch {tmp_path / 'ran'}", "log.wandb=true"]
+    plan["overrides"]["prior"] += ["log.wandb_project=${oc.env:DALLE_REPRO_TEST_SECRET}", "run.steps=99999"]
+    plan["overrides"]["clip"] += ["run.steps=99999"]
+    demo.plan_path(cfg).write_text(json.dumps(plan))
+    d, p, c = demo.dvae_config(cfg), demo.prior_config(cfg), demo.clip_config(cfg)
+    assert d.data.shards == full["dvae"].data.shards and not d.log.wandb
+    assert p.log.wandb_project == full["prior"].log.wandb_project and p.run.steps == full["prior"].run.steps // 2
+    assert c.run.steps == full["clip"].run.steps // 2
+    for bad in (7.0, 0.0, "0.5", None):
+        demo.plan_path(cfg).write_text(json.dumps(plan | {"fraction": bad}))
+        with pytest.raises(ConfigError, match="plan.json: unreadable time plan"):
+            demo.dvae_config(cfg)
 
 
 def test_a_rerun_keeps_the_timings_whose_subject_did_not_change(cfg, tmp_path, monkeypatch):

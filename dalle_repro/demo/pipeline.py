@@ -253,22 +253,35 @@ def plan_path(cfg: DemoConfig) -> Path:
 
 
 def _read_plan(path: Path) -> dict[str, Any] | None:
-    """The plan file, None before the plan stage has written one; a damaged one is named."""
+    """The plan file, None before the plan stage has written one; a damaged one is named.
+
+    Only its ``fraction`` (checked to lie in [MIN_FRACTION, 1]) and its timings are read back: the
+    file sits in the output folder, which may have come from someone else, so the overrides it
+    records are recomputed from the fraction (:func:`planned`) rather than applied as written."""
+    from dalle_repro.demo import plan as dp
+
     if not path.is_file():
         return None
     try:
         plan = json.loads(path.read_text())
-        if not all(isinstance(plan.get("overrides", {}).get(k), list) for k in ("dvae", "prior", "clip")):
-            raise ValueError("no overrides for dvae, prior and clip")
+        f = plan.get("fraction") if isinstance(plan, dict) else None
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not dp.MIN_FRACTION <= f <= 1:
+            raise ValueError(f"fraction {f!r} is not a number in [{dp.MIN_FRACTION}, 1]")
         return plan
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable time plan ({e}); delete it and run the demo again to plan anew") from e
 
 
-def planned(cfg: DemoConfig, stage: str) -> list[str]:
-    """The plan's overrides for a training stage (none before the plan stage has run)."""
+def planned(cfg: DemoConfig, stage: Literal["dvae", "prior", "clip"]) -> list[str]:
+    """The plan's overrides for a training stage: its update counts (plan.SCALED_KEYS) scaled by
+    the plan's fraction (none before the plan stage has run)."""
+    from dalle_repro.demo import plan as dp
+
     plan = _read_plan(plan_path(cfg))
-    return plan["overrides"][stage] if plan else []
+    if plan is None:
+        return []
+    unplanned = {"dvae": dvae_config, "prior": prior_config, "clip": clip_config}[stage](cfg, plan=False)
+    return dp.scaled_overrides(unplanned, dp.SCALED_KEYS[stage], plan["fraction"])
 
 
 def dvae_config(cfg: DemoConfig, plan: bool = True) -> DVAETrainConfig:
@@ -356,6 +369,11 @@ def clip_config(cfg: DemoConfig, plan: bool = True) -> ClipTrainConfig:
     )
 
 
+def _seconds(value: Any) -> bool:
+    """Whether a timing read back from plan.json is a usable number of seconds."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
+
+
 def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
     """Time a few updates of each training stage and fit the three into ``train_minutes`` (demo_plan)."""
     from dalle_repro.demo import plan as dp
@@ -392,11 +410,12 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
         old = _read_plan(plan_path(cfg)) or {}
         keys = {k: _fingerprint(what, usable_cores(), torch.get_num_threads()) for k, (_, what) in timers.items()}
         seconds = {
-            k: old["seconds_per_update"][k] if old.get("timing_keys", {}).get(k) == keys[k] else timer()
+            k: old_seconds if old.get("timing_keys", {}).get(k) == keys[k] and _seconds(old_seconds) else timer()
             for k, (timer, _) in timers.items()
+            for old_seconds in [old.get("seconds_per_update", {}).get(k)]
         }
         minutes = {k: seconds[k] * dp.STAGE_FACTORS[k] * updates[k] / 60 for k in updates}
-        fraction = dp.fraction_to_fit(minutes, cfg.train_minutes)
+        fraction = round(dp.fraction_to_fit(minutes, cfg.train_minutes), 4)  # what planned() reads back
         result |= {
             "seconds_per_update": seconds,
             "timing_keys": keys,
@@ -407,7 +426,7 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
     configs = {"dvae": dcfg, "prior": pcfg, "clip": ccfg}
     overrides = {k: dp.scaled_overrides(configs[k], dp.SCALED_KEYS[k], fraction) for k in configs}
     planned_updates = {k: dp.scaled(n, fraction) for k, n in updates.items()}
-    result |= {"fraction": round(fraction, 4), "planned_updates": planned_updates, "overrides": overrides}
+    result |= {"fraction": fraction, "planned_updates": planned_updates, "overrides": overrides}
     if fraction < 1:
         log.warning(
             "this machine would need %.1f minutes for the configured training (train_minutes=%s): the demo trains "
