@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -40,6 +41,41 @@ def first_token_grid(paths: Sequence[str]) -> tuple[str, tuple[int, ...]] | None
 
 
 MAX_SHARD_SAMPLES = 1_000_000  # a shard with more is refused (unreadable_shard): split it
+
+
+def open_regular(path: str) -> Any:
+    """``path`` opened for binary reading, refused with OSError unless it is a regular file.
+
+    A shard path may name a FIFO (whose open blocks until a writer comes) or, through a symlink in
+    a data set, a device (``/dev/zero`` never ends, and tarfile's ``ignore_zeros`` walks it
+    forever). The open does not block (O_NONBLOCK) and the check is on the opened file (fstat), so
+    a link swapped in between cannot get past it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+class _Bounded:
+    """A binary file seen only up to ``end`` bytes: the tar walk ends at the size the file had when
+    it was opened, even if it grows meanwhile."""
+
+    def __init__(self, f: Any, end: int):
+        self._f, self._end = f, end
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self._end - self._f.tell())
+        return self._f.read(left if n is None or n < 0 else min(n, left))
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
 
 
 class _NotPlain(Exception):
@@ -102,11 +138,11 @@ class Shard:
     def __init__(self, path: str):
         self.path = path
         self.truncated = False
-        self._file = spool(path) if is_remote(path) else open(path, "rb")  # noqa: SIM115 (closed by close())
+        self._file = spool(path) if is_remote(path) else open_regular(path)
         try:
             size = os.fstat(self._file.fileno()).st_size
             try:
-                groups = self._group(_scan_plain_tar(self._file, size))
+                groups = self._group(_scan_plain_tar(_Bounded(self._file, size), size))
             except _NotPlain:
                 groups = self._index_with_tarfile(path, size)
         except BaseException:
@@ -130,7 +166,9 @@ class Shard:
         members: list[tuple[str, int, int]] = []
         expected, damage = 0, None  # where the next header should start; what was wrong
         self._file.seek(0)
-        with tarfile.open(fileobj=self._file, mode="r:", ignore_zeros=True) as tar:  # OSError / tarfile.ReadError
+        with tarfile.open(
+            fileobj=_Bounded(self._file, end), mode="r:", ignore_zeros=True
+        ) as tar:  # OSError / tarfile.ReadError
             try:
                 while True:
                     info = tar.next()

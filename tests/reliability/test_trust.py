@@ -1,0 +1,75 @@
+"""Inputs from someone else: shard paths that are not files, and other data that crosses a trust
+boundary. Each case is recorded in the ledger; a reader must count the bad input and go on, never
+hang, run a command or read outside what it was given."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+from helpers import ROOT
+
+
+def write_shard(path: Path, samples: dict[str, dict[str, bytes]]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as t:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    return path
+
+
+def run_bounded(code: str, timeout: float = 120) -> dict:
+    """Run ``code`` (which prints one JSON line last) in a child, so that a hang fails the test
+    instead of the suite."""
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            env=os.environ | {"PYTHONPATH": str(ROOT)},
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s (a reader hung)")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_shard_paths_that_are_no_regular_file_are_counted_not_waited_on(tmp_path, ledger):
+    """A FIFO blocked open() forever; 00001.tar linked to /dev/zero or /dev/urandom made the tar walk
+    (ignore_zeros) loop forever. Each is counted unreadable_shard and the good shard is read."""
+    good = write_shard(tmp_path / "00000.tar", {"a": {"txt": b"a cat", "png": b"x"}, "b": {"txt": b"a dog"}})
+    os.mkfifo(tmp_path / "00001.tar")
+    (tmp_path / "00002.tar").symlink_to("/dev/zero")
+    (tmp_path / "00003.tar").symlink_to("/dev/urandom")
+    bad = 3
+    ledger.injected("shard_not_a_regular_file", bad)
+    code = f"""
+import json
+from collections import Counter
+from dalle_repro.data.tar import Shard, iter_shard_samples
+errors = Counter()
+paths = [{str(good)!r}] + [{str(tmp_path)!r} + f"/0000{{i}}.tar" for i in (1, 2, 3)]
+keys = [k for k, _ in iter_shard_samples(paths, errors)]
+refused = 0
+for p in paths[1:]:
+    try:
+        Shard(p)
+    except OSError as e:
+        refused += "not a regular file" in str(e)
+print(json.dumps({{"keys": keys, "errors": dict(errors), "refused": refused}}))
+"""
+    out = run_bounded(code)
+    assert out["keys"] == ["a", "b"]
+    assert out["errors"] == {"unreadable_shard": bad} and out["refused"] == bad
+    ledger.survived("shard_not_a_regular_file", bad)
