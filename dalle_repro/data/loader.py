@@ -35,6 +35,7 @@ from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.data.samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTS,
+    MAX_CAPTION_CHARS,
     SampleError,
     clean_caption,
     crop_resize,
@@ -80,7 +81,7 @@ class DataArgs:
     shuffle: bool = arg(True, "Shuffle shard order and sample order within a shard, per epoch.")
     seed: int = arg(0, "Seed of every random choice the loader makes.", ge=0)
     max_pixels: int = arg(DEFAULT_MAX_PIXELS, "Images with more pixels than this are rejected before decoding.", gt=0)
-    max_caption_chars: int = arg(4096, "Captions are cut to this many characters before tokenizing.", gt=0)
+    max_caption_chars: int = arg(MAX_CAPTION_CHARS, "Captions are cut to this many characters before tokenizing.", gt=0)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ from dalle_repro.core.files import atomic_write_text
 from dalle_repro.data.samples import (
     IMAGE_EXTS,
     SampleError,
-    clean_caption,
     crop_resize,
+    cut_caption,
     decode_image,
     image_to_tensor,
 )
@@ -78,7 +78,7 @@ def _samples(path: str, size: int, errors: Counter, max_pixels: int) -> Iterator
             meta = json.loads(members["json"]) if "json" in members else {}
         except (ValueError, RecursionError):  # bad or deeply nested JSON: the sample keeps no metadata
             meta = {}
-        caption = clean_caption(members.get("txt", b""))
+        caption = cut_caption(members.get("txt", b""), errors)
         if (safe := safe_key(key)) != key:  # '../../x' or '/abs/x' from the input: not into our tars
             errors["unsafe_key_renamed"] += 1
             key = safe

@@ -14,6 +14,7 @@ import os
 import re
 import unicodedata
 import warnings
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -67,6 +68,22 @@ def decode_caption(raw: bytes) -> tuple[str, str]:
     if len(_UTF8_MULTIBYTE.findall(raw)) > damaged.count("\ufffd"):  # mostly UTF-8: keep it, mark the rest
         return damaged, "utf-8-damaged"
     return raw.decode("cp1252", errors="replace"), "latin-1"
+
+
+MAX_CAPTION_CHARS = 4096  # the loader's cut (DataArgs.max_caption_chars); tools that read captions use it too
+
+
+def cut_caption(raw: bytes | str, errors: Counter, max_chars: int = MAX_CAPTION_CHARS) -> str:
+    """:func:`clean_caption` cut at ``max_chars``, counting a cut one (``caption_truncated``).
+
+    What the loader would feed the model anyway; tools that read captions outside the loader
+    (tokenizer training, pre-encoding) cut alike, since BPE training is quadratic in the length of
+    a space-free caption and a token shard has no use for the rest of a 10 MB one."""
+    text = clean_caption(raw, max_chars + 1)
+    if len(text) > max_chars:
+        errors["caption_truncated"] += 1
+        text = text[:max_chars]
+    return text
 
 
 def clean_caption(raw: bytes | str, max_chars: int | None = None) -> str:

@@ -73,3 +73,30 @@ print(json.dumps({{"keys": keys, "errors": dict(errors), "refused": refused}}))
     assert out["keys"] == ["a", "b"]
     assert out["errors"] == {"unreadable_shard": bad} and out["refused"] == bad
     ledger.survived("shard_not_a_regular_file", bad)
+
+
+def test_tokenizer_training_and_pre_encoding_cut_a_huge_caption_and_count_it(tmp_path, ledger):
+    """BPE training is quadratic in a space-free caption (400k characters took 33 s) and
+    encode_tokens kept a 10 MB caption whole: both cut at the loader's limit, counted."""
+    from collections import Counter
+
+    from helpers import png_bytes
+
+    from dalle_repro.data.loader import DataArgs
+    from dalle_repro.data.pre_encode import _samples
+    from dalle_repro.data.tokenizer import train_from_shards
+
+    huge = b"abcdefghij" * 40_000  # 400k characters, no space
+    shard = write_shard(
+        tmp_path / "00000.tar",
+        {"a": {"txt": b"a red cat", "png": png_bytes()}, "b": {"txt": huge, "png": png_bytes(seed=1)}},
+    )
+    ledger.injected("huge_caption", 2)
+    _, stats = train_from_shards([str(shard)], vocab_size=300, progress=False)
+    assert stats["captions_read"] == 2 and stats["skipped"] == {"caption_truncated": 1}
+    ledger.survived("huge_caption")
+    errors: Counter = Counter()
+    captions = {key: caption for key, caption, _, _ in _samples(str(shard), 16, errors, 10**6)}
+    assert len(captions["b"]) == DataArgs().max_caption_chars and captions["a"] == "a red cat"
+    assert errors == {"caption_truncated": 1}
+    ledger.survived("huge_caption")
