@@ -68,7 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--paths-inside",
         action="store_true",
-        help="skip (outside_table_folder) table rows whose image path, symlinks resolved, leaves the table's folder",
+        help="the default: skip (outside_table_folder) table rows whose image path, symlinks resolved, leaves "
+        "the table's folder (a folder input is always confined to itself)",
+    )
+    p.add_argument(
+        "--paths-anywhere",
+        action="store_true",
+        help="read a table's image paths wherever they point (a table that names files elsewhere on purpose)",
     )
     p.add_argument(
         "--caption-ext",
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
             max_caption_chars=a.max_caption_chars,
             overwrite=a.overwrite,
             max_file_bytes=a.max_file_bytes,
-            paths_inside=a.paths_inside,
+            paths_inside=not a.paths_anywhere,
             keep_metadata=a.keep_metadata,
             caption_ext=a.caption_ext,
         )
