@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dalle_repro.core.config import ConfigError, load_config
+from dalle_repro.core.config import ConfigError, from_dict, load_config
 from dalle_repro.demo import pipeline as demo
 from dalle_repro.demo import plan as demo_plan
 
@@ -177,3 +177,31 @@ def test_with_cuda_the_plan_keeps_the_configured_runs(cfg, tmp_path, monkeypatch
     plan = demo.stage_plan(cfg)
     assert plan["fraction"] == 1.0 and all(not o for o in plan["overrides"].values()) and "CUDA" in plan["note"]
     assert demo.dvae_config(cfg) == demo.dvae_config(cfg, plan=False)
+
+
+def test_the_demo_replaces_only_folders_it_made(tmp_path, monkeypatch):
+    """out_dir pointed at an existing folder: a settings change rmtree'd RUN/dvae with its
+    checkpoints, and the shapes and tokens stages overwrote a user's NNNNN.tar."""
+    mine = tmp_path / "mine"
+    step = mine / "dvae" / "checkpoints" / "step_00000100"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+    (mine / "dvae" / "config.yaml").write_text("run:\n  steps: 5\n")
+    cfg = from_dict(demo.DemoConfig, {"out_dir": str(mine), "shapes": {"output": str(mine), "train": 20, "heldout": 4}})
+    monkeypatch.setattr(demo, "train_dvae", lambda *a, **k: pytest.fail("trained into a user's folder"))
+    with pytest.raises(ConfigError, match=f"{mine / 'dvae'} exists and was not made by the demo"):
+        demo.stage_dvae(cfg)
+    assert (step / "state.json").is_file()
+    (mine / "00000.tar").write_bytes(b"the user's shard")
+    with pytest.raises(ConfigError, match=f"{mine} exists and was not made by the demo"):
+        demo.stage_data(cfg)
+    assert (mine / "00000.tar").read_bytes() == b"the user's shard"
+    cfg.tokens_output = str(mine)
+    with pytest.raises(ConfigError, match="not made by the demo"):
+        demo.stage_tokens(cfg)
+    with pytest.raises(ConfigError, match="not made by the demo"):
+        demo.run_demo(cfg, log=lambda _: None)
+    assert not (mine / "config.yaml").exists() and (mine / "00000.tar").read_bytes() == b"the user's shard"
+    ours = demo.claim(tmp_path / "new")  # a folder the demo creates is its own from then on
+    (ours / "00000.tar").write_bytes(b"ours")
+    assert demo.claim(ours) == ours

@@ -184,6 +184,29 @@ def data_dir(cfg: DemoConfig) -> Path:
     return Path(cfg.shapes.output if cfg.dataset == "shapes" else cfg.emoji.output)
 
 
+DEMO_MARK = ".dalle-repro-demo"
+
+
+def claim(folder: str | Path) -> Path:
+    """``folder`` as the demo's own: created with the mark file :data:`DEMO_MARK` in it, or found
+    empty or with the mark. Anything else raises ConfigError naming it.
+
+    The demo replaces what it made (a run folder from other settings, the shapes and token shards
+    it wrote), so it must know what it made: ``out_dir`` or ``shapes.output`` pointed at a user's
+    folder would otherwise lose its checkpoints or shards."""
+    folder = Path(folder)
+    mark = folder / DEMO_MARK
+    if folder.is_dir() and not mark.is_file() and any(folder.iterdir()):
+        raise ConfigError(
+            f"{folder} exists and was not made by the demo (it has no {DEMO_MARK} file); the demo replaces only "
+            "folders it made: point the demo elsewhere (out_dir, shapes.output, tokens_output, run_dir overrides) "
+            "or move that folder away"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    mark.touch()
+    return folder
+
+
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -192,7 +215,7 @@ def stage_data(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.dataset == "shapes":
         a = cfg.shapes
         s = build_shapes_dataset(
-            a.output,
+            claim(a.output),
             n_train=a.train,
             n_heldout=a.heldout,
             image_size=a.image_size,
@@ -310,10 +333,11 @@ def _same_run(saved: Path, cfg: Any) -> bool:
 
 def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
     dcfg = dvae_config(cfg)
-    run_dir = Path(dcfg.run.run_dir)
+    run_dir = claim(dcfg.run.run_dir)
     resume = Checkpoints(run_dir).latest() is not None
     if resume and not _same_run(run_dir / "config.yaml", dcfg):
-        shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
+        shutil.rmtree(run_dir)  # the demo's own folder (claimed), from other settings: start again
+        claim(run_dir)
         resume = False
     val = train_dvae(dcfg, resume_run=resume) or last_validation(run_dir, "val_psnr")
     return val | {
@@ -327,7 +351,8 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
 def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
     dcfg = dvae_config(cfg)
     shards = sorted(str(p) for split in ("train", "val") for p in (data_dir(cfg) / split).glob("*.tar"))
-    s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, cfg.tokens_output, overwrite=True)  # ours
+    out = claim(cfg.tokens_output)  # overwritten: it must be ours
+    s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, out, overwrite=True)
     return {k: s[k] for k in ("written", "skipped", "grid", "vocab_size")} | {"output": cfg.tokens_output}
 
 
@@ -443,10 +468,11 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
 def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
     """Train the prior under the deepspeed launcher (``prior_ranks`` ranks), resuming a run of the same settings."""
     pcfg = prior_config(cfg)
-    run_dir = Path(pcfg.run.run_dir)
+    run_dir = claim(pcfg.run.run_dir)
     resume = Checkpoints(run_dir).latest() is not None
     if resume and not _same_run(run_dir / "config.yaml", resolve_sizes(pcfg)[0]):  # the run saves its sizes
-        shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)  # the demo's own folder (claimed)
+        claim(run_dir)
         resume = False
     path = save_config(pcfg, cfg.out_dir, "prior_config.yaml")
     launcher = Path(sys.executable).with_name("deepspeed")
@@ -686,7 +712,7 @@ def run_demo(
 
 def _run_stages(cfg: DemoConfig, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     dvae_config(cfg, plan=False), prior_config(cfg, plan=False)  # a config file's error stops it before any stage
-    out = Path(cfg.out_dir)
+    out = claim(cfg.out_dir)
     save_config(cfg, out)
     results: dict[str, dict[str, Any]] = {}
     fps: dict[str, str] = {}
