@@ -233,3 +233,21 @@ def test_the_demos_own_config_files_hold_no_pipe_without_the_flag(tmp_path):
         demo._ALLOW_PIPE.reset(token)
     with pytest.raises(ConfigError, match="--allow-pipe"):
         demo.run_demo(cfg, log=lambda _: None)
+
+
+def test_an_environment_variable_read_through_a_built_resolver_name_is_refused(tmp_path, monkeypatch):
+    """``${oc.${run.val_shards}:NAME}`` builds the resolver name ``oc.env`` from another value and
+    passed the pattern check: the resolver itself refuses while a file is loaded."""
+    from dalle_repro.core.config import load_config, load_yaml
+    from dalle_repro.train.dvae import DVAETrainConfig
+
+    monkeypatch.setenv("DALLE_REPRO_TEST_SECRET", "s3cret")
+    path = tmp_path / "shared.yaml"
+    path.write_text("run:\n  val_shards: env\n  run_dir: ${oc.${run.val_shards}:DALLE_REPRO_TEST_SECRET}\n")
+    with pytest.raises(ConfigError, match="DALLE_REPRO_TEST_SECRET.*--config-env") as e:
+        load_config(DVAETrainConfig, path)
+    assert "s3cret" not in str(e.value)
+    assert load_yaml(path, allow_env=True)["run"]["run_dir"] == "s3cret"
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.create({"a": "${oc.env:DALLE_REPRO_TEST_SECRET}"}).a == "s3cret"  # elsewhere: unchanged

@@ -14,6 +14,7 @@ name the field the way the user wrote it.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import difflib
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from omegaconf import OmegaConf
+from omegaconf.resolvers import oc
 
 from dalle_repro.core.files import atomic_write_text
 
@@ -262,6 +264,24 @@ def _env_reference(value: Any, key: str = "") -> str | None:
     return _find_value(value, r"\$\{\s*(oc\.)?env\s*:", key)
 
 
+# While load_yaml resolves a file read without allow_env, the environment variables its values ask
+# for are recorded here and none is read. The pattern check in load_yaml catches the plain forms
+# before resolving; this catches the rest (``${oc.${a.b}:NAME}``, a resolver name built by another
+# interpolation), in the resolver itself.
+_ENV_ASKED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("env_asked", default=None)
+
+
+def _guarded_env(key: str, *default: Any) -> Any:
+    asked = _ENV_ASKED.get()
+    if asked is not None:
+        asked.append(key)
+        raise KeyError(f"environment variable {key} refused")
+    return oc.env(key, *default)
+
+
+OmegaConf.register_resolver("oc.env", _guarded_env, replace=True, annotation_validation="off")
+
+
 def refuse_pipe(data: Any, source: str) -> None:
     """Raise :class:`ConfigError` when ``data``, read from ``source`` (a file), holds a ``pipe:`` shard.
 
@@ -295,7 +315,19 @@ def load_yaml(path: str | os.PathLike[str], allow_env: bool = False) -> dict[str
             f"{key}: config file {p} reads an environment variable; configs resolve none unless you pass {ENV_FLAG} "
             "(the value would be written into the run's config.yaml, checkpoints and wandb)"
         )
-    data = OmegaConf.to_container(conf, resolve=True)
+    asked: list[str] = []
+    token = _ENV_ASKED.set(None if allow_env else asked)
+    try:
+        data = OmegaConf.to_container(conf, resolve=True)
+    except Exception as e:  # omegaconf wraps the resolver's error
+        if asked:
+            raise ConfigError(
+                f"config file {p} reads the environment variable {asked[0]} through an interpolation; configs "
+                f"resolve none unless you pass {ENV_FLAG}"
+            ) from None
+        raise ConfigError(f"config file {p}: cannot resolve its interpolations: {e}") from None
+    finally:
+        _ENV_ASKED.reset(token)
     if data is None:
         return {}
     if not isinstance(data, dict):
