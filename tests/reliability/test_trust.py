@@ -100,3 +100,27 @@ def test_tokenizer_training_and_pre_encoding_cut_a_huge_caption_and_count_it(tmp
     assert len(captions["b"]) == DataArgs().max_caption_chars and captions["a"] == "a red cat"
     assert errors == {"caption_truncated": 1}
     ledger.survived("huge_caption")
+
+
+def test_every_fsspec_failure_and_an_endless_source_count_as_an_unreadable_shard(tmp_path, ledger):
+    """A ``zip://`` entry that is no zip raised BadZipFile and ended the loader; ``file:///dev/zero``
+    spooled into $TMPDIR without end. Run with a file-size limit, so that a spool without a cap
+    ends the child instead of filling the disk."""
+    good = write_shard(tmp_path / "00000.tar", {"a": {"txt": b"a cat"}, "b": {"txt": b"a dog"}})
+    (tmp_path / "notazip.zip").write_bytes(b"not a zip at all" * 10)
+    bad = [f"zip://00000.tar::file://{tmp_path}/notazip.zip", "file:///dev/zero", "pipe:cat /dev/zero"]
+    ledger.injected("remote_shard_failure", len(bad))
+    code = f"""
+import json, resource
+from collections import Counter
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 20, 64 << 20))
+from dalle_repro.data import sources
+from dalle_repro.data.tar import iter_shard_samples
+sources.MAX_SPOOL_BYTES = 8 << 20
+errors = Counter()
+keys = [k for k, _ in iter_shard_samples([{str(good)!r}, *{bad!r}], errors)]
+print(json.dumps({{"keys": keys, "errors": dict(errors)}}))
+"""
+    out = run_bounded(code)
+    assert out == {"keys": ["a", "b"], "errors": {"unreadable_shard": len(bad)}}
+    ledger.survived("remote_shard_failure", len(bad))
