@@ -504,3 +504,13 @@ def test_a_sample_that_cannot_be_written_is_skipped_and_counted_and_the_shard_st
     assert keys == [f"k{i}" for i in range(5)]
     with tarfile.open(tmp_path / "out" / "00001.tar") as t:
         assert sorted(t.getnames()) == ["k3.json", "k3.png", "k3.txt", "k4.json", "k4.png", "k4.txt"]
+
+
+def test_a_csv_cell_over_the_field_limit_skips_its_row_and_counts_it(tmp_path):
+    """A caption cell over 128 KiB ended make_shards with a _csv.Error traceback."""
+    (tmp_path / "a.png").write_bytes(png_bytes(seed=1))
+    (tmp_path / "c.png").write_bytes(png_bytes(seed=2))
+    table = tmp_path / "table.csv"
+    table.write_text("image,caption\na.png,a fine one\nb.png," + "x" * 200_000 + "\nc.png,another\n")
+    s = make_shards(table, tmp_path / "out")
+    assert s["written"] == 2 and s["skipped"] == {"unreadable_row": 1}

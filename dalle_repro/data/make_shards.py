@@ -131,6 +131,20 @@ def _read_table(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
     return list(reader.fieldnames or []), reader
 
 
+def _csv_rows(rows: Iterator[dict[str, Any]], skipped: Counter) -> Iterator[dict[str, Any] | None]:
+    """The table's rows, None in place of a row the csv module cannot read (a cell over its 128 KiB
+    field limit ended the run with a traceback): counted ``unreadable_row``, and the next row read."""
+    while True:
+        try:
+            yield next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            skipped["unreadable_row"] += 1
+            log.warning("table row skipped: %s", e)
+            yield None
+
+
 def list_table(
     path: str | Path, image_col: str = "image", caption_col: str = "caption", key_col: str | None = None
 ) -> tuple[list[Record], Counter]:
@@ -142,7 +156,9 @@ def list_table(
             raise ValueError(f"{path}: no column {col!r} for {name}; the columns are {columns}")
     skipped: Counter = Counter()
     records: dict[str, Record] = {}
-    for i, row in enumerate(rows):
+    for i, row in enumerate(_csv_rows(rows, skipped)):
+        if row is None:
+            continue
         img = str(row.get(image_col) or "").strip()
         if not img:
             skipped["missing_image"] += 1
