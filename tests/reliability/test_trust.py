@@ -124,3 +124,22 @@ print(json.dumps({{"keys": keys, "errors": dict(errors)}}))
     out = run_bounded(code)
     assert out == {"keys": ["a", "b"], "errors": {"unreadable_shard": len(bad)}}
     ledger.survived("remote_shard_failure", len(bad))
+
+
+def test_renamed_unsafe_keys_never_take_the_key_of_another_sample(tmp_path, ledger):
+    """pre_encode renamed ``../x`` to ``x`` beside an existing ``x``: two samples under one key."""
+    from collections import Counter
+
+    from helpers import png_bytes
+
+    from dalle_repro.data.pre_encode import _samples
+
+    samples = {k: {"txt": k.encode(), "png": png_bytes(seed=i)} for i, k in enumerate(["../x", "/x", "x", "x_2"])}
+    shard = write_shard(tmp_path / "00000.tar", samples)
+    ledger.injected("unsafe_key_collision", 2)
+    errors: Counter = Counter()
+    got = {key: caption for key, caption, _, _ in _samples(str(shard), 16, errors, 10**6)}
+    assert len(got) == 4 and got["x"] == "x" and got["x_2"] == "x_2"
+    assert sorted(got[k] for k in got if k not in ("x", "x_2")) == ["../x", "/x"]
+    assert errors == {"unsafe_key_renamed": 2}
+    ledger.survived("unsafe_key_collision", 2)
