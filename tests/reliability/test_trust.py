@@ -143,3 +143,35 @@ def test_renamed_unsafe_keys_never_take_the_key_of_another_sample(tmp_path, ledg
     assert sorted(got[k] for k in got if k not in ("x", "x_2")) == ["../x", "/x"]
     assert errors == {"unsafe_key_renamed": 2}
     ledger.survived("unsafe_key_collision", 2)
+
+
+def test_a_token_summary_cannot_size_the_prior_beyond_bounds_or_against_its_shards(tmp_path, ledger):
+    """A data set's summary.json sized the prior with no bound (grid 100000, image vocab 2e9),
+    before its grid was checked against the tokens."""
+    import numpy as np
+
+    from dalle_repro.core.config import ConfigError, load_config
+    from dalle_repro.data.tokenizer import save_tokenizer, train_bpe
+    from dalle_repro.train.prior_config import PriorTrainConfig, resolve_sizes
+
+    tok = tmp_path / "tok.json"
+    save_tokenizer(train_bpe(["a red cat", "a blue dog"] * 4, 300), tok)
+    grid = io.BytesIO()
+    np.save(grid, np.zeros((4, 4), np.uint16), allow_pickle=False)
+    (tmp_path / "tokens").mkdir()
+    write_shard(tmp_path / "tokens" / "00000.tar", {"a": {"tokens": grid.getvalue(), "txt": b"a red cat"}})
+    summary = tmp_path / "tokens" / "summary.json"
+    cfg = load_config(
+        PriorTrainConfig, None, [f"text.path={tok}", f"data.shards={tmp_path}/tokens/*.tar", "data.kind=tokens"]
+    )
+    bad = [({"grid": 100000, "vocab_size": 64}, "model.grid"), ({"grid": 4, "vocab_size": 2 * 10**9}, "image_vocab")]
+    bad += [({"grid": "4", "vocab_size": 64}, "model.grid"), ({"grid": 8, "vocab_size": 64}, "hold \\(4, 4\\) grids")]
+    ledger.injected("token_summary_out_of_bounds", len(bad))
+    for values, match in bad:
+        summary.write_text(json.dumps(values))
+        with pytest.raises(ConfigError, match=match):
+            resolve_sizes(cfg)
+        ledger.survived("token_summary_out_of_bounds")
+    summary.write_text(json.dumps({"grid": 4, "vocab_size": 64}))
+    m = resolve_sizes(cfg)[0].model
+    assert (m.grid, m.image_vocab) == (4, 64)
