@@ -4,6 +4,7 @@ strictly (shapes checked against the config, no pickle), so a model is rebuilt f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -225,14 +226,33 @@ def build_pretrained(directory: str | Path, args_cls: type[T], model_cls: Any, w
     weights file's header, so that a config from elsewhere (``dim: 100000``) cannot make this
     process allocate what it describes. A ValueError lists every tensor that does not fit."""
     args, path = _pretrained_paths(directory, args_cls, weights)
+    theirs = file_shapes(path)
+    _check_depth_first(args, model_cls, len(theirs), f"{path} (with {Path(directory) / 'config.yaml'})")
     with torch.device("meta"):
         probe = model_cls(args)
-    problem = shape_mismatch(model_shapes(probe), file_shapes(path), f"{path} (with {Path(directory) / 'config.yaml'})")
+    problem = shape_mismatch(model_shapes(probe), theirs, f"{path} (with {Path(directory) / 'config.yaml'})")
     if problem:
         raise ValueError(problem)
     model = model_cls(args)
     model.load_state_dict(load_file(str(path)))
     return model
+
+
+def _check_depth_first(args: Any, model_cls: Any, n_tensors: int, source: str) -> None:
+    """For a model of ``depth`` alike blocks: the tensor count that depth means (from probes of one
+    and two blocks) against the file header's count, before the model is probed at its full depth.
+    Probing is linear in the depth (1000 blocks: seconds), and the depth comes from the folder's
+    config.yaml, which may come from someone else."""
+    depth = getattr(args, "depth", None)
+    if not dataclasses.is_dataclass(args) or not isinstance(depth, int) or depth <= 2:
+        return
+    with torch.device("meta"):
+        one, two = (len(model_cls(dataclasses.replace(args, depth=k)).state_dict()) for k in (1, 2))
+    expected = one + (depth - 1) * (two - one)
+    if expected != n_tensors:
+        raise ValueError(
+            f"{source} does not fit the model: its depth {depth} means {expected} tensors, the file holds {n_tensors}"
+        )
 
 
 def shape_mismatch(own: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]], source: str) -> str | None:

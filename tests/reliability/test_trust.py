@@ -175,3 +175,31 @@ def test_a_token_summary_cannot_size_the_prior_beyond_bounds_or_against_its_shar
     summary.write_text(json.dumps({"grid": 4, "vocab_size": 64}))
     m = resolve_sizes(cfg)[0].model
     assert (m.grid, m.image_vocab) == (4, 64)
+
+
+def test_a_prior_folders_depth_is_checked_against_the_files_tensor_count_before_probing(tmp_path, ledger):
+    """Loading probed every block of the config's depth on the meta device first, unbounded (a
+    config.yaml saying 1000 blocks: seconds per load); the header's tensor count is compared first."""
+    import yaml
+
+    from dalle_repro.core.pretrained import build_pretrained, save_pretrained
+    from dalle_repro.models.transformer import Transformer, TransformerArgs
+
+    args = TransformerArgs(dim=32, depth=3, heads=4, text_len=8, text_vocab=300, grid=4, image_vocab=32)
+    save_pretrained(tmp_path / "prior", args, {"model": Transformer(args).state_dict()})
+    built = []
+
+    def probe(a):
+        built.append(a.depth)
+        return Transformer(a)
+
+    assert build_pretrained(tmp_path / "prior", TransformerArgs, probe).args.depth == 3
+    config = yaml.safe_load((tmp_path / "prior" / "config.yaml").read_text())
+    config["model"]["depth"] = 1000
+    (tmp_path / "prior" / "config.yaml").write_text(yaml.safe_dump(config))
+    ledger.injected("model_depth_beyond_its_file")
+    built.clear()
+    with pytest.raises(ValueError, match="depth 1000 means .* tensors, the file holds"):
+        build_pretrained(tmp_path / "prior", TransformerArgs, probe)
+    assert max(built) <= 2
+    ledger.survived("model_depth_beyond_its_file")
