@@ -205,3 +205,36 @@ def test_the_demo_replaces_only_folders_it_made(tmp_path, monkeypatch):
     ours = demo.claim(tmp_path / "new")  # a folder the demo creates is its own from then on
     (ours / "00000.tar").write_bytes(b"ours")
     assert demo.claim(ours) == ours
+
+
+def test_the_report_escapes_captions_and_inlines_only_pngs_inside_its_folder(tmp_path):
+    """Captions went raw into report.md (live HTML in some viewers); report.html inlined any file a
+    stage marker named, and crashed on a missing one."""
+    import base64
+
+    from dalle_repro.core.images import save_png
+    from dalle_repro.demo.report import write_report
+
+    out = tmp_path / "out"
+    out.mkdir()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\n" + b"SECRET KEY")
+    (out / "notes.png").write_bytes(b"not a png, and the report's own folder")
+    from PIL import Image
+
+    ours = save_png(Image.new("RGB", (4, 4), "red"), out / "samples" / "00-train.png")
+    caption = '<script>alert("x")</script> [click](http://evil) ```'
+    prompts = [
+        {"caption": caption, "split": "train", "grid": str(ours)},
+        {"caption": "gone", "split": "new", "grid": str(out / "samples" / "missing.png")},
+        {"caption": "outside", "split": "new", "grid": str(secret)},
+        {"caption": "not a png", "split": "new", "grid": str(out / "notes.png")},
+    ]
+    results = {"samples": {"prompts": prompts}}
+    write_report(out, results, {"samples": {"settings": {"captions_train": [caption]}}})
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "<script>" not in md and "](http://evil)" not in md.split("```json")[0]  # a code block shows links
+    assert md.count("```") == 2  # the settings' fence only: the caption's backticks cannot close it
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert base64.b64encode(secret.read_bytes()).decode() not in page and page.count("data:image/png") == 1
+    assert page.count("picture not shown") == 3
