@@ -123,3 +123,34 @@ def test_clip_score_is_the_mean_cosine(clip_dir):
     assert clip_score(images, captions, r, batch_size=2) == pytest.approx(float(expected), abs=1e-5)
     with pytest.raises(ValueError, match="5 images for 4 captions"):
         clip_score(images, captions[:4], r)
+
+
+def test_the_evaluate_tool_names_a_broken_image_and_mixed_reference_sizes(tmp_path, capsys):
+    """A zero-byte PNG gave a traceback without the file's name; reference images of mixed sizes a
+    ``stack`` RuntimeError."""
+    import io
+    import tarfile
+
+    from helpers import png_bytes
+
+    from dalle_repro.cli.evaluate import main
+
+    def shard(path, sizes):
+        with tarfile.open(path, "w") as t:
+            for i, size in enumerate(sizes):
+                for ext, data in (("png", png_bytes(size, seed=i)), ("txt", b"a red circle")):
+                    info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+        return str(path)
+
+    same, mixed = shard(tmp_path / "same.tar", [(16, 16)] * 2), shard(tmp_path / "mixed.tar", [(16, 16), (24, 20)])
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "000.png").write_bytes(b"")
+    (gen / "000.txt").write_text("a red circle")
+    out = str(tmp_path / "out")
+    assert main(["--images", str(gen), "--reference", mixed, "--output", out]) == 2
+    assert "images of several sizes" in capsys.readouterr().err
+    assert main(["--images", str(gen), "--reference", same, "--output", out]) == 2
+    assert f"{gen / '000.png'}: not a readable image" in capsys.readouterr().err

@@ -53,23 +53,32 @@ def _distances(ref: torch.Tensor, gen: torch.Tensor, a: argparse.Namespace, rera
     return res
 
 
+def _stack(images: list[torch.Tensor], where: str) -> torch.Tensor:
+    """The images as one batch; images of several sizes are refused with the sizes (torch.stack's
+    own error named neither the images nor their sizes)."""
+    sizes = sorted({tuple(im.shape) for im in images})
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: images of several sizes {sizes[:6]}; the FID and scores need one size")
+    return torch.stack(images)
+
+
 def _load_folder(d: Path) -> tuple[list[str], torch.Tensor]:
-    from dalle_repro.data.samples import decode_image, image_to_tensor
+    from dalle_repro.data.samples import SampleError, decode_image, image_to_tensor
 
     captions, images = [], []
     for png in sorted(d.glob("*.png")):
         txt = png.with_suffix(".txt")
         if not txt.is_file():
             raise FileNotFoundError(f"{txt} not found: each generated image needs its caption beside it")
-        im, _ = decode_image(png.read_bytes())
+        try:
+            im, _ = decode_image(png.read_bytes())
+        except SampleError as e:  # a zero-byte or broken PNG: say which
+            raise ValueError(f"{png}: not a readable image ({e.reason}: {e})") from None
         captions.append(txt.read_text(encoding="utf-8").strip())
         images.append(image_to_tensor(im))
     if not images:
         raise FileNotFoundError(f"no .png in {d}")
-    sizes = {tuple(im.shape) for im in images}
-    if len(sizes) > 1:
-        raise ValueError(f"{d}: images of several sizes {sorted(sizes)}")
-    return captions, torch.stack(images)
+    return captions, _stack(images, str(d))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             ref_caps, ref_list = ref_caps[: a.limit], ref_list[: a.limit]
         if not ref_list:
             raise ValueError(f"no captioned image in {a.reference}")
-        ref = torch.stack(ref_list)
+        ref = _stack(ref_list, f"--reference {a.reference}")
         result: dict[str, Any] = {"reference": a.reference, "reference_images": len(ref)}
         out.mkdir(parents=True, exist_ok=True)
         if a.images:
