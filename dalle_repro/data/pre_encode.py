@@ -167,6 +167,10 @@ def encode_token_shards(
     totals: Counter = Counter()
     written_shards = []
     for path in tqdm(shards, desc="encode", unit="shard", disable=None):
+        if not os.path.isfile(path):  # expand_shards warned that it "will be skipped": so it is, counted
+            log.warning("shard %s is missing; skipped", path)
+            totals["missing_shard"] += 1
+            continue
         rel = Path(os.path.abspath(path)).relative_to(parent)
         target = out_root / rel
         fp = _fingerprint(ident, path)

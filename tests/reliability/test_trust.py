@@ -203,3 +203,21 @@ def test_a_prior_folders_depth_is_checked_against_the_files_tensor_count_before_
         build_pretrained(tmp_path / "prior", TransformerArgs, probe)
     assert max(built) <= 2
     ledger.survived("model_depth_beyond_its_file")
+
+
+def test_encode_tokens_skips_and_counts_a_missing_shard_as_it_says(tmp_path, ledger, capsys):
+    """A missing shard in the list was announced as "will be skipped", then the tool exited 2."""
+    from helpers import png_bytes
+
+    from dalle_repro.cli.encode_tokens import main
+    from dalle_repro.models.dvae import DVAE, DVAEArgs
+
+    DVAE(DVAEArgs(image_size=16, n_hid=8, vocab_size=32)).save_pretrained(tmp_path / "dvae")
+    (tmp_path / "shards").mkdir()
+    good = write_shard(tmp_path / "shards" / "00000.tar", {"a": {"png": png_bytes((16, 16)), "txt": b"a cat"}})
+    ledger.injected("missing_shard")
+    argv = ["--dvae", str(tmp_path / "dvae"), "--shards", f"{good},{tmp_path / 'shards' / '00001.tar'}"]
+    assert main([*argv, "--output", str(tmp_path / "tokens"), "--device", "cpu"]) == 0
+    summary = json.loads((tmp_path / "tokens" / "summary.json").read_text())
+    assert summary["written"] == 1 and summary["skipped"] == {"missing_shard": 1}
+    ledger.survived("missing_shard")
