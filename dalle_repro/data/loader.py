@@ -143,7 +143,7 @@ class ShardStream(IterableDataset):
 
     def _decode(self, key: str, members: dict[str, bytes], where: tuple[int, ...]) -> dict[str, Any]:
         a = self.args
-        caption = clean_caption(members.get("txt", b""), a.max_caption_chars)
+        caption = clean_caption(members.get("txt", b""), a.max_caption_chars, binary_error=True)
         out: dict[str, Any] = {"key": key, "caption": caption}
         if a.kind == "tokens":
             if "tokens" not in members:

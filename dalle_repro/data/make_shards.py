@@ -91,6 +91,9 @@ def list_folder(root: str | Path, caption_ext: str = "txt") -> tuple[list[Record
             log.warning("caption skipped: %s", raw[1])
             continue
         caption, noted = _caption(raw)
+        if noted.get("caption_encoding") == "binary":  # an image or random bytes, not a caption
+            skipped["binary_caption"] += 1
+            continue
         if not caption:
             skipped["empty_caption"] += 1
             continue
@@ -114,7 +117,9 @@ def _text_encoding(path: Path, sniff: int = 1 << 16) -> str:
         if e.start >= len(head) - 3 and len(head) == sniff:  # a character cut by the sniff's end
             head = head[: e.start]
     encoding = decode_caption(head)[1]
-    return {"utf-8-damaged": "utf-8", "latin-1": "cp1252", "utf-16": "utf-16"}.get(encoding, encoding)
+    return {"utf-8-damaged": "utf-8", "latin-1": "cp1252", "binary": "cp1252", "utf-16": "utf-16"}.get(
+        encoding, encoding
+    )
 
 
 def _read_table(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:

@@ -80,6 +80,7 @@ def _samples(path: str, size: int, errors: Counter, max_pixels: int) -> Iterator
             if ext is None:
                 raise SampleError("missing_image", key)
             im, _ = decode_image(members[ext], max_pixels)
+            caption = cut_caption(members.get("txt", b""), errors)
         except SampleError as e:
             errors[e.reason] += 1
             continue
@@ -87,7 +88,6 @@ def _samples(path: str, size: int, errors: Counter, max_pixels: int) -> Iterator
             meta = json.loads(members["json"]) if "json" in members else {}
         except (ValueError, RecursionError):  # bad or deeply nested JSON: the sample keeps no metadata
             meta = {}
-        caption = cut_caption(members.get("txt", b""), errors)
         if (safe := safe_key(key)) != key:  # '../../x' or '/abs/x' from the input: not into our tars
             errors["unsafe_key_renamed"] += 1
             key, n = safe, 1

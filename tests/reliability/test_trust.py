@@ -221,3 +221,37 @@ def test_encode_tokens_skips_and_counts_a_missing_shard_as_it_says(tmp_path, led
     summary = json.loads((tmp_path / "tokens" / "summary.json").read_text())
     assert summary["written"] == 1 and summary["skipped"] == {"missing_shard": 1}
     ledger.survived("missing_shard")
+
+
+def test_a_caption_of_bytes_that_are_no_text_is_skipped_with_its_own_count(tmp_path, ledger):
+    """Binary garbage as a caption (an image's bytes in KEY.txt) was read as Latin-1 and trained on;
+    a real Latin-1 or cp1251 caption is still read."""
+    import random
+    from collections import Counter
+
+    from helpers import png_bytes
+
+    from dalle_repro.data.make_shards import list_folder
+    from dalle_repro.data.pre_encode import _samples
+    from dalle_repro.data.tokenizer import train_from_shards
+
+    garbage = [random.Random(i).randbytes(300) for i in range(3)] + [png_bytes()]
+    garbage = [g for g in garbage if not g.startswith((b"\xff\xfe", b"\xfe\xff", b"\xef\xbb\xbf"))]
+    texts = {"latin": "un café très élégant".encode("cp1252"), "cyrillic": "красный круг".encode("cp1251")}
+    samples = {f"g{i}": {"txt": g, "png": png_bytes(seed=i)} for i, g in enumerate(garbage)}
+    samples |= {k: {"txt": v, "png": png_bytes(seed=9)} for k, v in texts.items()}
+    shard = write_shard(tmp_path / "00000.tar", samples)
+    ledger.injected("binary_caption", len(garbage))
+    _, stats = train_from_shards([str(shard)], vocab_size=300, progress=False)
+    assert stats["captions_read"] == 2 and stats["skipped"] == {"binary_caption": len(garbage)}
+    errors: Counter = Counter()
+    assert sorted(k for k, *_ in _samples(str(shard), 16, errors, 10**6)) == ["cyrillic", "latin"]
+    assert errors == {"binary_caption": len(garbage)}
+    src = tmp_path / "src"
+    src.mkdir()
+    for key, members in samples.items():
+        (src / f"{key}.png").write_bytes(members["png"])
+        (src / f"{key}.txt").write_bytes(members["txt"])
+    records, skipped = list_folder(src)
+    assert sorted(r.key for r in records) == ["cyrillic", "latin"] and skipped == {"binary_caption": len(garbage)}
+    ledger.survived("binary_caption", len(garbage))
