@@ -206,6 +206,7 @@ class ShardStream(IterableDataset):
                 with shard:
                     if shard.truncated and pos["sample_pos"] == 0:
                         errors["truncated_shard"] += 1
+                        errors["truncated_sample"] += shard.lost  # samples the cut took, not delivered
                     order = np.arange(len(shard))
                     if self.args.shuffle:
                         np.random.default_rng(stable_seed(self.args.seed, "samples", epoch, shard_idx)).shuffle(order)

@@ -125,7 +125,9 @@ class Shard:
     """An open tar shard with an index of its samples, for random access by sample number.
 
     ``truncated`` is set when the tar is damaged: cut short, or with unreadable bytes where a member
-    header should be. Reading goes on past a damaged header to the next readable one (tarfile's
+    header should be; ``lost`` is then how many samples whose headers are there were dropped (their
+    data cut off, or the sample at the cut, which may have lost members), for the readers to count.
+    Reading goes on past a damaged header to the next readable one (tarfile's
     ``ignore_zeros``), so one flipped byte costs one member, not the rest of the shard; the samples
     that lose a member are then skipped by the reader and counted (``missing_image``...).
 
@@ -138,6 +140,7 @@ class Shard:
     def __init__(self, path: str):
         self.path = path
         self.truncated = False
+        self.lost = 0
         self._file = spool(path) if is_remote(path) else open_regular(path)
         try:
             size = os.fstat(self._file.fileno()).st_size
@@ -197,9 +200,12 @@ class Shard:
         for parts in groups.values():
             if any(off + n > end for off, n in parts.values()):
                 self.truncated = cut = True
+        found = len(groups)
         if self.truncated and cut and groups:
             groups.popitem()  # the sample at the cut may have lost members: drop it whole
-        return {k: m for k, m in groups.items() if all(off + n <= end for off, n in m.values())}
+        kept = {k: m for k, m in groups.items() if all(off + n <= end for off, n in m.values())}
+        self.lost = found - len(kept)
+        return kept
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -238,6 +244,7 @@ def iter_shard_samples(paths: Sequence[str], errors: Counter | None = None) -> I
         with shard:
             if shard.truncated:
                 errors["truncated_shard"] += 1
+                errors["truncated_sample"] += shard.lost
             for i in range(len(shard)):
                 try:
                     yield shard.read(i)

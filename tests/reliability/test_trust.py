@@ -255,3 +255,26 @@ def test_a_caption_of_bytes_that_are_no_text_is_skipped_with_its_own_count(tmp_p
     records, skipped = list_folder(src)
     assert sorted(r.key for r in records) == ["cyrillic", "latin"] and skipped == {"binary_caption": len(garbage)}
     ledger.survived("binary_caption", len(garbage))
+
+
+def test_the_samples_a_truncated_tar_loses_are_counted(tmp_path, ledger):
+    """A cut shard's readable samples were delivered and the truncated_shard counted, but the
+    samples dropped at the cut were counted nowhere."""
+    from collections import Counter
+
+    from dalle_repro.data.tar import iter_shard_samples
+
+    samples = {f"{i:03d}": {"txt": f"caption {i}".encode(), "png": bytes(3000)} for i in range(10)}
+    whole = write_shard(tmp_path / "whole.tar", samples)
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    with tarfile.open(whole) as t:  # samples with a header in what is left
+        headed = {m.name.split(".")[0] for m in t.getmembers() if m.offset + 512 <= int(len(data) * 0.6)}
+    errors: Counter = Counter()
+    got = {k for k, _ in iter_shard_samples([str(cut)], errors)}
+    lost = headed - got
+    ledger.injected("truncated_tar_samples", len(lost))
+    assert lost and errors["truncated_shard"] == 1 and errors["truncated_sample"] == len(lost)
+    ledger.survived("truncated_tar_samples", len(lost))
+    ledger.lost("truncated_tar_samples", len(lost))
