@@ -82,15 +82,35 @@ class _NotPlain(Exception):
     """A tar header that :func:`_scan_plain_tar` leaves to tarfile."""
 
 
+def _pax_records(buf: bytes) -> dict[str, str]:
+    """The ``key=value`` records of a PAX extended header (``"LEN key=value\n"`` each, LEN counting
+    the whole record), decoded as tarfile decodes them; :class:`_NotPlain` when malformed."""
+    out, pos = {}, 0
+    while pos < len(buf) and buf[pos:].strip(b"\0"):
+        sp = buf.find(b" ", pos)
+        try:
+            n = int(buf[pos:sp]) if sp > pos else 0
+        except ValueError:
+            n = 0
+        record = buf[sp + 1 : pos + n]
+        if n <= 0 or pos + n > len(buf) or not record.endswith(b"\n") or b"=" not in record:
+            raise _NotPlain("a PAX record")
+        key, value = record[:-1].split(b"=", 1)
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += n
+    return out
+
+
 def _scan_plain_tar(f: Any, size: int) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of every regular file of a tar made only of plain ustar/v7 headers
-    with valid checksums, ended by zero blocks; raises :class:`_NotPlain` at the first header that
-    is anything else (PAX or GNU extensions, a bad checksum, a cut file), for tarfile to handle.
+    and PAX extended headers (their ``path`` and ``size``) with valid checksums, ended by zero
+    blocks; raises :class:`_NotPlain` at the first header that is anything else (a PAX global
+    header, GNU extensions, a bad checksum, a cut file), for tarfile to handle.
 
     tarfile builds a TarInfo per member and keeps them all: about 20 us and 650 bytes a member
     (100,000 members: 2 s and 64 MB per shard, in every loader worker that opens it). This reads a
     member's 512-byte header and skips its data, keeping three values."""
-    pos = 0
+    pos, pax = 0, {}  # pax: the extended header's records, for the member that follows it
     while pos + 512 <= size:
         f.seek(pos)
         block = f.read(512)
@@ -107,16 +127,29 @@ def _scan_plain_tar(f: Any, size: int) -> Iterator[tuple[str, int, int]]:
             length = int(block[124:136].rstrip(b"\0 ") or b"0", 8)
         except ValueError:
             raise _NotPlain("not octal") from None
-        if stored != sum(block) - sum(block[148:156]) + 256 or kind not in (b"0", b"\0", b"5", b"1", b"2"):
+        if stored != sum(block) - sum(block[148:156]) + 256 or kind not in (b"0", b"\0", b"5", b"1", b"2", b"x"):
             raise _NotPlain(f"header kind {kind!r} or checksum")
         data = pos + 512
-        if data + length > size:
+        if kind != b"x" and "size" in pax:
+            try:
+                length = int(pax["size"])
+            except ValueError:
+                raise _NotPlain("a PAX size") from None
+        if data + length > size or length < 0:
             raise _NotPlain("cut")
-        if kind in (b"0", b"\0"):
+        if kind == b"x":
+            if pax:
+                raise _NotPlain("two PAX headers in a row")
+            f.seek(data)
+            pax = _pax_records(f.read(length))
+        elif kind in (b"0", b"\0"):
             name = block[0:100].split(b"\0", 1)[0]
             if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
                 name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-            yield name.decode("utf-8", "surrogateescape"), data, length
+            yield pax.get("path", name.decode("utf-8", "surrogateescape")), data, length
+            pax = {}
+        else:
+            pax = {}
         pos = data + -(-length // 512) * 512
     raise _NotPlain("no end-of-archive marker")
 
