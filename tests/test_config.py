@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -222,3 +223,83 @@ def test_help_shows_each_keys_flag_and_the_sections_defaults(capsys):
     assert "fraction (float [>= 0, < 1]) = 0.0  [--fraction]" in text
     assert "on (bool) = True  [--on | --no-on]" in text
     assert "sub.n (int [>= 1]) = 5  [--n]" in text
+
+
+@pytest.mark.parametrize(
+    "cls_name, yaml_text, key",
+    [
+        ("dvae", "data:\n  shards: 'pipe:touch {marker}'\n", "data.shards"),
+        ("dvae", "run:\n  val_shards: 'a.tar,pipe:touch {marker}'\n", "run.val_shards"),
+        ("clip", "data:\n  shards: '{{pipe:touch {marker},x}}.tar'\n", "data.shards"),
+        ("demo", "dvae_overrides: ['data.shards=pipe:touch {marker}']\n", "dvae_overrides.0"),
+    ],
+)
+def test_a_config_file_runs_no_pipe_command_without_the_flag(tmp_path, cls_name, yaml_text, key):
+    """A shared YAML whose shards are ``pipe:curl ...|sh`` ran the command on the first read; a
+    pipe: shard is taken from the command line only, or from a file with --allow-pipe."""
+    from dalle_repro.core.config import load_config
+    from dalle_repro.demo.pipeline import DemoConfig
+    from dalle_repro.train.clip import ClipTrainConfig
+    from dalle_repro.train.dvae import DVAETrainConfig
+
+    cls = {"dvae": DVAETrainConfig, "clip": ClipTrainConfig, "demo": DemoConfig}[cls_name]
+    path = tmp_path / "shared.yaml"
+    path.write_text(yaml_text.format(marker=tmp_path / "ran"))
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: config file .*shared.yaml.*command line.*--allow-pipe"):
+        load_config(cls, path)
+    load_config(cls, path, allow_pipe=True)
+    if cls_name != "demo":  # typed on the command line, it needs no flag
+        assert "pipe:" in str(load_config(cls, None, [f"{key}=pipe:cat x"]))
+
+
+def test_the_trainers_refuse_a_pipe_from_their_config_file(tmp_path, capsys):
+    """launch/train_dvae.py --config shared.yaml ran the file's command before any update."""
+    from dalle_repro.cli.train_clip import main as clip_main
+    from dalle_repro.cli.train_dvae import main as dvae_main
+    from dalle_repro.cli.train_prior import main as prior_main
+
+    marker = tmp_path / "ran"
+    path = tmp_path / "shared.yaml"
+    path.write_text(f"data:\n  shards: 'pipe:touch {marker}'\nrun:\n  steps: 1\n")
+    for main in (dvae_main, prior_main, clip_main):
+        with pytest.raises(SystemExit) as e:
+            main(["--config", str(path)])
+        assert e.value.code == 2 and "--allow-pipe" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_the_demos_own_config_files_hold_no_pipe_without_the_flag(tmp_path):
+    """The demo's dvae_config and prior_config name YAML files: their shards are a file's too."""
+    from dalle_repro.core.config import from_dict
+    from dalle_repro.demo import pipeline as demo
+
+    shared = tmp_path / "dvae.yaml"
+    shared.write_text(f"run:\n  val_shards: 'pipe:touch {tmp_path / 'ran'}'\n")
+    cfg = from_dict(demo.DemoConfig, {"out_dir": str(tmp_path / "out"), "dvae_config": str(shared)})
+    with pytest.raises(ConfigError, match="run.val_shards: config file .*dvae.yaml"):
+        demo.dvae_config(cfg, plan=False)
+    token = demo._ALLOW_PIPE.set(True)
+    try:
+        demo.dvae_config(cfg, plan=False)  # run_demo(allow_pipe=True), the command line's --allow-pipe
+    finally:
+        demo._ALLOW_PIPE.reset(token)
+    with pytest.raises(ConfigError, match="--allow-pipe"):
+        demo.run_demo(cfg, log=lambda _: None)
+
+
+def test_an_environment_variable_read_through_a_built_resolver_name_is_refused(tmp_path, monkeypatch):
+    """``${oc.${run.val_shards}:NAME}`` builds the resolver name ``oc.env`` from another value and
+    passed the pattern check: the resolver itself refuses while a file is loaded."""
+    from dalle_repro.core.config import load_config, load_yaml
+    from dalle_repro.train.dvae import DVAETrainConfig
+
+    monkeypatch.setenv("DALLE_REPRO_TEST_SECRET", "s3cret")
+    path = tmp_path / "shared.yaml"
+    path.write_text("run:\n  val_shards: env\n  run_dir: ${oc.${run.val_shards}:DALLE_REPRO_TEST_SECRET}\n")
+    with pytest.raises(ConfigError, match="DALLE_REPRO_TEST_SECRET.*--config-env") as e:
+        load_config(DVAETrainConfig, path)
+    assert "s3cret" not in str(e.value)
+    assert load_yaml(path, allow_env=True)["run"]["run_dir"] == "s3cret"
+    from omegaconf import OmegaConf
+
+    assert OmegaConf.create({"a": "${oc.env:DALLE_REPRO_TEST_SECRET}"}).a == "s3cret"  # elsewhere: unchanged

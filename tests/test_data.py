@@ -424,3 +424,26 @@ def test_latin_1_captions_that_hold_a_utf8_lookalike_are_read_as_latin_1(text):
     got, encoding = decode_caption(text.encode("cp1252"))
     assert got == text and encoding in ("latin-1", "utf-8")
     assert decode_caption("café ☕ au lait \xff".encode()[:-2] + b"\xff")[1] == "utf-8-damaged"
+
+
+def test_a_pax_shard_is_indexed_by_the_header_scan_as_tarfile_reads_it(tmp_path, monkeypatch):
+    """A PAX-header shard (long or non-ASCII names) went through tarfile: 100k members took 4.6 s
+    and 63 MB per open, where plain headers take 1 s."""
+    import io
+    import tarfile
+
+    from dalle_repro.data.tar import Shard
+
+    names = {f"{'deep/' * 25}k{i:03d}": f"caption {i}" for i in range(5)} | {"café/ünïcode": "x", "plain": "y"}
+    path = tmp_path / "pax.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as t:
+        for key, caption in names.items():
+            for ext, data in (("txt", caption.encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    assert b"path=" in path.read_bytes()  # PAX headers were written
+    monkeypatch.setattr(Shard, "_index_with_tarfile", lambda *a: pytest.fail("fell back to tarfile"))
+    with Shard(str(path)) as shard:
+        got = {key: shard.read(i)[1]["txt"].decode() for i, (key, _) in enumerate(shard.samples)}
+    assert got == names

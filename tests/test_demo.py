@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dalle_repro.core.config import ConfigError, load_config
+from dalle_repro.core.config import ConfigError, from_dict, load_config
 from dalle_repro.demo import pipeline as demo
 from dalle_repro.demo import plan as demo_plan
 
@@ -32,7 +32,7 @@ def _plan(cfg, tmp_path, fraction):
         "clip": demo.clip_config(cfg, plan=False),
     }
     overrides = {k: demo_plan.scaled_overrides(c, demo_plan.SCALED_KEYS[k], fraction) for k, c in configs.items()}
-    demo.plan_path(cfg).write_text(json.dumps({"overrides": overrides}))
+    demo.plan_path(cfg).write_text(json.dumps({"fraction": fraction, "overrides": overrides}))
     return configs
 
 
@@ -74,11 +74,32 @@ def test_a_zero_length_schedule_stays_zero():
 
 def test_an_unreadable_plan_is_named(cfg, tmp_path):
     cfg.out_dir = str(tmp_path)
-    demo.plan_path(cfg).write_text('{"overrides": {"dvae": [')  # torn
+    demo.plan_path(cfg).write_text('{"fraction": 0.5, "overrides": {"dvae": [')  # torn
     with pytest.raises(ConfigError, match="plan.json: unreadable time plan"):
         demo.dvae_config(cfg)
     assert demo.dvae_config(cfg, plan=False).run.steps > 0  # the plan stage's own settings still load
     assert demo.prior_config(cfg, plan=False).dvae.endswith("dvae/dvae")
+
+
+def test_a_plan_file_sets_no_override_of_its_own(cfg, tmp_path, monkeypatch):
+    """plan.json sits in the output folder, which may come from someone else: the overrides it
+    records (any key, a pipe: shard, an environment variable) are not applied; only its fraction is
+    read, in bounds, and the update counts are recomputed from it."""
+    monkeypatch.setenv("DALLE_REPRO_TEST_SECRET", "s3cret")
+    full = _plan(cfg, tmp_path, 0.5)
+    plan = json.loads(demo.plan_path(cfg).read_text())
+    plan["overrides"]["dvae"] += [f"data.shards=pipe:touch {tmp_path / 'ran'}", "log.wandb=true"]
+    plan["overrides"]["prior"] += ["log.wandb_project=${oc.env:DALLE_REPRO_TEST_SECRET}", "run.steps=99999"]
+    plan["overrides"]["clip"] += ["run.steps=99999"]
+    demo.plan_path(cfg).write_text(json.dumps(plan))
+    d, p, c = demo.dvae_config(cfg), demo.prior_config(cfg), demo.clip_config(cfg)
+    assert d.data.shards == full["dvae"].data.shards and not d.log.wandb
+    assert p.log.wandb_project == full["prior"].log.wandb_project and p.run.steps == full["prior"].run.steps // 2
+    assert c.run.steps == full["clip"].run.steps // 2
+    for bad in (7.0, 0.0, "0.5", None):
+        demo.plan_path(cfg).write_text(json.dumps(plan | {"fraction": bad}))
+        with pytest.raises(ConfigError, match="plan.json: unreadable time plan"):
+            demo.dvae_config(cfg)
 
 
 def test_a_rerun_keeps_the_timings_whose_subject_did_not_change(cfg, tmp_path, monkeypatch):
@@ -156,3 +177,64 @@ def test_with_cuda_the_plan_keeps_the_configured_runs(cfg, tmp_path, monkeypatch
     plan = demo.stage_plan(cfg)
     assert plan["fraction"] == 1.0 and all(not o for o in plan["overrides"].values()) and "CUDA" in plan["note"]
     assert demo.dvae_config(cfg) == demo.dvae_config(cfg, plan=False)
+
+
+def test_the_demo_replaces_only_folders_it_made(tmp_path, monkeypatch):
+    """out_dir pointed at an existing folder: a settings change rmtree'd RUN/dvae with its
+    checkpoints, and the shapes and tokens stages overwrote a user's NNNNN.tar."""
+    mine = tmp_path / "mine"
+    step = mine / "dvae" / "checkpoints" / "step_00000100"
+    step.mkdir(parents=True)
+    (step / "state.json").write_text("{}")
+    (mine / "dvae" / "config.yaml").write_text("run:\n  steps: 5\n")
+    cfg = from_dict(demo.DemoConfig, {"out_dir": str(mine), "shapes": {"output": str(mine), "train": 20, "heldout": 4}})
+    monkeypatch.setattr(demo, "train_dvae", lambda *a, **k: pytest.fail("trained into a user's folder"))
+    with pytest.raises(ConfigError, match=f"{mine / 'dvae'} exists and was not made by the demo"):
+        demo.stage_dvae(cfg)
+    assert (step / "state.json").is_file()
+    (mine / "00000.tar").write_bytes(b"the user's shard")
+    with pytest.raises(ConfigError, match=f"{mine} exists and was not made by the demo"):
+        demo.stage_data(cfg)
+    assert (mine / "00000.tar").read_bytes() == b"the user's shard"
+    cfg.tokens_output = str(mine)
+    with pytest.raises(ConfigError, match="not made by the demo"):
+        demo.stage_tokens(cfg)
+    with pytest.raises(ConfigError, match="not made by the demo"):
+        demo.run_demo(cfg, log=lambda _: None)
+    assert not (mine / "config.yaml").exists() and (mine / "00000.tar").read_bytes() == b"the user's shard"
+    ours = demo.claim(tmp_path / "new")  # a folder the demo creates is its own from then on
+    (ours / "00000.tar").write_bytes(b"ours")
+    assert demo.claim(ours) == ours
+
+
+def test_the_report_escapes_captions_and_inlines_only_pngs_inside_its_folder(tmp_path):
+    """Captions went raw into report.md (live HTML in some viewers); report.html inlined any file a
+    stage marker named, and crashed on a missing one."""
+    import base64
+
+    from dalle_repro.core.images import save_png
+    from dalle_repro.demo.report import write_report
+
+    out = tmp_path / "out"
+    out.mkdir()
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"\x89PNG\r\n\x1a\n" + b"SECRET KEY")
+    (out / "notes.png").write_bytes(b"not a png, and the report's own folder")
+    from PIL import Image
+
+    ours = save_png(Image.new("RGB", (4, 4), "red"), out / "samples" / "00-train.png")
+    caption = '<script>alert("x")</script> [click](http://evil) ```'
+    prompts = [
+        {"caption": caption, "split": "train", "grid": str(ours)},
+        {"caption": "gone", "split": "new", "grid": str(out / "samples" / "missing.png")},
+        {"caption": "outside", "split": "new", "grid": str(secret)},
+        {"caption": "not a png", "split": "new", "grid": str(out / "notes.png")},
+    ]
+    results = {"samples": {"prompts": prompts}}
+    write_report(out, results, {"samples": {"settings": {"captions_train": [caption]}}})
+    md, page = (out / "report.md").read_text(), (out / "report.html").read_text()
+    assert "<script>" not in md and "](http://evil)" not in md.split("```json")[0]  # a code block shows links
+    assert md.count("```") == 2  # the settings' fence only: the caption's backticks cannot close it
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert base64.b64encode(secret.read_bytes()).decode() not in page and page.count("data:image/png") == 1
+    assert page.count("picture not shown") == 3

@@ -150,3 +150,34 @@ def test_evaluate_reads_the_folder_launch_sample_writes(tmp_path):
     # one prompt folder on its own reads too
     assert main(["--images", str(tmp_path / "samples" / "001-x"), *argv[2:], "--output", str(tmp_path / "e2")]) == 0
     assert json.loads((tmp_path / "e2" / "evaluation.json").read_text())["generated_images"] == 3
+
+
+def test_the_evaluate_tool_names_a_broken_image_and_mixed_reference_sizes(tmp_path, capsys):
+    """A zero-byte PNG gave a traceback without the file's name; reference images of mixed sizes a
+    ``stack`` RuntimeError."""
+    import io
+    import tarfile
+
+    from helpers import png_bytes
+
+    from dalle_repro.cli.evaluate import main
+
+    def shard(path, sizes):
+        with tarfile.open(path, "w") as t:
+            for i, size in enumerate(sizes):
+                for ext, data in (("png", png_bytes(size, seed=i)), ("txt", b"a red circle")):
+                    info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                    info.size = len(data)
+                    t.addfile(info, io.BytesIO(data))
+        return str(path)
+
+    same, mixed = shard(tmp_path / "same.tar", [(16, 16)] * 2), shard(tmp_path / "mixed.tar", [(16, 16), (24, 20)])
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    (gen / "000.png").write_bytes(b"")
+    (gen / "000.txt").write_text("a red circle")
+    out = str(tmp_path / "out")
+    assert main(["--images", str(gen), "--reference", mixed, "--output", out]) == 2
+    assert "images of several sizes" in capsys.readouterr().err
+    assert main(["--images", str(gen), "--reference", same, "--output", out]) == 2
+    assert f"{gen / '000.png'}: not a readable image" in capsys.readouterr().err

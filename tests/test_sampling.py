@@ -274,3 +274,29 @@ def test_an_empty_prompt_is_sampled_with_a_warning(parts, caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "caption 1 is empty: its images are sampled unconditionally (no text to follow)"
     ]
+
+
+def test_the_export_copies_only_the_dvae_folders_own_files_without_following_links(parts, tokenizer_path, tmp_path):
+    """The export copied the whole dVAE folder following links: a ``README -> ~/.ssh/id_rsa`` there
+    ended up, as the key's bytes, in RUN/export/dvae/."""
+    from dalle_repro.sample.export import load_prior
+
+    model, dvae, _ = parts
+    dvae_dir = tmp_path / "dvae"
+    dvae.save_pretrained(dvae_dir)
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    (dvae_dir / "README").symlink_to(secret)
+    (dvae_dir / "notes").mkdir()
+    (dvae_dir / "notes" / "key").symlink_to(secret)
+    (dvae_dir / "extra.safetensors").symlink_to(secret)
+    cfg = {"model": model.args, "precision": {"dtype": "fp32"}}
+    state = model.state_dict()
+    with pytest.raises(ValueError, match="extra.safetensors: not a regular file"):
+        write_export(tmp_path / "export", cfg, state, state, tokenizer_path, dvae_dir, {"step": 1})
+    (dvae_dir / "extra.safetensors").unlink()
+    export = write_export(tmp_path / "export", cfg, state, state, tokenizer_path, dvae_dir, {"step": 1})
+    copied = sorted(p.relative_to(export / "dvae").as_posix() for p in (export / "dvae").rglob("*"))
+    assert copied == ["config.yaml", "model.safetensors"]
+    assert not any(p.is_symlink() for p in (export / "dvae").iterdir())
+    assert load_prior(export).dvae is not None

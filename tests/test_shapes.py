@@ -116,3 +116,24 @@ def test_the_data_set_is_written_read_and_not_redone(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.tar")} == before
     with pytest.raises(ValueError, match="image_size must be >= 16"):
         build_shapes_dataset(tmp_path / "tiny", image_size=8)
+
+
+def test_the_reader_reads_a_large_image_downscaled_and_in_its_own_pixels(monkeypatch):
+    """read_scene's flood fill is Python: 1000 x 1000 took seconds and 64 Mpx was accepted."""
+    from PIL import Image
+
+    from dalle_repro.data import shapes
+
+    sides = []
+    real = shapes._components
+    monkeypatch.setattr(shapes, "_components", lambda mask: sides.append(max(mask.shape)) or real(mask))
+    rng = np.random.default_rng(5)
+    for i in range(6):
+        scene = random_scene(rng, held_out=bool(i % 2))
+        small = render(scene, 64, seed=i)
+        big = small.resize((1024, 1024), Image.Resampling.NEAREST)
+        for image in (big, np.asarray(big)):
+            found = read_scene(image)
+            assert score(scene, found, 1024) == score(scene, read_scene(small), 64)
+            assert found[0].cx == pytest.approx(read_scene(small)[0].cx * 16, abs=16)
+    assert max(sides) <= 256  # shapes.MAX_SCENE_SIDE

@@ -336,12 +336,49 @@ def test_table_inputs_read_regular_files_only_within_a_size_cap_and_optionally_i
     with open(table, "w", newline="") as f:
         csv.writer(f).writerows([("image", "caption"), *rows])
     cap = len((tmp_path / "t" / "ok.png").read_bytes()) + 10
-    s = make_shards(table, tmp_path / "out", max_file_bytes=cap)
-    assert s["written"] == 3  # ok, ../outside and the link: allowed unless --paths-inside
+    s = make_shards(table, tmp_path / "out", max_file_bytes=cap, paths_inside=False)
+    assert s["written"] == 3  # ok, ../outside and the link: allowed with --no-paths-inside
     assert s["skipped"] == {"not_a_regular_file": 2, "file_too_large": 1}
-    s = make_shards(table, tmp_path / "inside", max_file_bytes=cap, paths_inside=True)
+    s = make_shards(table, tmp_path / "inside", max_file_bytes=cap)  # confined by default
     assert s["written"] == 1
     assert s["skipped"] == {"not_a_regular_file": 1, "file_too_large": 1, "outside_table_folder": 3}
+
+
+def test_inputs_are_confined_by_default_and_a_folders_captions_are_read_capped(tmp_path):
+    """A folder's caption linked to a credentials file was read whole into the shards; a table's
+    absolute, .. and linked paths were read unless --paths-inside (ignored for folders)."""
+    from dalle_repro.cli.make_shards import main
+    from dalle_repro.data.make_shards import list_folder
+
+    cap = 1 << 20  # make_shards.MAX_CAPTION_BYTES
+
+    secret = tmp_path / "credentials"
+    secret.write_text("aws_secret_access_key = s3cret")
+    (tmp_path / "elsewhere.png").write_bytes(png_bytes(seed=9))
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.png").write_bytes(png_bytes(seed=1))
+    (src / "ok.txt").write_text("a fine caption")
+    (src / "leak.png").write_bytes(png_bytes(seed=2))
+    (src / "leak.txt").symlink_to(secret)
+    (src / "linked.png").symlink_to(tmp_path / "elsewhere.png")
+    (src / "linked.txt").write_text("an image from elsewhere")
+    (src / "long.png").write_bytes(png_bytes(seed=3))
+    (src / "long.txt").write_bytes(b"word " * (cap // 2))
+    records, skipped = list_folder(src)
+    assert {r.key for r in records} == {"ok", "linked", "long"} and skipped == {"outside_input_folder": 1}
+    assert max(len(r.caption) for r in records) <= cap
+    s = make_shards(src, tmp_path / "out")
+    assert s["written"] == 2 and s["skipped"] == {"outside_input_folder": 2}
+    text = b"".join(p.read_bytes() for p in (tmp_path / "out").glob("*.tar"))
+    assert b"s3cret" not in text
+    table = src / "table.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([("image", "caption"), ("ok.png", "in"), (str(tmp_path / "elsewhere.png"), "abs")])
+    assert main(["--input", str(table), "--output", str(tmp_path / "t1")]) == 0
+    assert json.loads((tmp_path / "t1" / "summary.json").read_text())["skipped"] == {"outside_table_folder": 1}
+    assert main(["--input", str(table), "--output", str(tmp_path / "t2"), "--no-paths-inside"]) == 0
+    assert json.loads((tmp_path / "t2" / "summary.json").read_text())["written"] == 2
 
 
 def test_metadata_is_dropped_from_kept_files_unless_asked_and_the_image_bytes_stay(tmp_path):
@@ -494,3 +531,13 @@ def test_a_small_set_gets_shards_for_eight_readers(tmp_path):
     s = make_shards(make_folder(tmp_path / "src", 40), tmp_path / "out")
     assert s["options"]["shard_size"] == 5 and s["splits"]["train"]["shards"] == READERS
     assert auto_shard_size(3) == 1 and auto_shard_size(10**6) == 1000
+
+
+def test_a_csv_cell_over_the_field_limit_skips_its_row_and_counts_it(tmp_path):
+    """A caption cell over 128 KiB ended make_shards with a _csv.Error traceback."""
+    (tmp_path / "a.png").write_bytes(png_bytes(seed=1))
+    (tmp_path / "c.png").write_bytes(png_bytes(seed=2))
+    table = tmp_path / "table.csv"
+    table.write_text("image,caption\na.png,a fine one\nb.png," + "x" * 200_000 + "\nc.png,another\n")
+    s = make_shards(table, tmp_path / "out")
+    assert s["written"] == 2 and s["skipped"] == {"unreadable_row": 1}

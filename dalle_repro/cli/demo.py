@@ -16,12 +16,12 @@ from dalle_repro.demo.pipeline import DemoConfig, data_dir, run_demo
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, _ = parse_cli(DemoConfig, argv, __doc__ or "", default_config="configs/demo/demo.yaml")
+    cfg, flags = parse_cli(DemoConfig, argv, __doc__ or "", default_config="configs/demo/demo.yaml")
     if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        results = run_demo(cfg)
+        results = run_demo(cfg, allow_pipe=flags["allow_pipe"])
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -59,6 +59,15 @@ def _distances(ref: torch.Tensor, gen: torch.Tensor, a: EvaluateConfig, reranker
     return res
 
 
+def _stack(images: list[torch.Tensor], where: str) -> torch.Tensor:
+    """The images as one batch; images of several sizes are refused with the sizes (torch.stack's
+    own error named neither the images nor their sizes)."""
+    sizes = sorted({tuple(im.shape) for im in images})
+    if len(sizes) > 1:
+        raise ValueError(f"{where}: images of several sizes {sizes[:6]}; the FID and scores need one size")
+    return torch.stack(images)
+
+
 def _sample_output(d: Path) -> list[tuple[str, list[Path]]]:
     """(caption, images) of each prompt folder launch/sample.py wrote under ``d`` (or of ``d`` itself
     when it is one): the caption from result.json, the images NN.png (grid.png is their montage)."""
@@ -90,22 +99,22 @@ def _flat_folder(d: Path) -> list[tuple[str, list[Path]]]:
 
 def _load_folder(d: Path) -> tuple[list[str], torch.Tensor]:
     """The captions and images (N, 3, H, W) uint8 of --images: launch/sample.py's output or a flat folder."""
-    from dalle_repro.data.samples import decode_image, image_to_tensor
+    from dalle_repro.data.samples import SampleError, decode_image, image_to_tensor
 
     if not d.is_dir():
         raise FileNotFoundError(f"--images {d} is not a folder")
     captions, images = [], []
     for caption, pngs in _sample_output(d) or _flat_folder(d):
         for png in pngs:
-            im, _ = decode_image(png.read_bytes())
+            try:
+                im, _ = decode_image(png.read_bytes())
+            except SampleError as e:  # a zero-byte or broken PNG: say which
+                raise ValueError(f"{png}: not a readable image ({e.reason}: {e})") from None
             captions.append(caption)
             images.append(image_to_tensor(im))
     if not images:
         raise FileNotFoundError(f"no image in {d}: neither NNN-caption/NN.png with result.json nor KEY.png")
-    sizes = {tuple(im.shape) for im in images}
-    if len(sizes) > 1:
-        raise ValueError(f"{d}: images of several sizes {sorted(sizes)}")
-    return captions, torch.stack(images)
+    return captions, _stack(images, str(d))
 
 
 def _evaluate_prior(a: EvaluateConfig, reranker: Any, out: Path) -> dict[str, Any]:
@@ -153,7 +162,7 @@ def _evaluate_images(a: EvaluateConfig, reranker: Any, out: Path) -> dict[str, A
         ref_caps, ref_list = ref_caps[: a.limit], ref_list[: a.limit]
     if not ref_list:
         raise ValueError(f"no captioned image in {a.reference}")
-    ref = torch.stack(ref_list)
+    ref = _stack(ref_list, f"--reference {a.reference}")
     result: dict[str, Any] = {"reference": a.reference, "reference_images": len(ref)}
     out.mkdir(parents=True, exist_ok=True)
     if a.images:

@@ -14,6 +14,7 @@ name the field the way the user wrote it.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import difflib
 import os
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from omegaconf import OmegaConf
+from omegaconf.resolvers import oc
 
 from dalle_repro.core.files import atomic_write_text
 
@@ -255,17 +257,56 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
 
 
 ENV_FLAG = "--config-env"
+PIPE_FLAG = "--allow-pipe"
+
+
+def _find_value(value: Any, pattern: str, key: str = "") -> str | None:
+    """The dotted key of the first string in ``value`` (nested dicts and lists) that matches ``pattern``."""
+    if isinstance(value, dict):
+        return next((k for k2, v in value.items() if (k := _find_value(v, pattern, f"{key}{k2}."))), None)
+    if isinstance(value, list):
+        return next((k for i, v in enumerate(value) if (k := _find_value(v, pattern, f"{key}{i}."))), None)
+    if isinstance(value, str) and re.search(pattern, value):
+        return key.rstrip(".")
+    return None
 
 
 def _env_reference(value: Any, key: str = "") -> str | None:
     """The dotted key of the first value that reads an environment variable (``${oc.env:...}``)."""
-    if isinstance(value, dict):
-        return next((k for k2, v in value.items() if (k := _env_reference(v, f"{key}{k2}."))), None)
-    if isinstance(value, list):
-        return next((k for i, v in enumerate(value) if (k := _env_reference(v, f"{key}{i}."))), None)
-    if isinstance(value, str) and re.search(r"\$\{\s*(oc\.)?env\s*:", value):
-        return key.rstrip(".")
-    return None
+    return _find_value(value, r"\$\{\s*(oc\.)?env\s*:", key)
+
+
+# While load_yaml resolves a file read without allow_env, the environment variables its values ask
+# for are recorded here and none is read. The pattern check in load_yaml catches the plain forms
+# before resolving; this catches the rest (``${oc.${a.b}:NAME}``, a resolver name built by another
+# interpolation), in the resolver itself.
+_ENV_ASKED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("env_asked", default=None)
+
+
+def _guarded_env(key: str, *default: Any) -> Any:
+    asked = _ENV_ASKED.get()
+    if asked is not None:
+        asked.append(key)
+        raise KeyError(f"environment variable {key} refused")
+    return oc.env(key, *default)
+
+
+OmegaConf.register_resolver("oc.env", _guarded_env, replace=True, annotation_validation="off")
+
+
+def refuse_pipe(data: Any, source: str) -> None:
+    """Raise :class:`ConfigError` when ``data``, read from ``source`` (a file), holds a ``pipe:`` shard.
+
+    A ``pipe:`` shard runs a shell command when a reader opens it, so it is taken from the command
+    line only (an override or a flag), where the user typed it: a config, plan or list that came
+    with someone else's data set or run must not run commands on this machine. Any string holding
+    ``pipe:`` counts, wherever it sits (a brace pattern or an override string inside a list can
+    carry one too). ``PIPE_FLAG`` on the command line accepts them."""
+    if (key := _find_value(data, r"pipe:")) is not None:
+        raise ConfigError(
+            f"{key}: {source} holds a pipe: shard, a shell command; commands are taken from the command line "
+            f"only: give it there ({key}=...) or add {PIPE_FLAG} to run the file's commands"
+        )
 
 
 def load_yaml(path: str | os.PathLike[str], allow_env: bool = False) -> dict[str, Any]:
@@ -286,7 +327,19 @@ def load_yaml(path: str | os.PathLike[str], allow_env: bool = False) -> dict[str
             f"{key}: config file {p} reads an environment variable; configs resolve none unless you pass {ENV_FLAG} "
             "(the value would be written into the run's config.yaml, checkpoints and wandb)"
         )
-    data = OmegaConf.to_container(conf, resolve=True)
+    asked: list[str] = []
+    token = _ENV_ASKED.set(None if allow_env else asked)
+    try:
+        data = OmegaConf.to_container(conf, resolve=True)
+    except Exception as e:  # omegaconf wraps the resolver's error
+        if asked:
+            raise ConfigError(
+                f"config file {p} reads the environment variable {asked[0]} through an interpolation; configs "
+                f"resolve none unless you pass {ENV_FLAG}"
+            ) from None
+        raise ConfigError(f"config file {p}: cannot resolve its interpolations: {e}") from None
+    finally:
+        _ENV_ASKED.reset(token)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -304,10 +357,14 @@ def load_config(
     yaml_path: str | os.PathLike[str] | None = None,
     overrides: Sequence[str] = (),
     allow_env: bool = False,
+    allow_pipe: bool = False,
 ) -> T:
     """Defaults of ``cls`` <- the YAML file <- ``key.sub=value`` overrides, validated.
-    ``allow_env``: let the YAML file read environment variables (see :func:`load_yaml`)."""
+    ``allow_env``: let the YAML file read environment variables (see :func:`load_yaml`);
+    ``allow_pipe``: let it hold ``pipe:`` shards (see :func:`refuse_pipe`; overrides may always)."""
     data: dict[str, Any] = load_yaml(yaml_path, allow_env) if yaml_path else {}
+    if not allow_pipe:
+        refuse_pipe(data, f"config file {yaml_path}")
     data = deep_merge(data, parse_overrides(overrides))
     return _build(cls, data)
 
@@ -397,6 +454,8 @@ def cli_help(cls: type, usage: str, flags: Mapping[str, str] | None = None) -> s
     env = (
         f"\n\n{ENV_FLAG}: let the YAML config read environment variables (${{oc.env:NAME}}); off by default, so "
         "that a shared config cannot copy a secret into the run's config.yaml, checkpoints and wandb."
+        f"\n{PIPE_FLAG}: let the YAML config hold pipe: shards (shell commands); off by default, so that a shared "
+        "config cannot run commands here. A pipe: shard given on the command line (key.sub=pipe:...) needs no flag."
     )
     by_key = {key: flag for flag, key in (flags or {}).items()}
     keys = "\n".join(describe(cls, flags=by_key))
@@ -572,6 +631,7 @@ def parse_cli(
     p.add_argument("--config", default=default_config)
     p.add_argument("--local_rank", type=int, default=None)
     p.add_argument(ENV_FLAG, action="store_true")
+    p.add_argument(PIPE_FLAG, action="store_true")
     p.add_argument("-h", "--help", action="store_true")
     for flag in flags:
         p.add_argument(flag, action="store_true")
@@ -582,9 +642,12 @@ def parse_cli(
     try:
         given, overrides = parse_flags(cls, rest, aliases, positional) if aliases or positional else ({}, rest)
         data: dict[str, Any] = load_yaml(a.config, a.config_env) if a.config else {}
+        if not a.allow_pipe:
+            refuse_pipe(data, f"config file {a.config}")
         data = deep_merge(deep_merge(data, given), parse_overrides(overrides))
         cfg = _build(cls, data)
     except ConfigError as e:
         print(f"config error: {_name_flag(str(e), aliases)}", file=sys.stderr)
         raise SystemExit(2) from None
-    return cfg, {f.lstrip("-").replace("-", "_"): getattr(a, f.lstrip("-").replace("-", "_")) for f in flags}
+    names = [f.lstrip("-").replace("-", "_") for f in (*flags, PIPE_FLAG)]
+    return cfg, {n: getattr(a, n) for n in names}

@@ -4,9 +4,12 @@ strictly (shapes checked against the config, no pickle), so a model is rebuilt f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +23,7 @@ from dalle_repro.core.config import ConfigError, from_dict, load_yaml, to_yaml
 from dalle_repro.core.files import honour_umask
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -43,6 +47,36 @@ def check_replaceable(final: Path, new_entries: set[str], overwrite: bool) -> No
         )
 
 
+def copy_model_folder(src: str | Path, dst: str | Path) -> None:
+    """Copy what a model folder is made of, ``config.yaml`` and the ``*.safetensors`` beside it, as
+    regular files, and nothing else.
+
+    The folder (a dVAE someone shared) is copied into an export that is passed on in turn: a whole
+    copy that follows links would carry along a ``README -> ~/.ssh/id_rsa``. Links, folders and
+    other names are left out (logged); a link or special file in place of the model's own files
+    is refused."""
+    src, dst = Path(src), Path(dst)
+    dst.mkdir()
+    skipped = []
+    for entry in sorted(os.scandir(src), key=lambda e: e.name):
+        if entry.name != "config.yaml" and not entry.name.endswith(".safetensors"):
+            skipped.append(entry.name)
+            continue
+        try:  # no link followed, the check on the opened file
+            fd = os.open(entry.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except OSError as e:
+            raise ValueError(f"{entry.path}: not a regular file of the model folder ({e})") from None
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{entry.path}: not a regular file of the model folder")
+            with open(dst / entry.name, "wb") as out:
+                shutil.copyfileobj(f, out, 1 << 20)
+    if not (dst / "config.yaml").is_file():
+        raise ValueError(f"{src} has no config.yaml: not a model folder")
+    if skipped:
+        log.info("copied the model files of %s; left out %s", src, ", ".join(skipped))
+
+
 def write_folder(
     directory: str | Path,
     files: dict[str, dict[str, torch.Tensor]],
@@ -51,7 +85,7 @@ def write_folder(
     overwrite: bool = False,
 ) -> Path:
     """Write ``NAME.safetensors`` for each entry of ``files``, each text file and a copy of each of
-    ``folders`` (name -> source folder), then rename the whole into place.
+    ``folders`` (name -> a model folder, :func:`copy_model_folder`), then rename the whole into place.
 
     An existing folder of that name is replaced only once the new one is whole, and only if it holds
     nothing but what the new one holds (:func:`check_replaceable`; ``overwrite`` lifts that).
@@ -67,7 +101,7 @@ def write_folder(
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
         for name, src in (folders or {}).items():
-            shutil.copytree(src, tmp / name)
+            copy_model_folder(src, tmp / name)
         for p in tmp.rglob("*"):
             honour_umask(p)  # safetensors writes its files 0600
             if p.is_file():
@@ -192,14 +226,33 @@ def build_pretrained(directory: str | Path, args_cls: type[T], model_cls: Any, w
     weights file's header, so that a config from elsewhere (``dim: 100000``) cannot make this
     process allocate what it describes. A ValueError lists every tensor that does not fit."""
     args, path = _pretrained_paths(directory, args_cls, weights)
+    theirs = file_shapes(path)
+    _check_depth_first(args, model_cls, len(theirs), f"{path} (with {Path(directory) / 'config.yaml'})")
     with torch.device("meta"):
         probe = model_cls(args)
-    problem = shape_mismatch(model_shapes(probe), file_shapes(path), f"{path} (with {Path(directory) / 'config.yaml'})")
+    problem = shape_mismatch(model_shapes(probe), theirs, f"{path} (with {Path(directory) / 'config.yaml'})")
     if problem:
         raise ValueError(problem)
     model = model_cls(args)
     model.load_state_dict(load_file(str(path)))
     return model
+
+
+def _check_depth_first(args: Any, model_cls: Any, n_tensors: int, source: str) -> None:
+    """For a model of ``depth`` alike blocks: the tensor count that depth means (from probes of one
+    and two blocks) against the file header's count, before the model is probed at its full depth.
+    Probing is linear in the depth (1000 blocks: seconds), and the depth comes from the folder's
+    config.yaml, which may come from someone else."""
+    depth = getattr(args, "depth", None)
+    if not dataclasses.is_dataclass(args) or not isinstance(depth, int) or depth <= 2:
+        return
+    with torch.device("meta"):
+        one, two = (len(model_cls(dataclasses.replace(args, depth=k)).state_dict()) for k in (1, 2))
+    expected = one + (depth - 1) * (two - one)
+    if expected != n_tensors:
+        raise ValueError(
+            f"{source} does not fit the model: its depth {depth} means {expected} tensors, the file holds {n_tensors}"
+        )
 
 
 def shape_mismatch(own: dict[str, tuple[int, ...]], theirs: dict[str, tuple[int, ...]], source: str) -> str | None:

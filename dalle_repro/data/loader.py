@@ -35,6 +35,7 @@ from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.data.samples import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTS,
+    MAX_CAPTION_CHARS,
     SampleError,
     clean_caption,
     crop_resize,
@@ -80,7 +81,7 @@ class DataArgs:
     shuffle: bool = arg(True, "Shuffle shard order and sample order within a shard, per epoch.")
     seed: int = arg(0, "Seed of every random choice the loader makes.", ge=0)
     max_pixels: int = arg(DEFAULT_MAX_PIXELS, "Images with more pixels than this are rejected before decoding.", gt=0)
-    max_caption_chars: int = arg(4096, "Captions are cut to this many characters before tokenizing.", gt=0)
+    max_caption_chars: int = arg(MAX_CAPTION_CHARS, "Captions are cut to this many characters before tokenizing.", gt=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,7 +143,7 @@ class ShardStream(IterableDataset):
 
     def _decode(self, key: str, members: dict[str, bytes], where: tuple[int, ...]) -> dict[str, Any]:
         a = self.args
-        caption = clean_caption(members.get("txt", b""), a.max_caption_chars)
+        caption = clean_caption(members.get("txt", b""), a.max_caption_chars, binary_error=True)
         out: dict[str, Any] = {"key": key, "caption": caption}
         if a.kind == "tokens":
             if "tokens" not in members:
@@ -205,6 +206,7 @@ class ShardStream(IterableDataset):
                 with shard:
                     if shard.truncated and pos["sample_pos"] == 0:
                         errors["truncated_shard"] += 1
+                        errors["truncated_sample"] += shard.lost  # samples the cut took, not delivered
                     order = np.arange(len(shard))
                     if self.args.shuffle:
                         np.random.default_rng(stable_seed(self.args.seed, "samples", epoch, shard_idx)).shuffle(order)

@@ -66,6 +66,9 @@ def _caption(raw: bytes) -> tuple[str, dict[str, str]]:
     return clean_caption(text), ({"caption_encoding": encoding} if encoding != "utf-8" else {})
 
 
+MAX_CAPTION_BYTES = 1 << 20  # a caption file is read up to this; the sample's caption is cut far shorter
+
+
 def _skip(skipped: Counter, files: list[tuple[str, str]] | None, path: str, reason: str) -> None:
     skipped[reason] += 1
     if files is not None:
@@ -78,7 +81,11 @@ def list_folder(
     """Images under ``root`` (recursively) with a sidecar caption ``STEM.{caption_ext}`` beside each.
     A caption file with no image beside it is counted (``caption_without_image``): a user whose
     images failed to copy sees it in the summary instead of a silently smaller set. ``files``
-    collects (path, reason) of every file skipped."""
+    collects (path, reason) of every file skipped.
+
+    A caption file is read as :func:`read_source` reads an image, confined to ``root`` (a caption
+    linked to a credentials file must not end up in a shard) and cut at :data:`MAX_CAPTION_BYTES`
+    (a 10 GB one is not read whole); one that cannot be taken is counted by its reason."""
     root = Path(root)
     skipped: Counter = Counter()
     records: dict[str, Record] = {}
@@ -96,7 +103,15 @@ def list_folder(
         if not cap_path.is_file():
             _skip(skipped, files, str(path), "missing_caption")
             continue
-        caption, noted = _caption(cap_path.read_bytes())
+        raw = read_source(str(cap_path), MAX_CAPTION_BYTES, root, cut=True, outside="outside_input_folder")
+        if isinstance(raw, tuple):
+            _skip(skipped, files, str(cap_path), raw[0])
+            log.warning("caption skipped: %s", raw[1])
+            continue
+        caption, noted = _caption(raw)
+        if noted.get("caption_encoding") == "binary":  # an image or random bytes, not a caption
+            _skip(skipped, files, str(cap_path), "binary_caption")
+            continue
         if not caption:
             _skip(skipped, files, str(path), "empty_caption")
             continue
@@ -120,7 +135,9 @@ def _text_encoding(path: Path, sniff: int = 1 << 16) -> str:
         if e.start >= len(head) - 3 and len(head) == sniff:  # a character cut by the sniff's end
             head = head[: e.start]
     encoding = decode_caption(head)[1]
-    return {"utf-8-damaged": "utf-8", "latin-1": "cp1252", "utf-16": "utf-16"}.get(encoding, encoding)
+    return {"utf-8-damaged": "utf-8", "latin-1": "cp1252", "binary": "cp1252", "utf-16": "utf-16"}.get(
+        encoding, encoding
+    )
 
 
 def _read_table(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
@@ -135,6 +152,20 @@ def _read_table(path: Path) -> tuple[list[str], Iterator[dict[str, Any]]]:
     f = open(path, newline="", encoding=_text_encoding(path), errors="replace")  # noqa: SIM115 (the reader reads it)
     reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
     return list(reader.fieldnames or []), reader
+
+
+def _csv_rows(rows: Iterator[dict[str, Any]], skipped: Counter) -> Iterator[dict[str, Any] | None]:
+    """The table's rows, None in place of a row the csv module cannot read (a cell over its 128 KiB
+    field limit ended the run with a traceback): counted ``unreadable_row``, and the next row read."""
+    while True:
+        try:
+            yield next(rows)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            skipped["unreadable_row"] += 1
+            log.warning("table row skipped: %s", e)
+            yield None
 
 
 def list_table(
@@ -153,7 +184,9 @@ def list_table(
             raise ValueError(f"{path}: no column {col!r} for {name}; the columns are {columns}")
     skipped: Counter = Counter()
     records: dict[str, Record] = {}
-    for i, row in enumerate(rows):
+    for i, row in enumerate(_csv_rows(rows, skipped)):
+        if row is None:
+            continue
         img = str(row.get(image_col) or "").strip()
         if not img:
             _skip(skipped, files, f"{path}:row {i}", "missing_image")
@@ -275,11 +308,18 @@ def _opened_path(fd: int, source: str) -> str:
         return real if same else f"(a file that moved while it was opened: {source})"
 
 
-def read_source(source: str, max_bytes: int = MAX_FILE_BYTES, inside: Path | None = None) -> bytes | tuple[str, str]:
+def read_source(
+    source: str,
+    max_bytes: int = MAX_FILE_BYTES,
+    inside: Path | None = None,
+    cut: bool = False,
+    outside: str = "outside_table_folder",
+) -> bytes | tuple[str, str]:
     """A source file's bytes, or (reason, detail) when it is not taken: ``not_a_regular_file``
     (a device, FIFO or folder: ``/dev/zero`` in a table grew until memory ran out),
-    ``file_too_large`` (over ``max_bytes``, read no further), ``outside_table_folder`` (with
-    ``inside``: the path, symlinks resolved, leaves that folder) or ``unreadable_file``."""
+    ``file_too_large`` (over ``max_bytes``, read no further; with ``cut`` its first ``max_bytes``
+    are returned instead), ``outside`` (with ``inside``: the path, symlinks resolved, leaves that
+    folder) or ``unreadable_file``."""
     try:
         fd = os.open(source, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
     except OSError as e:
@@ -288,12 +328,12 @@ def read_source(source: str, max_bytes: int = MAX_FILE_BYTES, inside: Path | Non
         real = Path(_opened_path(fd, source))
         if not real.is_relative_to(os.path.realpath(inside)):
             os.close(fd)
-            return ("outside_table_folder", f"{source} resolves to {real}, outside {inside}")
+            return (outside, f"{source} resolves to {real}, outside {inside}")
     st = os.fstat(fd)  # the file that was opened, not the name
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
         return ("not_a_regular_file", f"{source} is not a regular file")
-    if st.st_size > max_bytes:
+    if st.st_size > max_bytes and not cut:
         os.close(fd)
         return ("file_too_large", f"{source}: {st.st_size} bytes > --max-file-bytes {max_bytes}")
     with os.fdopen(fd, "rb") as f:
@@ -301,6 +341,8 @@ def read_source(source: str, max_bytes: int = MAX_FILE_BYTES, inside: Path | Non
             data = f.read(max_bytes + 1)
         except OSError as e:
             return ("unreadable_file", f"{source}: {e}")
+    if len(data) > max_bytes and cut:
+        return data[:max_bytes]
     if len(data) > max_bytes:  # it grew after the stat
         return ("file_too_large", f"{source}: more than --max-file-bytes {max_bytes}")
     return data
@@ -315,13 +357,14 @@ def process_file(
     max_file_bytes: int = MAX_FILE_BYTES,
     inside: Path | None = None,
     keep_metadata: bool = False,
+    outside: str = "outside_table_folder",
 ) -> Processed:
     """Read, check and (optionally) resize one image file into a Sample.
 
     Without ``image_size`` an RGB JPEG or PNG keeps its image bytes, with its metadata (EXIF with
     GPS positions, XMP, comments, text chunks) dropped unless ``keep_metadata``; an image that EXIF
     rotates is re-encoded upright instead, since its rotation lived in the EXIF."""
-    data = read_source(rec.source, max_file_bytes, inside)
+    data = read_source(rec.source, max_file_bytes, inside, outside=outside)
     if isinstance(data, tuple):
         return data
     try:
@@ -377,7 +420,10 @@ class MakeShardsArgs:
     max_caption_chars: int = arg(4096, "Captions are cut to this length.", gt=0)
     max_file_bytes: int = arg(MAX_FILE_BYTES, "Skip (file_too_large) image files larger than this (128 MiB).", gt=0)
     paths_inside: bool = arg(
-        False, "Skip (outside_table_folder) table rows whose image path, symlinks resolved, leaves the table's folder."
+        True,
+        "Skip (outside_table_folder) table rows whose image path, symlinks resolved, leaves the table's folder "
+        "(a folder input is always confined to itself). Off (--no-paths-inside) for a table that names files "
+        "elsewhere on purpose.",
     )
     caption_ext: str = arg("txt", "Extension of a folder's caption files, beside each image (txt: cat.jpg + cat.txt).")
     keep_metadata: bool = arg(
@@ -436,7 +482,7 @@ def make_shards(
     max_caption_chars: int = 4096,
     overwrite: bool = False,
     max_file_bytes: int = MAX_FILE_BYTES,
-    paths_inside: bool = False,
+    paths_inside: bool = True,
     keep_metadata: bool = False,
     caption_ext: str = "txt",
 ) -> dict[str, Any]:
@@ -446,9 +492,12 @@ def make_shards(
     or as Latin-1 (:func:`~dalle_repro.data.samples.decode_caption`); the summary's ``captions_recoded``
     counts the captions read in each encoding other than UTF-8, and their KEY.json names it.
 
-    Only regular files of at most ``max_file_bytes`` are read; ``paths_inside`` skips table rows
-    whose image path (symlinks resolved) leaves the table's folder; image metadata is dropped
-    unless ``keep_metadata`` (:func:`process_file`)."""
+    Only regular files of at most ``max_file_bytes`` are read, and only inside the input: a
+    folder's images and captions whose path (symlinks resolved) leaves the folder are skipped
+    (``outside_input_folder``), and so are a table's image paths that leave the table's folder
+    (absolute, ``..``, links: ``outside_table_folder``) unless ``paths_inside`` is off, for a table
+    that points elsewhere on purpose. Image metadata is dropped unless ``keep_metadata``
+    (:func:`process_file`)."""
     src = Path(input_path)
     files: list[tuple[str, str]] = []
     records, skipped = _list_input(src, caption_ext.lstrip("."), (image_col, caption_col, key_col), files)
@@ -479,8 +528,9 @@ def make_shards(
         fmt=image_format,
         max_caption_chars=max_caption_chars,
         max_file_bytes=max_file_bytes,
-        inside=src.parent if paths_inside and src.is_file() else None,
+        inside=src if src.is_dir() else src.parent if paths_inside else None,
         keep_metadata=keep_metadata,
+        outside="outside_input_folder" if src.is_dir() else "outside_table_folder",
     )
     return write_dataset(
         records,

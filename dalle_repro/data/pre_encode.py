@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,13 +34,13 @@ from dalle_repro.core.files import atomic_write_text
 from dalle_repro.data.samples import (
     IMAGE_EXTS,
     SampleError,
-    clean_caption,
     crop_resize,
+    cut_caption,
     decode_image,
     image_to_tensor,
 )
 from dalle_repro.data.sources import is_remote
-from dalle_repro.data.tar import iter_shard_samples
+from dalle_repro.data.tar import Shard, iter_shard_samples
 from dalle_repro.data.writer import Sample, safe_key, write_tar
 from dalle_repro.models.dvae import DVAE
 
@@ -78,13 +79,22 @@ def _fingerprint(dvae_identity: str, path: str) -> str:
 
 
 def _samples(path: str, size: int, errors: Counter, max_pixels: int) -> Iterator[tuple[str, str, dict, torch.Tensor]]:
-    """(key, caption, metadata, uint8 image tensor) of one shard's decodable samples."""
+    """(key, caption, metadata, uint8 image tensor) of one shard's decodable samples.
+
+    An unsafe key is renamed (writer.safe_key) to a name no other key of the shard has: ``../x``
+    beside a plain ``x`` became a second ``x``, two samples under one key."""
+    try:
+        with Shard(path) as shard:
+            used = {k for k, _ in shard.samples if safe_key(k) == k}
+    except (OSError, tarfile.TarError):
+        used = set()  # iter_shard_samples counts it
     for key, members in iter_shard_samples([path], errors):
         try:
             ext = next((e for e in IMAGE_EXTS if e in members), None)
             if ext is None:
                 raise SampleError("missing_image", key)
             im, _ = decode_image(members[ext], max_pixels)
+            caption = cut_caption(members.get("txt", b""), errors)
         except SampleError as e:
             errors[e.reason] += 1
             continue
@@ -92,10 +102,13 @@ def _samples(path: str, size: int, errors: Counter, max_pixels: int) -> Iterator
             meta = json.loads(members["json"]) if "json" in members else {}
         except (ValueError, RecursionError):  # bad or deeply nested JSON: the sample keeps no metadata
             meta = {}
-        caption = clean_caption(members.get("txt", b""))
         if (safe := safe_key(key)) != key:  # '../../x' or '/abs/x' from the input: not into our tars
             errors["unsafe_key_renamed"] += 1
-            key = safe
+            key, n = safe, 1
+            while key in used:
+                n += 1
+                key = f"{safe}_{n}"
+            used.add(key)
         yield key, caption, meta if isinstance(meta, dict) else {}, image_to_tensor(crop_resize(im, size))
 
 
@@ -168,6 +181,10 @@ def encode_token_shards(
     totals: Counter = Counter()
     written_shards = []
     for path in tqdm(shards, desc="encode", unit="shard", disable=None):
+        if not os.path.isfile(path):  # expand_shards warned that it "will be skipped": so it is, counted
+            log.warning("shard %s is missing; skipped", path)
+            totals["missing_shard"] += 1
+            continue
         rel = Path(os.path.abspath(path)).relative_to(parent)
         target = out_root / rel
         fp = _fingerprint(ident, path)

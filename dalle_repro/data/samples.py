@@ -14,6 +14,7 @@ import os
 import re
 import unicodedata
 import warnings
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,19 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 _UTF8_MULTIBYTE = re.compile(rb"[\xc2-\xf4][\x80-\xbf]+")
+# Bytes that no 8-bit text encoding uses for text: C0 controls other than tab, newlines and form
+# feed, DEL, and the five bytes cp1252 leaves undefined.
+_NOT_TEXT_BYTES = bytes([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, 0x81, 0x8D, 0x8F, 0x90, 0x9D])
+
+
+def _not_text(raw: bytes) -> bool:
+    """Whether bytes that are not UTF-8 are no text at all: over 5% (and at least two) of them are
+    bytes no 8-bit encoding uses for text, and under 60% are printable ASCII or white space. Random
+    bytes hold some 13% of the first kind and 39% of the second; a caption in a legacy encoding (Latin-1,
+    cp1251, ...) holds none of the first, and a Latin-1 one with stray controls is mostly ASCII."""
+    bad = len(raw) - len(raw.translate(None, _NOT_TEXT_BYTES))
+    ascii_printable = len(raw) - len(raw.translate(None, b"\t\n\x0c\r" + bytes(range(0x20, 0x7F))))
+    return bad >= 2 and bad * 20 > len(raw) and ascii_printable * 10 < len(raw) * 6
 
 
 def decode_caption(raw: bytes) -> tuple[str, str]:
@@ -54,7 +68,9 @@ def decode_caption(raw: bytes) -> tuple[str, str]:
     than broken bytes (a cp1252 "«été»" holds one by chance); ``utf-8-damaged`` when the valid ones
     outnumber the broken bytes (those become U+FFFD).
     Without the marks, a UTF-16 caption read as UTF-8 came out as letters between NULs, and a
-    Latin-1 "café" as "caf\ufffd"."""
+    Latin-1 "café" as "caf\ufffd". Bytes that are not UTF-8 and no text in any 8-bit encoding
+    (:func:`_not_text`: an image or random bytes stored as the caption) are ``binary``: every byte
+    reads as some cp1252 character, so without this check garbage became a caption."""
     if raw.startswith(b"\xef\xbb\xbf"):
         return raw[3:].decode("utf-8", errors="replace"), "utf-8-sig"
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -66,15 +82,40 @@ def decode_caption(raw: bytes) -> tuple[str, str]:
     damaged = raw.decode("utf-8", errors="replace")
     if len(_UTF8_MULTIBYTE.findall(raw)) > damaged.count("\ufffd"):  # mostly UTF-8: keep it, mark the rest
         return damaged, "utf-8-damaged"
-    return raw.decode("cp1252", errors="replace"), "latin-1"
+    return raw.decode("cp1252", errors="replace"), "binary" if _not_text(raw) else "latin-1"
 
 
-def clean_caption(raw: bytes | str, max_chars: int | None = None) -> str:
+MAX_CAPTION_CHARS = 4096  # the loader's cut (DataArgs.max_caption_chars); tools that read captions use it too
+
+
+def cut_caption(raw: bytes | str, errors: Counter, max_chars: int = MAX_CAPTION_CHARS) -> str:
+    """:func:`clean_caption` cut at ``max_chars``, counting a cut one (``caption_truncated``).
+
+    What the loader would feed the model anyway; tools that read captions outside the loader
+    (tokenizer training, pre-encoding) cut alike, since BPE training is quadratic in the length of
+    a space-free caption and a token shard has no use for the rest of a 10 MB one."""
+    text = clean_caption(raw, max_chars + 1, binary_error=True)
+    if len(text) > max_chars:
+        errors["caption_truncated"] += 1
+        text = text[:max_chars]
+    return text
+
+
+def clean_caption(raw: bytes | str, max_chars: int | None = None, binary_error: bool = False) -> str:
     """Decode (:func:`decode_caption`), turn control characters into spaces, squeeze spaces.
 
-    Returns "" for an empty or whitespace-only caption; callers decide whether that is an error.
+    Returns "" for an empty or whitespace-only caption, and for bytes that are no text
+    (``binary``), unless ``binary_error``: then those raise SampleError ``binary_caption``, for the
+    readers that count what they skip. Callers decide whether an empty caption is an error.
     """
-    text = decode_caption(raw)[0] if isinstance(raw, bytes) else raw
+    if isinstance(raw, bytes):
+        text, encoding = decode_caption(raw)
+        if encoding == "binary":
+            if binary_error:
+                raise SampleError("binary_caption", f"{len(raw)} bytes that are no text")
+            return ""
+    else:
+        text = raw
     if max_chars is not None:
         text = text[: max_chars * 2]  # bound the work below; the final cut comes after squeezing
     text = unicodedata.normalize("NFC", _CONTROL.sub(" ", text))

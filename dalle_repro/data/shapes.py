@@ -26,7 +26,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -284,9 +284,35 @@ def _shape_of(pts: np.ndarray, coverage: np.ndarray) -> str:
     return min(SHAPES, key=lambda s: float(np.abs(_template(s, h, w, pad) - seen).sum()))
 
 
+MAX_SCENE_SIDE = 256  # read_scene reads larger images downscaled to this side
+
+
+def _downscaled(image: Image.Image | np.ndarray) -> tuple[Image.Image | np.ndarray, float]:
+    """``image`` with its longer side at most :data:`MAX_SCENE_SIDE` (box filter), and the factor its
+    coordinates were divided by. The reader's flood fill is Python, linear in the pixels (1000 x
+    1000: seconds), and the scenes are drawn far smaller than this."""
+    h, w = (image.height, image.width) if isinstance(image, Image.Image) else np.shape(image)[:2]
+    if max(h, w) <= MAX_SCENE_SIDE:
+        return image, 1.0
+    im = (
+        image.convert("RGB")
+        if isinstance(image, Image.Image)
+        else Image.fromarray(np.clip(np.asarray(image), 0, 255).astype(np.uint8))
+    )
+    f = max(h, w) / MAX_SCENE_SIDE
+    return im.resize((max(1, round(w / f)), max(1, round(h / f))), Image.Resampling.BOX), h / round(h / f)
+
+
 def read_scene(image: Image.Image | np.ndarray, min_area: float | None = None) -> list[Found]:
     """The objects in an image, largest first. ``min_area`` (pixels; default 12 at 32 x 32, scaled)
-    drops specks, such as a generated image's stray pixels."""
+    drops specks, such as a generated image's stray pixels. An image over :data:`MAX_SCENE_SIDE` is
+    read downscaled; positions and areas are given in the image's own pixels."""
+    image, f = _downscaled(image)
+    if f != 1.0:
+        return [
+            replace(o, cx=o.cx * f, cy=o.cy * f, area=round(o.area * f * f))
+            for o in read_scene(image, min_area / (f * f) if min_area is not None else None)
+        ]
     a = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.float32)
     canvas = a.shape[0]
     min_area = min_area if min_area is not None else 12 * (canvas / 32) ** 2

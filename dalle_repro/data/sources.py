@@ -16,7 +16,6 @@ import glob
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -138,11 +137,26 @@ def _no_stop_signals_in_child() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+MAX_SPOOL_BYTES = 16 * 2**30  # a shard copied from elsewhere may be this large (1M samples of 16 KB)
+
+
+def _copy_capped(src: Any, out: Any, what: str) -> None:
+    """Copy ``src`` into ``out``, raising OSError past :data:`MAX_SPOOL_BYTES`: ``file:///dev/zero``
+    or ``pipe:cat /dev/zero`` would otherwise fill ``$TMPDIR``."""
+    n = 0
+    while chunk := src.read(1 << 20):
+        n += len(chunk)
+        if n > MAX_SPOOL_BYTES:
+            raise OSError(f"{what}: more than {MAX_SPOOL_BYTES} bytes, not a shard; copying stopped")
+        out.write(chunk)
+
+
 def spool(spec: str) -> Any:
     """A ``pipe:`` command's output or a URL's bytes in an unnamed temporary file, at its start.
 
     Raises OSError (naming the command and its last error output, or the URL) when the command
-    exits non-zero or the URL cannot be read."""
+    exits non-zero, the URL cannot be read (whatever fsspec raises: a ``zip://`` that is no zip
+    raised BadZipFile, which ended the loader), or either gives more than :data:`MAX_SPOOL_BYTES`."""
     out = tempfile.TemporaryFile(prefix="dalle_repro_shard_")  # noqa: SIM115 (the caller closes it)
     try:
         if spec.startswith("pipe:"):
@@ -152,7 +166,11 @@ def spool(spec: str) -> Any:
                     cmd, shell=True, stdout=subprocess.PIPE, stderr=err, preexec_fn=_no_stop_signals_in_child
                 ) as proc:
                     assert proc.stdout is not None
-                    shutil.copyfileobj(proc.stdout, out, 1 << 20)
+                    try:
+                        _copy_capped(proc.stdout, out, f"pipe command {cmd!r}")
+                    except BaseException:
+                        proc.kill()
+                        raise
                     code = proc.wait()
                 if code != 0:
                     err.seek(0)
@@ -163,9 +181,11 @@ def spool(spec: str) -> Any:
 
             try:
                 with fsspec.open(spec, "rb") as src:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            except (ImportError, ValueError) as e:
-                raise OSError(f"{spec}: {e}") from e
+                    _copy_capped(src, out, spec)
+            except OSError:
+                raise
+            except Exception as e:  # any backend's own error is an unreadable shard, not the loader's end
+                raise OSError(f"{spec}: {type(e).__name__}: {e}") from e
         out.flush()
         out.seek(0)
         return out

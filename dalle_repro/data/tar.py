@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,19 +43,74 @@ def first_token_grid(paths: Sequence[str]) -> tuple[str, tuple[int, ...]] | None
 MAX_SHARD_SAMPLES = 1_000_000  # a shard with more is refused (unreadable_shard): split it
 
 
+def open_regular(path: str) -> Any:
+    """``path`` opened for binary reading, refused with OSError unless it is a regular file.
+
+    A shard path may name a FIFO (whose open blocks until a writer comes) or, through a symlink in
+    a data set, a device (``/dev/zero`` never ends, and tarfile's ``ignore_zeros`` walks it
+    forever). The open does not block (O_NONBLOCK) and the check is on the opened file (fstat), so
+    a link swapped in between cannot get past it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+class _Bounded:
+    """A binary file seen only up to ``end`` bytes: the tar walk ends at the size the file had when
+    it was opened, even if it grows meanwhile."""
+
+    def __init__(self, f: Any, end: int):
+        self._f, self._end = f, end
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self._end - self._f.tell())
+        return self._f.read(left if n is None or n < 0 else min(n, left))
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
 class _NotPlain(Exception):
     """A tar header that :func:`_scan_plain_tar` leaves to tarfile."""
 
 
+def _pax_records(buf: bytes) -> dict[str, str]:
+    """The ``key=value`` records of a PAX extended header (``"LEN key=value\n"`` each, LEN counting
+    the whole record), decoded as tarfile decodes them; :class:`_NotPlain` when malformed."""
+    out, pos = {}, 0
+    while pos < len(buf) and buf[pos:].strip(b"\0"):
+        sp = buf.find(b" ", pos)
+        try:
+            n = int(buf[pos:sp]) if sp > pos else 0
+        except ValueError:
+            n = 0
+        record = buf[sp + 1 : pos + n]
+        if n <= 0 or pos + n > len(buf) or not record.endswith(b"\n") or b"=" not in record:
+            raise _NotPlain("a PAX record")
+        key, value = record[:-1].split(b"=", 1)
+        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
+        pos += n
+    return out
+
+
 def _scan_plain_tar(f: Any, size: int) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of every regular file of a tar made only of plain ustar/v7 headers
-    with valid checksums, ended by zero blocks; raises :class:`_NotPlain` at the first header that
-    is anything else (PAX or GNU extensions, a bad checksum, a cut file), for tarfile to handle.
+    and PAX extended headers (their ``path`` and ``size``) with valid checksums, ended by zero
+    blocks; raises :class:`_NotPlain` at the first header that is anything else (a PAX global
+    header, GNU extensions, a bad checksum, a cut file), for tarfile to handle.
 
     tarfile builds a TarInfo per member and keeps them all: about 20 us and 650 bytes a member
     (100,000 members: 2 s and 64 MB per shard, in every loader worker that opens it). This reads a
     member's 512-byte header and skips its data, keeping three values."""
-    pos = 0
+    pos, pax = 0, {}  # pax: the extended header's records, for the member that follows it
     while pos + 512 <= size:
         f.seek(pos)
         block = f.read(512)
@@ -71,16 +127,29 @@ def _scan_plain_tar(f: Any, size: int) -> Iterator[tuple[str, int, int]]:
             length = int(block[124:136].rstrip(b"\0 ") or b"0", 8)
         except ValueError:
             raise _NotPlain("not octal") from None
-        if stored != sum(block) - sum(block[148:156]) + 256 or kind not in (b"0", b"\0", b"5", b"1", b"2"):
+        if stored != sum(block) - sum(block[148:156]) + 256 or kind not in (b"0", b"\0", b"5", b"1", b"2", b"x"):
             raise _NotPlain(f"header kind {kind!r} or checksum")
         data = pos + 512
-        if data + length > size:
+        if kind != b"x" and "size" in pax:
+            try:
+                length = int(pax["size"])
+            except ValueError:
+                raise _NotPlain("a PAX size") from None
+        if data + length > size or length < 0:
             raise _NotPlain("cut")
-        if kind in (b"0", b"\0"):
+        if kind == b"x":
+            if pax:
+                raise _NotPlain("two PAX headers in a row")
+            f.seek(data)
+            pax = _pax_records(f.read(length))
+        elif kind in (b"0", b"\0"):
             name = block[0:100].split(b"\0", 1)[0]
             if block[257:262] == b"ustar" and block[345:500].strip(b"\0"):
                 name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-            yield name.decode("utf-8", "surrogateescape"), data, length
+            yield pax.get("path", name.decode("utf-8", "surrogateescape")), data, length
+            pax = {}
+        else:
+            pax = {}
         pos = data + -(-length // 512) * 512
     raise _NotPlain("no end-of-archive marker")
 
@@ -89,7 +158,9 @@ class Shard:
     """An open tar shard with an index of its samples, for random access by sample number.
 
     ``truncated`` is set when the tar is damaged: cut short, or with unreadable bytes where a member
-    header should be. Reading goes on past a damaged header to the next readable one (tarfile's
+    header should be; ``lost`` is then how many samples whose headers are there were dropped (their
+    data cut off, or the sample at the cut, which may have lost members), for the readers to count.
+    Reading goes on past a damaged header to the next readable one (tarfile's
     ``ignore_zeros``), so one flipped byte costs one member, not the rest of the shard; the samples
     that lose a member are then skipped by the reader and counted (``missing_image``...).
 
@@ -102,11 +173,12 @@ class Shard:
     def __init__(self, path: str):
         self.path = path
         self.truncated = False
-        self._file = spool(path) if is_remote(path) else open(path, "rb")  # noqa: SIM115 (closed by close())
+        self.lost = 0
+        self._file = spool(path) if is_remote(path) else open_regular(path)
         try:
             size = os.fstat(self._file.fileno()).st_size
             try:
-                groups = self._group(_scan_plain_tar(self._file, size))
+                groups = self._group(_scan_plain_tar(_Bounded(self._file, size), size))
             except _NotPlain:
                 groups = self._index_with_tarfile(path, size)
         except BaseException:
@@ -130,7 +202,9 @@ class Shard:
         members: list[tuple[str, int, int]] = []
         expected, damage = 0, None  # where the next header should start; what was wrong
         self._file.seek(0)
-        with tarfile.open(fileobj=self._file, mode="r:", ignore_zeros=True) as tar:  # OSError / tarfile.ReadError
+        with tarfile.open(
+            fileobj=_Bounded(self._file, end), mode="r:", ignore_zeros=True
+        ) as tar:  # OSError / tarfile.ReadError
             try:
                 while True:
                     info = tar.next()
@@ -159,9 +233,12 @@ class Shard:
         for parts in groups.values():
             if any(off + n > end for off, n in parts.values()):
                 self.truncated = cut = True
+        found = len(groups)
         if self.truncated and cut and groups:
             groups.popitem()  # the sample at the cut may have lost members: drop it whole
-        return {k: m for k, m in groups.items() if all(off + n <= end for off, n in m.values())}
+        kept = {k: m for k, m in groups.items() if all(off + n <= end for off, n in m.values())}
+        self.lost = found - len(kept)
+        return kept
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -200,6 +277,7 @@ def iter_shard_samples(paths: Sequence[str], errors: Counter | None = None) -> I
         with shard:
             if shard.truncated:
                 errors["truncated_shard"] += 1
+                errors["truncated_sample"] += shard.lost
             for i in range(len(shard)):
                 try:
                     yield shard.read(i)

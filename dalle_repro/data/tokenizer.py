@@ -31,7 +31,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from dalle_repro.core.config import arg
 from dalle_repro.core.files import atomic_write_text
-from dalle_repro.data.samples import clean_caption
+from dalle_repro.data.samples import SampleError, cut_caption
 from dalle_repro.data.tar import iter_shard_samples
 
 
@@ -98,7 +98,11 @@ def train_from_shards(
     for _, members in tqdm(
         iter_shard_samples(paths, errors), desc="captions", unit="cap", disable=not progress or None
     ):
-        caption = clean_caption(members.get("txt", b""))
+        try:
+            caption = cut_caption(members.get("txt", b""), errors)
+        except SampleError as e:  # bytes that are no text
+            errors[e.reason] += 1
+            continue
         if caption:
             captions.append(caption)
         else:

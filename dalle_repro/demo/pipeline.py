@@ -15,6 +15,7 @@ from its last checkpoint), the small CLIP, reranked samples and the zero-shot ev
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
@@ -33,6 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from dalle_repro.core.config import (
+    PIPE_FLAG,
     ConfigError,
     arg,
     deep_merge,
@@ -67,6 +69,11 @@ from dalle_repro.train.metrics import last_validation
 from dalle_repro.train.prior_config import PriorTrainConfig, resolve_sizes
 
 log = logging.getLogger(__name__)
+
+# Whether the demo's command line carried --allow-pipe: the dVAE and prior YAML files the demo
+# config names are files too, so their pipe: shards need it (config.refuse_pipe). Set by run_demo
+# for its own run only.
+_ALLOW_PIPE: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_pipe", default=False)
 
 
 @dataclass
@@ -155,6 +162,29 @@ def data_dir(cfg: DemoConfig) -> Path:
     return Path(data_args(cfg).output)
 
 
+DEMO_MARK = ".dalle-repro-demo"
+
+
+def claim(folder: str | Path) -> Path:
+    """``folder`` as the demo's own: created with the mark file :data:`DEMO_MARK` in it, or found
+    empty or with the mark. Anything else raises ConfigError naming it.
+
+    The demo replaces what it made (a run folder from other settings, the shapes and token shards
+    it wrote), so it must know what it made: ``out_dir`` or ``shapes.output`` pointed at a user's
+    folder would otherwise lose its checkpoints or shards."""
+    folder = Path(folder)
+    mark = folder / DEMO_MARK
+    if folder.is_dir() and not mark.is_file() and any(folder.iterdir()):
+        raise ConfigError(
+            f"{folder} exists and was not made by the demo (it has no {DEMO_MARK} file); the demo replaces only "
+            "folders it made: point the demo elsewhere (out_dir, shapes.output, tokens_output, run_dir overrides) "
+            "or move that folder away"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    mark.touch()
+    return folder
+
+
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -163,7 +193,8 @@ def stage_data(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.dataset in _SCENES:
         a = data_args(cfg)
         assert isinstance(a, ShapesArgs)
-        s = _SCENES[cfg.dataset](a, overwrite=True)  # the demo's own folder
+        claim(a.output)  # the demo's own folder: marked as such, or refused when it is someone else's
+        s = _SCENES[cfg.dataset](a, overwrite=True)
         return {"world": cfg.dataset, "written": s["written"], "splits": s["splits"], "heldout": s["heldout"]}
     s = build_emoji_from(cfg.emoji)
     return {"written": s["written"], "skipped": s["skipped"], "splits": s["splits"], "fingerprint": s["fingerprint"]}
@@ -206,22 +237,35 @@ def plan_path(cfg: DemoConfig) -> Path:
 
 
 def _read_plan(path: Path) -> dict[str, Any] | None:
-    """The plan file, None before the plan stage has written one; a damaged one is named."""
+    """The plan file, None before the plan stage has written one; a damaged one is named.
+
+    Only its ``fraction`` (checked to lie in [MIN_FRACTION, 1]) and its timings are read back: the
+    file sits in the output folder, which may have come from someone else, so the overrides it
+    records are recomputed from the fraction (:func:`planned`) rather than applied as written."""
+    from dalle_repro.demo import plan as dp
+
     if not path.is_file():
         return None
     try:
         plan = json.loads(path.read_text())
-        if not all(isinstance(plan.get("overrides", {}).get(k), list) for k in ("dvae", "prior", "clip")):
-            raise ValueError("no overrides for dvae, prior and clip")
+        f = plan.get("fraction") if isinstance(plan, dict) else None
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not dp.MIN_FRACTION <= f <= 1:
+            raise ValueError(f"fraction {f!r} is not a number in [{dp.MIN_FRACTION}, 1]")
         return plan
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: unreadable time plan ({e}); delete it and run the demo again to plan anew") from e
 
 
-def planned(cfg: DemoConfig, stage: str) -> list[str]:
-    """The plan's overrides for a training stage (none before the plan stage has run)."""
+def planned(cfg: DemoConfig, stage: Literal["dvae", "prior", "clip"]) -> list[str]:
+    """The plan's overrides for a training stage: its update counts (plan.SCALED_KEYS) scaled by
+    the plan's fraction (none before the plan stage has run)."""
+    from dalle_repro.demo import plan as dp
+
     plan = _read_plan(plan_path(cfg))
-    return plan["overrides"][stage] if plan else []
+    if plan is None:
+        return []
+    unplanned = {"dvae": dvae_config, "prior": prior_config, "clip": clip_config}[stage](cfg, plan=False)
+    return dp.scaled_overrides(unplanned, dp.SCALED_KEYS[stage], plan["fraction"])
 
 
 def dvae_config(cfg: DemoConfig, plan: bool = True) -> DVAETrainConfig:
@@ -231,7 +275,10 @@ def dvae_config(cfg: DemoConfig, plan: bool = True) -> DVAETrainConfig:
     e = data_dir(cfg)
     own = [f"data.shards={e}/train/*.tar", f"run.val_shards={e}/val/*.tar", f"run.run_dir={cfg.out_dir}/dvae"]
     return load_config(
-        DVAETrainConfig, cfg.dvae_config, [*own, *cfg.dvae_overrides, *(planned(cfg, "dvae") if plan else [])]
+        DVAETrainConfig,
+        cfg.dvae_config,
+        [*own, *cfg.dvae_overrides, *(planned(cfg, "dvae") if plan else [])],
+        allow_pipe=_ALLOW_PIPE.get(),
     )
 
 
@@ -247,10 +294,11 @@ def _same_run(saved: Path, cfg: Any) -> bool:
 
 def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
     dcfg = dvae_config(cfg)
-    run_dir = Path(dcfg.run.run_dir)
+    run_dir = claim(dcfg.run.run_dir)
     resume = Checkpoints(run_dir).latest() is not None
     if resume and not _same_run(run_dir / "config.yaml", dcfg):
-        shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
+        shutil.rmtree(run_dir)  # the demo's own folder (claimed), from other settings: start again
+        claim(run_dir)
         resume = False
     val = train_dvae(dcfg, resume_run=resume) or last_validation(run_dir, "val_psnr")
     return val | {
@@ -264,7 +312,8 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
 def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
     dcfg = dvae_config(cfg)
     shards = sorted(str(p) for split in ("train", "val") for p in (data_dir(cfg) / split).glob("*.tar"))
-    s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, cfg.tokens_output, overwrite=True)  # ours
+    out = claim(cfg.tokens_output)  # overwritten: it must be ours
+    s = encode_token_shards(Path(dcfg.run.run_dir) / "dvae", shards, out, overwrite=True)
     return {k: s[k] for k in ("written", "skipped", "grid", "vocab_size")} | {"output": cfg.tokens_output}
 
 
@@ -283,7 +332,10 @@ def prior_config(cfg: DemoConfig, plan: bool = True) -> PriorTrainConfig:
         f"run.run_dir={cfg.out_dir}/prior",
     ]
     return load_config(
-        PriorTrainConfig, cfg.prior_config, [*own, *cfg.prior_overrides, *(planned(cfg, "prior") if plan else [])]
+        PriorTrainConfig,
+        cfg.prior_config,
+        [*own, *cfg.prior_overrides, *(planned(cfg, "prior") if plan else [])],
+        allow_pipe=_ALLOW_PIPE.get(),
     )
 
 
@@ -301,6 +353,11 @@ def clip_config(cfg: DemoConfig, plan: bool = True) -> ClipTrainConfig:
         ),
         run=dataclasses.replace(c.run, output=f"{cfg.out_dir}/clip"),
     )
+
+
+def _seconds(value: Any) -> bool:
+    """Whether a timing read back from plan.json is a usable number of seconds."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and 0 < value < float("inf")
 
 
 def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
@@ -339,11 +396,12 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
         old = _read_plan(plan_path(cfg)) or {}
         keys = {k: _fingerprint(what, usable_cores(), torch.get_num_threads()) for k, (_, what) in timers.items()}
         seconds = {
-            k: old["seconds_per_update"][k] if old.get("timing_keys", {}).get(k) == keys[k] else timer()
+            k: old_seconds if old.get("timing_keys", {}).get(k) == keys[k] and _seconds(old_seconds) else timer()
             for k, (timer, _) in timers.items()
+            for old_seconds in [old.get("seconds_per_update", {}).get(k)]
         }
         minutes = {k: seconds[k] * dp.STAGE_FACTORS[k] * updates[k] / 60 for k in updates}
-        fraction = dp.fraction_to_fit(minutes, cfg.train_minutes)
+        fraction = round(dp.fraction_to_fit(minutes, cfg.train_minutes), 4)  # what planned() reads back
         result |= {
             "seconds_per_update": seconds,
             "timing_keys": keys,
@@ -354,7 +412,7 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
     configs = {"dvae": dcfg, "prior": pcfg, "clip": ccfg}
     overrides = {k: dp.scaled_overrides(configs[k], dp.SCALED_KEYS[k], fraction) for k in configs}
     planned_updates = {k: dp.scaled(n, fraction) for k, n in updates.items()}
-    result |= {"fraction": round(fraction, 4), "planned_updates": planned_updates, "overrides": overrides}
+    result |= {"fraction": fraction, "planned_updates": planned_updates, "overrides": overrides}
     if fraction < 1:
         log.warning(
             "this machine would need %.1f minutes for the configured training (train_minutes=%s): the demo trains "
@@ -371,10 +429,11 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
 def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
     """Train the prior under the deepspeed launcher (``prior_ranks`` ranks), resuming a run of the same settings."""
     pcfg = prior_config(cfg)
-    run_dir = Path(pcfg.run.run_dir)
+    run_dir = claim(pcfg.run.run_dir)
     resume = Checkpoints(run_dir).latest() is not None
     if resume and not _same_run(run_dir / "config.yaml", resolve_sizes(pcfg)[0]):  # the run saves its sizes
-        shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir)  # the demo's own folder (claimed)
+        claim(run_dir)
         resume = False
     path = save_config(pcfg, cfg.out_dir, "prior_config.yaml")
     launcher = Path(sys.executable).with_name("deepspeed")
@@ -382,7 +441,8 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
         launcher = Path(shutil.which("deepspeed") or "deepspeed")
     cmd = [str(launcher), "--num_gpus", str(cfg.prior_ranks), "--master_port", str(free_port())]
     # as a module, so that an installed (not editable) package runs the demo too
-    cmd += ["--module", "dalle_repro.cli.train_prior", "--config", str(path)]
+    # the file is ours, written just now from a config whose files were checked for pipe: shards
+    cmd += ["--module", "dalle_repro.cli.train_prior", "--config", str(path), PIPE_FLAG]
     cmd += ["--resume"] if resume else []
     env = dict(os.environ)
     if not torch.cuda.is_available():
@@ -587,9 +647,22 @@ def stages() -> list[Stage]:
     ]
 
 
-def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Run every unfinished stage; returns each stage's result (from its marker when skipped)."""
-    out = Path(cfg.out_dir)
+def run_demo(
+    cfg: DemoConfig, log: Callable[[str], None] = print, allow_pipe: bool = False
+) -> dict[str, dict[str, Any]]:
+    """Run every unfinished stage; returns each stage's result (from its marker when skipped).
+    ``allow_pipe``: the command line's --allow-pipe, which lets the dVAE and prior YAML files hold
+    pipe: shards."""
+    token = _ALLOW_PIPE.set(allow_pipe)
+    try:
+        return _run_stages(cfg, log)
+    finally:
+        _ALLOW_PIPE.reset(token)
+
+
+def _run_stages(cfg: DemoConfig, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
+    dvae_config(cfg, plan=False), prior_config(cfg, plan=False)  # a config file's error stops it before any stage
+    out = claim(cfg.out_dir)
     save_config(cfg, out)
     results: dict[str, dict[str, Any]] = {}
     fps: dict[str, str] = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,21 @@ def curves(run_dir: Path, keys: list[str], out: Path, title: str) -> Path:
     rows = read_metrics(run_dir)
     series = {k: [(r["step"], r[k]) for r in rows if isinstance(r.get(k), (int, float))] for k in keys}
     return save_png(line_plot({k: v for k, v in series.items() if v}, title), out)
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>&~])")
+_MD_ESCAPED = re.compile(r"\\([\\`*_{}\[\]()#+\-.!|<>&~])")
+
+
+def md_text(text: str) -> str:
+    """``text`` (a caption: someone else's words) as literal Markdown text on one line: every
+    character Markdown or HTML gives a meaning is backslash-escaped, so that ``<script>`` or a link
+    in a caption is shown, not run or followed, in viewers that render report.md."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def _unescape_md(text: str) -> str:
+    return _MD_ESCAPED.sub(r"\1", text)
 
 
 def _img_md(path: Path, base: Path) -> str:
@@ -127,14 +143,19 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
             ("Prior training curves", curves(Path(pr["run_dir"]), keys, plots / "prior_loss.png", "prior: loss"))
         )
     for entry in sm.get("prompts", []):
-        label = f'Samples for "{entry["caption"]}" ({entry["split"]}), best CLIP score first'
+        label = f'Samples for "{md_text(entry["caption"])}" ({md_text(entry["split"])}), best CLIP score first'
         images.append((label, Path(entry["grid"])))
     md += ["## Pictures", ""]
     for title, p in images:
         md += [f"### {title}", "", _img_md(p, out), ""]
     md += ["## Settings of every stage", ""]
     for name, s in stage_settings.items():
-        md += [f"### {name}", "", "```json", json.dumps(s, indent=1, default=str)[:4000], "```", ""]
+        # backticks and HTML's characters (only ever inside a JSON string) as \uXXXX escapes: no
+        # caption can close the fence or be read as HTML by a lax viewer
+        settings = json.dumps(s, indent=1, default=str)[:4000]
+        for ch in "`<>&":
+            settings = settings.replace(ch, f"\\u{ord(ch):04x}")
+        md += [f"### {name}", "", "```json", settings, "```", ""]
     text = "\n".join(md) + "\n"
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", _html(md, images, out))
@@ -303,8 +324,23 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _inlinable(path: Path, base: Path) -> bool:
+    """Whether report.html may embed ``path``: a PNG file inside the output folder. The paths come
+    from the stage markers, files in that folder which may come from someone else: any other file
+    they named was read into the page."""
+    try:
+        real = path.resolve()
+        if not real.is_relative_to(base.resolve()) or not real.is_file():
+            return False
+        with open(real, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
 def _html(md: list[str], images: list[tuple[str, Path]], base: Path) -> str:
-    """The same content as HTML, each picture embedded as a data URI."""
+    """The same content as HTML, each picture (a PNG inside ``base``) embedded as a data URI; a
+    picture that is missing, not a PNG or outside ``base`` is named instead."""
     inline = {_img_md(p, base): p for _, p in images}
     body, in_code, table = [], False, []
     for line in md:
@@ -313,19 +349,24 @@ def _html(md: list[str], images: list[tuple[str, Path]], base: Path) -> str:
             in_code = not in_code
         elif in_code:
             body.append(html.escape(line))
-        elif line in inline:
+        elif line in inline and _inlinable(inline[line], base):
             data = base64.b64encode(inline[line].read_bytes()).decode()
             body.append(f'<p><img src="data:image/png;base64,{data}" style="image-rendering:pixelated"></p>')
+        elif line in inline:
+            body.append(
+                f"<p>(picture not shown: {html.escape(str(inline[line]))} is missing, not a PNG or outside "
+                "the report's folder)</p>"
+            )
         elif line.startswith("|"):
             if not set(line) <= set("|-"):
-                cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
+                cells = [html.escape(_unescape_md(c.strip())) for c in line.strip("|").split("|")]
                 table.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
             continue
         elif line.startswith("#"):
             level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{html.escape(line.lstrip('# '))}</h{level}>")
+            body.append(f"<h{level}>{html.escape(_unescape_md(line.lstrip('# ')))}</h{level}>")
         elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(f"<p>{html.escape(_unescape_md(line))}</p>")
         if table and not line.startswith("|"):
             body.insert(len(body) - 1, "<table border=1 cellpadding=4>" + "".join(table) + "</table>")
             table = []

@@ -146,6 +146,28 @@ def token_summary(shards: list[str]) -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
+MAX_GRID, MAX_IMAGE_VOCAB = 256, 1 << 20  # a summary.json's sizes beyond these are refused (the paper's: 32, 8192)
+
+
+def _summary_sizes(where: Path, summary: dict[str, Any], shards: list[str]) -> tuple[int, int]:
+    """(grid, codes) of a token folder's summary.json, bounded and checked against a token grid of
+    the shards themselves before anything is sized from them: the file comes with the data set,
+    and a grid of 100000 or a codebook of 2e9 would size the model before any check."""
+    out = []
+    for name, key, top in (("grid", "model.grid", MAX_GRID), ("vocab_size", "model.image_vocab", MAX_IMAGE_VOCAB)):
+        v = summary[name]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise ConfigError(f"{key}: {where} gives {name} {v!r}, not an integer in [1, {top}]; set dvae= instead")
+        out.append(v)
+    found = first_token_grid([p for p in shards if not is_remote(p)])
+    if found is not None and found[1] != (out[0], out[0]):
+        raise ConfigError(
+            f"model.grid: {where} gives grid {out[0]}, but the token shards hold {found[1]} grids ({found[0]}); "
+            "set dvae= the dVAE that made them"
+        )
+    return out[0], out[1]
+
+
 def resolve_sizes(cfg: PriorTrainConfig) -> tuple[PriorTrainConfig, list[str]]:
     """``cfg`` with every null size read off its source, and one line per size saying where from.
 
@@ -182,10 +204,10 @@ def resolve_sizes(cfg: PriorTrainConfig) -> tuple[PriorTrainConfig, list[str]]:
         grid_src = codes_src = f"the dVAE {cfg.dvae}"
         grid, codes, image_size = dv.grid, dv.vocab_size, dv.image_size
     else:
-        found = token_summary(expand_shards(cfg.data.shards)) if cfg.data.kind == "tokens" else None
+        shards = expand_shards(cfg.data.shards) if cfg.data.kind == "tokens" else []
+        found = token_summary(shards) if cfg.data.kind == "tokens" else None
         where = found[0] if found else None
-        grid = int(found[1]["grid"]) if found else None
-        codes = int(found[1]["vocab_size"]) if found else None
+        grid, codes = _summary_sizes(found[0], found[1], shards) if found else (None, None)
         grid_src = codes_src = (
             f"the token shards' summary {where}" if where else "there is no dvae= and no summary.json beside the shards"
         )
