@@ -170,3 +170,24 @@ def test_a_config_resolves_no_environment_variable_without_the_flag(tmp_path, mo
     cmd = [sys.executable, str(root / "launch/train_dvae.py"), "--config", str(path), "run.steps=0"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--config-env" in r.stderr and "s3cret" not in r.stderr + r.stdout
+
+
+@pytest.mark.parametrize(
+    "config, override, new",
+    [
+        ("DVAETrainConfig", "run.precision=bf16", "is now precision.dtype"),
+        ("ClipTrainConfig", "run.precision=bf16", "is now precision.dtype"),
+        ("ClipTrainConfig", "run.output=x", "is now run.run_dir"),
+        ("ClipTrainConfig", "data.val_shards=x", "is now run.val_shards"),
+        ("DemoConfig", "clip.run.output=x", "clip.run.output is now clip.run.run_dir"),
+    ],
+)
+def test_renamed_keys_name_the_new_key(config, override, new):
+    """A user's YAML with a key the trainers' shared sections replaced fails with the key to use."""
+    from dalle_repro.demo.pipeline import DemoConfig
+    from dalle_repro.train.clip import ClipTrainConfig
+    from dalle_repro.train.dvae import DVAETrainConfig
+
+    cls = {"DVAETrainConfig": DVAETrainConfig, "ClipTrainConfig": ClipTrainConfig, "DemoConfig": DemoConfig}[config]
+    with pytest.raises(ConfigError, match=new):
+        load_config(cls, None, [override])

@@ -294,4 +294,4 @@ def test_help_texts_are_plain_and_keep_their_examples(script):
         assert leak not in r.stdout, f"{script} --help shows {leak!r}"
     if script == "tools/train_clip.py":
         assert "\n  python tools/train_clip.py 'data.shards=" in r.stdout and "\n      text.path=" in r.stdout
-        assert "data.shards (str)" in r.stdout and "run.output (str)" in r.stdout
+        assert "data.shards (str)" in r.stdout and "run.run_dir (str)" in r.stdout

@@ -192,7 +192,7 @@ def test_fp16_on_cpu_fails_before_any_work(emoji_dir, tmp_path):
     from dalle_repro.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
-        train(tiny_config(emoji_dir, tmp_path / "r", "run.precision=fp16", "run.device=cpu"))
+        train(tiny_config(emoji_dir, tmp_path / "r", "precision.dtype=fp16", "run.device=cpu"))
     assert not (tmp_path / "r").exists()
 
 
@@ -202,21 +202,21 @@ def test_config_yaml_notes_the_precision_auto_picked_and_still_loads(emoji_dir, 
 
     extra = ("run.device=cpu", "run.ckpt_every=2", "run.val_every=2")
     cfg = tiny_config(emoji_dir, tmp_path, "run.steps=2", *extra)
-    assert cfg.run.precision == "auto"  # the default
+    assert cfg.precision.dtype == "auto"  # the default
     train(cfg)
     path = tmp_path / "config.yaml"
-    pick = pick_precision("auto", "cpu", "run.precision")
+    pick = pick_precision("auto", "cpu", "precision.dtype")
     assert path.read_text().startswith(f"# precision: {pick.reason}\n")
-    assert pick.reason.startswith(f"run.precision=auto picked {pick.dtype}: this CPU (")
+    assert pick.reason.startswith(f"precision.dtype=auto picked {pick.dtype}: this CPU (")
     assert load_config(DVAETrainConfig, path) == cfg  # the user's value, auto, is what is kept
     # resumed on a machine where auto picks the other way: it picks again, and says so
     other = "fp32" if pick.dtype == "bf16" else "bf16"
     monkeypatch.setattr(precision, "_auto", lambda *_: Pick(other, f"{other}: another machine"))
     train(tiny_config(emoji_dir, tmp_path, "run.steps=3", *extra), resume_run=True)
-    assert path.read_text().startswith(f"# precision: run.precision=auto picked {other}: another machine\n")
-    assert load_config(DVAETrainConfig, path).run.precision == "auto"
+    assert path.read_text().startswith(f"# precision: precision.dtype=auto picked {other}: another machine\n")
+    assert load_config(DVAETrainConfig, path).precision.dtype == "auto"
     for kept in (tmp_path / "dvae" / "config.yaml", tmp_path / "checkpoints" / "step_00000003" / "config.yaml"):
-        assert load_config(DVAETrainConfig, kept).run.precision == "auto"
+        assert load_config(DVAETrainConfig, kept).precision.dtype == "auto"
 
 
 def test_fused_adamw_state_gets_its_parameters_layout_back():

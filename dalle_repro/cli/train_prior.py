@@ -21,8 +21,9 @@ import json
 import logging
 import sys
 
-from dalle_repro.core.config import ConfigError, parse_cli
-from dalle_repro.train.prior import NonFiniteLosses, StopRequested, train
+from dalle_repro.cli.errors import run_trainer
+from dalle_repro.core.config import parse_cli
+from dalle_repro.train.prior import train
 from dalle_repro.train.prior_config import PriorTrainConfig
 
 
@@ -31,18 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    stop = StopRequested()
-    stop.install()
-    try:
-        result = train(cfg, resume_run=flags["resume"], stop=stop)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLosses as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    print(json.dumps(result))
-    return 0
+    code, result = run_trainer(lambda stop: train(cfg, resume_run=flags["resume"], stop=stop))
+    if code == 0:
+        print(json.dumps(result))
+    return code
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from dalle_repro.data.tar import first_token_grid
 from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs
 from dalle_repro.models.dvae import DVAEArgs
 from dalle_repro.models.transformer import TransformerArgs
+from dalle_repro.train.loop import RunArgs
 from dalle_repro.train.metrics import LogArgs
 
 log = logging.getLogger(__name__)
@@ -71,33 +72,18 @@ class DeepSpeedArgs:
 
 
 @dataclass
-class PriorRunArgs:
-    """Length, checkpoints, validation, samples and failure handling of a run."""
+class PriorRunArgs(RunArgs):
+    """The run (train/loop.py's RunArgs), with caption dropout, sample grids and the export."""
 
     run_dir: str = arg("runs/prior", "Folder for checkpoints, metrics, sample grids and the export.")
-    steps: int = arg(1000, "Updates to train for.", gt=0)
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: CUDA when there is one.")
     seed: int = arg(0, "Seed of the initial weights (the same on every rank) and of caption dropout.", ge=0)
+    val_shards: str | None = arg(None, "Validation shards (same kind as data.kind); null: no validation.")
     caption_dropout: float = arg(
         0.0, "Probability of replacing a caption by the empty one (for classifier-free guidance).", ge=0, lt=1
     )
-    ckpt_every: int = arg(500, "Updates between checkpoints (one is always written at the end).", gt=0)
-    keep: int = arg(3, "Checkpoints to keep.", ge=1)
-    stop_after: int | None = arg(
-        None, "Stop with a checkpoint after this many updates in this process (time-boxed jobs); resume later.", gt=0
-    )
-    val_every: int = arg(500, "Updates between validations (one always at the end).", gt=0)
-    val_shards: str | None = arg(None, "Validation shards (same kind as data.kind); null: no validation.")
-    val_batches: int = arg(8, "Batches per validation (0: the whole split).", ge=0)
     sample_every: int = arg(1000, "Updates between sample grids from fixed captions (needs dvae).", gt=0)
     sample_captions: int = arg(4, "Captions from the validation split in the sample grid.", ge=0)
     sample_prompts: list[str] = arg(factory=list, doc="More captions for the sample grid.")
-    deterministic: Literal["auto", "on", "off"] = arg(
-        "auto",
-        "torch.use_deterministic_algorithms, which exact resume needs (2-thread CPU embedding gradients vary "
-        "otherwise; ~0-6% slower). auto: on for CPU, off for CUDA.",
-    )
-    max_nonfinite: int = arg(20, "Stop (with a checkpoint) after this many non-finite losses in a row.", ge=1)
     copy_dvae: bool = arg(True, "Copy the dVAE folder into the export (else the export records its path).")
 
 
