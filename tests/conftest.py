@@ -83,6 +83,7 @@ def clip_dir(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.Tem
             "data.num_workers=0",
             f"run.run_dir={run}",
             "run.steps=4",
+            "log.every=1",
         ],
     )
     metrics = train_clip(cfg)

@@ -195,12 +195,15 @@ def test_train_clip_picks_and_notes_its_precision(clip_dir):
     from dalle_repro.core.config import load_config
     from dalle_repro.core.precision import auto_precision
     from dalle_repro.train.clip import ClipTrainConfig
+    from dalle_repro.train.metrics import read_metrics
 
     reason = f"precision.dtype=auto picked {auto_precision('cpu').reason}"
     assert json.loads((clip_dir / "retrieval.json").read_text())["precision"] == reason
     saved = clip_dir / "train_clip.yaml"
     assert saved.read_text().startswith(f"# precision: {reason}\n")
     assert load_config(ClipTrainConfig, saved).precision.dtype == "auto"
+    rows = [r for r in read_metrics(clip_dir.parent) if "loss" in r]  # progress, as the other trainers log it
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["img_per_s"] > 0 for r in rows)
 
 
 def test_clip_training_refuses_a_folder_of_other_files_before_any_work(tmp_path, monkeypatch):

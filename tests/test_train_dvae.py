@@ -256,3 +256,41 @@ def test_fused_adamw_state_gets_its_parameters_layout_back():
         step(resumed, opt2)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_bad_validation_path_is_refused_before_the_first_update(emoji_dir, tmp_path, monkeypatch):
+    """A validation path naming no file trained every update, then failed at the final validation
+    with no checkpoint written."""
+    from dalle_repro.core.config import ConfigError
+    from dalle_repro.train import dvae as td
+
+    monkeypatch.setattr(td, "train_step", lambda *a: pytest.fail("an update ran"))
+    with pytest.raises(ConfigError, match=r"run.val_shards: shard pattern .*nowhere.* matches no file"):
+        train(tiny_config(emoji_dir, tmp_path / "r", f"run.val_shards={tmp_path}/nowhere/*.tar"))
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_too_few_shards_for_the_workers_fail_before_the_model_is_built(emoji_dir, tmp_path, monkeypatch):
+    from dalle_repro.core.config import ConfigError
+    from dalle_repro.train import dvae as td
+
+    monkeypatch.setattr(td, "DVAE", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match=r"data.shards: \d+ shards cannot feed 1 ranks x 64 workers.*--shard-size"):
+        train(tiny_config(emoji_dir, tmp_path / "r", "data.num_workers=64"))
+
+
+def test_a_failing_final_validation_keeps_the_finished_runs_checkpoint_and_export(emoji_dir, tmp_path, monkeypatch):
+    """The last checkpoint and the export are written before the final validation, which may fail."""
+    from dalle_repro.train import dvae as td
+    from dalle_repro.train.checkpoint import Checkpoints
+
+    def broken(*a, **k):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(td, "validate", broken)
+    run = tmp_path / "r"
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train(tiny_config(emoji_dir, run, "run.val_every=100", "run.ckpt_every=100"))
+    latest = Checkpoints(run).latest()
+    assert latest is not None and latest.name == "step_00000006"
+    assert (run / "dvae" / "model.safetensors").is_file()

@@ -8,6 +8,7 @@ Exit status 2: a config or input error; 3: too many non-finite losses in a row.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ def print_error(e: BaseException) -> None:
 def run_trainer(train: Callable[[StopRequested], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
     """Run ``train`` with SIGTERM/SIGINT caught (the run stops after its update, with a checkpoint);
     returns (exit status, its result)."""
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop = StopRequested()
     stop.install()
     try:
@@ -37,3 +39,6 @@ def run_trainer(train: Callable[[StopRequested], dict[str, Any]]) -> tuple[int, 
     except NonFiniteLosses as e:
         print_error(e)
         return 3, {}
+    finally:
+        for sig, handler in previous.items():  # a caller in the same process gets its own back
+            signal.signal(sig, handler)

@@ -39,6 +39,7 @@ from dalle_repro.core.pretrained import check_replaceable
 from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.sample.rerank import CLIP_MEAN, CLIP_STD, clip_pixels
 from dalle_repro.train.checkpoint import Checkpoints, save_json
+from dalle_repro.train.inputs import check_run_shards
 from dalle_repro.train.loop import (
     Counters,
     RNGState,
@@ -322,7 +323,7 @@ class ClipTask(Task):
     def export(self) -> Path:
         return save_clip(self.st.model, self.st.tokenizer, self.config, self.pick)
 
-    def finish(self, val: dict[str, Any]) -> None:
+    def finish(self, val: dict[str, Any]) -> dict[str, Any]:
         """RUN/clip/retrieval.json: the final retrieval accuracy, the training loss and the precision."""
         losses = [r["loss"] for r in read_metrics(self.run_dir) if isinstance(r.get("loss"), float)]
         metrics = (val or last_validation(self.run_dir, self.val_key)) | {
@@ -332,6 +333,7 @@ class ClipTask(Task):
             "precision": self.pick,
         }
         save_json(clip_folder(self.config) / "retrieval.json", metrics)
+        return {}
 
 
 def clip_folder(cfg: ClipTrainConfig) -> Path:
@@ -346,6 +348,7 @@ def train_clip(cfg: ClipTrainConfig, resume_run: bool = False, stop: StopRequest
     if not cfg.run.overwrite and not (out / "train_clip.yaml").is_file():  # ours has it; save_clip checks again
         check_replaceable(out, set(), False)
     latest = checkpoint_to_resume(cfg.run, resume_run)
+    check_run_shards(cfg.data.shards, cfg.run.val_shards, 1, cfg.data.num_workers)
     d = distributed.init(cfg.run.device)
     if d.world_size > 1:
         raise ConfigError(f"the CLIP trainer runs in one process; it was started as {d.world_size} ranks")

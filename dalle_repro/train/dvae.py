@@ -10,6 +10,10 @@ batches and the same Gumbel noise, so N steps + resume + N steps equals 2N steps
 
 A step whose gradient norm is not finite (a NaN in the data, an fp16 overflow) changes no weight
 and no optimizer state; it is counted in ``skipped_steps`` (metrics and checkpoints).
+
+The schedule of logs, validations and checkpoints, SIGTERM and ``run.stop_after`` (a checkpoint,
+then exit 0), ``run.max_nonfinite`` and the end of the run come from the shared loop
+(train/loop.py); this module holds the dVAE's own parts: its config, step, validation and export.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from dalle_repro.models.dvae import (
     unmap_pixels,
 )
 from dalle_repro.train.checkpoint import Checkpoints
+from dalle_repro.train.inputs import check_run_shards
 from dalle_repro.train.loop import (
     Counters,
     RNGState,
@@ -320,6 +325,7 @@ def train(cfg: DVAETrainConfig, resume_run: bool = False, stop: StopRequested | 
         log.info("precision: %s", pick.reason)
     run_cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype))
     latest = checkpoint_to_resume(cfg.run, resume_run)
+    check_run_shards(cfg.data.shards, cfg.run.val_shards, d.world_size, cfg.data.num_workers)
     with deterministic(cfg.run.deterministic, d.device):
         task = DVAETask(cfg, run_cfg, d, build(run_cfg, d))
         if latest is not None:

@@ -250,8 +250,9 @@ class Task(ABC):
     def export(self) -> Path | None:
         """The trained model for the next stage (rank 0 writes; every rank calls)."""
 
-    def finish(self, val: dict[str, Any]) -> None:  # noqa: B027 (most trainers keep nothing more)
-        """After the final validation: anything the export keeps of it."""
+    def finish(self, val: dict[str, Any]) -> dict[str, Any]:
+        """After the final validation: anything the export keeps of it; returns more final metrics."""
+        return {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,9 +393,9 @@ def _finish(task: Task, logger: MetricsLogger, trained: bool) -> dict[str, Any]:
     # a run resumed after its last step validates again only if its final validation never ended
     done = not task.d.is_main or any(r.get("step") == task.step and task.val_key in r for r in read_metrics(run_dir))
     val = _evaluate(task, logger, True, True) if any_rank(trained or not done, task.d.device) else {}
-    task.finish(val)
+    more = task.finish(val)
     if task.d.is_main:
         val = val or last_validation(run_dir, task.val_key)
-        save_json(run_dir / "final_metrics.json", val | {"step": task.step})
+        save_json(run_dir / "final_metrics.json", val | more | {"step": task.step})
     distributed.barrier()
     return val

@@ -77,6 +77,7 @@ from dalle_repro.train.deepspeed import (
     initialize,
 )
 from dalle_repro.train.exact_skip import step_without
+from dalle_repro.train.inputs import check_run_shards
 from dalle_repro.train.loop import Counters as LoopCounters
 from dalle_repro.train.loop import (
     NonFiniteLosses,
@@ -91,7 +92,13 @@ from dalle_repro.train.loop import (
 )
 from dalle_repro.train.metrics import MetricsLogger
 from dalle_repro.train.optim import EMA, cosine, param_groups
-from dalle_repro.train.prior_config import PriorScheduleArgs, PriorTrainConfig, check_token_shards, resolve_sizes
+from dalle_repro.train.prior_config import (
+    PriorScheduleArgs,
+    PriorTrainConfig,
+    check_token_shards,
+    check_tokens_match_dvae,
+    resolve_sizes,
+)
 
 log = logging.getLogger(__name__)
 __all__ = ["Counters", "NonFiniteLosses", "StopRequested", "train"]  # the loop's names the CLI and tests import here
@@ -167,6 +174,8 @@ class Counters(LoopCounters):
 
     skipped_blocks: int = 0
     caption_dropped: int = 0
+    captions_seen: int = 0
+    captions_truncated: int = 0  # longer than text.text_len: the tokenizer cut them
 
 
 @dataclass
@@ -212,8 +221,6 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
     scaler = model.enable_precision(cfg.precision) if cfg.precision.mode == "block_scaled" else None
     tokenizer = TextTokenizer(cfg.text.path, cfg.text.text_len)
     dvae = DVAE.from_pretrained(cfg.dvae).to(d.device).eval() if cfg.dvae is not None else None
-    if cfg.data.kind == "tokens":
-        check_token_shards(cfg)
     ds_config = deepspeed_config(cfg, d.world_size)
     optimizer = client_optimizer(model, cfg)
     if d.is_main:
@@ -267,12 +274,24 @@ def batch_tokens(r: Run, batch: dict[str, Any], train: bool) -> tuple[torch.Tens
         raise ValueError(
             f"image tokens of shape {tuple(image.shape[1:])} in shards {r.cfg.data.shards}, but model.grid is {a.grid}"
         )
+    if train and "caption" in batch:
+        count_truncated(r, batch["caption"], text)
     if train and r.cfg.run.caption_dropout > 0:
         drop = torch.rand(text.shape[0]) < r.cfg.run.caption_dropout
         if drop.any():
             text = torch.where(drop.to(text.device)[:, None], r.empty_text.to(text.device), text)
             r.counters.caption_dropped += int(drop.sum())
     return text, image.flatten(1).long()
+
+
+def count_truncated(r: Run, captions: list[str], text: torch.Tensor) -> None:
+    """Count the captions the tokenizer cut at ``text.text_len``: only a row whose last position is
+    not a pad can have been cut, so only those are encoded again, whole."""
+    tok = r.tokenizer
+    full = (text[:, -1] < tok.bpe_vocab_size).tolist()
+    cut = sum(1 for c, f in zip(captions, full, strict=True) if f and len(tok.bpe_ids(c)) > tok.text_len)
+    r.counters.captions_seen += len(captions)
+    r.counters.captions_truncated += cut
 
 
 def train_step(r: Run, it: Any) -> dict[str, float]:
@@ -511,6 +530,21 @@ class PriorTask(Task):
     def export(self) -> Path | None:
         return export(self.r)
 
+    def finish(self, val: dict[str, Any]) -> dict[str, Any]:
+        """The share of training captions the tokenizer cut, said once at the end of the run."""
+        c = self.r.counters
+        share = c.captions_truncated / c.captions_seen if c.captions_seen else 0.0
+        if self.d.is_main and c.captions_truncated:
+            log.warning(
+                "%d of %d training captions (%.1f%%) were longer than text.text_len=%d tokens and were cut; "
+                "a larger text.text_len keeps them whole",
+                c.captions_truncated,
+                c.captions_seen,
+                100 * share,
+                self.r.cfg.text.text_len,
+            )
+        return {"captions_truncated": c.captions_truncated, "captions_truncated_share": share}
+
 
 def train(cfg: PriorTrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
     """Train (or continue) a prior run; returns the last validation metrics on rank 0."""
@@ -531,8 +565,12 @@ def picked_precision(cfg: PriorTrainConfig, d: distributed.Dist) -> Pick:
 
 def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: StopRequested | None) -> dict[str, Any]:
     latest = checkpoint_to_resume(cfg.run, resume_run)
+    check_run_shards(cfg.data.shards, cfg.run.val_shards, d.world_size, cfg.data.num_workers)
+    check_tokens_match_dvae(cfg)
     cfg, sizes = resolve_sizes(cfg)
     pick = picked_precision(cfg, d)
+    if cfg.data.kind == "tokens":
+        check_token_shards(cfg)  # the first shard's grid, where no summary.json says which dVAE made them
     r = build(dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype)), d)
     r.written_cfg = cfg
     task = PriorTask(r)

@@ -13,12 +13,12 @@ from typing import Any, Literal
 
 from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.core.precision import PrecisionArgs
-from dalle_repro.core.pretrained import pretrained_args
+from dalle_repro.core.pretrained import pretrained_args, weights_digest
 from dalle_repro.data.loader import DataArgs
 from dalle_repro.data.sources import expand_shards, is_remote
 from dalle_repro.data.tar import first_token_grid
 from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs
-from dalle_repro.models.dvae import DVAEArgs
+from dalle_repro.models.dvae import DVAE, DVAEArgs
 from dalle_repro.models.transformer import TransformerArgs
 from dalle_repro.train.loop import RunArgs
 from dalle_repro.train.metrics import LogArgs
@@ -218,3 +218,37 @@ def check_token_shards(cfg: PriorTrainConfig) -> None:
             "with another dVAE. Encode the images again with this one (tools/encode_tokens.py), or set "
             f"model.grid={shape[0]} and dvae= the dVAE that made them."
         )
+
+
+def check_tokens_match_dvae(cfg: PriorTrainConfig) -> None:
+    """Token shards made by another dVAE than ``dvae=`` fail here, at start: their codes mean other
+    pictures to this dVAE, and a prior trained on them exits 0 having learnt the wrong thing. The
+    shards' ``summary.json`` (tools/encode_tokens.py) records the codebook, the grid and a digest
+    of the weights that made them; each is compared with the dVAE given, and an error names both."""
+    if cfg.data.kind != "tokens" or cfg.dvae is None:
+        return
+    found = token_summary(expand_shards(cfg.data.shards))
+    if found is None:  # no summary (shards made elsewhere): check_token_shards still checks the grid
+        return
+    path, summary = found
+    dv = pretrained_args(cfg.dvae, DVAEArgs)
+    theirs = f"the dVAE {summary.get('dvae', '(unnamed)')} that made the token shards ({path})"
+    if (int(summary["vocab_size"]), int(summary["grid"])) != (dv.vocab_size, dv.grid):
+        raise ConfigError(
+            f"dvae: {cfg.dvae} has {dv.vocab_size} codes on a {dv.grid}x{dv.grid} grid, but {theirs} has "
+            f"{summary['vocab_size']} codes on a {summary['grid']}x{summary['grid']} grid. " + _RE_ENCODE
+        )
+    if "dvae_digest" not in summary:
+        log.warning("%s records no dVAE digest (an older encode_tokens): the dVAE's weights are not checked", path)
+        return
+    digest = weights_digest(DVAE.from_pretrained(cfg.dvae))
+    if digest != summary["dvae_digest"]:
+        raise ConfigError(
+            f"dvae: {cfg.dvae} (weights digest {digest}) has the shape of {theirs}, but not its weights "
+            f"(digest {summary['dvae_digest']}). " + _RE_ENCODE
+        )
+
+
+_RE_ENCODE = (
+    "Encode the images again with this dVAE (tools/encode_tokens.py), or set dvae= the dVAE that made the shards."
+)
