@@ -183,6 +183,9 @@ class TrainState:
                 raise FileNotFoundError(f"{path / (name + '.safetensors')} is missing: {path} cannot be resumed")
             obj.load_state_dict(files[name])
         for name, obj in self._of("shared").items():
+            if name == "counters" and name not in state:  # a dVAE checkpoint kept its counts at the top level
+                obj.load_state_dict(state)
+                continue
             if name not in state:
                 raise ValueError(f"{path / 'state.json'} holds no {name!r}: it was written by another trainer")
             obj.load_state_dict(state[name])
