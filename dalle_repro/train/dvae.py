@@ -207,6 +207,7 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
         "kl": out.kl.item(),
         "grad_norm": grad_norm,
         "batch_codes_used": int((counts > 0).sum()),
+        "skipped_steps": float(st.counters.skipped_steps),
         **sched,
     }
 
