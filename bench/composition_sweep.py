@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.quick:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=3))
         precision = "bf16" if dev.type == "cuda" else "fp32"
-        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=precision))
+        cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=precision))
         dvae, info = train_dvae(cfg, train_ims[:n_train], dev, a.seed)
         info |= {"seen": ceiling(dvae, val_caps, val_ims, dev), "heldout": ceiling(dvae, held_caps, held_ims, dev)}
         info["edits"] = edits

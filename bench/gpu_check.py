@@ -249,17 +249,17 @@ def dvae_fp16(dev: torch.device, dry: bool) -> dict[str, Any]:
     from dalle_repro.train.dvae import DVAETrainConfig, State, train_step
     from dalle_repro.train.optim import EMA, adamw
 
-    over = ["data.batch_size=8", "run.precision=fp16"]
+    over = ["data.batch_size=8", "precision.dtype=fp16"]
     if dry:
         over = ["model.image_size=32", "data.image_size=32", "model.n_hid=16", "model.vocab_size=64"]
-        over += ["model.n_init=8", "model.group_count=2", "data.batch_size=2", "run.precision=fp32"]
+        over += ["model.n_init=8", "model.group_count=2", "data.batch_size=2", "precision.dtype=fp32"]
     cfg = load_config(DVAETrainConfig, ROOT / "configs/paper/dvae.yaml", over)
     from dalle_repro.models.dvae import DVAE
 
     torch.manual_seed(0)
     model = DVAE(cfg.model).to(dev, memory_format=torch.channels_last)
     opt = adamw(model, 1e-4, (0.9, 0.999), 1e-8, 0.0)
-    scaler = torch.amp.GradScaler("cuda") if cfg.run.precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision.dtype == "fp16" else None
     st = State(model, model, opt, EMA(model, 0.999), scaler, loader=None)  # type: ignore[arg-type]
     b, s = cfg.data.batch_size, cfg.model.image_size
     images = torch.rand(b, 3, s, s, device=dev).contiguous(memory_format=torch.channels_last)
@@ -271,7 +271,7 @@ def dvae_fp16(dev: torch.device, dry: bool) -> dict[str, Any]:
     dt = _timed(step, dev, 1 if dry else 3, 1 if dry else 5)
     return {
         "ok": bool(torch.isfinite(torch.tensor(last["loss"]))),
-        "precision": cfg.run.precision,
+        "precision": cfg.precision.dtype,
         "loss_scale": scaler.get_scale() if scaler is not None else None,
         "img_per_s": round(b / dt, 2),
         "skipped_steps": last["skipped_steps"],

@@ -142,7 +142,7 @@ ANCHOR_SCRIPT = Path(__file__).resolve().parents[1].parent / "shared" / "anchors
 def _vae_train_once(precision: str, threads: int) -> float:
     """Our dVAE train step, images/s, measured as the peer's script measures (2 warm, 5 timed), as
     the demo's time plan times it (demo_plan.dvae_step_seconds: train_dvae.train_step, channels_last).
-    ``precision``: run.precision (auto: picked as the trainer picks)."""
+    ``precision``: precision.dtype (auto: picked as the trainer picks)."""
     from dalle_repro.demo.plan import dvae_step_seconds
     from dalle_repro.models.dvae import DVAEArgs
     from dalle_repro.train.dvae import DVAETrainConfig
@@ -150,7 +150,7 @@ def _vae_train_once(precision: str, threads: int) -> float:
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     cfg = DVAETrainConfig(model=DVAEArgs(**BENCH_DVAE), data=DataArgs(image_size=64, batch_size=16))
-    cfg.run.precision = precision
+    cfg.precision.dtype = precision
     return 16 / dvae_step_seconds(cfg, warm=2, timed=5)
 
 
@@ -319,7 +319,7 @@ def _ours_quality(
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     cfg = load_config(
-        DVAETrainConfig, "configs/demo/emoji-dvae.yaml", [*QUALITY_OVERRIDES, f"run.precision={precision}"]
+        DVAETrainConfig, "configs/demo/emoji-dvae.yaml", [*QUALITY_OVERRIDES, f"precision.dtype={precision}"]
     )
     model = DVAE(cfg.model).to(memory_format=torch.channels_last)
     o = cfg.optim

@@ -64,7 +64,7 @@ def clip_dir(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.Tem
     from dalle_repro.core.config import load_config
     from dalle_repro.train.clip import ClipTrainConfig, train_clip
 
-    out = tmp_path_factory.mktemp("clip") / "clip"
+    run = tmp_path_factory.mktemp("clip") / "run"
     cfg = load_config(
         ClipTrainConfig,
         None,
@@ -78,13 +78,14 @@ def clip_dir(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.Tem
             "model.text_len=12",
             f"text.path={tokenizer_path}",
             f"data.shards={emoji_dir}/train/*.tar",
-            f"data.val_shards={emoji_dir}/val/*.tar",
+            f"run.val_shards={emoji_dir}/val/*.tar",
             "data.batch_size=8",
             "data.num_workers=0",
-            f"run.output={out}",
+            f"run.run_dir={run}",
             "run.steps=4",
+            "log.every=1",
         ],
     )
-    metrics = train_clip(cfg, progress=False)
+    metrics = train_clip(cfg)
     assert 0 <= metrics["image_to_text_top1"] <= 1 and metrics["val_pairs"] > 0
-    return out
+    return run / "clip"

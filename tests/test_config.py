@@ -303,3 +303,24 @@ def test_an_environment_variable_read_through_a_built_resolver_name_is_refused(t
     from omegaconf import OmegaConf
 
     assert OmegaConf.create({"a": "${oc.env:DALLE_REPRO_TEST_SECRET}"}).a == "s3cret"  # elsewhere: unchanged
+
+
+@pytest.mark.parametrize(
+    "config, override, new",
+    [
+        ("DVAETrainConfig", "run.precision=bf16", "is now precision.dtype"),
+        ("ClipTrainConfig", "run.precision=bf16", "is now precision.dtype"),
+        ("ClipTrainConfig", "run.output=x", "is now run.run_dir"),
+        ("ClipTrainConfig", "data.val_shards=x", "is now run.val_shards"),
+        ("DemoConfig", "clip.run.output=x", "clip.run.output is now clip.run.run_dir"),
+    ],
+)
+def test_renamed_keys_name_the_new_key(config, override, new):
+    """A user's YAML with a key the trainers' shared sections replaced fails with the key to use."""
+    from dalle_repro.demo.pipeline import DemoConfig
+    from dalle_repro.train.clip import ClipTrainConfig
+    from dalle_repro.train.dvae import DVAETrainConfig
+
+    cls = {"DVAETrainConfig": DVAETrainConfig, "ClipTrainConfig": ClipTrainConfig, "DemoConfig": DemoConfig}[config]
+    with pytest.raises(ConfigError, match=new):
+        load_config(cls, None, [override])

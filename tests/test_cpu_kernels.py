@@ -348,7 +348,9 @@ def test_demo_dvae_skips_no_update_in_fp32(emoji32, kernel, monkeypatch):
 
     monkeypatch.setenv(cpu_kernels.SWITCH, kernel)
     cfg = load_config(
-        DVAETrainConfig, "configs/demo/emoji-dvae.yaml", ["model.n_hid=16", "run.precision=fp32", "data.batch_size=32"]
+        DVAETrainConfig,
+        "configs/demo/emoji-dvae.yaml",
+        ["model.n_hid=16", "precision.dtype=fp32", "data.batch_size=32"],
     )
     torch.manual_seed(0)
     model = DVAE(cfg.model).to(memory_format=torch.channels_last)
@@ -360,7 +362,7 @@ def test_demo_dvae_skips_no_update_in_fp32(emoji32, kernel, monkeypatch):
         idx = torch.randint(0, len(emoji32), (32,), generator=gen)
         train_step(st, emoji32[idx].contiguous(memory_format=torch.channels_last), cfg, torch.device("cpu"))
     assert st.step == 300
-    assert st.skipped_steps == 0
+    assert st.counters.skipped_steps == 0
 
 
 # ------------------------------------------------------------------------------------------

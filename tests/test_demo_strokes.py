@@ -41,7 +41,7 @@ def test_the_strokes_demo_is_the_shapes_demo_with_only_its_data_and_paths_change
     assert _drop(to_dict(demo.dvae_config(cfg)), *paths) == _drop(to_dict(demo.dvae_config(shapes)), *paths)
     prior = (*paths, "dvae", "text.path", "run.sample_prompts")
     assert _drop(to_dict(demo.prior_config(cfg)), *prior) == _drop(to_dict(demo.prior_config(shapes)), *prior)
-    clip = ("text.path", "data.shards", "data.val_shards", "run.output")
+    clip = ("text.path", "data.shards", "run.val_shards", "run.run_dir")
     assert _drop(to_dict(demo.clip_config(cfg)), *clip) == _drop(to_dict(demo.clip_config(shapes)), *clip)
 
 

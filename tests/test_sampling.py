@@ -200,12 +200,15 @@ def test_train_clip_picks_and_notes_its_precision(clip_dir):
     from dalle_repro.core.config import load_config
     from dalle_repro.core.precision import auto_precision
     from dalle_repro.train.clip import ClipTrainConfig
+    from dalle_repro.train.metrics import read_metrics
 
-    reason = f"run.precision=auto picked {auto_precision('cpu').reason}"
+    reason = f"precision.dtype=auto picked {auto_precision('cpu').reason}"
     assert json.loads((clip_dir / "retrieval.json").read_text())["precision"] == reason
     saved = clip_dir / "train_clip.yaml"
     assert saved.read_text().startswith(f"# precision: {reason}\n")
-    assert load_config(ClipTrainConfig, saved).run.precision == "auto"
+    assert load_config(ClipTrainConfig, saved).precision.dtype == "auto"
+    rows = [r for r in read_metrics(clip_dir.parent) if "loss" in r]  # progress, as the other trainers log it
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(r["img_per_s"] > 0 for r in rows)
 
 
 def test_clip_training_refuses_a_folder_of_other_files_before_any_work(tmp_path, monkeypatch):
@@ -213,12 +216,12 @@ def test_clip_training_refuses_a_folder_of_other_files_before_any_work(tmp_path,
     from dalle_repro.core.config import load_config
     from dalle_repro.train import clip as clip_train
 
-    out = tmp_path / "mine"
-    out.mkdir()
+    out = tmp_path / "run" / "clip"  # where the model goes: RUN/clip
+    out.mkdir(parents=True)
     (out / "notes.md").write_text("the user's")
     monkeypatch.setattr(clip_train, "hf_tokenizer", lambda *a: pytest.fail("training started"))
     with pytest.raises(FileExistsError, match="notes.md"):
-        clip_train.train_clip(load_config(clip_train.ClipTrainConfig, None, [f"run.output={out}"]))
+        clip_train.train_clip(load_config(clip_train.ClipTrainConfig, None, [f"run.run_dir={out.parent}"]))
     assert [p.name for p in out.iterdir()] == ["notes.md"]
 
 

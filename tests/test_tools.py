@@ -295,4 +295,25 @@ def test_help_texts_are_plain_and_keep_their_examples(script):
         assert leak not in r.stdout, f"{script} --help shows {leak!r}"
     if script == "tools/train_clip.py":
         assert "\n  python tools/train_clip.py 'data.shards=" in r.stdout and "\n      text.path=" in r.stdout
-        assert "data.shards (str)" in r.stdout and "run.output (str)" in r.stdout
+        assert "data.shards (str)" in r.stdout and "run.run_dir (str)" in r.stdout
+
+
+def test_trainer_errors_print_once_from_rank_zero(monkeypatch, capsys):
+    """Every rank checks the same config: the message is printed by rank 0 alone, with exit status 2
+    (3 for non-finite losses)."""
+    from dalle_repro.cli.errors import run_trainer
+    from dalle_repro.core.config import ConfigError
+    from dalle_repro.train.loop import NonFiniteLosses
+
+    def bad(stop):
+        raise ConfigError("data.shards: broken")
+
+    monkeypatch.setenv("RANK", "1")
+    assert run_trainer(bad) == (2, {}) and capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert run_trainer(bad) == (2, {}) and capsys.readouterr().err == "error: data.shards: broken\n"
+
+    def diverging(stop):
+        raise NonFiniteLosses("3 non-finite losses in a row")
+
+    assert run_trainer(diverging)[0] == 3

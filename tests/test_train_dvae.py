@@ -192,7 +192,7 @@ def test_fp16_on_cpu_fails_before_any_work(emoji_dir, tmp_path):
     from dalle_repro.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="fp16 needs CUDA"):
-        train(tiny_config(emoji_dir, tmp_path / "r", "run.precision=fp16", "run.device=cpu"))
+        train(tiny_config(emoji_dir, tmp_path / "r", "precision.dtype=fp16", "run.device=cpu"))
     assert not (tmp_path / "r").exists()
 
 
@@ -202,21 +202,21 @@ def test_config_yaml_notes_the_precision_auto_picked_and_still_loads(emoji_dir, 
 
     extra = ("run.device=cpu", "run.ckpt_every=2", "run.val_every=2")
     cfg = tiny_config(emoji_dir, tmp_path, "run.steps=2", *extra)
-    assert cfg.run.precision == "auto"  # the default
+    assert cfg.precision.dtype == "auto"  # the default
     train(cfg)
     path = tmp_path / "config.yaml"
-    pick = pick_precision("auto", "cpu", "run.precision")
+    pick = pick_precision("auto", "cpu", "precision.dtype")
     assert path.read_text().startswith(f"# precision: {pick.reason}\n")
-    assert pick.reason.startswith(f"run.precision=auto picked {pick.dtype}: this CPU (")
+    assert pick.reason.startswith(f"precision.dtype=auto picked {pick.dtype}: this CPU (")
     assert load_config(DVAETrainConfig, path) == cfg  # the user's value, auto, is what is kept
     # resumed on a machine where auto picks the other way: it picks again, and says so
     other = "fp32" if pick.dtype == "bf16" else "bf16"
     monkeypatch.setattr(precision, "_auto", lambda *_: Pick(other, f"{other}: another machine"))
     train(tiny_config(emoji_dir, tmp_path, "run.steps=3", *extra), resume_run=True)
-    assert path.read_text().startswith(f"# precision: run.precision=auto picked {other}: another machine\n")
-    assert load_config(DVAETrainConfig, path).run.precision == "auto"
+    assert path.read_text().startswith(f"# precision: precision.dtype=auto picked {other}: another machine\n")
+    assert load_config(DVAETrainConfig, path).precision.dtype == "auto"
     for kept in (tmp_path / "dvae" / "config.yaml", tmp_path / "checkpoints" / "step_00000003" / "config.yaml"):
-        assert load_config(DVAETrainConfig, kept).run.precision == "auto"
+        assert load_config(DVAETrainConfig, kept).precision.dtype == "auto"
 
 
 def test_fused_adamw_state_gets_its_parameters_layout_back():
@@ -256,3 +256,41 @@ def test_fused_adamw_state_gets_its_parameters_layout_back():
         step(resumed, opt2)
     for a, b in zip(model.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_bad_validation_path_is_refused_before_the_first_update(emoji_dir, tmp_path, monkeypatch):
+    """A validation path naming no file trained every update, then failed at the final validation
+    with no checkpoint written."""
+    from dalle_repro.core.config import ConfigError
+    from dalle_repro.train import dvae as td
+
+    monkeypatch.setattr(td, "train_step", lambda *a: pytest.fail("an update ran"))
+    with pytest.raises(ConfigError, match=r"run.val_shards: shard pattern .*nowhere.* matches no file"):
+        train(tiny_config(emoji_dir, tmp_path / "r", f"run.val_shards={tmp_path}/nowhere/*.tar"))
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_too_few_shards_for_the_workers_fail_before_the_model_is_built(emoji_dir, tmp_path, monkeypatch):
+    from dalle_repro.core.config import ConfigError
+    from dalle_repro.train import dvae as td
+
+    monkeypatch.setattr(td, "DVAE", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match=r"data.shards: \d+ shards cannot feed 1 ranks x 64 workers.*--shard-size"):
+        train(tiny_config(emoji_dir, tmp_path / "r", "data.num_workers=64"))
+
+
+def test_a_failing_final_validation_keeps_the_finished_runs_checkpoint_and_export(emoji_dir, tmp_path, monkeypatch):
+    """The last checkpoint and the export are written before the final validation, which may fail."""
+    from dalle_repro.train import dvae as td
+    from dalle_repro.train.checkpoint import Checkpoints
+
+    def broken(*a, **k):
+        raise RuntimeError("validation broke")
+
+    monkeypatch.setattr(td, "validate", broken)
+    run = tmp_path / "r"
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train(tiny_config(emoji_dir, run, "run.val_every=100", "run.ckpt_every=100"))
+    latest = Checkpoints(run).latest()
+    assert latest is not None and latest.name == "step_00000006"
+    assert (run / "dvae" / "model.safetensors").is_file()

@@ -475,3 +475,68 @@ def test_a_stop_before_the_first_update_says_so_and_trains_nothing(prior_data, t
     assert "before the first update" in caplog.text and "with a checkpoint" not in caplog.text
     assert result == {"step": 0, "ended": "signal_before_training"}
     assert not list((tmp_path / "early" / "checkpoints").glob("step_*"))
+
+
+def _another_dvae(root: Path, seed: int, **changes: int) -> Path:
+    """A random dVAE like the ``prior_data`` one, with other sizes or (another seed) other weights."""
+    import dataclasses
+
+    from dalle_repro.models.dvae import DVAE, DVAEArgs
+
+    torch.manual_seed(seed)
+    args = DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=3, vocab_size=32, n_init=8)
+    DVAE(dataclasses.replace(args, **changes)).save_pretrained(root / "other_dvae")
+    return root / "other_dvae"
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"vocab_size": 64}, r"has 64 codes on a 4x4 grid, but the dVAE .* has 32 codes on a 4x4 grid"),
+        ({"group_count": 2}, r"has 32 codes on a 8x8 grid, but the dVAE .* has 32 codes on a 4x4 grid"),
+        ({}, r"weights digest \w+\) has the shape of the dVAE .* but not its weights"),
+    ],
+)
+def test_token_shards_of_another_dvae_are_refused_at_start(prior_data, tmp_path, monkeypatch, changes, words):
+    """dvae= a dVAE other than the one that encoded the shards trained on codes that mean other
+    pictures, and exited 0; the shards' summary.json names the codebook, grid and weights."""
+    from dalle_repro.train import prior as tp
+
+    other = _another_dvae(tmp_path, seed=1, **changes)
+    monkeypatch.setattr(tp, "Transformer", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match=words) as e:
+        train(config(prior_data, tmp_path / "run", f"dvae={other}"))
+    assert str(other) in str(e.value) and str(prior_data["tokens"] / "summary.json") in str(e.value)
+
+
+def test_too_few_shards_are_refused_before_the_model_is_built(prior_data, tmp_path, monkeypatch):
+    """The shard count against ranks x workers was checked by the loader, after the model and
+    DeepSpeed were built."""
+    from dalle_repro.train import prior as tp
+
+    monkeypatch.setattr(tp, "Transformer", lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(ConfigError, match=r"data.shards: \d+ shards cannot feed 1 ranks x 64 workers.*--shard-size"):
+        train(config(prior_data, tmp_path / "run", "data.num_workers=64"))
+
+
+def test_truncated_captions_are_counted(prior_data, tmp_path):
+    """Captions longer than text.text_len are cut by the tokenizer: counted, and their share reported."""
+    tok = TextTokenizer(prior_data["tokenizer"], 8)
+    captions = ["grinning face", "a face", "grinning face with big eyes and a smile and a hat on top", "red heart"]
+    cfg = SimpleNamespace(model=SimpleNamespace(grid=4), run=SimpleNamespace(caption_dropout=0.0), data=None)
+    r = SimpleNamespace(cfg=cfg, d=SimpleNamespace(device=torch.device("cpu")), tokenizer=tok, counters=Counters())
+    batch = {
+        "caption": captions,
+        "text": torch.tensor([tok.encode(c) for c in captions]),
+        "image_tokens": torch.zeros(4, 4, 4, dtype=torch.long),
+    }
+    batch_tokens(r, batch, train=True)  # type: ignore[arg-type]
+    long = sum(len(tok.bpe_ids(c)) > 8 for c in captions)
+    assert long >= 1 and r.counters.captions_truncated == long and r.counters.captions_seen == 4
+    run = tmp_path / "run"
+    train(config(prior_data, run, "run.steps=2", "run.caption_dropout=0"))
+    rows = [row for row in read_metrics(run) if "loss" in row]
+    assert all("captions_truncated" in row for row in rows) and rows[-1]["captions_seen"] == 8
+    final = json.loads((run / "final_metrics.json").read_text())
+    assert final["captions_truncated"] == rows[-1]["captions_truncated"]
+    assert final["captions_truncated_share"] == final["captions_truncated"] / 8

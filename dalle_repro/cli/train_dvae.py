@@ -6,7 +6,8 @@ Usage:
 
 Writes RUN/config.yaml, RUN/metrics.jsonl, RUN/checkpoints/step_*/, RUN/grids/*.png and, at the
 end, RUN/dvae/ (config.yaml + model.safetensors with the EMA weights), which DVAE.from_pretrained
-and tools/encode_tokens.py read.
+and tools/encode_tokens.py read. SIGTERM writes a checkpoint and exits with status 0; --resume
+continues. Exit status 2: a config or input error; 3: too many non-finite losses in a row.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from dalle_repro.core.config import ConfigError, parse_cli
+from dalle_repro.cli.errors import run_trainer
+from dalle_repro.core.config import parse_cli
 from dalle_repro.train.dvae import DVAETrainConfig, train
 
 
@@ -26,16 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        val = train(cfg, resume_run=flags["resume"])
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if val:
-        print(json.dumps(val))
-    if int(os.environ.get("RANK", "0")) == 0:
+    code, result = run_trainer(lambda stop: train(cfg, resume_run=flags["resume"], stop=stop))
+    if code == 0 and result:
+        print(json.dumps(result))
+    if code == 0 and int(os.environ.get("RANK", "0")) == 0:
         print(written_line(Path(cfg.run.run_dir)))
-    return 0
+    return code
 
 
 def written_line(run: Path) -> str:

@@ -23,8 +23,9 @@ import os
 import sys
 from pathlib import Path
 
-from dalle_repro.core.config import ConfigError, parse_cli
-from dalle_repro.train.prior import NonFiniteLosses, StopRequested, train
+from dalle_repro.cli.errors import run_trainer
+from dalle_repro.core.config import parse_cli
+from dalle_repro.train.prior import train
 from dalle_repro.train.prior_config import PriorTrainConfig
 
 
@@ -33,20 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     if cfg is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    stop = StopRequested()
-    stop.install()
-    try:
-        result = train(cfg, resume_run=flags["resume"], stop=stop)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLosses as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    print(json.dumps(result))
-    if int(os.environ.get("RANK", "0")) == 0:
+    code, result = run_trainer(lambda stop: train(cfg, resume_run=flags["resume"], stop=stop))
+    if code == 0:
+        print(json.dumps(result))
+    if code == 0 and int(os.environ.get("RANK", "0")) == 0:
         print(written_line(Path(cfg.run.run_dir)))
-    return 0
+    return code
 
 
 def written_line(run: Path) -> str:

@@ -189,10 +189,28 @@ def nearest_key(key: str, valid: Sequence[str]) -> str | None:
     return min(near, key=lambda v: _edit_distance(key, v)) if near else None
 
 
+# Keys a user's YAML may still hold, and the key that replaced each: an error names the new one.
+RENAMED = {
+    "run.precision": "precision.dtype",
+    "run.output": "run.run_dir (the model is written to RUN/clip)",
+    "data.val_shards": "run.val_shards",
+}
+
+
+def _renamed(key: str) -> str | None:
+    """The error for a key of :data:`RENAMED`, also inside an enclosing section (the demo's ``clip.``)."""
+    for old, new in RENAMED.items():
+        if key == old or key.endswith("." + old):
+            return f"{key} is now {key[: len(key) - len(old)]}{new}; rename it in your config"
+    return None
+
+
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for k in data:
+        if k not in fields and (renamed := _renamed(f"{prefix}{k}")):
+            raise ConfigError(renamed)
         if k not in fields:
             near = nearest_key(str(k), list(fields))
             hint = f"; did you mean {prefix}{near}?" if near else ""

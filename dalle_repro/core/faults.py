@@ -9,7 +9,9 @@ two updates, half-way through a checkpoint write, between two shards. The code c
 ``after_step:5,checkpoint_write:step_00000006``. When :func:`point` is called with a name and key
 in the list, the process sends itself SIGKILL: no handler, no ``finally`` and no flush runs, exactly
 like ``kill -9``. ``DALLE_REPRO_KILL_RANK=R`` limits the faults to the process whose ``RANK`` is R
-(the default is every rank, like a lost node).
+(the default is every rank, like a lost node). ``DALLE_REPRO_KILL_SIGNAL=TERM`` sends SIGTERM
+instead (a preemption notice, which the trainers' handler turns into a checkpoint and exit 0), at
+the same repeatable place.
 
 The places:
 - ``after_step:N``: after update N, before anything is logged or saved for it (both trainers);
@@ -27,6 +29,7 @@ import signal
 
 ENV = "DALLE_REPRO_KILL"
 RANK_ENV = "DALLE_REPRO_KILL_RANK"
+SIGNAL_ENV = "DALLE_REPRO_KILL_SIGNAL"
 
 
 def _armed() -> frozenset[str]:
@@ -35,11 +38,15 @@ def _armed() -> frozenset[str]:
 
 
 def point(name: str, key: object) -> None:
-    """SIGKILL this process if ``NAME:KEY`` is armed in ``DALLE_REPRO_KILL`` (and the rank matches)."""
+    """SIGKILL (or ``DALLE_REPRO_KILL_SIGNAL``) this process if ``NAME:KEY`` is armed in
+    ``DALLE_REPRO_KILL`` (and the rank matches)."""
     armed = _armed()
     if not armed or f"{name}:{key}" not in armed:
         return
     rank = os.environ.get(RANK_ENV)
     if rank is not None and os.environ.get("RANK", "0") != rank:
         return
-    os.kill(os.getpid(), signal.SIGKILL)
+    name = os.environ.get(SIGNAL_ENV, "KILL")
+    if name not in ("KILL", "TERM", "INT"):
+        raise ValueError(f"{SIGNAL_ENV}={name!r}: expected KILL, TERM or INT")
+    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))

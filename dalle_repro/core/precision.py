@@ -263,6 +263,19 @@ def agree_across_ranks(pick: Pick) -> Pick:
 
 
 @dataclass
+class AutocastArgs:
+    """Mixed precision of a trainer that autocasts its whole forward (the dVAE, the CLIP); the prior's
+    section (:class:`PrecisionArgs`) has the same ``dtype`` and adds its per-resblock scaling."""
+
+    dtype: PrecisionChoice = arg(
+        "auto",
+        "Autocast precision. auto: bf16 where the device runs it natively and fast (CUDA with bf16; a CPU with "
+        "AVX512-BF16 or AMX, confirmed by a measured matmul), else fp32; the run's config.yaml keeps auto and notes "
+        "the pick. fp16: CUDA only, with loss scaling.",
+    )
+
+
+@dataclass
 class PrecisionArgs:
     """Mixed precision of the prior (SPEC §3)."""
 

@@ -288,9 +288,15 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], s
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """A hash of every weight's bytes, to check that data-parallel replicas agree."""
+    """A hash of every weight's bytes, to check that data-parallel replicas agree, and which dVAE
+    made a folder of token shards."""
+    return tensors_digest(model.state_dict())
+
+
+def tensors_digest(state: dict[str, torch.Tensor]) -> str:
+    """:func:`weights_digest` of a state dict (names and values, whatever the memory layout)."""
     h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
+    for k, v in sorted(state.items()):
         h.update(k.encode())
         h.update(v.detach().cpu().float().numpy().tobytes())  # C-order bytes, whatever the layout
     return h.hexdigest()[:16]

@@ -31,6 +31,7 @@ from tqdm import tqdm
 from dalle_repro.core import faults
 from dalle_repro.core.config import arg
 from dalle_repro.core.files import atomic_write_text
+from dalle_repro.core.pretrained import weights_digest
 from dalle_repro.data.samples import (
     IMAGE_EXTS,
     SampleError,
@@ -206,6 +207,7 @@ def encode_token_shards(
         "dvae": str(dvae_dir),
         "grid": model.args.grid,
         "vocab_size": model.args.vocab_size,
+        "dvae_digest": weights_digest(model),  # the prior checks its dvae= against it (train/prior_config.py)
     }
     atomic_write_text(out_root / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

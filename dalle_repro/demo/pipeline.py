@@ -62,7 +62,7 @@ from dalle_repro.sample.export import load_prior
 from dalle_repro.sample.generate import SampleSettings, generate
 from dalle_repro.sample.rerank import Reranker
 from dalle_repro.train.checkpoint import Checkpoints
-from dalle_repro.train.clip import ClipTrainConfig, train_clip
+from dalle_repro.train.clip import ClipTrainConfig, clip_folder, train_clip
 from dalle_repro.train.dvae import DVAETrainConfig
 from dalle_repro.train.dvae import train as train_dvae
 from dalle_repro.train.metrics import last_validation
@@ -348,10 +348,8 @@ def clip_config(cfg: DemoConfig, plan: bool = True) -> ClipTrainConfig:
     return dataclasses.replace(
         c,
         text=dataclasses.replace(c.text, path=cfg.text.path),
-        data=dataclasses.replace(
-            c.data, shards=f"{data_dir(cfg)}/train/*.tar", val_shards=f"{data_dir(cfg)}/val/*.tar"
-        ),
-        run=dataclasses.replace(c.run, output=f"{cfg.out_dir}/clip"),
+        data=dataclasses.replace(c.data, shards=f"{data_dir(cfg)}/train/*.tar"),
+        run=dataclasses.replace(c.run, run_dir=f"{cfg.out_dir}/clip", val_shards=f"{data_dir(cfg)}/val/*.tar"),
     )
 
 
@@ -381,14 +379,14 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
             image_vocab=dv.vocab_size,
         )
         timers = {
-            "dvae": (lambda: dp.dvae_step_seconds(dcfg), [to_dict(dv), dcfg.data.batch_size, dcfg.run.precision]),
+            "dvae": (lambda: dp.dvae_step_seconds(dcfg), [to_dict(dv), dcfg.data.batch_size, dcfg.precision.dtype]),
             "prior": (
                 lambda: dp.prior_step_seconds(model, pcfg.precision.dtype, pcfg.data.batch_size, cfg.prior_ranks),
                 [to_dict(model), pcfg.data.batch_size, pcfg.precision.dtype, cfg.prior_ranks],
             ),
             "clip": (
                 lambda: dp.clip_step_seconds(ccfg, cfg.text.path),
-                [to_dict(ccfg.model), ccfg.data.batch_size, ccfg.run.precision],
+                [to_dict(ccfg.model), ccfg.data.batch_size, ccfg.precision.dtype],
             ),
         }
         # A plan made before keeps its timings where what they measured is unchanged, so that a rerun
@@ -464,8 +462,19 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
+    """Train the small CLIP, resuming a run of the same settings."""
     c = clip_config(cfg)
-    return train_clip(c) | {"model": c.run.output}
+    run_dir = Path(c.run.run_dir)
+    resume = Checkpoints(run_dir).latest() is not None
+    if resume and not _same_run(run_dir / "config.yaml", c):
+        shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
+        resume = False
+    return train_clip(c, resume_run=resume) | {"model": str(clip_folder(c)), "run_dir": str(run_dir)}
+
+
+def clip_model(cfg: DemoConfig) -> Path:
+    """The demo's trained CLIP folder (RUN/clip of its CLIP run)."""
+    return clip_folder(clip_config(cfg, plan=False))
 
 
 def demo_captions(cfg: DemoConfig) -> list[tuple[str, str]]:
@@ -488,7 +497,7 @@ def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
     prior = load_prior(Path(prior_config(cfg).run.run_dir, "export"))
     pick = prior.use_trained_precision()
     log.info("sampling precision: %s", pick.reason)
-    reranker = Reranker(Path(cfg.out_dir, "clip"))
+    reranker = Reranker(clip_model(cfg))
     pairs = demo_captions(cfg)
     settings = cfg.sample
     assert prior.dvae is not None
@@ -527,7 +536,7 @@ def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
     e, d = cfg.evaluation, data_dir(cfg)
     result = zero_shot(
         prior,
-        Reranker(Path(cfg.out_dir, "clip")),
+        Reranker(clip_model(cfg)),
         f"{d}/val/*.tar",
         f"{d}/heldout/*.tar",
         e.sample,
@@ -547,7 +556,7 @@ def evaluate_command(cfg: DemoConfig) -> str:
     s = e.sample
     top_k = f" --top-k {s.top_k}" if s.top_k else ""
     return (
-        f"python tools/evaluate.py --model {prior_config(cfg).run.run_dir}/export --clip {cfg.out_dir}/clip "
+        f"python tools/evaluate.py --model {prior_config(cfg).run.run_dir}/export --clip {clip_model(cfg)} "
         f"--seen '{d}/val/*.tar' --heldout '{d}/heldout/*.tar' --train '{d}/train/*.tar' "
         f"--captions {e.captions} --candidates {s.candidates} --temperature {s.temperature}{top_k} "
         f"--guidance {s.guidance} --seed {s.seed} "
@@ -627,7 +636,7 @@ def stages() -> list[Stage]:
             "clip",
             stage_clip,
             lambda c: to_dict(clip_config(c)),
-            lambda c: [Path(c.out_dir, "clip", "model.safetensors")],
+            lambda c: [clip_model(c) / "model.safetensors"],
             after=("data", "tokenizer"),
         ),
         Stage(

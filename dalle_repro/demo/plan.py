@@ -58,7 +58,7 @@ def dvae_step_seconds(dcfg: Any, warm: int = 2, timed: int = 5) -> float:
     from dalle_repro.train.dvae import State, train_step
     from dalle_repro.train.optim import EMA, adamw
 
-    cfg = dataclasses.replace(dcfg, run=dataclasses.replace(dcfg.run, precision=_dtype(dcfg.run.precision)))
+    cfg = dataclasses.replace(dcfg, precision=dataclasses.replace(dcfg.precision, dtype=_dtype(dcfg.precision.dtype)))
     model = DVAE(cfg.model).to(memory_format=torch.channels_last)
     o = cfg.optim
     opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)
@@ -142,7 +142,7 @@ def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int 
         return_tensors="pt",
     )
     images = torch.rand(b, 3, a.image_size, a.image_size)
-    bf16 = _dtype(ccfg.run.precision) == "bf16"
+    bf16 = _dtype(ccfg.precision.dtype) == "bf16"
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):

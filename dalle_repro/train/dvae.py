@@ -10,6 +10,10 @@ batches and the same Gumbel noise, so N steps + resume + N steps equals 2N steps
 
 A step whose gradient norm is not finite (a NaN in the data, an fp16 overflow) changes no weight
 and no optimizer state; it is counted in ``skipped_steps`` (metrics and checkpoints).
+
+The schedule of logs, validations and checkpoints, SIGTERM and ``run.stop_after`` (a checkpoint,
+then exit 0), ``run.max_nonfinite`` and the end of the run come from the shared loop
+(train/loop.py); this module holds the dVAE's own parts: its config, step, validation and export.
 """
 
 from __future__ import annotations
@@ -17,19 +21,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from dalle_repro.core import distributed, faults
+from dalle_repro.core import distributed
 from dalle_repro.core.config import ConfigError, arg, save_config
 from dalle_repro.core.images import grid, save_png
-from dalle_repro.core.precision import PrecisionChoice, agree_across_ranks, pick_precision
-from dalle_repro.core.pretrained import load_state_strict, save_pretrained, weights_digest
+from dalle_repro.core.precision import AutocastArgs, agree_across_ranks, pick_precision
+from dalle_repro.core.pretrained import load_state_strict, save_pretrained
 from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.models.dvae import (
     DVAE,
@@ -39,9 +43,21 @@ from dalle_repro.models.dvae import (
     nll_to_bits_per_dim,
     unmap_pixels,
 )
-from dalle_repro.train.checkpoint import Checkpoints, rng_state, save_json, set_rng_state
-from dalle_repro.train.metrics import LogArgs, MetricsLogger, last_validation
-from dalle_repro.train.optim import EMA, adamw, cosine, load_optimizer_state, set_lr
+from dalle_repro.train.checkpoint import Checkpoints
+from dalle_repro.train.inputs import check_run_shards
+from dalle_repro.train.loop import (
+    Counters,
+    RNGState,
+    RunArgs,
+    StopRequested,
+    Task,
+    TrainState,
+    checkpoint_to_resume,
+    deterministic,
+    fit,
+)
+from dalle_repro.train.metrics import LogArgs, MetricsLogger
+from dalle_repro.train.optim import EMA, ModuleState, OptimizerState, adamw, cosine, set_lr
 
 log = logging.getLogger(__name__)
 
@@ -74,24 +90,12 @@ class OptimArgs:
 
 
 @dataclass
-class RunArgs:
-    """Length, precision, checkpoints and validation of a run."""
+class DVAERunArgs(RunArgs):
+    """The run (train/loop.py's RunArgs), with the dVAE's defaults and its reconstruction grid."""
 
     run_dir: str = arg("runs/dvae", "Folder for checkpoints, metrics, grids and the exported model.")
-    steps: int = arg(1000, "Updates to train for.", gt=0)
-    precision: PrecisionChoice = arg(
-        "auto",
-        "Autocast precision of the convolutions. auto: bf16 where the device runs it natively and fast (CUDA with "
-        "bf16; a CPU with AVX512-BF16 or AMX, confirmed by a measured matmul), else fp32; the run's config.yaml "
-        "keeps auto and notes the pick. fp16: CUDA only, with loss scaling.",
-    )
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: CUDA when there is one.")
     seed: int = arg(0, "Seed of the weights and the Gumbel noise (each rank adds its rank).", ge=0)
-    ckpt_every: int = arg(500, "Steps between checkpoints (one is always written at the end).", gt=0)
-    keep: int = arg(3, "Checkpoints to keep.", ge=1)
-    val_every: int = arg(500, "Steps between validations (one always at the end).", gt=0)
-    val_shards: str = arg("data/emoji/val/*.tar", "Validation shards.")
-    val_batches: int = arg(8, "Validation batches per validation (0: the whole split).", ge=0)
+    val_shards: str | None = arg("data/emoji/val/*.tar", "Validation shards; null: no validation.")
     grid_images: int = arg(16, "Validation images in the reconstruction grid.", ge=0)
 
 
@@ -103,7 +107,8 @@ class DVAETrainConfig:
     data: DataArgs = arg(factory=DataArgs, doc="Training images.")
     schedule: ScheduleArgs = arg(factory=ScheduleArgs, doc="tau, beta and lr schedules.")
     optim: OptimArgs = arg(factory=OptimArgs, doc="Optimiser and EMA.")
-    run: RunArgs = arg(factory=RunArgs, doc="The run.")
+    precision: AutocastArgs = arg(factory=AutocastArgs, doc="Autocast precision of the convolutions.")
+    run: DVAERunArgs = arg(factory=DVAERunArgs, doc="The run.")
     log: LogArgs = arg(factory=LogArgs, doc="Logging.")
 
     def __post_init__(self) -> None:
@@ -127,10 +132,10 @@ def schedule_at(s: ScheduleArgs, step: int) -> dict[str, float]:
 
 
 def autocast(device: torch.device, precision: str) -> Any:
-    """The autocast context of ``run.precision`` (``auto`` resolved by precision.pick_precision; fp16
-    on a CPU raises a ConfigError naming the key)."""
+    """The autocast context of ``precision.dtype`` (``auto`` resolved by precision.pick_precision;
+    fp16 on a CPU raises a ConfigError naming the key)."""
     if precision not in ("fp32", "bf16"):
-        precision = pick_precision(precision, device, "run.precision").dtype
+        precision = pick_precision(precision, device, "precision.dtype").dtype
     if precision == "fp32":
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -153,15 +158,29 @@ class State:
     ema: EMA
     scaler: torch.amp.GradScaler | None
     loader: Loader
-    step: int = 0
-    skipped_steps: int = 0  # updates dropped for a non-finite gradient (bad data, an overflow)
+    counters: Counters = field(default_factory=Counters)  # the step, and updates dropped for a non-finite gradient
+
+    @property
+    def step(self) -> int:
+        return self.counters.step
+
+    def train_state(self) -> TrainState:
+        """The registered objects a checkpoint holds (loop.TrainState)."""
+        ts = TrainState(self.counters)
+        ts.register("model", ModuleState(self.model), "file")
+        ts.register("ema", self.ema, "file")
+        ts.register("optimizer", OptimizerState(self.opt))
+        ts.register("scaler", self.scaler)
+        ts.register("loader", self.loader, "rank")
+        ts.register("rng", RNGState(), "rank")
+        return ts
 
 
 def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch.device) -> dict[str, float]:
     """One update: schedules, forward under autocast, backward, clip, step, EMA."""
     sched = schedule_at(cfg.schedule, st.step)
     set_lr(st.opt, sched["lr"])
-    with autocast(dev, cfg.run.precision):
+    with autocast(dev, cfg.precision.dtype):
         out = st.net(images, tau=sched["tau"], beta=sched["beta"])
     st.opt.zero_grad(set_to_none=True)
     if st.scaler is not None:
@@ -177,9 +196,10 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
         st.scaler.update()
     elif finite:
         st.opt.step()
-    st.skipped_steps += not finite
+    st.counters.skipped_steps += not finite
+    st.counters.nonfinite_in_row = 0 if finite else st.counters.nonfinite_in_row + 1
     st.ema.update(st.model, st.step)
-    st.step += 1
+    st.counters.step += 1
     counts = torch.bincount(out.logits.argmax(1).flatten(), minlength=cfg.model.vocab_size)
     return {
         "loss": out.loss.item(),
@@ -187,7 +207,7 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
         "kl": out.kl.item(),
         "grad_norm": grad_norm,
         "batch_codes_used": int((counts > 0).sum()),
-        "skipped_steps": float(st.skipped_steps),
+        "skipped_steps": float(st.counters.skipped_steps),
         **sched,
     }
 
@@ -240,46 +260,11 @@ def build(cfg: DVAETrainConfig, d: distributed.Dist) -> State:
         cfg.optim.weight_decay,
     )
     ema = EMA(model, cfg.optim.ema_decay)
-    scaler = torch.amp.GradScaler("cuda") if cfg.run.precision == "fp16" else None
+    scaler = torch.amp.GradScaler("cuda") if cfg.precision.dtype == "fp16" else None
     loader = Loader(cfg.data.shards, cfg.data, rank=d.rank, world_size=d.world_size)
     torch.manual_seed(cfg.run.seed + 1000 * (d.rank + 1))  # a different Gumbel noise stream per rank
     net = DistributedDataParallel(model) if d.world_size > 1 else model
     return State(model, net, opt, ema, scaler, loader)
-
-
-def save(st: State, cfg: DVAETrainConfig, d: distributed.Dist, ckpts: Checkpoints) -> None:
-    """A checkpoint of everything needed to continue exactly (rank 0 writes, all ranks contribute)."""
-    per_rank = distributed.gather_objects(
-        {"loader": st.loader.state_dict(), "rng": rng_state(), "weights": weights_digest(st.model)}, d
-    )
-    if len({r["weights"] for r in per_rank}) != 1:  # DDP keeps replicas equal; a difference is a bug
-        raise RuntimeError(f"data-parallel replicas diverged at step {st.step}: {[r['weights'] for r in per_rank]}")
-    if d.is_main:
-        state = {
-            "step": st.step,
-            "optimizer": st.opt.state_dict(),
-            "ranks": per_rank,
-            "scaler": st.scaler.state_dict() if st.scaler is not None else None,
-            "skipped_steps": st.skipped_steps,
-        }
-        ckpts.save(st.step, {"model": st.model.state_dict(), "ema": st.ema.state_dict()}, state, cfg)
-    distributed.barrier()
-
-
-def resume(st: State, path: Path, d: distributed.Dist) -> None:
-    files, state = Checkpoints.load(path)
-    load_state_strict(st.model, files["model"], str(path / "model.safetensors"))
-    st.ema.load_state_dict(files["ema"])
-    load_optimizer_state(st.opt, state["optimizer"])
-    if len(state["ranks"]) != d.world_size:
-        raise ValueError(f"{path} was written by {len(state['ranks'])} ranks; this run has {d.world_size}")
-    mine = state["ranks"][d.rank]
-    st.loader.load_state_dict(mine["loader"])
-    set_rng_state(mine["rng"])
-    if st.scaler is not None and state["scaler"]:
-        st.scaler.load_state_dict(state["scaler"])
-    st.step = int(state["step"])
-    st.skipped_steps = int(state.get("skipped_steps", 0))
 
 
 def export(st: State, cfg: DVAETrainConfig, run_dir: Path) -> Path:
@@ -290,74 +275,79 @@ def export(st: State, cfg: DVAETrainConfig, run_dir: Path) -> Path:
     return save_pretrained(run_dir / "dvae", cfg.model, files, full_config=cfg)
 
 
-def train(cfg: DVAETrainConfig, resume_run: bool = False) -> dict[str, Any]:
-    """Train (or continue) a dVAE run; returns the last validation metrics (rank 0).
+class DVAETask(Task):
+    """The dVAE's part of the loop (train/loop.py): its step, validation with a grid, and export."""
+
+    show = ("loss", "nll_bpd", "tau", "beta")
+    val_key = "val_psnr"
+
+    def __init__(self, cfg: DVAETrainConfig, run_cfg: DVAETrainConfig, d: distributed.Dist, st: State) -> None:
+        self.config, self.run_cfg, self.d, self.st = cfg, run_cfg, d, st
+        self.state = st.train_state()
+        self.ckpts = Checkpoints(cfg.run.run_dir, cfg.run.keep)
+        self.run_dir = Path(cfg.run.run_dir)
+        self.seen = 0
+
+    def batches(self) -> Iterator[Any]:
+        return iter(self.st.loader)
+
+    def train_step(self, it: Iterator[Any]) -> dict[str, float]:
+        images = next(it)["image"].to(self.d.device, non_blocking=True).float().div_(255)
+        images = images.contiguous(memory_format=torch.channels_last)
+        self.seen += images.shape[0]
+        return train_step(self.st, images, self.run_cfg, self.d.device)
+
+    def rate(self, updates: int, seconds: float) -> dict[str, float]:
+        seen, self.seen = self.seen, 0
+        return {"img_per_s": seen * self.d.world_size / seconds}
+
+    def data_errors(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.st.loader.errors.items()}
+
+    def replica(self) -> torch.nn.Module:
+        return self.st.model
+
+    def evaluate(self, validate: bool, sample: bool) -> dict[str, Any]:
+        return _validate_and_show(self.st, self.run_cfg, self.d, self.run_dir) if validate else {}
+
+    def export(self) -> Path | None:
+        return export(self.st, self.config, self.run_dir) if self.d.is_main else None
+
+
+def train(cfg: DVAETrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
+    """Train (or continue) a dVAE run; returns the last validation metrics (rank 0), the step and
+    how the run ended.
 
     ``cfg`` is what the run's config.yaml, checkpoints and export keep (``auto`` stays ``auto``); the
     loop runs a copy with the picked precision, noted in config.yaml's header and the log."""
     d = distributed.init(cfg.run.device)
-    pick = agree_across_ranks(pick_precision(cfg.run.precision, d.device, "run.precision"))  # fp16 on CPU fails
+    pick = agree_across_ranks(pick_precision(cfg.precision.dtype, d.device, "precision.dtype"))  # fp16 on CPU fails
     if d.is_main:
         log.info("precision: %s", pick.reason)
-    run_cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, precision=pick.dtype))
-    run_dir = Path(cfg.run.run_dir)
-    ckpts = Checkpoints(run_dir, cfg.run.keep)
-    st = build(run_cfg, d)
-    latest = ckpts.latest()
-    if resume_run and latest is not None:
-        resume(st, latest, d)
-        log.info("resumed from %s at step %d", latest, st.step)
-    elif latest is not None:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints ({latest.name}); pass --resume, or set another run.run_dir"
-        )
-    if d.is_main:
-        save_config(cfg, run_dir, header=f"precision: {pick.reason}")
-    logger = MetricsLogger(run_dir, cfg.log, cfg, cfg.run.steps, st.step, d.is_main)
-    val: dict[str, Any] = {}
-    it = iter(st.loader)
-    t0, seen = time.perf_counter(), 0
-    while st.step < cfg.run.steps:
-        batch = next(it)
-        images = batch["image"].to(d.device, non_blocking=True).float().div_(255)
-        images = images.contiguous(memory_format=torch.channels_last)
-        metrics = train_step(st, images, run_cfg, d.device)
-        faults.point("after_step", st.step)
-        seen += images.shape[0]
-        logger.advance()
-        last = st.step == cfg.run.steps
-        if st.step % cfg.log.every == 0 or last:
-            metrics = distributed.mean(metrics, None)
-            rate = seen * d.world_size / (time.perf_counter() - t0)
-            errors = distributed.total({k: float(v) for k, v in st.loader.errors.items()})
-            logger.log(
-                st.step,
-                metrics | {"img_per_s": rate} | {f"data_{k}": v for k, v in errors.items()},
-                show=("loss", "nll_bpd", "tau", "beta"),
-            )
-            t0, seen = time.perf_counter(), 0
-        if st.step % cfg.run.val_every == 0 or last:
-            val = _validate_and_show(st, cfg, d, run_dir, logger)
-        if st.step % cfg.run.ckpt_every == 0 or last:
-            save(st, cfg, d, ckpts)
-    if d.is_main:
-        export(st, cfg, run_dir)
-        save_json(run_dir / "final_metrics.json", (val or last_validation(run_dir, "val_psnr")) | {"step": st.step})
-    logger.close()
-    distributed.barrier()
-    return val
+    run_cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype))
+    latest = checkpoint_to_resume(cfg.run, resume_run)
+    check_run_shards(cfg.data.shards, cfg.run.val_shards, d.world_size, cfg.data.num_workers)
+    with deterministic(cfg.run.deterministic, d.device):
+        task = DVAETask(cfg, run_cfg, d, build(run_cfg, d))
+        if latest is not None:
+            task.resume(latest)
+            log.info("resumed from %s at step %d", latest, task.step)
+        if d.is_main:
+            save_config(cfg, task.run_dir, header=f"precision: {pick.reason}")
+        logger = MetricsLogger(task.run_dir, cfg.log, cfg, cfg.run.steps, task.step, d.is_main)
+        try:
+            return fit(task, cfg.run, logger, stop)
+        finally:
+            logger.close()
 
 
-def _validate_and_show(
-    st: State, cfg: DVAETrainConfig, d: distributed.Dist, run_dir: Path, logger: MetricsLogger
-) -> dict[str, Any]:
+def _validate_and_show(st: State, cfg: DVAETrainConfig, d: distributed.Dist, run_dir: Path) -> dict[str, Any]:
     """Rank 0 validates the EMA weights and writes a grid of originals beside reconstructions."""
     val: dict[str, Any] = {}
-    if d.is_main:
+    if d.is_main and cfg.run.val_shards is not None:
         model = DVAE(cfg.model).to(d.device, memory_format=torch.channels_last)
         model.load_state_dict(st.ema.state_dict())
         val, shown = validate(model, cfg, d.device)
-        logger.log(st.step, val)
         if shown:
             path = run_dir / "grids" / f"recon_{st.step:08d}.png"
             save_png(grid(shown, ncol=8, scale=2), path)

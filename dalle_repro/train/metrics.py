@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ class MetricsLogger:
         self._wandb = None
         self.bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True, disable=not main or None)
         self.total = total
+        self.every = args.every
+        self.start, self.started = start, time.perf_counter()  # for the plain lines' ETA
         self.plain = main and not sys.stderr.isatty()  # no bar there: plain lines instead
         if not main:
             return
@@ -65,13 +68,21 @@ class MetricsLogger:
         if self.plain:
             keys = [k for k in (*show, "img_per_s", "tok_per_s") if k in row] or [k for k in row if k != "step"][:6]
             values = " ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in keys)
-            print(f"step {step}/{self.total} {values}", file=sys.stderr, flush=True)
+            print(f"step {step}/{self.total} {values}{self._eta(step)}", file=sys.stderr, flush=True)
         if self._wandb is not None:
             try:
                 self._wandb.log(row, step=step)
             except Exception as e:  # never let logging end a run
                 log.warning("wandb failed (%s); switching it off", e)
                 self._wandb = None
+
+    def _eta(self, step: int) -> str:
+        """`` eta=MM:SS`` from this process's pace so far (what the bar shows on a terminal)."""
+        done = step - self.start
+        if done <= 0 or step >= self.total:
+            return ""
+        left = int((time.perf_counter() - self.started) / done * (self.total - step))
+        return f" eta={left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
     def advance(self, n: int = 1) -> None:
         self.bar.update(n)

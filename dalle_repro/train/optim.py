@@ -11,6 +11,8 @@ from collections.abc import Iterable
 
 import torch
 
+from dalle_repro.core.pretrained import load_state_strict
+
 
 def cosine(step: int, start: float, end: float, steps: int) -> float:
     """The paper's cosine anneal from ``start`` to ``end`` over ``steps``, then ``end``."""
@@ -96,3 +98,31 @@ class EMA:
     def params(self, like: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
         """The averaged tensors, as a state dict to load into a copy of the model."""
         return {k: v for k, v in self.shadow.items() if like is None or k in like}
+
+
+class ModuleState:
+    """A model as a registered stateful object (train/loop.py): its weights, loaded strictly, with
+    an error naming the missing or unexpected keys."""
+
+    def __init__(self, module: torch.nn.Module, label: str = "checkpoint") -> None:
+        self.module, self.label = module, label
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_state_strict(self.module, state, self.label)
+
+
+class OptimizerState:
+    """An optimizer as a registered stateful object, loaded through :func:`load_optimizer_state`
+    (the per-parameter state back in its parameter's memory layout)."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        load_optimizer_state(self.opt, state)

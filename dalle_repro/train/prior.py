@@ -46,10 +46,8 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import shutil
-import signal
-import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,14 +60,14 @@ from dalle_repro.core.config import ConfigError, load_yaml, save_config, to_dict
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png
 from dalle_repro.core.precision import Pick, agree_across_ranks, pick_precision
-from dalle_repro.core.pretrained import load_state_strict, model_shapes, shape_mismatch, weights_digest
+from dalle_repro.core.pretrained import load_state_strict, model_shapes, shape_mismatch
 from dalle_repro.data.loader import Loader
 from dalle_repro.data.tokenizer import TextTokenizer
 from dalle_repro.models.block_scaling import BlockScaler
 from dalle_repro.models.dvae import DVAE
 from dalle_repro.models.transformer import Transformer
 from dalle_repro.sample.export import write_export
-from dalle_repro.train.checkpoint import Checkpoints, rng_state, save_json, set_rng_state
+from dalle_repro.train.checkpoint import Checkpoints
 from dalle_repro.train.deepspeed import (
     check_safe_loading,
     client_optimizer,
@@ -79,11 +77,31 @@ from dalle_repro.train.deepspeed import (
     initialize,
 )
 from dalle_repro.train.exact_skip import step_without
-from dalle_repro.train.metrics import MetricsLogger, last_validation
+from dalle_repro.train.inputs import check_run_shards
+from dalle_repro.train.loop import Counters as LoopCounters
+from dalle_repro.train.loop import (
+    NonFiniteLosses,
+    RNGState,
+    StopRequested,
+    Task,
+    TrainState,
+    any_rank,
+    checkpoint_to_resume,
+    deterministic,
+    fit,
+)
+from dalle_repro.train.metrics import MetricsLogger
 from dalle_repro.train.optim import EMA, cosine, param_groups
-from dalle_repro.train.prior_config import PriorScheduleArgs, PriorTrainConfig, check_token_shards, resolve_sizes
+from dalle_repro.train.prior_config import (
+    PriorScheduleArgs,
+    PriorTrainConfig,
+    check_token_shards,
+    check_tokens_match_dvae,
+    resolve_sizes,
+)
 
 log = logging.getLogger(__name__)
+__all__ = ["Counters", "NonFiniteLosses", "StopRequested", "train"]  # the loop's names the CLI and tests import here
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,13 +169,13 @@ class LRSchedule:
 
 
 @dataclass
-class Counters:
-    """Events a run counts; part of the train state."""
+class Counters(LoopCounters):
+    """The loop's counters, and the events only the prior has; part of the train state."""
 
-    skipped_steps: int = 0
-    nonfinite_in_row: int = 0
     skipped_blocks: int = 0
     caption_dropped: int = 0
+    captions_seen: int = 0
+    captions_truncated: int = 0  # longer than text.text_len: the tokenizer cut them
 
 
 @dataclass
@@ -174,36 +192,25 @@ class Run:
     dvae: DVAE | None
     empty_text: torch.Tensor
     run_dir: Path
-    step: int = 0
     counters: Counters = field(default_factory=Counters)
     written_cfg: PriorTrainConfig | None = None  # what checkpoints and the export store (precision auto kept)
+
+    @property
+    def step(self) -> int:
+        return self.counters.step
 
     @property
     def zero(self) -> int:
         return int(self.engine.zero_optimization_stage())
 
-
-class StopRequested:
-    """Set by SIGTERM/SIGINT; the loop checks it (agreed across ranks) after each update."""
-
-    def __init__(self) -> None:
-        self.signal: str | None = None
-        self.training = False  # set when the first update starts: before it there is nothing to save
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signal.Signals(signum).name
-        if self.training:
-            log.warning("%s received: the run stops after this update, with a checkpoint", self.signal)
-        else:
-            log.warning(
-                "%s received before the first update: the run stops when its set-up ends, before training "
-                "(no update was made, so there is nothing new to save)",
-                self.signal,
-            )
+    def train_state(self) -> TrainState:
+        """Our part of a checkpoint as registered objects (DeepSpeed's engine saves the rest itself)."""
+        ts = TrainState(self.counters)
+        ts.register("ema", self.ema, "file")
+        ts.register("block_scaler", self.scaler)
+        ts.register("loader", self.loader, "rank")
+        ts.register("rng", RNGState(), "rank")
+        return ts
 
 
 def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
@@ -214,8 +221,6 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
     scaler = model.enable_precision(cfg.precision) if cfg.precision.mode == "block_scaled" else None
     tokenizer = TextTokenizer(cfg.text.path, cfg.text.text_len)
     dvae = DVAE.from_pretrained(cfg.dvae).to(d.device).eval() if cfg.dvae is not None else None
-    if cfg.data.kind == "tokens":
-        check_token_shards(cfg)
     ds_config = deepspeed_config(cfg, d.world_size)
     optimizer = client_optimizer(model, cfg)
     if d.is_main:
@@ -269,6 +274,8 @@ def batch_tokens(r: Run, batch: dict[str, Any], train: bool) -> tuple[torch.Tens
         raise ValueError(
             f"image tokens of shape {tuple(image.shape[1:])} in shards {r.cfg.data.shards}, but model.grid is {a.grid}"
         )
+    if train and "caption" in batch:
+        count_truncated(r, batch["caption"], text)
     if train and r.cfg.run.caption_dropout > 0:
         drop = torch.rand(text.shape[0]) < r.cfg.run.caption_dropout
         if drop.any():
@@ -277,8 +284,14 @@ def batch_tokens(r: Run, batch: dict[str, Any], train: bool) -> tuple[torch.Tens
     return text, image.flatten(1).long()
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    return distributed.total({"flag": float(flag)}, device)["flag"] > 0
+def count_truncated(r: Run, captions: list[str], text: torch.Tensor) -> None:
+    """Count the captions the tokenizer cut at ``text.text_len``: only a row whose last position is
+    not a pad can have been cut, so only those are encoded again, whole."""
+    tok = r.tokenizer
+    full = (text[:, -1] < tok.bpe_vocab_size).tolist()
+    cut = sum(1 for c, f in zip(captions, full, strict=True) if f and len(tok.bpe_ids(c)) > tok.text_len)
+    r.counters.captions_seen += len(captions)
+    r.counters.captions_truncated += cut
 
 
 def train_step(r: Run, it: Any) -> dict[str, float]:
@@ -301,7 +314,7 @@ def train_step(r: Run, it: Any) -> dict[str, float]:
     rest_bad = False
     if r.scaler is not None:
         skipped, rest_bad = r.scaler.end_step(r.model.branch_params(), r.step, drop_grads=False)
-    skip = _any_rank(nonfinite, r.d.device)
+    skip = any_rank(nonfinite, r.d.device)
     if skip:  # a non-finite loss: the whole update is skipped
         frozen = list(r.model.parameters())
     else:  # the skipped branches, and the parameters outside them if they saw a non-finite gradient
@@ -320,7 +333,7 @@ def train_step(r: Run, it: Any) -> dict[str, float]:
     if r.zero > 0:
         norm = engine.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
-    r.step += 1
+    r.counters.step += 1
     if skip:
         r.counters.skipped_steps += 1
         r.counters.nonfinite_in_row += 1
@@ -340,31 +353,18 @@ def train_step(r: Run, it: Any) -> dict[str, float]:
 # Checkpoints
 
 
-def save(r: Run, ckpts: Checkpoints) -> Path:
+def save(r: Run, ts: TrainState, ckpts: Checkpoints) -> Path:
     """DeepSpeed's checkpoint (every rank), then our state folder (rank 0), which completes it."""
     tag = f"step_{r.step:08d}"
     ds_root = ckpts.root / "deepspeed"
-    mine = {"loader": r.loader.state_dict(), "rng": rng_state()}
-    if r.zero < 3:  # every rank holds all weights: they must agree
-        mine["weights"] = weights_digest(r.model)
-    per_rank = distributed.gather_objects(mine, r.d)
-    if len({p.get("weights") for p in per_rank}) != 1:
-        raise RuntimeError(f"data-parallel replicas diverged at step {r.step}: {[p['weights'] for p in per_rank]}")
+    files, state = ts.gather(r.d, r.model if r.zero < 3 else None)  # below ZeRO 3 every rank holds all weights
     r.engine.save_checkpoint(str(ds_root), tag=tag, save_latest=False)
     distributed.barrier()
     faults.point("deepspeed_saved", tag)
     path = ckpts.root / tag
     if r.d.is_main:
-        state = {
-            "step": r.step,
-            "ranks": per_rank,
-            "deepspeed_tag": tag,
-            "zero_stage": r.zero,
-            "block_scaler": r.scaler.state_dict() if r.scaler is not None else None,
-            "counters": dataclasses.asdict(r.counters),
-        }
-        assert r.ema is not None
-        path = ckpts.save(r.step, {"ema": r.ema.state_dict()}, state, r.written_cfg or r.cfg)
+        state |= {"deepspeed_tag": tag, "zero_stage": r.zero}
+        path = ckpts.save(r.step, files, state, r.written_cfg or r.cfg)
         kept = {p.name for p in ckpts.all()}
         for old in ds_root.iterdir():
             if old.is_dir() and old.name not in kept:
@@ -373,10 +373,7 @@ def save(r: Run, ckpts: Checkpoints) -> Path:
     return path
 
 
-def resume(r: Run, ckpts: Checkpoints) -> Path | None:
-    latest = ckpts.latest()
-    if latest is None:
-        return None
+def resume(r: Run, ts: TrainState, latest: Path) -> None:
     files, state = Checkpoints.load(latest)
     theirs = {k: tuple(v.shape) for k, v in files["ema"].items()}
     problem = shape_mismatch(model_shapes(r.model), theirs, f"{latest} (written with {latest / 'config.yaml'})")
@@ -393,7 +390,7 @@ def resume(r: Run, ckpts: Checkpoints) -> Path | None:
     if len(state["ranks"]) != r.d.world_size:
         raise ValueError(f"{latest} was written by {len(state['ranks'])} ranks; this run has {r.d.world_size}")
     tag = state["deepspeed_tag"]
-    ds_root = ckpts.root / "deepspeed"
+    ds_root = latest.parent / "deepspeed"
     if not (ds_root / tag).is_dir():
         raise FileNotFoundError(f"{latest} needs DeepSpeed's checkpoint {ds_root / tag}, which is missing")
     check_safe_loading(r.engine)
@@ -402,16 +399,7 @@ def resume(r: Run, ckpts: Checkpoints) -> Path | None:
     )
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load {ds_root / tag}")
-    if r.ema is not None:
-        r.ema.load_state_dict(files["ema"])
-    mine = state["ranks"][r.d.rank]
-    r.loader.load_state_dict(mine["loader"])
-    set_rng_state(mine["rng"])
-    if r.scaler is not None and state.get("block_scaler"):
-        r.scaler.load_state_dict(state["block_scaler"])
-    r.counters = Counters(**state["counters"])
-    r.step = int(state["step"])
-    return latest
+    ts.restore(latest, files, state, r.d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -498,24 +486,71 @@ def export(r: Run) -> Path | None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The prior's part of the loop
 
 
-class NonFiniteLosses(RuntimeError):
-    """Too many non-finite losses in a row (the run wrote a checkpoint first)."""
+class PriorTask(Task):
+    """The prior's part of the loop (train/loop.py): its step, DeepSpeed's checkpoints, validation,
+    sample grids and the export."""
+
+    show = ("loss", "text_loss", "image_loss", "lr")
+    val_key = "val_loss"
+
+    def __init__(self, r: Run) -> None:
+        self.r, self.d = r, r.d
+        self.state = r.train_state()
+        self.ckpts = Checkpoints(r.run_dir, r.cfg.run.keep)
+        self.config = r.written_cfg or r.cfg
+        self.sample_every = r.cfg.run.sample_every
+        self.captions = sample_captions(r) if r.d.is_main else []
+        gas = r.engine.gradient_accumulation_steps()
+        self.tokens_per_update = r.cfg.data.batch_size * r.cfg.model.seq_len * gas * r.d.world_size
+
+    def batches(self) -> Iterator[Any]:
+        return iter(self.r.loader)
+
+    def train_step(self, it: Iterator[Any]) -> dict[str, float]:
+        return train_step(self.r, it)
+
+    def rate(self, updates: int, seconds: float) -> dict[str, float]:
+        return {"tok_per_s": updates * self.tokens_per_update / seconds}
+
+    def data_errors(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.r.loader.errors.items()}
+
+    def save(self) -> Path:
+        return save(self.r, self.state, self.ckpts)
+
+    def resume(self, path: Path) -> None:
+        resume(self.r, self.state, path)
+
+    def evaluate(self, validate: bool, sample: bool) -> dict[str, Any]:
+        return _validate_and_sample(self.r, self.captions, validate, sample)
+
+    def export(self) -> Path | None:
+        return export(self.r)
+
+    def finish(self, val: dict[str, Any]) -> dict[str, Any]:
+        """The share of training captions the tokenizer cut, said once at the end of the run."""
+        c = self.r.counters
+        share = c.captions_truncated / c.captions_seen if c.captions_seen else 0.0
+        if self.d.is_main and c.captions_truncated:
+            log.warning(
+                "%d of %d training captions (%.1f%%) were longer than text.text_len=%d tokens and were cut; "
+                "a larger text.text_len keeps them whole",
+                c.captions_truncated,
+                c.captions_seen,
+                100 * share,
+                self.r.cfg.text.text_len,
+            )
+        return {"captions_truncated": c.captions_truncated, "captions_truncated_share": share}
 
 
 def train(cfg: PriorTrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
     """Train (or continue) a prior run; returns the last validation metrics on rank 0."""
     d = distributed.init(cfg.run.device, require_group=True)
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    if cfg.run.deterministic == "on" or (cfg.run.deterministic == "auto" and d.device.type == "cpu"):
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic(cfg.run.deterministic, d.device):
         return _train(cfg, d, resume_run, stop)
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def picked_precision(cfg: PriorTrainConfig, d: distributed.Dist) -> Pick:
@@ -529,94 +564,36 @@ def picked_precision(cfg: PriorTrainConfig, d: distributed.Dist) -> Pick:
 
 
 def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: StopRequested | None) -> dict[str, Any]:
-    run_dir = Path(cfg.run.run_dir)
-    ckpts = Checkpoints(run_dir, cfg.run.keep)
-    latest = ckpts.latest()
-    if latest is not None and not resume_run:
-        raise FileExistsError(
-            f"{run_dir} already holds checkpoints ({latest.name}); pass --resume, or set another run.run_dir"
-        )
+    latest = checkpoint_to_resume(cfg.run, resume_run)
+    check_run_shards(cfg.data.shards, cfg.run.val_shards, d.world_size, cfg.data.num_workers)
+    check_tokens_match_dvae(cfg)
     cfg, sizes = resolve_sizes(cfg)
     pick = picked_precision(cfg, d)
+    if cfg.data.kind == "tokens":
+        check_token_shards(cfg)  # the first shard's grid, where no summary.json says which dVAE made them
     r = build(dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype)), d)
     r.written_cfg = cfg
-    if resume_run and (found := resume(r, ckpts)) is not None:
-        log.info("resumed from %s at step %d", found, r.step)
+    task = PriorTask(r)
+    if latest is not None:
+        task.resume(latest)
+        log.info("resumed from %s at step %d", latest, r.step)
     if d.is_main:  # after resume, so a config that cannot resume does not overwrite the run's own
-        save_config(cfg, run_dir, header="\n".join([f"precision: {pick.reason}", *sizes]))
-    stop = stop or StopRequested()
-    logger = MetricsLogger(run_dir, cfg.log, cfg, cfg.run.steps, r.step, d.is_main)
-    captions = sample_captions(r) if d.is_main else []
-    tokens_per_update = cfg.data.batch_size * cfg.model.seq_len * r.engine.gradient_accumulation_steps() * d.world_size
-    val: dict[str, Any] = {}
-    it = iter(r.loader)
-    t0, updates, start = time.perf_counter(), 0, r.step
-    ended = "done"
-    if _any_rank(stop.signal is not None, d.device):
-        it.close()
-        log.warning("stopped before the first update (%s); nothing was trained or saved", stop.signal or "another rank")
-        logger.close()
-        return {"step": r.step, "ended": "signal_before_training"}
-    stop.training = True
+        save_config(cfg, r.run_dir, header="\n".join([f"precision: {pick.reason}", *sizes]))
+    logger = MetricsLogger(r.run_dir, cfg.log, cfg, cfg.run.steps, r.step, d.is_main)
     try:
-        while r.step < cfg.run.steps:
-            metrics = train_step(r, it)
-            faults.point("after_step", r.step)
-            updates += 1
-            logger.advance()
-            last = r.step == cfg.run.steps
-            if r.step % cfg.log.every == 0 or last:
-                metrics = distributed.mean(metrics, None)
-                errors = distributed.total({k: float(v) for k, v in r.loader.errors.items()})
-                rate = updates * tokens_per_update / (time.perf_counter() - t0)
-                counters = {k: v for k, v in dataclasses.asdict(r.counters).items() if k != "nonfinite_in_row"}
-                logger.log(
-                    r.step,
-                    metrics | {"tok_per_s": rate} | counters | {f"data_{k}": v for k, v in errors.items()},
-                    show=("loss", "text_loss", "image_loss", "lr"),
-                )
-                t0, updates = time.perf_counter(), 0
-            if r.step % cfg.run.val_every == 0 or last or r.step % cfg.run.sample_every == 0:
-                val = _validate_and_sample(r, logger, captions, validate_now=r.step % cfg.run.val_every == 0 or last)
-            if r.counters.nonfinite_in_row >= cfg.run.max_nonfinite:
-                save(r, ckpts)
-                raise NonFiniteLosses(
-                    f"{r.counters.nonfinite_in_row} non-finite losses in a row at step {r.step} "
-                    f"(run.max_nonfinite={cfg.run.max_nonfinite}); a checkpoint is in {ckpts.latest()}. "
-                    "Lower schedule.lr, check the data, or try precision.dtype=bf16."
-                )
-            stopping = _any_rank(stop.signal is not None, d.device)
-            time_boxed = cfg.run.stop_after is not None and r.step - start >= cfg.run.stop_after
-            if r.step % cfg.run.ckpt_every == 0 or last or stopping or time_boxed:
-                save(r, ckpts)
-            if (stopping or time_boxed) and not last:
-                ended = "signal" if stopping else "stop_after"
-                log.warning("stopped at step %d (%s); continue with --resume", r.step, ended)
-                break
+        return fit(task, cfg.run, logger, stop)
     finally:
-        it.close()  # shuts the loader's workers down (they ignore SIGTERM; see data/loader.py)
-
-    if r.step == cfg.run.steps:
-        path = export(r)
-        if path is not None:
-            log.info("exported the model to %s", path)
-            val = val or last_validation(run_dir, "val_loss")
-            save_json(run_dir / "final_metrics.json", val | {"step": r.step})
-    logger.close()
-    distributed.barrier()
-    return val | {"step": r.step, "ended": ended}
+        logger.close()
 
 
-def _validate_and_sample(r: Run, logger: MetricsLogger, captions: list[str], validate_now: bool) -> dict[str, Any]:
+def _validate_and_sample(r: Run, captions: list[str], validate_now: bool, sample_now: bool) -> dict[str, Any]:
     model = _eval_model(r)
     val: dict[str, Any] = {}
     if model is not None:
         if validate_now:
             val = validate(r, model)
-        if r.step % r.cfg.run.sample_every == 0 or r.step == r.cfg.run.steps:
+        if sample_now:
             sample_grid(r, model, captions)
-        if val:
-            logger.log(r.step, val)
     loss = [val.get("val_loss", math.nan)]
     if torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
         torch_dist.broadcast_object_list(loss, src=0)

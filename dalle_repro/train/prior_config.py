@@ -13,13 +13,14 @@ from typing import Any, Literal
 
 from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.core.precision import PrecisionArgs
-from dalle_repro.core.pretrained import pretrained_args
+from dalle_repro.core.pretrained import pretrained_args, weights_digest
 from dalle_repro.data.loader import DataArgs
 from dalle_repro.data.sources import expand_shards, is_remote
 from dalle_repro.data.tar import first_token_grid
 from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs
-from dalle_repro.models.dvae import DVAEArgs
+from dalle_repro.models.dvae import DVAE, DVAEArgs
 from dalle_repro.models.transformer import TransformerArgs
+from dalle_repro.train.loop import RunArgs
 from dalle_repro.train.metrics import LogArgs
 
 log = logging.getLogger(__name__)
@@ -71,33 +72,18 @@ class DeepSpeedArgs:
 
 
 @dataclass
-class PriorRunArgs:
-    """Length, checkpoints, validation, samples and failure handling of a run."""
+class PriorRunArgs(RunArgs):
+    """The run (train/loop.py's RunArgs), with caption dropout, sample grids and the export."""
 
     run_dir: str = arg("runs/prior", "Folder for checkpoints, metrics, sample grids and the export.")
-    steps: int = arg(1000, "Updates to train for.", gt=0)
-    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: CUDA when there is one.")
     seed: int = arg(0, "Seed of the initial weights (the same on every rank) and of caption dropout.", ge=0)
+    val_shards: str | None = arg(None, "Validation shards (same kind as data.kind); null: no validation.")
     caption_dropout: float = arg(
         0.0, "Probability of replacing a caption by the empty one (for classifier-free guidance).", ge=0, lt=1
     )
-    ckpt_every: int = arg(500, "Updates between checkpoints (one is always written at the end).", gt=0)
-    keep: int = arg(3, "Checkpoints to keep.", ge=1)
-    stop_after: int | None = arg(
-        None, "Stop with a checkpoint after this many updates in this process (time-boxed jobs); resume later.", gt=0
-    )
-    val_every: int = arg(500, "Updates between validations (one always at the end).", gt=0)
-    val_shards: str | None = arg(None, "Validation shards (same kind as data.kind); null: no validation.")
-    val_batches: int = arg(8, "Batches per validation (0: the whole split).", ge=0)
     sample_every: int = arg(1000, "Updates between sample grids from fixed captions (needs dvae).", gt=0)
     sample_captions: int = arg(4, "Captions from the validation split in the sample grid.", ge=0)
     sample_prompts: list[str] = arg(factory=list, doc="More captions for the sample grid.")
-    deterministic: Literal["auto", "on", "off"] = arg(
-        "auto",
-        "torch.use_deterministic_algorithms, which exact resume needs (2-thread CPU embedding gradients vary "
-        "otherwise; ~0-6% slower). auto: on for CPU, off for CUDA.",
-    )
-    max_nonfinite: int = arg(20, "Stop (with a checkpoint) after this many non-finite losses in a row.", ge=1)
     copy_dvae: bool = arg(True, "Copy the dVAE folder into the export (else the export records its path).")
 
 
@@ -254,3 +240,37 @@ def check_token_shards(cfg: PriorTrainConfig) -> None:
             "with another dVAE. Encode the images again with this one (tools/encode_tokens.py), or set "
             f"model.grid={shape[0]} and dvae= the dVAE that made them."
         )
+
+
+def check_tokens_match_dvae(cfg: PriorTrainConfig) -> None:
+    """Token shards made by another dVAE than ``dvae=`` fail here, at start: their codes mean other
+    pictures to this dVAE, and a prior trained on them exits 0 having learnt the wrong thing. The
+    shards' ``summary.json`` (tools/encode_tokens.py) records the codebook, the grid and a digest
+    of the weights that made them; each is compared with the dVAE given, and an error names both."""
+    if cfg.data.kind != "tokens" or cfg.dvae is None:
+        return
+    found = token_summary(expand_shards(cfg.data.shards))
+    if found is None:  # no summary (shards made elsewhere): check_token_shards still checks the grid
+        return
+    path, summary = found
+    dv = pretrained_args(cfg.dvae, DVAEArgs)
+    theirs = f"the dVAE {summary.get('dvae', '(unnamed)')} that made the token shards ({path})"
+    if (int(summary["vocab_size"]), int(summary["grid"])) != (dv.vocab_size, dv.grid):
+        raise ConfigError(
+            f"dvae: {cfg.dvae} has {dv.vocab_size} codes on a {dv.grid}x{dv.grid} grid, but {theirs} has "
+            f"{summary['vocab_size']} codes on a {summary['grid']}x{summary['grid']} grid. " + _RE_ENCODE
+        )
+    if "dvae_digest" not in summary:
+        log.warning("%s records no dVAE digest (an older encode_tokens): the dVAE's weights are not checked", path)
+        return
+    digest = weights_digest(DVAE.from_pretrained(cfg.dvae))
+    if digest != summary["dvae_digest"]:
+        raise ConfigError(
+            f"dvae: {cfg.dvae} (weights digest {digest}) has the shape of {theirs}, but not its weights "
+            f"(digest {summary['dvae_digest']}). " + _RE_ENCODE
+        )
+
+
+_RE_ENCODE = (
+    "Encode the images again with this dVAE (tools/encode_tokens.py), or set dvae= the dVAE that made the shards."
+)

@@ -170,3 +170,62 @@ def test_prior_under_the_launcher_killed_at_five_points_ends_with_the_uninterrup
         assert_same_weights(ref / "export" / f"{name}.safetensors", hit / "export" / f"{name}.safetensors")
     assert positions(ref, 8) == positions(hit, 8)
     ledger.lost(kind, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGTERM (a preempted job) in the dVAE and CLIP trainers: a checkpoint, exit 0, then --resume
+
+
+def sigterm_then_resume(ledger, kind: str, cmd: list[str], run_dir: Path, step: int) -> None:
+    """``cmd`` gets SIGTERM after update ``step``: it must exit 0 with that step's checkpoint and
+    nothing later, and ``--resume`` must finish the run."""
+    r = run(cmd, kill=f"after_step:{step}", DALLE_REPRO_KILL_SIGNAL="TERM")
+    ledger.injected(kind)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert '"ended": "signal"' in r.stdout, r.stdout[-2000:]
+    assert check_checkpoints(run_dir) == step
+    r = run([*cmd, "--resume"])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert '"ended": "done"' in r.stdout, r.stdout[-2000:]
+    ledger.survived(kind)
+
+
+def test_dvae_sigterm_writes_a_checkpoint_and_resumes_to_the_uninterrupted_weights(emoji_dir, tmp_path, ledger):
+    script = str(ROOT / "launch" / "train_dvae.py")
+    opts = ["run.steps=8", "run.ckpt_every=100", "run.val_every=100", "run.keep=10"]
+    ref, hit = tmp_path / "ref", tmp_path / "term"
+    r = run([sys.executable, script, *dvae_overrides(emoji_dir, ref, *opts)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    sigterm_then_resume(
+        ledger, "SIGTERM: dVAE", [sys.executable, script, *dvae_overrides(emoji_dir, hit, *opts)], hit, 3
+    )
+    for name in ("model", "raw"):
+        assert_same_weights(ref / "dvae" / f"{name}.safetensors", hit / "dvae" / f"{name}.safetensors")
+    assert positions(ref, 8) == positions(hit, 8)
+
+
+def clip_overrides(emoji_dir: Path, tokenizer: Path, run_dir: Path) -> list[str]:
+    """A CLIP of one layer of width 32 on 16x16 emoji: a step in well under a second."""
+    return [
+        *("model.image_size=16", "model.patch_size=8", "model.width=32", "model.layers=1", "model.heads=2"),
+        *("model.embed_dim=16", "model.text_len=12", f"text.path={tokenizer}"),
+        *(f"data.shards={emoji_dir}/train/*.tar", f"run.val_shards={emoji_dir}/val/*.tar"),
+        *("data.batch_size=8", "data.num_workers=1", f"run.run_dir={run_dir}", "run.steps=8"),
+        *("run.ckpt_every=100", "run.val_every=4", "run.keep=10", "log.every=1"),
+    ]
+
+
+def test_clip_sigterm_writes_a_checkpoint_and_resumes_to_the_uninterrupted_weights(
+    emoji_dir, tokenizer_path, tmp_path, ledger
+):
+    script = str(ROOT / "tools" / "train_clip.py")
+    ref, hit = tmp_path / "ref", tmp_path / "term"
+    r = run([sys.executable, script, *clip_overrides(emoji_dir, tokenizer_path, ref)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmd = [sys.executable, script, *clip_overrides(emoji_dir, tokenizer_path, hit)]
+    sigterm_then_resume(ledger, "SIGTERM: CLIP", cmd, hit, 5)
+    assert_same_weights(ref / "clip" / "model.safetensors", hit / "clip" / "model.safetensors")
+    assert positions(ref, 8) == positions(hit, 8)
+    first = json.loads((ref / "clip" / "retrieval.json").read_text())
+    again = json.loads((hit / "clip" / "retrieval.json").read_text())
+    assert first["image_to_text_top1"] == again["image_to_text_top1"] and again["steps"] == 8
