@@ -4,8 +4,8 @@ and per-resblock gradient scaling with a non-finite filter (``precision.mode=blo
 [departure] Not the paper's *storage*: the paper keeps parameters and Adam moments in 16 bits
 (gains, biases, embeddings and unembeddings in fp32); here every weight, gradient and moment is
 fp32 (16 bytes per parameter with Adam's two moments). ``tools/memory_table.py`` prints what the
-paper's storage would take beside it. The mode was called ``paper`` until 2026-12; it was renamed
-because only the compute is the paper's.
+paper's storage would take beside it. The mode is named ``block_scaled``, not ``paper``, because
+only the compute is the paper's.
 
 Each residual branch (a block's attention and its MLP: each is a "resblock" here) runs under
 autocast in fp16 or bf16 while the residual stream, the parameters (gains, biases, embeddings)

@@ -73,7 +73,7 @@ class DataArgs:
         "listings (SPEC §6): a square of the full shorter side at a random place, resized by area to t x image_size "
         "(t ~ U[9/8, 12/8] for the dVAE, U[1, 9/8] for the prior), a random image_size crop of that, and for the "
         "dVAE a random horizontal flip. random_square: a square of side U(random_crop_min, 1) x shorter side at a "
-        "random place, resized bicubic (this project's own; it was called 'random' and 'the paper's' before).",
+        "random place, resized bicubic (this project's own, not the paper's).",
     )
     random_crop_min: float = arg(0.75, "random_square's smallest crop, as a fraction of the shorter side.", gt=0, le=1)
     batch_size: int = arg(8, "Samples per batch on each rank (the micro-batch).", gt=0)

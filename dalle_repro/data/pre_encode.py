@@ -151,7 +151,7 @@ def encode_token_shards(
     """Encode every shard (see the module docstring); returns the summary, also in OUTPUT/summary.json.
 
     An output folder that holds token shards made with other dVAE weights is refused (before any
-    work) unless ``overwrite``: it used to be overwritten shard by shard, as make_shards refuses to."""
+    work) unless ``overwrite``, as make_shards refuses to overwrite another run's shards."""
     remote = [p for p in shards if is_remote(p)]
     if remote:
         raise ValueError(

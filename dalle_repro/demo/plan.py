@@ -33,8 +33,8 @@ import torch
 log = logging.getLogger(__name__)
 
 # Real seconds per update over the timed ones, per stage: the stage's whole time over its updates,
-# divided by this module's estimate. Measured on the 2026-12-01 demo runs (AMD EPYC family 26 model
-# 2, 2 cores): bf16 (native) dVAE 0.95, prior 1.22, CLIP 0.93; fp32 (AVX2 code paths) dVAE 0.91,
+# divided by this module's estimate, as measured on whole demo runs (docs/demo.md: AMD EPYC family 26
+# model 2, 2 cores): bf16 (native) dVAE 0.95, prior 1.22, CLIP 0.93; fp32 (AVX2 code paths) dVAE 0.91,
 # prior 1.05, CLIP 1.03; on one core with AVX2 paths (a machine about 2x slower) 0.91, 1.11, 1.05.
 # Each factor is the largest, rounded up: the prior's covers DeepSpeed's start
 # (and its one-time op build), the all-reduce, validation, samples and checkpoints.

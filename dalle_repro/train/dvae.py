@@ -44,7 +44,7 @@ from dalle_repro.models.dvae import (
     unmap_pixels,
 )
 from dalle_repro.train.checkpoint import Checkpoints
-from dalle_repro.train.inputs import check_run_shards
+from dalle_repro.train.inputs import check_run_shards, warn_long_schedules
 from dalle_repro.train.loop import (
     Counters,
     RNGState,
@@ -327,6 +327,7 @@ def train(cfg: DVAETrainConfig, resume_run: bool = False, stop: StopRequested | 
     run_cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype))
     latest = checkpoint_to_resume(cfg.run, resume_run)
     check_run_shards(cfg.data.shards, cfg.run.val_shards, d.world_size, cfg.data.num_workers)
+    warn_long_schedules(cfg.schedule, ("tau_steps", "beta_steps", "lr_steps"), cfg.run.steps, d.is_main)
     with deterministic(cfg.run.deterministic, d.device):
         task = DVAETask(cfg, run_cfg, d, build(run_cfg, d))
         if latest is not None:

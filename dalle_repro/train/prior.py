@@ -77,7 +77,7 @@ from dalle_repro.train.deepspeed import (
     initialize,
 )
 from dalle_repro.train.exact_skip import step_without
-from dalle_repro.train.inputs import check_run_shards
+from dalle_repro.train.inputs import check_run_shards, warn_long_schedules
 from dalle_repro.train.loop import Counters as LoopCounters
 from dalle_repro.train.loop import (
     NonFiniteLosses,
@@ -566,6 +566,7 @@ def picked_precision(cfg: PriorTrainConfig, d: distributed.Dist) -> Pick:
 def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: StopRequested | None) -> dict[str, Any]:
     latest = checkpoint_to_resume(cfg.run, resume_run)
     check_run_shards(cfg.data.shards, cfg.run.val_shards, d.world_size, cfg.data.num_workers)
+    warn_long_schedules(cfg.schedule, ("warmup_steps", "decay_steps"), cfg.run.steps, d.is_main)
     check_tokens_match_dvae(cfg)
     cfg, sizes = resolve_sizes(cfg)
     pick = picked_precision(cfg, d)
