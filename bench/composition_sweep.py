@@ -35,13 +35,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dalle_repro.core.config import deep_merge, from_dict, load_yaml, parse_overrides  # noqa: E402
-from dalle_repro.data import shapes  # noqa: E402
-from dalle_repro.evaluation.tasks import read_back, summarize  # noqa: E402
-from dalle_repro.models.dvae import DVAE  # noqa: E402
-from dalle_repro.models.transformer import Transformer, TransformerArgs  # noqa: E402
-from dalle_repro.train.dvae import DVAETrainConfig, State, train_step  # noqa: E402
-from dalle_repro.train.optim import EMA, adamw, cosine, param_groups  # noqa: E402
+from dalle_repro.core.config import deep_merge, from_dict, load_yaml, parse_overrides
+from dalle_repro.data import shapes
+from dalle_repro.evaluation.tasks import read_back, summarize
+from dalle_repro.models.dvae import DVAE
+from dalle_repro.models.transformer import Transformer, TransformerArgs
+from dalle_repro.train.dvae import DVAETrainConfig, State, train_step
+from dalle_repro.train.optim import EMA, adamw, cosine, param_groups
 
 
 def _render(args: tuple[dict[str, Any], int, int]) -> np.ndarray:

@@ -44,7 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dalle_repro.core.config import load_config, plain_text
+from dalle_repro.core.cli import plain_text
+from dalle_repro.core.config import load_config
 from dalle_repro.core.precision import PrecisionArgs
 from dalle_repro.models.attention import attend
 from dalle_repro.models.masks import KINDS, MaskSpec, allowed, layer_kind

@@ -72,7 +72,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dalle_repro.core.config import plain_text
+from dalle_repro.core.cli import plain_text
 from dalle_repro.core.cpuinfo import cpu_record
 from dalle_repro.core.precision import Pick, auto_precision, cpu_matmul_probe, pick_precision
 from dalle_repro.data.loader import DataArgs, Loader

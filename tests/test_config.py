@@ -9,7 +9,8 @@ from typing import Literal
 import pytest
 import yaml
 
-from dalle_repro.core.config import ConfigError, arg, cli_help, flag_aliases, load_config, parse_cli, save_config
+from dalle_repro.core.cli import cli_help, flag_aliases, parse_cli
+from dalle_repro.core.config import ConfigError, arg, load_config, save_config
 
 
 @dataclass

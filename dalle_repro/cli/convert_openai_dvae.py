@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from dalle_repro.core.config import arg, flag_aliases, parse_cli
+from dalle_repro.core.cli import flag_aliases, parse_cli
+from dalle_repro.core.config import arg
 from dalle_repro.core.pretrained import check_replaceable, load_state_strict
 from dalle_repro.models.dvae import DVAE, args_from_openai, state_from_openai
 

@@ -11,7 +11,8 @@ import json
 import logging
 import sys
 
-from dalle_repro.core.config import ConfigError, parse_cli
+from dalle_repro.core.cli import parse_cli
+from dalle_repro.core.config import ConfigError
 from dalle_repro.demo.pipeline import DemoConfig, data_dir, run_demo
 
 

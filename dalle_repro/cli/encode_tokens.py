@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.data.pre_encode import EncodeArgs, encode_token_shards
 from dalle_repro.data.sources import expand_shards
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.evaluation.evaluate import EvalArgs, EvaluateConfig
 from dalle_repro.sample.generate import SampleSettings
 

@@ -14,7 +14,7 @@ import json
 import logging
 import sys
 
-from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.data.shapes import HELD_OUT, ShapesArgs, build_shapes_from
 
 

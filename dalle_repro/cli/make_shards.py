@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.data.make_shards import READERS, MakeShardsArgs, caption_like_files, make_shards_from
 
 

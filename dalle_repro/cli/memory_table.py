@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from dalle_repro.core.config import arg, load_config, parse_cli
+from dalle_repro.core.cli import parse_cli
+from dalle_repro.core.config import arg, load_config
 from dalle_repro.models.transformer import Transformer
 from dalle_repro.train.prior_config import PriorTrainConfig, model_with_paper_sizes
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from dalle_repro.core.config import ConfigError, arg, flag_aliases, parse_cli
+from dalle_repro.core.cli import flag_aliases, parse_cli
+from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.core.distributed import pick_device
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png, to_pil

@@ -20,7 +20,7 @@ import logging
 import sys
 
 from dalle_repro.cli.errors import run_trainer
-from dalle_repro.core.config import parse_cli
+from dalle_repro.core.cli import parse_cli
 from dalle_repro.train.clip import ClipTrainConfig, chance_note, clip_folder, train_clip
 
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from dalle_repro.cli.errors import run_trainer
-from dalle_repro.core.config import parse_cli
+from dalle_repro.core.cli import parse_cli
 from dalle_repro.train.prior import train
 from dalle_repro.train.prior_config import PriorTrainConfig
 

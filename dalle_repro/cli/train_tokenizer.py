@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 
-from dalle_repro.core.config import flag_aliases, parse_cli
+from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.data.sources import expand_shards
 from dalle_repro.data.tokenizer import (

@@ -13,13 +13,11 @@ name the field the way the user wrote it.
 
 from __future__ import annotations
 
-import argparse
 import contextvars
 import dataclasses
 import difflib
 import os
 import re
-import sys
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -33,7 +31,7 @@ from dalle_repro.core.files import atomic_write_text
 
 T = TypeVar("T")
 
-_MISSING = dataclasses.MISSING
+MISSING = dataclasses.MISSING
 
 
 class ConfigError(ValueError):
@@ -41,14 +39,14 @@ class ConfigError(ValueError):
 
 
 def arg(
-    default: Any = _MISSING,
+    default: Any = MISSING,
     doc: str = "",
     *,
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
-    factory: Any = _MISSING,
+    factory: Any = MISSING,
     sep: str | None = None,
 ) -> Any:
     """A documented dataclass field with an optional numeric range.
@@ -63,7 +61,7 @@ def arg(
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable default: pass factory= instead")
     meta = {"doc": doc, "ge": ge, "gt": gt, "le": le, "lt": lt, "sep": sep}
-    if factory is not _MISSING:
+    if factory is not MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
 
@@ -80,15 +78,15 @@ def field_doc(cls: type, name: str) -> str:
 # Type checking and coercion
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple, Sequence):
         args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"a list of {_type_name(args[0])}" if args else "a list"
+        return f"a list of {type_name(args[0])}" if args else "a list"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -99,13 +97,13 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Return ``value`` converted to ``tp``, or raise ConfigError naming ``key``."""
     origin = typing.get_origin(tp)
-    bad = ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected {_type_name(tp)}")
+    bad = ConfigError(f"{key}: got {value!r} ({type(value).__name__}); expected {type_name(tp)}")
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise bad
-        return _build(tp, value, key + ".")
+        return build_config(tp, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None:
@@ -205,7 +203,7 @@ def _renamed(key: str) -> str | None:
     return None
 
 
-def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+def build_config(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     hints = typing.get_type_hints(cls)
     for k in data:
@@ -223,19 +221,19 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
             given = data[name]
             if (
                 dataclasses.is_dataclass(hints[name])
-                and f.default_factory not in (_MISSING, hints[name])
+                and f.default_factory not in (MISSING, hints[name])
                 and isinstance(given, Mapping)
             ):
                 # a factory such as lambda: SampleSettings(keep=1) gives the section's defaults; a plain
                 # class factory adds nothing, and a section's values derived in __post_init__ stay derived
                 given = deep_merge(to_dict(f.default_factory()), given)
             value = _coerce(given, hints[name], key)
-        elif f.default is not _MISSING:
+        elif f.default is not MISSING:
             value = f.default
-        elif f.default_factory is not _MISSING:
+        elif f.default_factory is not MISSING:
             value = f.default_factory()
         elif dataclasses.is_dataclass(hints[name]):
-            value = _build(hints[name], {}, key + ".")
+            value = build_config(hints[name], {}, key + ".")
         else:
             raise ConfigError(f"{key}: required, no default")
         if not dataclasses.is_dataclass(value):
@@ -367,7 +365,7 @@ def load_yaml(path: str | os.PathLike[str], allow_env: bool = False) -> dict[str
 
 def from_dict(cls: type[T], data: Mapping[str, Any]) -> T:
     """Build and validate a config dataclass from a nested mapping."""
-    return _build(cls, data)
+    return build_config(cls, data)
 
 
 def load_config(
@@ -384,7 +382,7 @@ def load_config(
     if not allow_pipe:
         refuse_pipe(data, f"config file {yaml_path}")
     data = deep_merge(data, parse_overrides(overrides))
-    return _build(cls, data)
+    return build_config(cls, data)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -420,252 +418,3 @@ def save_config(cfg: Any, run_dir: str | os.PathLike[str], name: str = "config.y
     path = Path(run_dir) / name
     atomic_write_text(path, yaml_comment(header) + to_yaml(cfg))
     return path
-
-
-def describe(cls: type, prefix: str = "", defaults: Any = None, flags: Mapping[str, str] | None = None) -> list[str]:
-    """One line per leaf field: dotted key, type, default and doc. Used by ``--help``.
-    ``defaults``: an instance whose values are the defaults shown (a section built by its factory);
-    ``flags``: dotted key -> the command-line flag that sets it, shown beside the key."""
-    lines: list[str] = []
-    hints = typing.get_type_hints(cls)
-    flags = flags or {}
-    for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
-            sub = getattr(defaults, f.name, None) if defaults is not None else None
-            if sub is None and f.default_factory is not _MISSING:
-                sub = f.default_factory()
-            lines.extend(describe(tp, key + ".", sub, flags))
-            continue
-        if defaults is not None:
-            default = getattr(defaults, f.name)
-        elif f.default is not _MISSING:
-            default = f.default
-        elif f.default_factory is not _MISSING:
-            default = f.default_factory()
-        else:
-            default = "(required)"
-        bounds = [
-            f"{w} {f.metadata[n]}"
-            for n, w in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-            if f.metadata.get(n) is not None
-        ]
-        rng = f" [{', '.join(bounds)}]" if bounds else ""
-        flag = f"  [{flags[key]}" + (f" | --no-{flags[key][2:]}]" if default is True else "]") if key in flags else ""
-        lines.append(f"  {key} ({_type_name(tp)}{rng}) = {default!r}{flag}\n      {f.metadata.get('doc', '')}")
-    return lines
-
-
-def plain_text(text: str) -> str:
-    """Docs as a terminal shows them: RST literals (````x````) as x, and references to this project's
-    internal spec ("SPEC §3") and its open-point marker "[?]" dropped (the docs that carry the
-    marker say in words what the paper leaves open)."""
-    text = re.sub(r"``([^`]+)``", r"\1", text)
-    text = re.sub(r"\s*\(SPEC §[\d.]+\)|,?\s*SPEC §[\d.]+", "", text)
-    return text.replace("[?] ", "")
-
-
-def cli_help(cls: type, usage: str, flags: Mapping[str, str] | None = None) -> str:
-    """A ``--help`` text listing every config key of ``cls`` (in :func:`plain_text`), with the
-    command-line flag beside each key that has one (``flags``: flag -> dotted key)."""
-    env = (
-        f"\n\n{ENV_FLAG}: let the YAML config read environment variables (${{oc.env:NAME}}); off by default, so "
-        "that a shared config cannot copy a secret into the run's config.yaml, checkpoints and wandb."
-        f"\n{PIPE_FLAG}: let the YAML config hold pipe: shards (shell commands); off by default, so that a shared "
-        "config cannot run commands here. A pipe: shard given on the command line (key.sub=pipe:...) needs no flag."
-    )
-    by_key = {key: flag for flag, key in (flags or {}).items()}
-    keys = "\n".join(describe(cls, flags=by_key))
-    how = (
-        "set in YAML, as key.sub=value, or with the flag shown in brackets"
-        if by_key
-        else "set in YAML or as key.sub=value"
-    )
-    return plain_text(usage.rstrip() + env + f"\n\nConfig keys ({how}):\n" + keys)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command-line flags as spellings of config keys
-
-
-def flag_aliases(cls: type, prefix: str = "", only: Sequence[str] | None = None) -> dict[str, str]:
-    """``--name-with-dashes`` -> ``prefix + name_with_dashes`` for the leaf fields of ``cls`` (or
-    those named in ``only``): the ``--flag value`` spellings a command accepts besides dotted keys."""
-    hints = typing.get_type_hints(cls)
-    return {
-        "--" + f.name.replace("_", "-"): prefix + f.name
-        for f in dataclasses.fields(cls)
-        if not dataclasses.is_dataclass(hints[f.name]) and (only is None or f.name in only)
-    }
-
-
-def _leaf(cls: type, key: str) -> tuple[Any, Mapping[str, Any]]:
-    """The type and metadata of the field at dotted ``key`` of ``cls``."""
-    head, _, rest = key.partition(".")
-    f = next((f for f in dataclasses.fields(cls) if f.name == head), None)
-    if f is None:
-        raise KeyError(key)
-    tp = typing.get_type_hints(cls)[head]
-    return _leaf(tp, rest) if rest else (tp, f.metadata)
-
-
-def _wants_text(tp: Any) -> bool:
-    """Whether a command-line value for ``tp`` is kept as typed (a path, a caption, a choice of
-    words), rather than read as a YAML scalar (numbers, true/false, null)."""
-    origin = typing.get_origin(tp)
-    if tp is str:
-        return True
-    if origin is Literal:
-        return all(isinstance(a, str) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return any(_wants_text(a) for a in typing.get_args(tp) if a is not type(None))
-    return False
-
-
-def _scalar(raw: str, tp: Any) -> Any:
-    if _wants_text(tp):
-        return raw
-    try:
-        return parse_overrides([f"v={raw}"])["v"]
-    except ConfigError:
-        return raw  # the coercion then names the key and what it expected
-
-
-def _list_item_type(tp: Any) -> Any | None:
-    """The item type when ``tp`` is a list (or an optional list), else None."""
-    for t in (tp, *[a for a in typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType)]):
-        if typing.get_origin(t) in (list, tuple, Sequence):
-            args = [a for a in typing.get_args(t) if a is not Ellipsis]
-            return args[0] if args else Any
-    return None
-
-
-def _is_bool(tp: Any) -> bool:
-    return tp is bool or (typing.get_origin(tp) in (typing.Union, types.UnionType) and bool in typing.get_args(tp))
-
-
-def _set(data: dict[str, Any], key: str, value: Any) -> None:
-    *path, last = key.split(".")
-    for part in path:
-        data = data.setdefault(part, {})
-    data[last] = value
-
-
-def _unknown_flag(flag: str, aliases: Mapping[str, str]) -> ConfigError:
-    near = nearest_key(flag, list(aliases))
-    return ConfigError(f"unknown flag {flag}" + (f"; did you mean {near}?" if near else ""))
-
-
-def parse_flags(
-    cls: type, argv: Sequence[str], aliases: Mapping[str, str], positional: str | None = None
-) -> tuple[dict[str, Any], list[str]]:
-    """Split a command line into the values its flags set (a nested dict) and its ``key=value``
-    overrides. A flag names a key (``aliases``); a bool key's flag takes no value (``--no-NAME``
-    sets it false); a list key's flag takes the values that follow it up to the next flag or
-    ``key=value`` and may repeat. Other words go into the list key ``positional``."""
-    data: dict[str, Any] = {}
-    lists: dict[str, list[Any]] = {}
-    overrides: list[str] = []
-    i = 0
-    while i < len(argv):
-        word, i = argv[i], i + 1
-        if not word.startswith("--"):
-            if "=" in word or positional is None:
-                overrides.append(word)
-            else:
-                lists.setdefault(positional, []).extend(_items(word, *_leaf(cls, positional)))
-            continue
-        flag, eq, inline = word.partition("=")
-        negated = flag.startswith("--no-") and flag not in aliases and "--" + flag[5:] in aliases
-        key = aliases.get("--" + flag[5:] if negated else flag)
-        if key is None:
-            raise _unknown_flag(flag, aliases)
-        tp, meta = _leaf(cls, key)
-        if _is_bool(tp) and not eq:
-            _set(data, key, not negated)
-            continue
-        if negated:
-            raise _unknown_flag(flag, aliases)
-        values = [inline] if eq else []
-        if not eq:
-            if i >= len(argv):
-                raise ConfigError(f"{flag} ({key}) needs a value")
-            values.append(argv[i])
-            i += 1
-            while (
-                _list_item_type(tp) is not None
-                and i < len(argv)
-                and not argv[i].startswith("--")
-                and "=" not in argv[i]
-            ):
-                values.append(argv[i])
-                i += 1
-        if _list_item_type(tp) is None:
-            _set(data, key, _scalar(values[0], tp))
-        else:
-            for v in values:
-                lists.setdefault(key, []).extend(_items(v, tp, meta))
-    for key, items in lists.items():
-        _set(data, key, items)
-    return data, overrides
-
-
-def _items(raw: str, tp: Any, meta: Mapping[str, Any]) -> list[Any]:
-    item_tp = _list_item_type(tp)
-    sep = meta.get("sep")
-    parts = [p.strip() for p in raw.split(sep) if p.strip()] if sep else [raw]
-    return [_scalar(p, item_tp) for p in parts]
-
-
-def _name_flag(message: str, aliases: Mapping[str, str]) -> str:
-    """A config error about a key that has a flag, with the flag named too."""
-    for flag, key in aliases.items():
-        if message.startswith(f"{key}:") or message.startswith(f"{key}["):
-            return f"{message} ({flag})"
-    return message
-
-
-def parse_cli(
-    cls: type[T],
-    argv: Sequence[str] | None,
-    doc: str,
-    default_config: str | None = None,
-    flags: Sequence[str] = (),
-    aliases: Mapping[str, str] | None = None,
-    positional: str | None = None,
-) -> tuple[T | None, dict[str, bool]]:
-    """The command line of every entry point: ``[--config FILE] [FLAGS] [--flag value ...] [key.sub=value ...]``.
-
-    ``flags``: switches that are not config (``--resume``). ``aliases``: ``--flag`` -> dotted key,
-    the familiar spellings of keys (:func:`flag_aliases`, :func:`parse_flags`); their values go
-    between the YAML file and the ``key=value`` overrides. ``positional``: the list key that bare
-    words fill. Returns (None, {}) after printing ``--help``; exits with status 2 and the dotted key
-    (and its flag) on a bad config. ``--local_rank`` (which the deepspeed launcher passes) is
-    accepted and ignored: the environment carries it too.
-    """
-    aliases = dict(aliases or {})
-    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    p.add_argument("--config", default=default_config)
-    p.add_argument("--local_rank", type=int, default=None)
-    p.add_argument(ENV_FLAG, action="store_true")
-    p.add_argument(PIPE_FLAG, action="store_true")
-    p.add_argument("-h", "--help", action="store_true")
-    for flag in flags:
-        p.add_argument(flag, action="store_true")
-    a, rest = p.parse_known_args(argv)
-    if a.help:
-        print(cli_help(cls, doc, aliases))
-        return None, {}
-    try:
-        given, overrides = parse_flags(cls, rest, aliases, positional) if aliases or positional else ({}, rest)
-        data: dict[str, Any] = load_yaml(a.config, a.config_env) if a.config else {}
-        if not a.allow_pipe:
-            refuse_pipe(data, f"config file {a.config}")
-        data = deep_merge(deep_merge(data, given), parse_overrides(overrides))
-        cfg = _build(cls, data)
-    except ConfigError as e:
-        print(f"config error: {_name_flag(str(e), aliases)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    names = [f.lstrip("-").replace("-", "_") for f in (*flags, PIPE_FLAG)]
-    return cfg, {n: getattr(a, n) for n in names}
