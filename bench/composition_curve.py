@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dalle_repro.core.config import load_config, load_yaml
-from dalle_repro.demo.pipeline import DemoConfig, clip_config, dvae_config, prior_config
+from dalle_repro.demo.config import DemoConfig, clip_config, dvae_config, prior_config
 from dalle_repro.demo.plan import SCALED_KEYS
 
 TRAINING = ("dvae", "prior", "clip")

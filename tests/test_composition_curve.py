@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dalle_repro.core.config import load_config
-from dalle_repro.demo.pipeline import DemoConfig, dvae_config, prior_config
+from dalle_repro.demo.config import DemoConfig, dvae_config, prior_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -110,7 +110,7 @@ def test_arg_refuses_undocumented_and_mutable_defaults():
 def test_every_shipped_config_validates():
     from pathlib import Path
 
-    from dalle_repro.demo.pipeline import DemoConfig
+    from dalle_repro.demo.config import DemoConfig
 
     root = Path(__file__).resolve().parents[1] / "configs"
     from dalle_repro.train.dvae import DVAETrainConfig
@@ -121,7 +121,7 @@ def test_every_shipped_config_validates():
     for path in sorted(root.glob("*/dvae.yaml")):
         load_config(DVAETrainConfig, path)
     priors = sorted(root.glob("*/prior*.yaml"))
-    assert len(priors) == 4
+    assert len(priors) == 5  # demo, paper, gpu 350m and 1.3b, start
     for path in priors:
         load_config(PriorTrainConfig, path)
 
@@ -239,7 +239,7 @@ def test_a_config_file_runs_no_pipe_command_without_the_flag(tmp_path, cls_name,
     """A shared YAML whose shards are ``pipe:curl ...|sh`` ran the command on the first read; a
     pipe: shard is taken from the command line only, or from a file with --allow-pipe."""
     from dalle_repro.core.config import load_config
-    from dalle_repro.demo.pipeline import DemoConfig
+    from dalle_repro.demo.config import DemoConfig
     from dalle_repro.train.clip import ClipTrainConfig
     from dalle_repro.train.dvae import DVAETrainConfig
 
@@ -279,11 +279,11 @@ def test_the_demos_own_config_files_hold_no_pipe_without_the_flag(tmp_path):
     cfg = from_dict(demo.DemoConfig, {"out_dir": str(tmp_path / "out"), "dvae_config": str(shared)})
     with pytest.raises(ConfigError, match="run.val_shards: config file .*dvae.yaml"):
         demo.dvae_config(cfg, plan=False)
-    token = demo._ALLOW_PIPE.set(True)
+    token = demo.ALLOW_PIPE.set(True)
     try:
         demo.dvae_config(cfg, plan=False)  # run_demo(allow_pipe=True), the command line's --allow-pipe
     finally:
-        demo._ALLOW_PIPE.reset(token)
+        demo.ALLOW_PIPE.reset(token)
     with pytest.raises(ConfigError, match="--allow-pipe"):
         demo.run_demo(cfg, log=lambda _: None)
 
@@ -318,7 +318,7 @@ def test_an_environment_variable_read_through_a_built_resolver_name_is_refused(t
 )
 def test_renamed_keys_name_the_new_key(config, override, new):
     """A user's YAML with a key the trainers' shared sections replaced fails with the key to use."""
-    from dalle_repro.demo.pipeline import DemoConfig
+    from dalle_repro.demo.config import DemoConfig
     from dalle_repro.train.clip import ClipTrainConfig
     from dalle_repro.train.dvae import DVAETrainConfig
 

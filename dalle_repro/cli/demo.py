@@ -13,7 +13,8 @@ import sys
 
 from dalle_repro.core.cli import parse_cli
 from dalle_repro.core.config import ConfigError
-from dalle_repro.demo.pipeline import DemoConfig, data_dir, run_demo
+from dalle_repro.demo.config import DemoConfig, data_dir
+from dalle_repro.demo.pipeline import run_demo
 
 
 def main(argv: list[str] | None = None) -> int:

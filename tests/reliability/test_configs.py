@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from dalle_repro.core.config import ConfigError, from_dict
-from dalle_repro.demo.pipeline import DemoConfig
+from dalle_repro.demo.config import DemoConfig
 from dalle_repro.train.clip import ClipTrainConfig
 from dalle_repro.train.dvae import DVAETrainConfig
 from dalle_repro.train.prior_config import PriorTrainConfig
