@@ -487,14 +487,40 @@ def build_shapes_dataset(
     in each folder)."""
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 for the shapes to be told apart, got {image_size}")
-    out = Path(output)
     options = {"image_size": image_size, "shard_size": shard_size, "seed": seed, "held_out": HELD_OUT}
-    common = dict(workers=workers, skipped=Counter(), overwrite=overwrite, desc="shapes")
-    render_one = partial(render_record, image_size=image_size)
-    seen, seen_options = (
+    return write_scene_splits(
+        Path(output),
         scene_records(n_train, False, seed, "s"),
-        options | {"split": "seen", "val_fraction": val_fraction},
+        scene_records(n_heldout, True, seed, "h"),
+        partial(render_record, image_size=image_size),
+        held_out=HELD_OUT,
+        options=options,
+        shard_size=shard_size,
+        val_fraction=val_fraction,
+        workers=workers,
+        overwrite=overwrite,
+        desc="shapes",
     )
+
+
+def write_scene_splits(
+    out: Path,
+    seen: list[Record],
+    unseen: list[Record],
+    render_one: Any,
+    *,
+    held_out: Any,
+    options: dict[str, Any],
+    shard_size: int,
+    val_fraction: float,
+    workers: int,
+    overwrite: bool,
+    desc: str,
+) -> dict[str, Any]:
+    """A compositional set's splits: ``out/{train,val}`` from the ``seen`` records and ``out/heldout``
+    from the ``unseen`` ones, each rendered by ``render_one``; the summary of both."""
+    common = dict(workers=workers, skipped=Counter(), overwrite=overwrite, desc=desc)
+    seen_options = options | {"split": "seen", "val_fraction": val_fraction}
     summary = write_dataset(
         seen,
         render_one,
@@ -505,7 +531,6 @@ def build_shapes_dataset(
         options=seen_options,
         **common,
     )
-    unseen = scene_records(n_heldout, True, seed, "h")
     held_options = options | {"split": "heldout"}
     held = write_dataset(
         unseen,
@@ -516,4 +541,4 @@ def build_shapes_dataset(
         options=held_options,
         **common,
     )
-    return summary | {"heldout": {"written": held["written"], "pairs": [list(p) for p in HELD_OUT]}}
+    return summary | {"heldout": {"written": held["written"], "pairs": [list(p) for p in held_out]}}

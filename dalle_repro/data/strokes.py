@@ -28,7 +28,6 @@ import functools
 import itertools
 import json
 import re
-from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,8 +36,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dalle_repro.data.loader import stable_seed
-from dalle_repro.data.shapes import ATTRIBUTES, Found, Obj, Scene, score, similarity
-from dalle_repro.data.writer import Record, Sample, encode_image, fingerprint, write_dataset
+from dalle_repro.data.shapes import ATTRIBUTES, Found, Obj, Scene, score, similarity, write_scene_splits
+from dalle_repro.data.writer import Record, Sample, encode_image
 
 __all__ = [
     "ATTRIBUTES",
@@ -445,31 +444,17 @@ def build_strokes_dataset(
         raise ValueError(f"image_size must be >= 32 for a thin stroke's form to be told apart, got {image_size}")
     if image_size > MAX_SIDE:
         raise ValueError(f"image_size must be <= {MAX_SIDE} (what read_scene reads), got {image_size}")
-    out = Path(output)
     options = {"image_size": image_size, "shard_size": shard_size, "seed": seed, "held_out": HELD_OUT}
-    common = dict(workers=workers, skipped=Counter(), overwrite=overwrite, desc="strokes")
-    render_one = partial(render_record, image_size=image_size)
-    seen = scene_records(n_train, False, seed, "s")
-    seen_options = options | {"split": "seen", "val_fraction": val_fraction}
-    summary = write_dataset(
-        seen,
-        render_one,
-        out,
+    return write_scene_splits(
+        Path(output),
+        scene_records(n_train, False, seed, "s"),
+        scene_records(n_heldout, True, seed, "h"),
+        partial(render_record, image_size=image_size),
+        held_out=HELD_OUT,
+        options=options,
         shard_size=shard_size,
         val_fraction=val_fraction,
-        fp=fingerprint(seen, seen_options),  # the records hold every scene, so their count too
-        options=seen_options,
-        **common,
+        workers=workers,
+        overwrite=overwrite,
+        desc="strokes",
     )
-    unseen = scene_records(n_heldout, True, seed, "h")
-    held_options = options | {"split": "heldout"}
-    held = write_dataset(
-        unseen,
-        render_one,
-        out / "heldout",
-        shard_size=shard_size,
-        fp=fingerprint(unseen, held_options),
-        options=held_options,
-        **common,
-    )
-    return summary | {"heldout": {"written": held["written"], "pairs": [list(p) for p in HELD_OUT]}}
