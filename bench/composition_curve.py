@@ -21,18 +21,19 @@ Usage: python bench/composition_curve.py [--out outputs/curve] [--factors 0.5 1 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dalle_repro.core.config import load_config, load_yaml
+from dalle_repro.core.cli import flag_aliases, parse_cli
+from dalle_repro.core.config import arg, load_config, load_yaml
 from dalle_repro.demo.config import DemoConfig, clip_config, dvae_config, prior_config
 from dalle_repro.demo.plan import SCALED_KEYS
 
@@ -141,17 +142,22 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+@dataclass
+class CurveArgs:
+    """The compute curve's settings."""
+
+    out: str = arg("outputs/curve", "Folder of the runs and the curve.")
+    factors: list[float] = arg(factory=lambda: [0.5, 1.0, 2.0, 4.0], doc="Multiples of the updates.", gt=0)
+    config: str = arg("configs/demo/demo.yaml", "The demo config the runs start from.")
+    seed: int = arg(0, "Seed of the scenes and of every model.", ge=0)
+    collect_only: bool = arg(False, "Only read finished runs and write the curve.")
+    plot: str | None = arg(None, "Where to draw the plot; null: OUT/curve.png.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="outputs/curve", help="folder of the runs and the curve (default outputs/curve)")
-    p.add_argument("--factors", type=float, nargs="+", default=[0.5, 1, 2, 4], help="multiples of the updates")
-    p.add_argument("--config", default="configs/demo/demo.yaml", help="the demo config the runs start from")
-    p.add_argument("--seed", type=int, default=0, help="the demo's seed, where its config has one")
-    p.add_argument("--collect-only", action="store_true", help="only read finished runs and write the curve")
-    p.add_argument("--plot", default=None, help="where to draw the plot (default OUT/curve.png)")
-    a = p.parse_args(argv)
-    if any(f <= 0 for f in a.factors):
-        p.error("--factors must be > 0")
+    a, _ = parse_cli(CurveArgs, argv, __doc__ or "", aliases=flag_aliases(CurveArgs))
+    if a is None:
+        return 0
     out = Path(a.out)
     for factor in a.factors:
         run_dir = out / f"x{factor:g}"

@@ -14,20 +14,20 @@ Variants are named ``key=value`` edits of the demo configuration (configs/demo/*
 variant that wins here is a config change the demo can take. Numbers from another device are not
 the demo's numbers (other kernels, other precision): they rank choices, the demo run measures them.
 
-Usage: python bench/composition_sweep.py --out OUT [--device cuda] [--scale 1.0]
-       [--dvae NAME:key=value,key=value ...] [--prior NAME:key=value,... ...] [--quick]
+Usage: python bench/composition_sweep.py --out OUT [--device cuda] [--quick]
+       [--dvae NAME:key=value,key=value] [--dvae ...] [--prior NAME:key=value,...] [--prior ...]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,7 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dalle_repro.core.config import deep_merge, from_dict, load_yaml, parse_overrides
+from dalle_repro.core.cli import flag_aliases, parse_cli
+from dalle_repro.core.config import arg, deep_merge, from_dict, load_yaml, parse_overrides
 from dalle_repro.data import shapes
 from dalle_repro.evaluation.tasks import read_back, summarize
 from dalle_repro.models.dvae import DVAE
@@ -175,21 +176,31 @@ def variant(text: str) -> tuple[str, str]:
     return name, edits
 
 
+@dataclass
+class SweepArgs:
+    """The sweep's settings. A variant is NAME:key=value,key=value (edits of configs/demo/*.yaml); give
+    one per flag (``--dvae base: --dvae v2048:model.vocab_size=2048``)."""
+
+    out: str = arg(doc="Folder for sweep.json.")
+    device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: CUDA when there is one.")
+    train: int = arg(8000, "Training scenes (the demo's shapes.train).", gt=0)
+    dvae: list[str] = arg(factory=lambda: ["base:"], doc="dVAE variants, NAME:key=value,...")
+    prior: list[str] = arg(
+        factory=lambda: ["base:"], doc="Prior variants, NAME:key=value,... (also train=N, ranks=N, dvae=NAME)."
+    )
+    prior_dvae: str | None = arg(None, "The dVAE variant the priors use; null: the first.")
+    captions: int = arg(96, "Distinct captions per split.", gt=0)
+    candidates: int = arg(8, "Samples per caption.", gt=0)
+    seed: int = arg(0, "Seed of the scenes, the weights and the samples.", ge=0)
+    workers: int = arg(4, "Rendering processes.", gt=0)
+    quick: bool = arg(False, "Tiny sizes, to check the script on a CPU.")
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", required=True, help="folder for sweep.json")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--train", type=int, default=8000, help="training scenes (the demo's shapes.train)")
-    p.add_argument("--dvae", nargs="+", default=["base:"], help="dVAE variants, NAME:key=value,...")
-    p.add_argument("--prior", nargs="+", default=["base:"], help="prior variants, NAME:key=value,... (+train=N)")
-    p.add_argument("--prior-dvae", default=None, help="the dVAE variant the priors use (default: the first)")
-    p.add_argument("--captions", type=int, default=96)
-    p.add_argument("--candidates", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--quick", action="store_true", help="tiny sizes, to check the script on a CPU")
-    a = p.parse_args(argv)
-    dev = torch.device(a.device)
+    a, _ = parse_cli(SweepArgs, argv, __doc__ or "", aliases=flag_aliases(SweepArgs))
+    if a is None:
+        return 0
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"device": str(dev), "args": vars(a), "dvae": {}, "prior": {}}

@@ -29,7 +29,6 @@ Usage: python bench/contention.py [--steps 10] [--warmup 2] [--ranks 2] [--compe
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -38,9 +37,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
+from dalle_repro.core.cli import flag_aliases, parse_cli
+from dalle_repro.core.config import arg
 from dalle_repro.core.distributed import cpu_threads, usable_cores
 from dalle_repro.core.precision import PrecisionArgs
 from dalle_repro.models.transformer import Transformer, TransformerArgs
@@ -85,16 +87,21 @@ def step_ms(threads: int, steps: int, warmup: int, batch: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+@dataclass
+class ContentionArgs:
+    """The contention benchmark's settings."""
+
+    steps: int = arg(10, "Timed train steps per setting (the median counts).", gt=0)
+    warmup: int = arg(2, "Untimed steps before them.", ge=0)
+    ranks: int = arg(2, "Ranks on this node the new default divides the cores by.", gt=0)
+    competitors: int | None = arg(None, "Busy processes beside the step; null: ranks - 1.", ge=0)
+    batch: int = arg(16, "Batch size (the demo's: 16).", gt=0)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="timed train steps per setting (median counts)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before them")
-    p.add_argument("--ranks", type=int, default=2, help="ranks on this node the new default divides the cores by")
-    p.add_argument("--competitors", type=int, default=None, help="busy processes beside the step (default ranks-1)")
-    p.add_argument("--batch", type=int, default=16, help="batch size (the demo's: 16)")
-    a = p.parse_args(argv)
-    if min(a.steps, a.ranks, a.batch) < 1 or a.warmup < 0:
-        p.error("--steps, --ranks and --batch must be at least 1, --warmup at least 0")
+    a, _ = parse_cli(ContentionArgs, argv, __doc__ or "", aliases=flag_aliases(ContentionArgs))
+    if a is None:
+        return 0
     n_comp = a.ranks - 1 if a.competitors is None else a.competitors
     cores = usable_cores()
     old = cores

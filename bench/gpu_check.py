@@ -27,7 +27,6 @@ report has every field; its figures mean nothing. CI runs it (tests/test_bench.p
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -36,6 +35,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dalle_repro.core.cli import plain_text
-from dalle_repro.core.config import load_config
+from dalle_repro.core.cli import flag_aliases, parse_cli
+from dalle_repro.core.config import ConfigError, arg, load_config
 from dalle_repro.core.precision import PrecisionArgs
 from dalle_repro.models.attention import attend
 from dalle_repro.models.masks import KINDS, MaskSpec, allowed, layer_kind
@@ -290,15 +290,25 @@ CHECKS: dict[str, Callable[[torch.device, bool], dict[str, Any]]] = {
 }
 
 
+@dataclass
+class GpuCheckArgs:
+    """The GPU check's settings."""
+
+    dry_run: bool = arg(False, "Toy sizes on the CPU: checks that every part runs.")
+    budget_s: float = arg(450.0, "Skip checks that would start after this many seconds.", gt=0)
+    only: list[str] | None = arg(None, "Run only these checks (names of CHECKS); null: all.")
+    out: str | None = arg(None, "Also write the JSON here.")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.only or ()) - set(CHECKS))
+        if unknown:
+            raise ConfigError(f"only: no check named {', '.join(unknown)}; the checks are {', '.join(CHECKS)}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        description=plain_text(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--dry-run", action="store_true", help="toy sizes on the CPU: checks that every part runs")
-    ap.add_argument("--budget-s", type=float, default=450.0, help="skip checks that would start after this")
-    ap.add_argument("--only", nargs="+", choices=list(CHECKS), help="run only these checks")
-    ap.add_argument("--out", type=Path, help="also write the JSON here")
-    a = ap.parse_args(argv)
+    a, _ = parse_cli(GpuCheckArgs, argv, __doc__ or "", aliases=flag_aliases(GpuCheckArgs))
+    if a is None:
+        return 0
     if not a.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device; --dry-run runs the checks at toy sizes on the CPU", file=sys.stderr)
         return 2
@@ -332,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = round(time.perf_counter() - start, 1)
     text = json.dumps(report, indent=2, default=str)
     if a.out:
-        a.out.write_text(text + "\n")
+        Path(a.out).write_text(text + "\n")
     print(text)
     with contextlib.suppress(Exception):
         import torch.distributed as dist

@@ -56,7 +56,6 @@ Each side runs in a fresh process per round; the best round of each side counts.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -65,14 +64,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import webdataset as wds
 
-from dalle_repro.core.cli import plain_text
+from dalle_repro.core.cli import flag_aliases, parse_cli
+from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.core.cpuinfo import cpu_record
 from dalle_repro.core.precision import Pick, auto_precision, cpu_matmul_probe, pick_precision
 from dalle_repro.data.loader import DataArgs, Loader
@@ -673,30 +674,46 @@ WORKLOADS = {
 }
 
 
+INTERNAL = ("_vae_train_once", "_prior_train_once", "_sample_once")  # one measurement in a fresh process
+
+
+@dataclass
+class BenchArgs:
+    """The benchmark's settings; the workload is the one bare word of the command line."""
+
+    workload_words: list[str] = arg(
+        factory=list, doc="The workload: all, or one of WORKLOADS (given as a bare word: run.py prior_train)."
+    )
+    precision: str = arg("auto", "Our side's precision (auto, fp32, bf16, fp16).")
+    minutes: float = arg(5.0, "vae_quality: training minutes per side.", gt=0)
+    ablation: bool = arg(
+        False,
+        "vae_quality: also train ours with the likelihood swapped (b fixed at 1; squared error), the same "
+        "minutes each, to measure what the paper's likelihood costs in PSNR.",
+    )
+    threads: int = arg(2, "Torch threads.", gt=0)
+    rounds: int = arg(3, "Alternating rounds; the best of each side counts.", gt=0)
+    isa: Literal["native", "avx2"] = arg(
+        "native",
+        "avx2: hold PyTorch (ATen, oneDNN, MKL) and our kernels to AVX2 code paths on this CPU, both sides, to "
+        "stand in for an AVX2-only machine (an emulation: this machine's cores and clocks; the result's machine "
+        "record says isa_emulated).",
+    )
+
+    def __post_init__(self) -> None:
+        known = [*WORKLOADS, "all", *INTERNAL]
+        if len(self.workload_words) != 1 or self.workload_words[0] not in known:
+            raise ConfigError(f"workload: give one of {', '.join(known[:-3])}, got {self.workload_words or 'none'}")
+
+    @property
+    def workload(self) -> str:
+        return self.workload_words[0]
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=plain_text(__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("workload", choices=[*WORKLOADS, "all", "_vae_train_once", "_prior_train_once", "_sample_once"])
-    p.add_argument("--precision", default="auto", help=argparse.SUPPRESS)
-    p.add_argument("--minutes", type=float, default=5.0, help="vae_quality: training minutes per side (default 5)")
-    p.add_argument(
-        "--ablation",
-        action="store_true",
-        help="vae_quality: also train ours with the likelihood swapped (b fixed at 1; squared error), "
-        "the same minutes each, to measure what the paper's likelihood costs in PSNR",
-    )
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the best of each side counts")
-    p.add_argument(
-        "--isa",
-        choices=["native", "avx2"],
-        default="native",
-        help="avx2: hold PyTorch (ATen, oneDNN, MKL) and our kernels to AVX2 code paths on this CPU, both "
-        "sides, to stand in for an AVX2-only machine (an emulation: this machine's cores and clocks; the "
-        "result's machine record says isa_emulated)",
-    )
-    a = p.parse_args(argv)
+    a, _ = parse_cli(BenchArgs, argv, __doc__ or "", aliases=flag_aliases(BenchArgs), positional="workload_words")
+    if a is None:
+        return 0
     if a.isa == "avx2" and _emulated_isa() is None:  # the variables must be set before torch loads
         args = sys.argv[1:] if argv is None else list(argv)
         os.execve(sys.executable, [sys.executable, __file__, *args], {**os.environ, **AVX2_ENV})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def curve():
     spec = importlib.util.spec_from_file_location("composition_curve", ROOT / "bench" / "composition_curve.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["composition_curve"] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
