@@ -121,7 +121,12 @@ def all_objects(held_out: bool | None = None) -> list[Obj]:
 
 def random_scene(rng: np.random.Generator, held_out: bool, two: float = 0.5) -> Scene:
     """A random scene: one of only seen pairs (``held_out`` False), or one with at least one held-out pair."""
-    seen, unseen = all_objects(False), all_objects(True)
+    return scene_from(rng, held_out, all_objects(False), all_objects(True), two)
+
+
+def scene_from(rng: np.random.Generator, held_out: bool, seen: list[Obj], unseen: list[Obj], two: float = 0.5) -> Scene:
+    """A random scene over the objects of a world: one or (with probability ``two``) two objects,
+    from ``seen`` only, or with at least one from ``unseen`` (``held_out``) in a random slot."""
     if rng.random() >= two:
         pool = unseen if held_out else seen
         return Scene((pool[rng.integers(len(pool))],), POSITIONS[rng.integers(len(POSITIONS))])
@@ -431,11 +436,15 @@ def render_record(rec: Record, image_size: int = 32) -> Sample:
     return Sample(rec.key, image, ext, rec.caption, meta)
 
 
-def scene_records(n: int, held_out: bool, seed: int, prefix: str) -> list[Record]:
-    rng = np.random.default_rng(stable_seed("scenes", seed, held_out))
+def scene_records(
+    n: int, held_out: bool, seed: int, prefix: str, draw: Any = random_scene, salt: str = "scenes"
+) -> list[Record]:
+    """``n`` records of scenes ``draw`` makes (a world's ``random_scene``), from a generator seeded by
+    ``(salt, seed, held_out)``; each holds its scene as JSON and its caption."""
+    rng = np.random.default_rng(stable_seed(salt, seed, held_out))
     out = []
     for i in range(n):
-        scene = random_scene(rng, held_out)
+        scene = draw(rng, held_out)
         out.append(Record(f"{prefix}{i:06d}", json.dumps(scene.to_json()), scene.caption(), {}))
     return out
 

@@ -36,7 +36,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from dalle_repro.data.loader import stable_seed
-from dalle_repro.data.shapes import ATTRIBUTES, Found, Obj, Scene, score, similarity, write_scene_splits
+from dalle_repro.data.shapes import (
+    ATTRIBUTES,
+    POSITIONS,
+    RELATIONS,
+    Found,
+    Obj,
+    Scene,
+    scene_from,
+    score,
+    similarity,
+    write_scene_splits,
+)
+from dalle_repro.data.shapes import scene_records as shapes_scene_records
 from dalle_repro.data.writer import Record, Sample, encode_image
 
 __all__ = [
@@ -77,8 +89,6 @@ COLOURS = {
     "magenta": (220, 40, 170),
 }
 SIZES = ("thin", "thick")  # the stroke's weight: the attribute "size"
-POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")
-RELATIONS = ("left of", "right of", "above", "below")
 HELD_OUT = (("orange", "line"), ("cyan", "ring"), ("magenta", "cross"), ("green", "corner"))  # one per form
 BACKGROUND = (238, 236, 230)  # the paper's mean colour; its texture adds the same levels to every channel
 GREY = "grey"  # the colour of a stroke that is none of COLOURS
@@ -119,19 +129,7 @@ def all_objects(held_out: bool | None = None) -> list[Obj]:
 
 def random_scene(rng: np.random.Generator, held_out: bool, two: float = 0.5) -> Scene:
     """A random scene: one of seen pairs only (``held_out`` False), or one with at least one held-out pair."""
-    seen, unseen = all_objects(False), all_objects(True)
-    if rng.random() >= two:
-        pool = unseen if held_out else seen
-        return Scene((pool[rng.integers(len(pool))],), POSITIONS[rng.integers(len(POSITIONS))])
-    relation = RELATIONS[rng.integers(len(RELATIONS))]
-    if not held_out:
-        a, b = (seen[i] for i in rng.integers(len(seen), size=2))
-    else:  # one held-out stroke in a random slot, the other from anywhere
-        every = seen + unseen
-        a, b = unseen[rng.integers(len(unseen))], every[rng.integers(len(every))]
-        if rng.random() < 0.5:
-            a, b = b, a
-    return Scene((a, b), relation)
+    return scene_from(rng, held_out, all_objects(False), all_objects(True), two)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,12 +415,7 @@ def render_record(rec: Record, image_size: int = 32) -> Sample:
 
 
 def scene_records(n: int, held_out: bool, seed: int, prefix: str) -> list[Record]:
-    rng = np.random.default_rng(stable_seed("strokes", seed, held_out))
-    out = []
-    for i in range(n):
-        scene = random_scene(rng, held_out)
-        out.append(Record(f"{prefix}{i:06d}", json.dumps(scene.to_json()), scene.caption(), {}))
-    return out
+    return shapes_scene_records(n, held_out, seed, prefix, draw=random_scene, salt="strokes")
 
 
 def build_strokes_dataset(
