@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dalle_repro.core.config import ConfigError
@@ -42,3 +43,16 @@ def run_trainer(train: Callable[[StopRequested], dict[str, Any]]) -> tuple[int, 
     finally:
         for sig, handler in previous.items():  # a caller in the same process gets its own back
             signal.signal(sig, handler)
+
+
+def print_written(run: str | os.PathLike[str], model: str, reader: str) -> None:
+    """A trainer's last line, from rank 0 only: what the run folder holds now, and the model folder
+    ``RUN/model`` that ``reader`` reads (a stopped run has none yet)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    run = Path(run)
+    if (run / model / "model.safetensors").is_file():
+        what = f"; the {reader}: {run / model}"
+    else:
+        what = f"; no {model}/ yet (the run stopped early: --resume continues it)"
+    print(f"wrote config.yaml, metrics.jsonl and checkpoints/ in {run}{what}")

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 
-from dalle_repro.cli.errors import run_trainer
+from dalle_repro.cli.errors import print_written, run_trainer
 from dalle_repro.core.cli import parse_cli
 from dalle_repro.train.dvae import DVAETrainConfig, train
 
@@ -31,20 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     code, result = run_trainer(lambda stop: train(cfg, resume_run=flags["resume"], stop=stop))
     if code == 0 and result:
         print(json.dumps(result))
-    if code == 0 and int(os.environ.get("RANK", "0")) == 0:
-        print(written_line(Path(cfg.run.run_dir)))
+    if code == 0:
+        print_written(cfg.run.run_dir, "dvae", "dVAE tools/encode_tokens.py reads")
     return code
-
-
-def written_line(run: Path) -> str:
-    """The tool's last line: what the run folder holds now (a stopped run has no dvae/ yet)."""
-    done = (run / "dvae" / "model.safetensors").is_file()
-    model = (
-        f"; the dVAE tools/encode_tokens.py reads: {run / 'dvae'}"
-        if done
-        else "; no dvae/ yet (the run stopped early: --resume continues it)"
-    )
-    return f"wrote config.yaml, metrics.jsonl and checkpoints/ in {run}{model}"
 
 
 if __name__ == "__main__":

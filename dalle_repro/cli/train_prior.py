@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 
-from dalle_repro.cli.errors import run_trainer
+from dalle_repro.cli.errors import print_written, run_trainer
 from dalle_repro.core.cli import parse_cli
 from dalle_repro.train.prior import train
 from dalle_repro.train.prior_config import PriorTrainConfig
@@ -37,20 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     code, result = run_trainer(lambda stop: train(cfg, resume_run=flags["resume"], stop=stop))
     if code == 0:
         print(json.dumps(result))
-    if code == 0 and int(os.environ.get("RANK", "0")) == 0:
-        print(written_line(Path(cfg.run.run_dir)))
+        print_written(cfg.run.run_dir, "export", "export launch/sample.py loads")
     return code
-
-
-def written_line(run: Path) -> str:
-    """The tool's last line: what the run folder holds now (a stopped run has no export/ yet)."""
-    done = (run / "export" / "model.safetensors").is_file()
-    model = (
-        f"; the export launch/sample.py loads: {run / 'export'}"
-        if done
-        else "; no export/ yet (the run stopped early: --resume continues it)"
-    )
-    return f"wrote config.yaml, metrics.jsonl and checkpoints/ in {run}{model}"
 
 
 if __name__ == "__main__":
