@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.core.config import arg, deep_merge, from_dict, load_yaml, parse_overrides
 from dalle_repro.data import shapes
+from dalle_repro.data.worlds import world_of
 from dalle_repro.evaluation.tasks import read_back, summarize
 from dalle_repro.models.dvae import DVAE
 from dalle_repro.models.transformer import Transformer, TransformerArgs
@@ -45,16 +46,19 @@ from dalle_repro.train.dvae import DVAETrainConfig, State, train_step
 from dalle_repro.train.optim import EMA, adamw, cosine, param_groups
 
 
-def _render(args: tuple[dict[str, Any], int, int]) -> np.ndarray:
-    scene, size, seed = args
-    return np.asarray(shapes.render(shapes.Scene.from_json(scene), size, seed=seed))
+def _render(args: tuple[str, dict[str, Any], int, int]) -> np.ndarray:
+    world, scene, size, seed = args
+    return np.asarray(world_of(world).render(shapes.Scene.from_json(scene), size, seed=seed))
 
 
-def scenes(n: int, held_out: bool, seed: int, size: int, workers: int) -> tuple[list[str], torch.Tensor]:
-    """``n`` random scenes (seen pairs only, or each with a held-out pair): captions and uint8 images."""
+def scenes(
+    n: int, held_out: bool, seed: int, size: int, workers: int, world: str = "shapes"
+) -> tuple[list[str], torch.Tensor]:
+    """``n`` random scenes of ``world`` (seen pairs only, or each with a held-out pair): captions and
+    uint8 images."""
     rng = np.random.default_rng([seed, int(held_out)])
-    sc = [shapes.random_scene(rng, held_out) for _ in range(n)]
-    jobs = [(s.to_json(), size, seed * 1_000_003 + i + (10**9 if held_out else 0)) for i, s in enumerate(sc)]
+    sc = [world_of(world).random_scene(rng, held_out) for _ in range(n)]
+    jobs = [(world, s.to_json(), size, seed * 1_000_003 + i + (10**9 if held_out else 0)) for i, s in enumerate(sc)]
     with Pool(workers) as pool:
         ims = pool.map(_render, jobs, chunksize=256)
     return [s.caption() for s in sc], torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()
@@ -105,7 +109,7 @@ def ceiling(dvae: DVAE, captions: list[str], images: torch.Tensor, dev: torch.de
     recon = torch.cat([dvae.decode(t.to(dev)).cpu() for t in tokens.split(512)])
     counts = torch.bincount(tokens.flatten(), minlength=dvae.args.vocab_size).double()
     p = counts[counts > 0] / counts.sum()
-    s = summarize(read_back(recon, captions))
+    s = summarize(read_back(recon, captions, world_of(captions[0])))
     return {
         "all": s["all"],
         "shape": s["shape"],
@@ -166,7 +170,7 @@ def score_prior(prior, dvae, tok, captions: list[str], candidates: int, seed: in
         [prior.generate(r, temperature=0.7, uncond=uncond, guidance=2.0, generator=gen) for r in rows.split(1024)]
     )
     images = torch.cat([dvae.decode(t.view(-1, grid, grid)).cpu() for t in tokens.split(1024)])
-    s = summarize(read_back(images, [c for c in captions for _ in range(candidates)]))
+    s = summarize(read_back(images, [c for c in captions for _ in range(candidates)], world_of(captions[0])))
     keys = ("all", "shape", "colour", "colour_shape_binding", "position", "counting")
     return {k: s[k] for k in keys} | {"overall": s["overall"]}
 
@@ -183,6 +187,9 @@ class SweepArgs:
 
     out: str = arg(doc="Folder for sweep.json.")
     device: Literal["auto", "cpu", "cuda"] = arg("auto", "auto: CUDA when there is one.")
+    world: Literal["shapes", "strokes"] = arg(
+        "shapes", "The data set: the demo's shapes, or the strokes set that no setting was tuned on."
+    )
     train: int = arg(8000, "Training scenes (the demo's shapes.train).", gt=0)
     dvae: list[str] = arg(factory=lambda: ["base:"], doc="dVAE variants, NAME:key=value,...")
     prior: list[str] = arg(
@@ -194,6 +201,7 @@ class SweepArgs:
     seed: int = arg(0, "Seed of the scenes, the weights and the samples.", ge=0)
     workers: int = arg(4, "Rendering processes.", gt=0)
     quick: bool = arg(False, "Tiny sizes, to check the script on a CPU.")
+    dvae_only: bool = arg(False, "Train and score the dVAE variants only, no prior.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,17 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         if e.startswith("train=")
     ]
     max_train = max([n_train, *([] if a.quick else wanted)])
-    train_caps, train_ims = scenes(max_train, False, a.seed, 32, a.workers)
-    val_caps, val_ims = distinct(*scenes(600, False, a.seed + 1, 32, a.workers), a.captions)
-    held_caps, held_ims = distinct(*scenes(600, True, a.seed + 2, 32, a.workers), a.captions)
+    train_caps, train_ims = scenes(max_train, False, a.seed, 32, a.workers, a.world)
+    val_caps, val_ims = distinct(*scenes(600, False, a.seed + 1, 32, a.workers, a.world), a.captions)
+    held_caps, held_ims = distinct(*scenes(600, True, a.seed + 2, 32, a.workers, a.world), a.captions)
     result["data_seconds"] = round(time.perf_counter() - t0, 1)
     dvaes = {}
     for name, edits in map(variant, a.dvae):
         cfg = edited("configs/demo/dvae.yaml", DVAETrainConfig, edits)
         if a.quick:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=3))
-        precision = "bf16" if dev.type == "cuda" else "fp32"
-        cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=precision))
+        if dev.type == "cuda":  # bf16 autocast on a GPU; on a CPU the config's own (auto: the demo's pick)
+            cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="bf16"))
         dvae, info = train_dvae(cfg, train_ims[:n_train], dev, a.seed)
         info |= {"seen": ceiling(dvae, val_caps, val_ims, dev), "heldout": ceiling(dvae, held_caps, held_ims, dev)}
         info["edits"] = edits
@@ -240,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens_of: dict[str, torch.Tensor] = {}
     text_all = torch.tensor([tok.encode(c) for c in train_caps], dtype=torch.long)
     empty = torch.tensor([tok.encode("")], dtype=torch.long)
-    for name, edits in map(variant, a.prior):
+    for name, edits in map(variant, [] if a.dvae_only else a.prior):
         pairs = [e for e in edits.split(",") if e]
         extra = dict(e.split("=", 1) for e in pairs if e.split("=", 1)[0] in ("train", "ranks", "dvae"))
         dvae_name = extra.get("dvae", a.prior_dvae or next(iter(dvaes)))

@@ -541,3 +541,18 @@ def test_a_csv_cell_over_the_field_limit_skips_its_row_and_counts_it(tmp_path):
     table.write_text("image,caption\na.png,a fine one\nb.png," + "x" * 200_000 + "\nc.png,another\n")
     s = make_shards(table, tmp_path / "out")
     assert s["written"] == 2 and s["skipped"] == {"unreadable_row": 1}
+
+
+def test_the_pattern_folder_goes_through_make_shards_with_its_broken_files_named(tmp_path):
+    from dalle_repro.cli.make_pattern_folder import main as make_folder
+    from dalle_repro.cli.make_shards import main as make_shards
+
+    assert make_folder(["--output", str(tmp_path / "imgs"), "--count", "30", "--image-size", "32"]) == 0
+    captions = sorted(p.read_text().strip() for p in (tmp_path / "imgs").glob("0*.txt"))
+    assert len(captions) == 30 and len(set(captions)) > 20
+    assert make_shards(["--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "out")]) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["written"] == 30
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert len(skipped) == 4 and all(s["reason"] for s in skipped)
+    assert any("broken_no_image" in json.dumps(s) for s in skipped)

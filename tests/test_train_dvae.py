@@ -294,3 +294,22 @@ def test_a_failing_final_validation_keeps_the_finished_runs_checkpoint_and_expor
     latest = Checkpoints(run).latest()
     assert latest is not None and latest.name == "step_00000006"
     assert (run / "dvae" / "model.safetensors").is_file()
+
+
+def test_channel_shuffle_permutes_whole_images_and_keeps_the_rest():
+    from dalle_repro.train.dvae import shuffle_channels
+
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 4, 4)
+    assert shuffle_channels(x, 0.0) is x
+    y = shuffle_channels(x, 1.0)
+    for a, b in zip(x, y, strict=True):
+        # every image is another order of its own channels, never the same order (p=1)
+        match = [int(torch.equal(b[i], a[j])) for i in range(3) for j in range(3)]
+        assert sum(match) == 3 and not torch.equal(a, b)
+    orders = {tuple(int((y[k][i] == x[k]).flatten(1).all(1).nonzero()) for i in range(3)) for k in range(64)}
+    assert len(orders) == 5  # the five non-identity orders all occur
+    torch.manual_seed(1)
+    half = shuffle_channels(x, 0.5)
+    kept = sum(torch.equal(a, b) for a, b in zip(x, half, strict=True))
+    assert 16 < kept < 48
