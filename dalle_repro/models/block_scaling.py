@@ -94,11 +94,13 @@ class BlockScaler:
             with half:
                 return x + branch(x).float()
         s = float(self.scales[j])
-        inp = x.view_as(x)  # a node of its own, so the hook sees only the gradient leaving the branch
-        inp.register_hook(lambda g: self._filter(j, g, s))
+        inp = x
+        if x.requires_grad:  # not below frozen layers (fine-tuning's init.freeze): no gradient leaves there
+            inp = x.view_as(x)  # a node of its own, so the hook sees only the gradient leaving the branch
+            inp.register_hook(lambda g: self._filter(j, g, s))
         with half:
             out = branch(inp).float()
-        if s != 1.0:
+        if s != 1.0 and out.requires_grad:
             out.register_hook(lambda g: g * s)
         return x + out
 

@@ -19,6 +19,7 @@ then exit 0), ``run.max_nonfinite`` and the end of the run come from the shared 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -31,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dalle_repro.core import distributed
 from dalle_repro.core.config import ConfigError, arg, save_config
+from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png
 from dalle_repro.core.precision import AutocastArgs, agree_across_ranks, pick_precision
 from dalle_repro.core.pretrained import load_state_strict, save_pretrained
@@ -44,6 +46,7 @@ from dalle_repro.models.dvae import (
     unmap_pixels,
 )
 from dalle_repro.train.checkpoint import Checkpoints
+from dalle_repro.train.finetune import DVAEInitArgs, load_dvae_init
 from dalle_repro.train.inputs import check_run_shards, warn_long_schedules
 from dalle_repro.train.loop import (
     Counters,
@@ -139,6 +142,7 @@ class DVAETrainConfig:
     model: DVAEArgs = arg(factory=DVAEArgs, doc="The dVAE's sizes.")
     data: DataArgs = arg(factory=DataArgs, doc="Training images.")
     augment: AugmentArgs = arg(factory=AugmentArgs, doc="Augmentations of the training images.")
+    init: DVAEInitArgs = arg(factory=DVAEInitArgs, doc="Start from a trained dVAE's weights (fine-tuning).")
     schedule: ScheduleArgs = arg(factory=ScheduleArgs, doc="tau, beta and lr schedules.")
     optim: OptimArgs = arg(factory=OptimArgs, doc="Optimiser and EMA.")
     precision: AutocastArgs = arg(factory=AutocastArgs, doc="Autocast precision of the convolutions.")
@@ -283,10 +287,17 @@ def validate(model: DVAE, cfg: DVAETrainConfig, dev: torch.device) -> tuple[dict
     return metrics, shown
 
 
-def build(cfg: DVAETrainConfig, d: distributed.Dist) -> State:
+def build(cfg: DVAETrainConfig, d: distributed.Dist, load_init: bool = True) -> State:
+    """Model (from ``init.dvae``'s weights when set and ``load_init``: a resumed run reads its own
+    checkpoint instead), optimizer, EMA (from the loaded weights), loader."""
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
+    model = DVAE(cfg.model)
+    if cfg.init.dvae is not None and load_init:
+        record = load_dvae_init(model, cfg.init, cfg.model)
+        if d.is_main:
+            atomic_write_text(Path(cfg.run.run_dir) / "init.json", json.dumps(record, indent=2) + "\n")
     # channels_last: oneDNN's and cuDNN's fast conv layout (1.4-1.65x on this CPU, bf16 and fp32)
-    model = DVAE(cfg.model).to(d.device, memory_format=torch.channels_last)
+    model = model.to(d.device, memory_format=torch.channels_last)
     opt = adamw(
         model,
         cfg.schedule.lr_start,
@@ -364,7 +375,7 @@ def train(cfg: DVAETrainConfig, resume_run: bool = False, stop: StopRequested | 
     check_run_shards(cfg.data.shards, cfg.run.val_shards, d.world_size, cfg.data.num_workers)
     warn_long_schedules(cfg.schedule, ("tau_steps", "beta_steps", "lr_steps"), cfg.run.steps, d.is_main)
     with deterministic(cfg.run.deterministic, d.device):
-        task = DVAETask(cfg, run_cfg, d, build(run_cfg, d))
+        task = DVAETask(cfg, run_cfg, d, build(run_cfg, d, load_init=latest is None))
         if latest is not None:
             task.resume(latest)
             log.info("resumed from %s at step %d", latest, task.step)

@@ -77,6 +77,7 @@ from dalle_repro.train.deepspeed import (
     initialize,
 )
 from dalle_repro.train.exact_skip import step_without
+from dalle_repro.train.finetune import freeze, load_prior_init, prior_init_config
 from dalle_repro.train.inputs import check_run_shards, warn_long_schedules
 from dalle_repro.train.loop import Counters as LoopCounters
 from dalle_repro.train.loop import (
@@ -194,6 +195,7 @@ class Run:
     run_dir: Path
     counters: Counters = field(default_factory=Counters)
     written_cfg: PriorTrainConfig | None = None  # what checkpoints and the export store (precision auto kept)
+    init_record: dict[str, Any] | None = None  # what a fine-tuning run started from (RUN/init.json)
 
     @property
     def step(self) -> int:
@@ -213,12 +215,16 @@ class Run:
         return ts
 
 
-def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
-
+def build(cfg: PriorTrainConfig, d: distributed.Dist, load_init: bool = True) -> Run:
+    """The model (from ``init.export``'s weights when set and ``load_init``: a run that resumes reads
+    its own checkpoint instead), DeepSpeed's engine, the loader, the EMA."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     torch.manual_seed(cfg.run.seed)  # the same initial weights on every rank
-    model = Transformer(cfg.model).to(d.device)
+    model = Transformer(cfg.model)
+    init_record = load_prior_init(model, cfg.init) if cfg.init.export is not None and load_init else None
+    model = model.to(d.device)
     scaler = model.enable_precision(cfg.precision) if cfg.precision.mode == "block_scaled" else None
+    freeze(model, cfg.init.freeze)  # after the block scaler's hooks: a frozen tensor takes none
     tokenizer = TextTokenizer(cfg.text.path, cfg.text.text_len)
     dvae = DVAE.from_pretrained(cfg.dvae).to(d.device).eval() if cfg.dvae is not None else None
     ds_config = deepspeed_config(cfg, d.world_size)
@@ -255,9 +261,14 @@ def build(cfg: PriorTrainConfig, d: distributed.Dist) -> Run:
     ema = gathered(engine, lambda: EMA(model, cfg.optim.ema_decay), d)  # rank 0 keeps the EMA
     empty = torch.tensor(tokenizer.encode(""), dtype=torch.long)
     torch.manual_seed(cfg.run.seed + 1000 * (d.rank + 1))  # caption dropout and model dropout differ per rank
-    return Run(
+    run = Run(
         cfg, d, model, engine, engine.lr_scheduler, scaler, ema, loader, tokenizer, dvae, empty, Path(cfg.run.run_dir)
     )
+    init_file = run.run_dir / "init.json"
+    if init_record is not None and d.is_main:
+        atomic_write_text(init_file, json.dumps(init_record, indent=2) + "\n")
+    run.init_record = init_record or (json.loads(init_file.read_text()) if init_file.is_file() else None)
+    return run
 
 
 def batch_tokens(r: Run, batch: dict[str, Any], train: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,6 +491,8 @@ def export(r: Run) -> Path | None:
         return None
     assert r.ema is not None
     info = {"step": r.step, "text_len": r.cfg.model.text_len, "caption_dropout": r.cfg.run.caption_dropout}
+    if r.init_record is not None:
+        info["fine_tuned_from"] = r.init_record
     cfg = r.written_cfg or r.cfg  # precision auto stays auto: the sampler picks on its own machine
     ema = r.ema.state_dict()
     return write_export(r.run_dir / "export", cfg, ema, raw, cfg.text.path, cfg.dvae, info, cfg.run.copy_dvae)
@@ -567,12 +580,14 @@ def _train(cfg: PriorTrainConfig, d: distributed.Dist, resume_run: bool, stop: S
     latest = checkpoint_to_resume(cfg.run, resume_run)
     check_run_shards(cfg.data.shards, cfg.run.val_shards, d.world_size, cfg.data.num_workers)
     warn_long_schedules(cfg.schedule, ("warmup_steps", "decay_steps"), cfg.run.steps, d.is_main)
+    cfg = prior_init_config(cfg)
     check_tokens_match_dvae(cfg)
     cfg, sizes = resolve_sizes(cfg)
     pick = picked_precision(cfg, d)
     if cfg.data.kind == "tokens":
         check_token_shards(cfg)  # the first shard's grid, where no summary.json says which dVAE made them
-    r = build(dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype)), d)
+    picked = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=pick.dtype))
+    r = build(picked, d, load_init=latest is None)
     r.written_cfg = cfg
     task = PriorTask(r)
     if latest is not None:

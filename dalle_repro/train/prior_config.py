@@ -20,6 +20,7 @@ from dalle_repro.data.tar import first_token_grid
 from dalle_repro.data.tokenizer import TextTokenizer, TokenizerArgs
 from dalle_repro.models.dvae import DVAE, DVAEArgs
 from dalle_repro.models.transformer import TransformerArgs
+from dalle_repro.train.finetune import InitArgs
 from dalle_repro.train.loop import RunArgs
 from dalle_repro.train.metrics import LogArgs
 
@@ -102,6 +103,7 @@ class PriorTrainConfig:
     optim: PriorOptimArgs = arg(factory=PriorOptimArgs, doc="Optimiser and EMA.")
     deepspeed: DeepSpeedArgs = arg(factory=DeepSpeedArgs, doc="DeepSpeed.")
     run: PriorRunArgs = arg(factory=PriorRunArgs, doc="The run.")
+    init: InitArgs = arg(factory=InitArgs, doc="Start from a trained export's weights (fine-tuning).")
     log: LogArgs = arg(factory=LogArgs, doc="Logging.")
 
     def __post_init__(self) -> None:
