@@ -303,3 +303,96 @@ def test_the_export_copies_only_the_dvae_folders_own_files_without_following_lin
     assert copied == ["config.yaml", "model.safetensors"]
     assert not any(p.is_symlink() for p in (export / "dvae").iterdir())
     assert load_prior(export).dvae is not None
+
+
+def test_a_region_edit_redraws_the_box_keeps_the_rest_and_scores_the_fit(parts):
+    from dalle_repro.sample.generate import Box
+
+    model, dvae, tok = parts
+    init = torch.rand(3, 16, 16)
+    want = dvae.encode(init[None])[0].flatten()  # a 4x4 grid of 4-pixel cells
+    box = Box(4, 4, 12, 8)  # columns 1-2 of row 1
+    inside = box.mask(16, 4)
+    assert inside.nonzero().flatten().tolist() == [5, 6]
+    s = SampleSettings(candidates=6, keep=3, dedup=False, fit_share=0.5)
+    res = generate(model, dvae, ["rocket"], tok, s, init_image=init, box=box, progress=False)[0]
+    for t in res.tokens:
+        assert torch.equal(t.flatten()[~inside], want[~inside])  # every token outside the box kept
+    assert res.fit is not None and len(res.fit) == 3 and all(f <= 0 for f in res.fit)
+    # the fit is the kept tokens' mean log-likelihood after the box, from the model's own forward
+    text = torch.tensor([tok.encode("rocket")])
+    with torch.no_grad():
+        _, logits = model(text, res.tokens[0].flatten()[None])
+    logp = torch.log_softmax(logits[0].float(), -1)
+    after = [i for i in range(7, 16)]
+    expect = float(sum(logp[i, res.tokens[0].flatten()[i]] for i in after) / len(after))
+    assert res.fit[0] == pytest.approx(expect, abs=1e-4)
+    # the kept ones are the best-fitting half (no CLIP: ranked by fit alone)
+    every = model.edit(text.expand(6, -1), want[None].expand(6, -1), inside, generator=torch.Generator().manual_seed(0))
+    assert every[0].shape == (6, 16)
+    for bad, msg in ((Box(0, 0, 17, 8), "not inside the 16x16"), (Box(0, 0, 3, 8), "smaller than one token")):
+        with pytest.raises(ValueError, match=msg):
+            generate(model, dvae, ["rocket"], tok, s, init_image=init, box=bad, progress=False)
+    with pytest.raises(ValueError, match="dVAE takes 16x16"):
+        generate(model, dvae, ["rocket"], tok, s, init_image=torch.rand(3, 32, 32), box=box, progress=False)
+    with pytest.raises(ValueError, match="two edits"):
+        generate(model, dvae, ["rocket"], tok, dataclasses.replace(s, init_rows=1), init_image=init, box=box)
+
+
+def test_generate_through_the_edit_loop_draws_what_it_drew_before(parts):
+    """generate() now runs the loop that edits share: priming keeps the same random stream."""
+    model, _, tok = parts
+    text = torch.tensor([tok.encode("red heart")] * 2)
+    prime = torch.tensor([[3, 1, 4, 1, 5]] * 2)
+    g = model.generate(text, prime=prime, generator=torch.Generator().manual_seed(3), temperature=0.9)
+    keep = torch.zeros(16, dtype=torch.bool)
+    keep[:5] = True
+    full = torch.nn.functional.pad(prime, (0, 11))
+    e, fit = model.edit(text, full, ~keep, generator=torch.Generator().manual_seed(3), temperature=0.9)
+    assert torch.equal(g, e) and torch.isnan(fit).all()  # nothing kept after the drawn part
+
+
+def test_sample_cli_edits_write_the_input_beside_the_results_and_refuse_bad_boxes(
+    parts, clip_dir, tokenizer_path, tmp_path, capsys
+):
+    from PIL import Image
+
+    from dalle_repro.cli import sample as cli
+
+    model, dvae, tok = parts
+    dvae.save_pretrained(tmp_path / "dvae")
+    export = tmp_path / "export"
+    state = model.state_dict()
+    cfg = {"model": model.args, "precision": {"dtype": "fp32"}}
+    write_export(export, cfg, state, state, tokenizer_path, tmp_path / "dvae", {"step": 1, "caption_dropout": 0.1})
+    img = tmp_path / "in.png"
+    Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(img)  # twice the dVAE's size
+    base = ["--model", str(export), "--prompt", "rocket", "--candidates", "4", "--keep", "2", "--clip", str(clip_dir)]
+    out = tmp_path / "box"
+    assert cli.main([*base, "--init-image", str(img), "--edit-box", "8,8,24,16", "--output", str(out)]) == 0
+    assert "resized to the dVAE's 16x16" in capsys.readouterr().err
+    folder = out / "000-rocket"
+    info = json.loads((folder / "result.json").read_text())
+    assert info["edit_box"] == "8,8,24,16" and len(info["fit"]) == 2 and len(info["scores"]) == 2
+    sheet = Image.open(folder / "edit.png")
+    assert sheet.width > 3 * 128  # the input and two results side by side
+    out = tmp_path / "rows"
+    assert cli.main([*base, "--init-image", str(img), "--init-rows", "2", "--output", str(out)]) == 0
+    assert (out / "000-rocket" / "edit.png").is_file()
+    for argv, msg in (
+        (["--init-image", str(img), "--edit-box", "0,0,40,8"], "not inside the 16x16"),
+        (["--init-image", str(img), "--edit-box", "0,0,4,30"], "smaller than one token"),
+    ):
+        assert cli.main([*base, *argv, "--output", str(tmp_path / "bad")]) == 2
+        assert msg in capsys.readouterr().err
+    for argv, msg in (
+        (["--edit-box", "0,0,8,8"], "edit_box: needs init_image"),
+        (["--init-image", str(img), "--edit-box", "1,2,3"], "four integers"),
+    ):  # config errors: refused while the command line is read
+        with pytest.raises(SystemExit) as e:
+            cli.main([*base, *argv, "--output", str(tmp_path / "bad")])
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+    wide = tmp_path / "wide.png"
+    Image.fromarray((torch.rand(16, 32, 3) * 255).byte().numpy()).save(wide)
+    assert cli.main([*base, "--init-image", str(wide), "--edit-box", "0,0,8,8", "--output", str(tmp_path / "w")]) == 2
+    assert "needs a square --init-image" in capsys.readouterr().err

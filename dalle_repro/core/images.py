@@ -32,7 +32,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def grid(
-    images: Sequence[torch.Tensor] | torch.Tensor,
+    images: Sequence[torch.Tensor | Image.Image] | torch.Tensor,
     ncol: int,
     labels: Sequence[str] | None = None,
     scale: int = 1,
@@ -40,8 +40,9 @@ def grid(
     label_height: int = 12,
     title: str | None = None,
 ) -> Image.Image:
-    """Images in rows of ``ncol``, each optionally scaled up and labelled underneath, under an optional title."""
-    pics = [to_pil(im) for im in images]
+    """Images (tensors or PIL images) in rows of ``ncol``, each optionally scaled up and labelled
+    underneath, under an optional title."""
+    pics = [im if isinstance(im, Image.Image) else to_pil(im) for im in images]
     if not pics:
         raise ValueError("no images to put in a grid")
     w, h = pics[0].size[0] * scale, pics[0].size[1] * scale

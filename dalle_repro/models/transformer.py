@@ -320,24 +320,81 @@ class Transformer(nn.Module):
         sequences as one batch and samples from ``c + (guidance - 1) * (c - u)`` (so 1 is plain
         conditional sampling, exactly). ``progress`` is called with each finished position.
         """
+        n_prime = 0 if prime is None else prime.shape[1]
+        keep = None
+        if prime is not None:
+            keep = torch.zeros(self.args.n_image, dtype=torch.bool, device=text.device)
+            keep[:n_prime] = True
+            prime = F.pad(prime, (0, self.args.n_image - n_prime))
+        out, _ = self._decode(text, temperature, top_k, top_p, generator, uncond, guidance, prime, keep, progress)
+        return out
+
+    @torch.no_grad()
+    def edit(
+        self,
+        text: torch.Tensor,
+        tokens: torch.Tensor,
+        redraw: torch.Tensor,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+        top_p: float | None = None,
+        uncond: torch.Tensor | None = None,
+        guidance: float = 1.0,
+        progress: Callable[[int], None] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Redraw the positions ``redraw`` (a bool mask over the grid^2 image positions) of ``tokens``
+        (B, grid^2) for ``text``, keeping every other token: in raster order, one cached pass.
+
+        Returns the edited tokens and, per row, the mean log-likelihood of the kept tokens that come
+        after the first redrawn one, under the same (guided) distribution the redrawn ones were drawn
+        from: how well the fixed rest of the image follows from the new content. A token before the
+        box cannot see the box, so the sampler alone cannot make the redrawn region fit what follows
+        it; ranking candidates by this score (sample/generate.py) does. NaN where nothing follows."""
+        keep = ~redraw.to(device=text.device, dtype=torch.bool)
+        return self._decode(text, temperature, top_k, top_p, generator, uncond, guidance, tokens, keep, progress)
+
+    def _decode(
+        self,
+        text: torch.Tensor,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+        uncond: torch.Tensor | None,
+        guidance: float,
+        fixed: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        progress: Callable[[int], None] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached sampling loop: positions where ``keep`` is set take ``fixed``'s token, the rest
+        are drawn. Returns the tokens and the mean log-likelihood of the kept tokens after the first
+        drawn one (see :meth:`edit`)."""
         a = self.args
         b = text.shape[0]
         both = text if uncond is None else torch.cat([text, uncond.expand(b, -1)])
         caches = self.new_caches(both.shape[0])
         logits = self._guided(self.start_decoding(both, caches), b, guidance)
         out = torch.empty(b, a.n_image, dtype=torch.long, device=text.device)
-        n_prime = 0 if prime is None else prime.shape[1]
+        keep_list = [False] * a.n_image if keep is None else keep.tolist()
+        fit = torch.zeros(b, dtype=torch.float32, device=text.device)
+        n_fit, drawn = 0, False
         for i in range(a.n_image):
-            if i < n_prime:
-                out[:, i] = prime[:, i]  # type: ignore[index]
+            if keep_list[i]:
+                out[:, i] = fixed[:, i]  # type: ignore[index]
+                if drawn:
+                    logp = torch.log_softmax(logits.float(), -1)
+                    fit += logp.gather(1, out[:, i : i + 1]).squeeze(1)
+                    n_fit += 1
             else:
                 out[:, i] = sample_logits(logits, temperature, top_k, generator, top_p)
+                drawn = True
             if i + 1 < a.n_image:
                 token = out[:, i] if uncond is None else out[:, i].repeat(2)
                 logits = self._guided(self.decode_step(token, i, caches), b, guidance)
             if progress is not None:
                 progress(i)
-        return out
+        return out, fit / n_fit if n_fit else torch.full_like(fit, float("nan"))
 
     @staticmethod
     def _guided(logits: torch.Tensor, b: int, guidance: float) -> torch.Tensor:

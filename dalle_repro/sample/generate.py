@@ -47,6 +47,19 @@ class SampleSettings:
         1.0, "Classifier-free guidance scale (1: none; needs a prior trained with caption dropout).", ge=0
     )
     init_rows: int = arg(0, "Token rows of the init image kept at the top (image-to-image); 0: none.", ge=0)
+    image_weight: float = arg(
+        1.0,
+        "With an init image (variations, region edits) and CLIP: the rerank score is CLIP's caption score plus "
+        "this times the cosine of CLIP's embeddings of the candidate and the init image (0: the caption only).",
+        ge=0,
+    )
+    fit_share: float = arg(
+        0.5,
+        "Region edits: the share of candidates kept by how well the fixed tokens after the box follow from the "
+        "redrawn ones (the prior's mean log-likelihood of them), before CLIP ranks those; 1: all pass.",
+        gt=0,
+        le=1,
+    )
     seed: int = arg(0, "Seed; the same seed and settings give the same images.", ge=0)
     batch_size: int | None = arg(16, "Candidates drawn and decoded together; null: all of a caption's at once.", gt=0)
     dedup: bool = arg(
@@ -91,10 +104,13 @@ class PromptResult:
     candidate_scores: list[float] | None = None  # every candidate's score, in generation order
     kept: list[int] = field(default_factory=list)  # indices of the kept candidates
     duplicates_dropped: int = 0  # candidates passed over because a kept one had the same tokens
+    fit: list[float] | None = None  # region edits: each kept image's fit (mean log-likelihood of the kept rest)
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"caption": self.caption, "kept": self.kept, "scores": self.scores}
         out["duplicates_dropped"] = self.duplicates_dropped
+        if self.fit is not None:
+            out["fit"] = self.fit
         if self.candidate_scores:
             cs = self.candidate_scores
             out |= {
@@ -102,6 +118,48 @@ class PromptResult:
                 "mean_score_kept": sum(self.scores or []) / max(1, len(self.kept)),
             }
         return out
+
+
+@dataclass(frozen=True)
+class Box:
+    """A region to redraw, in pixels of the image as the dVAE sees it: x0, y0 inclusive, x1, y1 exclusive."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+
+    @classmethod
+    def parse(cls, text: str) -> Box:
+        """``x0,y0,x1,y1`` (the command line's ``--edit-box``)."""
+        parts = text.replace(" ", "").split(",")
+        try:
+            x0, y0, x1, y1 = (int(p) for p in parts)
+        except ValueError:
+            raise ValueError(f"edit box {text!r}: expected four integers x0,y0,x1,y1 (pixels)") from None
+        return cls(x0, y0, x1, y1)
+
+    def scaled(self, factor: float) -> Box:
+        return Box(*(int(round(v * factor)) for v in (self.x0, self.y0, self.x1, self.y1)))
+
+    def mask(self, image_size: int, grid: int) -> torch.Tensor:
+        """The grid positions (grid^2, raster order) whose cells overlap the box; ValueError naming the
+        box when it leaves the image, is empty, or covers no whole token cell's worth of pixels."""
+        cell = image_size / grid
+        if not (0 <= self.x0 < self.x1 <= image_size and 0 <= self.y0 < self.y1 <= image_size):
+            raise ValueError(
+                f"edit box {self.x0},{self.y0},{self.x1},{self.y1} is not inside the {image_size}x{image_size} "
+                "image (x0 < x1 and y0 < y1, all within it)"
+            )
+        if self.x1 - self.x0 < cell or self.y1 - self.y0 < cell:
+            raise ValueError(
+                f"edit box {self.x0},{self.y0},{self.x1},{self.y1} is smaller than one token ({cell:g}x{cell:g} "
+                f"pixels at this image size): make it at least that wide and tall"
+            )
+        cols = torch.arange(grid)
+        cx = (cols * cell < self.x1) & ((cols + 1) * cell > self.x0)
+        cy = (cols * cell < self.y1) & ((cols + 1) * cell > self.y0)
+        return (cy[:, None] & cx[None, :]).flatten()
 
 
 def pick_distinct(ranked: list[int], tokens: torch.Tensor, keep: int, dedup: bool) -> tuple[list[int], int]:
@@ -135,20 +193,38 @@ def generate(
     reranker: Reranker | None = None,
     init_image: torch.Tensor | None = None,
     progress: bool = True,
+    box: Box | None = None,
 ) -> list[PromptResult]:
-    """Images (and scores) for each caption; see the module docstring."""
+    """Images (and scores) for each caption; see the module docstring.
+
+    With ``init_image`` (3, S, S) in [0, 1] at the dVAE's size: ``init_rows`` keeps its top token rows
+    and samples the rest (variations, completion); ``box`` redraws the token cells under the box and
+    keeps every other token (a region edit; candidates ranked by fit first, see ``fit_share``). With
+    a reranker, both add the candidates' similarity to the init image (``image_weight``)."""
     s = settings or SampleSettings()
     s.check(model)
     a = model.args
     dev = next(model.parameters()).device
     prime = None
-    if s.init_rows:
+    source = None
+    redraw = None
+    if s.init_rows or box is not None:
         if init_image is None:
-            raise ValueError("init_rows > 0 needs an init image")
+            raise ValueError("init_rows > 0 and an edit box need an init image")
+        if s.init_rows and box is not None:
+            raise ValueError("init_rows and an edit box are two edits: give one")
+        size = dvae.args.image_size
+        if tuple(init_image.shape[-2:]) != (size, size):
+            raise ValueError(f"the init image is {tuple(init_image.shape[-2:])}; the dVAE takes {size}x{size}")
         grid = dvae.encode(init_image.to(dev).float()[None] if init_image.dim() == 3 else init_image.to(dev).float())
         if tuple(grid.shape[1:]) != (a.grid, a.grid):
             raise ValueError(f"the init image encodes to a {tuple(grid.shape[1:])} grid; the prior has {a.grid}")
-        prime = grid[:1].flatten(1)[:, : s.init_rows * a.grid]
+        source = grid[:1].flatten(1)
+        if s.init_rows:
+            prime = source[:, : s.init_rows * a.grid]
+        else:
+            assert box is not None
+            redraw = box.mask(size, a.grid).to(dev)
     uncond = torch.tensor([tokenizer.encode("")], dtype=torch.long, device=dev) if s.guidance != 1.0 else None
     results = []
     total = len(captions) * s.candidates * a.n_image
@@ -158,29 +234,36 @@ def generate(
             log.warning("caption %d is empty: its images are sampled unconditionally (no text to follow)", i)
         gen = torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + i)
         text_row = torch.tensor([tokenizer.encode(caption)], dtype=torch.long, device=dev)
-        grids = []
+        grids, fits = [], []
         for start in range(0, s.candidates, s.batch):
             b = min(s.batch, s.candidates - start)
-            tokens = model.generate(
-                text_row.expand(b, -1),
-                temperature=s.temperature,
-                top_k=s.top_k,
-                top_p=s.top_p,
-                prime=None if prime is None else prime.expand(b, -1),
-                generator=gen,
-                uncond=uncond,
-                guidance=s.guidance,
-                progress=lambda _, b=b: bar.update(b),
-            )
+            common = dict(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, generator=gen, uncond=uncond)
+            common |= dict(guidance=s.guidance, progress=lambda _, b=b: bar.update(b))
+            if redraw is not None:
+                assert source is not None
+                tokens, fit = model.edit(text_row.expand(b, -1), source.expand(b, -1), redraw, **common)
+                fits.append(fit.float().cpu())
+            else:
+                tokens = model.generate(
+                    text_row.expand(b, -1), prime=None if prime is None else prime.expand(b, -1), **common
+                )
             grids.append(tokens.view(b, a.grid, a.grid))
         tokens = torch.cat(grids)
         images = torch.cat([dvae.decode(t) for t in tokens.split(s.batch)]).cpu()
+        fit_all = torch.cat(fits) if fits else None
         scores = None
+        pool = list(range(s.candidates))
+        if fit_all is not None:  # a region edit: the best-fitting share first (NaN: nothing after the box)
+            by_fit = torch.argsort(torch.nan_to_num(fit_all, nan=0.0), descending=True, stable=True).tolist()
+            pool = by_fit[: max(s.keep, round(s.fit_share * s.candidates))]
         if reranker is not None:
-            order, scores = reranker.rank(images, caption)
-            ranked = order.tolist()
+            scores = reranker.scores(images, caption)
+            if init_image is not None and s.image_weight:
+                target = reranker.embed_images(init_image.float().reshape(1, *init_image.shape[-3:]))
+                scores = scores + s.image_weight * (reranker.embed_images(images) @ target.T).squeeze(1).cpu()
+            ranked = sorted(pool, key=lambda j: -float(scores[j]))
         else:
-            ranked = list(range(s.candidates))
+            ranked = pool
         kept, dropped = pick_distinct(ranked, tokens, s.keep, s.dedup)
         result = PromptResult(
             caption,
@@ -190,6 +273,7 @@ def generate(
             None if scores is None else scores.tolist(),
             kept,
             dropped,
+            None if fit_all is None else [float(fit_all[j]) for j in kept],
         )
         results.append(result)
     bar.close()
