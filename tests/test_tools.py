@@ -283,6 +283,20 @@ def test_memory_table_counts_parameters_and_shards_by_zero_stage():
     assert 0.5 < gib(stored8[7]) / gib(paper8[7]) < 0.55
 
 
+def test_memory_table_of_fine_tuning_shrinks_with_what_is_frozen():
+    r = run(str(ROOT / "tools/memory_table.py"), "configs/gpu/prior-350m.yaml", "--finetune", "--gpus", "1", "8")
+    assert r.returncode == 0, r.stderr
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in r.stdout.splitlines() if line.startswith("| `")]
+    assert len(rows) == 3 * (1 + 4)  # 3 freeze choices x (one rank: stage 0; 8 ranks: stages 0-3)
+    gib = lambda c: float(c.split()[0])  # noqa: E731
+    one = {row[2]: row for row in rows if row[5] == "1"}
+    assert gib(one["body"][10]) < gib(one["embeddings,layers:half"][10]) < gib(one["nothing"][10])
+    assert float(one["body"][3][:-1]) < 0.1 * float(one["nothing"][3][:-1])  # trainable: the output only
+    assert all(row[11].endswith("GB") for row in rows)
+    eight = [row for row in rows if row[5] == "8" and row[2] == "nothing"]
+    assert [row[4] for row in eight] == ["0", "1", "2", "3"] and gib(eight[3][10]) < gib(eight[0][10])
+
+
 @pytest.mark.parametrize(
     "script", ["launch/train_dvae.py", "launch/train_prior.py", "launch/demo.py", "tools/train_clip.py"]
 )
