@@ -396,3 +396,28 @@ def test_sample_cli_edits_write_the_input_beside_the_results_and_refuse_bad_boxe
     Image.fromarray((torch.rand(16, 32, 3) * 255).byte().numpy()).save(wide)
     assert cli.main([*base, "--init-image", str(wide), "--edit-box", "0,0,8,8", "--output", str(tmp_path / "w")]) == 2
     assert "needs a square --init-image" in capsys.readouterr().err
+
+
+def test_groups_in_one_batched_call_draw_what_each_draws_alone(parts):
+    from dalle_repro.models.transformer import SampleGroup
+
+    model, _, tok = parts
+    empty = torch.tensor([tok.encode("")])
+    rows = [
+        ("red heart", 3, 0.8, None, None, 1.0, 5),
+        ("rocket", 2, 1.0, 5, None, 3.0, 9),
+        ("dog", 2, 0.5, None, 0.9, 1.0, 1),
+    ]
+    alone = []
+    for cap, n, t, k, p, g, seed in rows:
+        text = torch.tensor([tok.encode(cap)] * n)
+        gen = torch.Generator().manual_seed(seed)
+        alone.append(model.generate(text, t, k, generator=gen, top_p=p, uncond=empty, guidance=g))
+    text = torch.tensor([tok.encode(cap) for cap, n, *_ in rows for _ in range(n)])
+    groups = [SampleGroup(n, t, k, p, g, torch.Generator().manual_seed(s)) for _, n, t, k, p, g, s in rows]
+    together = model.generate_groups(text, groups, uncond=empty)
+    assert torch.equal(together, torch.cat(alone))
+    with pytest.raises(ValueError, match="needs uncond"):
+        model.generate_groups(text, groups)
+    with pytest.raises(ValueError, match="the groups hold 7 rows, the text 2"):
+        model.generate_groups(text[:2], groups, uncond=empty)

@@ -16,7 +16,7 @@ each averaged over its own tokens, mixed 1/8 text + 7/8 image (options).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -326,7 +326,25 @@ class Transformer(nn.Module):
             keep = torch.zeros(self.args.n_image, dtype=torch.bool, device=text.device)
             keep[:n_prime] = True
             prime = F.pad(prime, (0, self.args.n_image - n_prime))
-        out, _ = self._decode(text, temperature, top_k, top_p, generator, uncond, guidance, prime, keep, progress)
+        group = SampleGroup(text.shape[0], temperature, top_k, top_p, guidance, generator)
+        out, _ = self._decode(text, [group], uncond, prime, keep, progress)
+        return out
+
+    @torch.no_grad()
+    def generate_groups(
+        self,
+        text: torch.Tensor,
+        groups: Sequence[SampleGroup],
+        uncond: torch.Tensor | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """:meth:`generate` for rows in consecutive groups with settings of their own (temperature,
+        top-k/top-p, guidance, generator): one cached pass for all, as a server batches requests.
+        Each group samples from its own generator, so its tokens are those it would draw alone
+        (up to the rounding of batched arithmetic). ``uncond`` is needed when a group guides."""
+        if sum(g.rows for g in groups) != text.shape[0]:
+            raise ValueError(f"the groups hold {sum(g.rows for g in groups)} rows, the text {text.shape[0]}")
+        out, _ = self._decode(text, list(groups), uncond, None, None, progress)
         return out
 
     @torch.no_grad()
@@ -352,29 +370,38 @@ class Transformer(nn.Module):
         box cannot see the box, so the sampler alone cannot make the redrawn region fit what follows
         it; ranking candidates by this score (sample/generate.py) does. NaN where nothing follows."""
         keep = ~redraw.to(device=text.device, dtype=torch.bool)
-        return self._decode(text, temperature, top_k, top_p, generator, uncond, guidance, tokens, keep, progress)
+        group = SampleGroup(text.shape[0], temperature, top_k, top_p, guidance, generator)
+        return self._decode(text, [group], uncond, tokens, keep, progress)
 
     def _decode(
         self,
         text: torch.Tensor,
-        temperature: float,
-        top_k: int | None,
-        top_p: float | None,
-        generator: torch.Generator | None,
+        groups: list[SampleGroup],
         uncond: torch.Tensor | None,
-        guidance: float,
         fixed: torch.Tensor | None,
         keep: torch.Tensor | None,
         progress: Callable[[int], None] | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached sampling loop: positions where ``keep`` is set take ``fixed``'s token, the rest
-        are drawn. Returns the tokens and the mean log-likelihood of the kept tokens after the first
-        drawn one (see :meth:`edit`)."""
+        are drawn, each group of rows with its own settings. Returns the tokens and the mean
+        log-likelihood of the kept tokens after the first drawn one (see :meth:`edit`)."""
         a = self.args
         b = text.shape[0]
+        scales = {g.guidance for g in groups}
+        if uncond is None and scales != {1.0}:
+            raise ValueError("guidance other than 1 needs uncond (the empty caption's tokens)")
+        if len(scales) == 1:
+            guidance: float | torch.Tensor = scales.pop()
+        else:
+            guidance = torch.cat([torch.full((g.rows, 1), float(g.guidance)) for g in groups]).to(text.device)
         both = text if uncond is None else torch.cat([text, uncond.expand(b, -1)])
         caches = self.new_caches(both.shape[0])
         logits = self._guided(self.start_decoding(both, caches), b, guidance)
+        bounds = []
+        start = 0
+        for g in groups:
+            bounds.append((start, start + g.rows, g))
+            start += g.rows
         out = torch.empty(b, a.n_image, dtype=torch.long, device=text.device)
         keep_list = [False] * a.n_image if keep is None else keep.tolist()
         fit = torch.zeros(b, dtype=torch.float32, device=text.device)
@@ -387,7 +414,9 @@ class Transformer(nn.Module):
                     fit += logp.gather(1, out[:, i : i + 1]).squeeze(1)
                     n_fit += 1
             else:
-                out[:, i] = sample_logits(logits, temperature, top_k, generator, top_p)
+                for lo, hi, g in bounds:
+                    part = logits if (lo, hi) == (0, b) else logits[lo:hi]
+                    out[lo:hi, i] = sample_logits(part, g.temperature, g.top_k, g.generator, g.top_p)
                 drawn = True
             if i + 1 < a.n_image:
                 token = out[:, i] if uncond is None else out[:, i].repeat(2)
@@ -397,7 +426,7 @@ class Transformer(nn.Module):
         return out, fit / n_fit if n_fit else torch.full_like(fit, float("nan"))
 
     @staticmethod
-    def _guided(logits: torch.Tensor, b: int, guidance: float) -> torch.Tensor:
+    def _guided(logits: torch.Tensor, b: int, guidance: float | torch.Tensor) -> torch.Tensor:
         if logits.shape[0] == b:
             return logits
         c, u = logits[:b], logits[b:]
@@ -414,6 +443,18 @@ class Transformer(nn.Module):
         li = F.cross_entropy(image_logits.flatten(0, 1), image.flatten())
         a = self.args
         return PriorLoss(a.text_loss_weight * lt + a.image_loss_weight * li, lt.detach(), li.detach())
+
+
+@dataclass
+class SampleGroup:
+    """Consecutive rows of a batched generate call that sample with settings of their own."""
+
+    rows: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    guidance: float = 1.0
+    generator: torch.Generator | None = None
 
 
 def sample_logits(
