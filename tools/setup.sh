@@ -2,7 +2,7 @@
 # Idempotent set-up of a machine for dalle-repro: Debian's emoji font and Unicode data (the demo data),
 # g++ when there is no C++ compiler,
 # a venv in .venv, torch (the CPU wheel torch==2.13.0 when there is no GPU), and this package.
-# Usage: bash tools/setup.sh [--dev]     (--dev adds the test tools and OpenAI's DALL-E package)
+# Usage: bash tools/setup.sh [--dev]     (--dev adds the test tools, headless Chromium and OpenAI's DALL-E package)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0
@@ -13,6 +13,11 @@ need=()
 [ -f /usr/share/unicode/emoji/emoji-test.txt ] || need+=(unicode-data)
 # a C++ compiler: the CPU attention kernel (dalle_repro/kernels/cpu.py) and DeepSpeed's CPU ops build with it
 command -v "${CXX:-g++}" >/dev/null 2>&1 || need+=(g++)
+# --dev: headless Chromium and its driver, for the playground's browser test (tests/test_serve.py)
+if [ $dev = 1 ]; then
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
@@ -41,14 +46,14 @@ have() { [ -f "$stamp" ] && grep -qx "$1 $want" "$stamp"; }
 if ! have base && ! have dev; then
   echo "setup: installing dalle_repro (editable)"
   pip install --no-build-isolation -e .
-  .venv/bin/python -c "import dalle_repro, tokenizers, webdataset, omegaconf, deepspeed, transformers, torchmetrics, matplotlib" || { echo "setup: install failed" >&2; exit 1; }
+  .venv/bin/python -c "import dalle_repro, tokenizers, webdataset, omegaconf, deepspeed, transformers, torchmetrics, matplotlib, fastapi, uvicorn" || { echo "setup: install failed" >&2; exit 1; }
   echo "base $want" >>"$stamp"
 fi
 if [ $dev = 1 ] && ! have dev; then
   echo "setup: installing the test tools and OpenAI's DALL-E package (parity tests)"
   pip install --no-build-isolation -e ".[dev]"
   pip install --no-deps "DALL-E==0.1"
-  .venv/bin/python -c "import pytest, hypothesis, dall_e" || { echo "setup: dev install failed" >&2; exit 1; }
+  .venv/bin/python -c "import pytest, hypothesis, dall_e, selenium" || { echo "setup: dev install failed" >&2; exit 1; }
   echo "dev $want" >>"$stamp"
 fi
 echo "setup: ready (.venv)"
