@@ -26,6 +26,8 @@ TOOLS = [
     "tools/make_shapes_dataset.py",
     "tools/make_strokes_dataset.py",
     "tools/evaluate.py",
+    "tools/make_pattern_folder.py",
+    "launch/serve.py",
 ]
 
 

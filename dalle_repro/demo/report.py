@@ -156,10 +156,30 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
         for ch in "`<>&":
             settings = settings.replace(ch, f"\\u{ord(ch):04x}")
         md += [f"### {name}", "", "```json", settings, "```", ""]
+    md += playground_lines(out)
     text = "\n".join(md) + "\n"
     atomic_write_text(out / "report.md", text)
     atomic_write_text(out / "report.html", _html(md, images, out))
     return out / "report.md"
+
+
+def playground_lines(out: Path) -> list[str]:
+    """The report's last lines: the command that opens the playground on the model just trained."""
+    export, clip = out / "prior" / "export", out / "clip"
+    if not (export / "export.json").is_file():
+        return []
+    cmd = f"python launch/serve.py --model {export}" + (f" --clip {clip}" if (clip / "config.json").is_file() else "")
+    return [
+        "## Try it",
+        "",
+        "Open the playground on this model (a page at http://127.0.0.1:8000/ and a JSON API; see "
+        "`launch/serve.py --help`):",
+        "",
+        "```bash",
+        cmd,
+        "```",
+        "",
+    ]
 
 
 def plan_lines(plan: dict[str, Any], stage_settings: dict[str, Any] | None = None) -> list[str]:
