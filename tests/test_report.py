@@ -20,3 +20,15 @@ def test_the_plan_shows_predicted_and_actual_minutes_per_stage():
     assert "| all three | 18.0 min | 15.2 min | 0.84 |" in md
     assert "| prior |" not in "\n".join(plan_lines(plan, {"dvae": {"seconds": 1.0}}))  # not run yet: no row
     assert plan_lines({}, seconds) == []
+
+
+def test_the_report_ends_with_the_command_that_opens_the_playground(tmp_path):
+    from dalle_repro.demo.report import playground_lines
+
+    assert playground_lines(tmp_path) == []  # no export: no command
+    (tmp_path / "prior" / "export").mkdir(parents=True)
+    (tmp_path / "prior" / "export" / "export.json").write_text("{}")
+    (tmp_path / "clip").mkdir()
+    (tmp_path / "clip" / "config.json").write_text("{}")
+    lines = playground_lines(tmp_path)
+    assert f"python launch/serve.py --model {tmp_path}/prior/export --clip {tmp_path}/clip" in lines
