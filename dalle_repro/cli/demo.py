@@ -1,8 +1,12 @@
-"""The main job on the embedded demo data: emoji shards -> tokenizer -> preview -> dVAE -> token shards
--> prior (deepspeed launcher, 2 CPU ranks) -> small CLIP -> reranked samples -> report.
+"""The main job on the embedded demo data: scenes of coloured shapes rendered here (or the strokes set,
+or the emoji: dataset=...) -> shards -> tokenizer -> dVAE -> token shards -> time plan -> prior
+(deepspeed launcher, 2 CPU ranks) -> small CLIP -> reranked samples -> zero-shot evaluation -> report.
 
 Usage: python launch/demo.py [--config configs/demo/demo.yaml] [key.sub=value ...]
-Finished stages are skipped, so a rerun after an interruption continues where it stopped.
+Finished stages are skipped, so a rerun after an interruption continues where it stopped. Seeds of
+one run's training and sampling, e.g. the second of three:
+  python launch/demo.py out_dir=outputs/demo-s1 tokens_output=data/shapes_tokens_s1
+      'dvae_overrides=[run.seed=1]' 'prior_overrides=[run.seed=1]' clip.run.seed=1 evaluation.sample.seed=1
 """
 
 from __future__ import annotations
