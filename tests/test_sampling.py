@@ -380,7 +380,7 @@ def test_sample_cli_edits_write_the_input_beside_the_results_and_refuse_bad_boxe
     assert cli.main([*base, "--init-image", str(img), "--init-rows", "2", "--output", str(out)]) == 0
     assert (out / "000-rocket" / "edit.png").is_file()
     for argv, msg in (
-        (["--init-image", str(img), "--edit-box", "0,0,40,8"], "not inside the 16x16"),
+        (["--init-image", str(img), "--edit-box", "0,0,40,8"], "not inside the 32x32"),  # the image's own pixels
         (["--init-image", str(img), "--edit-box", "0,0,4,30"], "smaller than one token"),
     ):
         assert cli.main([*base, *argv, "--output", str(tmp_path / "bad")]) == 2

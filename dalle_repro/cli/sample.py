@@ -140,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             box = Box.parse(a.edit_box)
+            try:  # in the image's own pixels, the ones on the command line
+                box.mask(im.size[0], prior.model.args.grid)
+            except ValueError as e:
+                print(f"error: --edit-box: {e}", file=sys.stderr)
+                return 2
             if im.size[0] != size:
                 box = box.scaled(size / im.size[0])
         if im.size != (size, size):

@@ -16,8 +16,9 @@ answers {"caption", "images": [{"png": BASE64, "score": S}, ...], "seconds", "ba
 generate call (up to --max-rows sequences, waiting at most --max-wait-ms for company); when
 --queue requests wait, the server answers 503 with a Retry-After header. Bad input gets a 422 whose
 "error" names the field. It binds 127.0.0.1 unless --host says otherwise; another address prints a
-warning, and --token then makes every API call need "Authorization: Bearer TOKEN" (the page reads it
-from its address: http://HOST:PORT/?token=TOKEN). Exports are read with safetensors only.
+warning. --token (or the environment variable DALLE_REPRO_SERVE_TOKEN) makes every API call need
+"Authorization: Bearer TOKEN", on any address (the page reads it from its own address:
+http://HOST:PORT/?token=TOKEN). Exports are read with safetensors only.
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ class ServeArgs:
     clip: str | None = arg(None, "CLIP for reranking: a local HF folder (tools/train_clip.py's, or a download).")
     host: str = arg("127.0.0.1", "Address to bind; anything but loopback is reachable by others (a warning).")
     port: int = arg(8000, "Port.", ge=0, le=65535)
-    token: str | None = arg(None, "Access token every API call must carry (Authorization: Bearer TOKEN).")
+    token: str | None = arg(
+        None,
+        "Access token every API call must carry (Authorization: Bearer TOKEN), on any address; the environment "
+        "variable DALLE_REPRO_SERVE_TOKEN sets it without showing it to ps.",
+    )
     max_rows: int = arg(256, "Sequences (candidates of all batched requests) in one generate call.", ge=1)
     max_wait_ms: float = arg(50.0, "Milliseconds a batch waits for more requests after its first.", ge=0)
     queue: int = arg(32, "Requests that may wait; one more is answered 503 (busy).", ge=1)
@@ -57,7 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     if a is None:
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    import os
+
     import uvicorn
+
+    token = a.token or os.environ.get("DALLE_REPRO_SERVE_TOKEN") or None
+    if token is not None and len(token) < 8:
+        print("error: the token needs at least 8 characters", file=sys.stderr)
+        return 2
 
     from dalle_repro.core.distributed import pick_device
     from dalle_repro.sample.export import load_prior
@@ -68,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.host not in LOOPBACK:
         print(
             f"warning: binding {a.host}: the playground and API are reachable from other machines"
-            + ("" if a.token else "; pass --token to require an access token"),
+            + ("" if token else "; pass --token (or DALLE_REPRO_SERVE_TOKEN) to require an access token"),
             file=sys.stderr,
         )
     try:
@@ -92,9 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         "caption_dropout": prior.info.get("caption_dropout"),
         "max_rows": a.max_rows,
     }
-    app = create_app(batcher, info, a.token)
+    app = create_app(batcher, info, token)
     shown = "[::1]" if a.host == "::1" else a.host
-    print(f"serving {a.model} on http://{shown}:{a.port}/" + (f"?token={a.token}" if a.token else ""), file=sys.stderr)
+    note = " (token required: open the page as /?token=TOKEN)" if token else ""
+    print(f"serving {a.model} on http://{shown}:{a.port}/{note}", file=sys.stderr)
     try:
         uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
     finally:

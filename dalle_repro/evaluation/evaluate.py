@@ -301,9 +301,10 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
     the same images."""
     model, dvae, tok = prior.model, prior.dvae, prior.tokenizer
     s, c = settings, settings.candidates
+    s.check(model)
     dev = next(model.parameters()).device
     grid = model.args.grid
-    per = max(1, rows // c)
+    per = max(1, rows // c)  # captions per call; a caption with more than ``rows`` candidates takes several
     uncond = torch.tensor([tok.encode("")], dtype=torch.long, device=dev) if s.guidance != 1.0 else None
     images, scores = [], []
     with torch.no_grad():
@@ -311,8 +312,13 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
             chunk = captions[k : k + per]
             text = torch.tensor([tok.encode(cap) for cap in chunk for _ in range(c)], dtype=torch.long, device=dev)
             gen = torch.Generator(device=dev).manual_seed(s.seed * 1_000_003 + k)
-            tokens = model.generate(
-                text, s.temperature, s.top_k, generator=gen, top_p=s.top_p, uncond=uncond, guidance=s.guidance
+            tokens = torch.cat(
+                [
+                    model.generate(
+                        t, s.temperature, s.top_k, generator=gen, top_p=s.top_p, uncond=uncond, guidance=s.guidance
+                    )
+                    for t in text.split(max(rows, 1))
+                ]
             )
             decoded = torch.cat([dvae.decode(t.view(-1, grid, grid)) for t in tokens.split(64)]).cpu()
             for j, cap in enumerate(chunk):

@@ -365,8 +365,8 @@ class Transformer(nn.Module):
         (B, grid^2) for ``text``, keeping every other token: in raster order, one cached pass.
 
         Returns the edited tokens and, per row, the mean log-likelihood of the kept tokens that come
-        after the first redrawn one, under the same (guided) distribution the redrawn ones were drawn
-        from: how well the fixed rest of the image follows from the new content. A token before the
+        after the first redrawn one, under the guided distribution at temperature 1 (no top-k/top-p):
+        how well the fixed rest of the image follows from the new content. A token before the
         box cannot see the box, so the sampler alone cannot make the redrawn region fit what follows
         it; ranking candidates by this score (sample/generate.py) does. NaN where nothing follows."""
         keep = ~redraw.to(device=text.device, dtype=torch.bool)
@@ -430,6 +430,8 @@ class Transformer(nn.Module):
         if logits.shape[0] == b:
             return logits
         c, u = logits[:b], logits[b:]
+        if isinstance(guidance, torch.Tensor):  # per row: in the logits' dtype, as a scalar would be
+            guidance = guidance.to(logits.dtype)
         return c + (guidance - 1.0) * (c - u)
 
     def loss(self, text: torch.Tensor, image: torch.Tensor) -> PriorLoss:

@@ -12,7 +12,6 @@ With a token, every call but the page itself needs ``Authorization: Bearer TOKEN
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hmac
@@ -33,6 +32,7 @@ from dalle_repro.serve.page import PAGE
 
 MAX_CAPTION_CHARS = 1000
 MAX_IMAGE_BYTES = 8 << 20
+REQUEST_TIMEOUT = 600.0  # seconds a request may wait for its images
 
 
 class GenerateRequest(BaseModel):
@@ -64,6 +64,8 @@ class GenerateRequest(BaseModel):
             raise ValueError(f"keep ({self.keep}) cannot exceed candidates ({self.candidates})")
         if (self.init_rows or self.edit_box) and not self.init_image:
             raise ValueError("init_rows and edit_box edit an image: give init_image")
+        if self.init_image and not (self.init_rows or self.edit_box):
+            raise ValueError("init_image: say what to do with it, init_rows (keep its top rows) or edit_box")
         if self.init_rows and self.edit_box:
             raise ValueError("init_rows and edit_box are two edits: give one")
         return self
@@ -85,7 +87,7 @@ def _field_error(exc: RequestValidationError) -> str:
 
 def create_app(batcher: Batcher, info: dict[str, Any], token: str | None = None) -> FastAPI:
     """The app over a running :class:`Batcher`; ``info`` is what ``/api/info`` shows."""
-    app = FastAPI(title="dalle-repro", docs_url="/api/docs", redoc_url=None)
+    app = FastAPI(title="dalle-repro", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     dvae = batcher.prior.dvae
 
     @app.exception_handler(RequestValidationError)
@@ -95,8 +97,8 @@ def create_app(batcher: Batcher, info: dict[str, Any], token: str | None = None)
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
         if token is not None and request.url.path.startswith("/api/"):
-            given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.encode()):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
                 return JSONResponse({"error": "authorization: a valid Bearer token is needed"}, status_code=401)
         return await call_next(request)
 
@@ -113,7 +115,8 @@ def create_app(batcher: Batcher, info: dict[str, Any], token: str | None = None)
         return dict(batcher.stats) | {"waiting": batcher.queue.qsize()}
 
     @app.post("/api/generate")
-    async def api_generate(req: GenerateRequest) -> JSONResponse:
+    def api_generate(req: GenerateRequest) -> JSONResponse:  # a plain def: FastAPI runs it in its thread pool,
+        # so decoding the image and encoding the PNGs never hold up the event loop (and the requests it queues)
         settings = SampleSettings(
             candidates=req.candidates,
             keep=req.keep,
@@ -143,11 +146,11 @@ def create_app(batcher: Batcher, info: dict[str, Any], token: str | None = None)
                         {"error": f"init_image: {im.size[0]}x{im.size[1]}; a box edit needs a square image"},
                         status_code=422,
                     )
-                box = Box(*req.edit_box).scaled(size / im.size[0])
-                try:
-                    box.mask(size, batcher.prior.model.args.grid)
+                try:  # checked in the image's own pixels, the ones the caller gave
+                    Box(*req.edit_box).mask(im.size[0], batcher.prior.model.args.grid)
                 except ValueError as e:
                     return JSONResponse({"error": f"edit_box: {e}"}, status_code=422)
+                box = Box(*req.edit_box).scaled(size / im.size[0])
             init = image_to_tensor(crop_resize(im, size, "center")).float() / 255
         job = Job(req.caption, settings, init, box)
         try:
@@ -156,9 +159,14 @@ def create_app(batcher: Batcher, info: dict[str, Any], token: str | None = None)
             headers = {"Retry-After": str(int(round(e.retry_after)))}
             return JSONResponse({"error": str(e), "retry_after": e.retry_after}, status_code=503, headers=headers)
         try:
-            result: Result = await asyncio.wrap_future(future)
+            result: Result = future.result(timeout=REQUEST_TIMEOUT)
         except ValueError as e:
             return JSONResponse({"error": str(e)}, status_code=422)
+        except TimeoutError:
+            future.cancel()
+            return JSONResponse({"error": f"no answer within {REQUEST_TIMEOUT} s"}, status_code=504)
+        except RuntimeError as e:
+            return JSONResponse({"error": str(e)}, status_code=503)
         body: dict[str, Any] = {
             "caption": req.caption,
             "images": [

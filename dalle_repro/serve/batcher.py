@@ -86,43 +86,63 @@ class Batcher:
             self.queue.put_nowait(job)
         except queue.Full:
             self.stats["busy"] += 1
-            waiting = self.queue.qsize() * job.rows
+            waiting = sum(j.rows for j in list(self.queue.queue))
             raise Busy(max(1.0, waiting * self._seconds_per_row)) from None
         return job.future
 
     def close(self) -> None:
+        """Stop the worker; requests still waiting get an error instead of waiting forever."""
         self._stop.set()
         self.thread.join(timeout=5)
-
-    def _next(self, timeout: float | None) -> Job | None:
         if self._carry is not None:
-            job, self._carry = self._carry, None
-            return job
+            self._carry.future.set_exception(RuntimeError("the server is shutting down"))
+            self._carry = None
+        while (job := self._get(0)) is not None:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+
+    def _get(self, timeout: float | None) -> Job | None:
         try:
             return self.queue.get(timeout=timeout)
         except queue.Empty:
             return None
 
+    def _next(self, timeout: float | None) -> Job | None:
+        """The next job still wanted (a cancelled one, e.g. its client gone, is dropped)."""
+        if self._carry is not None:  # already taken (and marked running) by the last batch
+            job, self._carry = self._carry, None
+            return job
+        while True:
+            job = self._get(timeout)
+            if job is None or job.future.set_running_or_notify_cancel():
+                return job
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            first = self._next(0.2)
-            if first is None:
-                continue
-            batch, rows = [first], first.rows
-            deadline = time.monotonic() + self.max_wait
-            while rows < self.max_rows and first.init_image is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                job = self._next(left)
-                if job is None:
-                    break
-                if job.init_image is not None or rows + job.rows > self.max_rows:
-                    self._carry = job  # an edit, or too many rows: the next batch starts with it
-                    break
-                batch.append(job)
-                rows += job.rows
-            self._run(batch)
+            try:
+                self._once()
+            except Exception:  # never let the worker die silently: every later request would hang
+                log.exception("the batcher's worker failed; it goes on with the next requests")
+
+    def _once(self) -> None:
+        first = self._next(0.2)
+        if first is None:
+            return
+        batch, rows = [first], first.rows
+        deadline = time.monotonic() + self.max_wait
+        while rows < self.max_rows and first.init_image is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            job = self._next(left)
+            if job is None:
+                break
+            if job.init_image is not None or rows + job.rows > self.max_rows:
+                self._carry = job  # an edit, or too many rows: the next batch starts with it
+                break
+            batch.append(job)
+            rows += job.rows
+        self._run(batch)
 
     def _run(self, batch: list[Job]) -> None:
         t0 = time.perf_counter()

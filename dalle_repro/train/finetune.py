@@ -7,7 +7,8 @@ cannot continue is refused at start, with an error that names both sides:
 - the prior: another tokenizer (its vocabulary and merges) or another ``text.text_len``; another
   dVAE (codebook, grid, or the weights' digest: the same codes would mean other pictures); an
   architecture size (``model.dim``, ``depth``, ...) set to something else than the export's. Sizes
-  left at their defaults are taken from the export;
+  at their defaults are taken from the export (a size set to its default value cannot be told from
+  one left unset, and is taken from the export too);
 - the dVAE: a ``model`` section that differs from the folder's.
 
 Parts can be frozen (kept bit-identical): ``embeddings`` (the text and image embeddings and the
