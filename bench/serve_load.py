@@ -135,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "dalle_repro.cli.serve", "--model", a.model, "--port", str(port)]
+    # absolute paths: the server runs from the repository's root, the paths were given from here
+    cmd = [sys.executable, "-m", "dalle_repro.cli.serve", "--model", str(Path(a.model).resolve()), "--port", str(port)]
     cmd += ["--max-rows", str(a.max_rows), "--max-wait-ms", str(a.max_wait_ms), "--queue", "256"]
     if a.clip:
-        cmd += ["--clip", a.clip]
+        cmd += ["--clip", str(Path(a.clip).resolve())]
     server = subprocess.Popen(cmd, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)})
     try:
         for _ in range(600):
