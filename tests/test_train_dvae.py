@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -41,6 +42,11 @@ def test_schedules_at_their_endpoints():
     s = schedule_at(paper.schedule, 1_200_000)
     assert s["tau"] == pytest.approx(1 / 16) and s["beta"] == pytest.approx(6.6) and s["lr"] == pytest.approx(1.25e-6)
     assert paper.model.vocab_size == 8192 and paper.model.n_hid == 256 and paper.data.batch_size * 64 == 512
+    # the optional warm-up: linear from lr/W at update 0 to the cosine's value at update W-1, then the cosine alone
+    warm = dataclasses.replace(paper.schedule, lr_warmup_steps=100)
+    assert schedule_at(warm, 0)["lr"] == pytest.approx(1e-6)
+    assert schedule_at(warm, 49)["lr"] == pytest.approx(0.5 * cosine(49, 1e-4, 1.25e-6, 1_200_000))
+    assert schedule_at(warm, 100)["lr"] == schedule_at(paper.schedule, 100)["lr"]
 
 
 def test_config_cross_checks(emoji_dir, tmp_path):

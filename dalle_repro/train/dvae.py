@@ -78,6 +78,13 @@ class ScheduleArgs:
     lr_start: float = arg(1e-4, "Learning rate at step 0.", gt=0)
     lr_end: float = arg(1.25e-6, "Learning rate after lr_steps.", ge=0)
     lr_steps: int = arg(1_200_000, "Steps of the learning-rate anneal (the paper: 1.2M).", ge=0)
+    lr_warmup_steps: int = arg(
+        0,
+        "Linear warm-up of the learning rate from 0 over this many first updates (0: none, as in the paper). "
+        "At the demo's high rate (2e-3) the encoder can fall onto one or two codes in its first 20 updates "
+        "and, on some seeds, never leave them (docs/demo.md).",
+        ge=0,
+    )
 
 
 @dataclass
@@ -165,7 +172,7 @@ def schedule_at(s: ScheduleArgs, step: int) -> dict[str, float]:
     return {
         "tau": cosine(step, s.tau_start, s.tau_end, s.tau_steps),
         "beta": cosine(step, s.beta_start, s.beta_end, s.beta_steps),
-        "lr": cosine(step, s.lr_start, s.lr_end, s.lr_steps),
+        "lr": cosine(step, s.lr_start, s.lr_end, s.lr_steps) * min(1.0, (step + 1) / max(1, s.lr_warmup_steps)),
     }
 
 
