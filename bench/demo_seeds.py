@@ -64,7 +64,7 @@ def mean_ci(values: list[float]) -> tuple[float, float, float]:
         return m, float("nan"), float("nan")
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
     half = T95.get(n - 1, 1.96) * sd / math.sqrt(n)
-    return m, m - half, m + half
+    return m, max(0.0, m - half), min(1.0, m + half)  # shares: the interval is clipped to [0, 1]
 
 
 def pct(s: dict[str, Any] | None) -> str:
