@@ -41,9 +41,9 @@ from dalle_repro.core.config import ConfigError, arg
 from dalle_repro.core.distributed import pick_device
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png, to_pil
-from dalle_repro.data.samples import crop_resize, decode_caption, decode_image, image_to_tensor
+from dalle_repro.data.samples import decode_caption, decode_image
 from dalle_repro.sample.export import load_prior
-from dalle_repro.sample.generate import Box, PromptResult, SampleSettings, generate
+from dalle_repro.sample.generate import Box, PromptResult, SampleSettings, edit_input, generate
 from dalle_repro.sample.rerank import Reranker, RerankError
 
 
@@ -131,25 +131,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cannot read --init-image {a.init_image}: {e}", file=sys.stderr)
             return 2
         size = prior.dvae.args.image_size
-        if a.edit_box:
-            if im.size[0] != im.size[1]:
-                print(
-                    f"error: --edit-box needs a square --init-image ({a.init_image} is {im.size[0]}x{im.size[1]}): "
-                    "crop it square first, so that the box's pixels mean the same after resizing",
-                    file=sys.stderr,
-                )
-                return 2
-            box = Box.parse(a.edit_box)
-            try:  # in the image's own pixels, the ones on the command line
-                box.mask(im.size[0], prior.model.args.grid)
-            except ValueError as e:
-                print(f"error: --edit-box: {e}", file=sys.stderr)
-                return 2
-            if im.size[0] != size:
-                box = box.scaled(size / im.size[0])
+        try:
+            box = Box.parse(a.edit_box) if a.edit_box else None
+            init, box = edit_input(im, box, size, prior.model.args.grid, ("--init-image", "--edit-box"))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if im.size != (size, size):
             print(f"note: --init-image {im.size[0]}x{im.size[1]} resized to the dVAE's {size}x{size}", file=sys.stderr)
-        init = image_to_tensor(crop_resize(im, size, "center")).float() / 255
     print(f"precision: {prior.use_trained_precision().reason}", file=sys.stderr)
     try:
         results = generate(prior.model, prior.dvae, captions, prior.tokenizer, settings, reranker, init, box=box)

@@ -162,6 +162,32 @@ class Box:
         return (cy[:, None] & cx[None, :]).flatten()
 
 
+def edit_input(
+    image: Any, box: Box | None, size: int, grid: int, names: tuple[str, str] = ("init_image", "edit_box")
+) -> tuple[torch.Tensor, Box | None]:
+    """An edit's input as :func:`generate` takes it: the PIL ``image`` center-cropped and resized to
+    the dVAE's ``size`` ((3, size, size) in [0, 1]), and ``box``, given in the image's own pixels,
+    checked there (inside, at least one token cell of ``grid``) and scaled to ``size``. A box needs a
+    square image, so that its pixels mean the same after resizing. ValueError otherwise, its message
+    using ``names`` (the caller's words for the image and the box: flags or API fields)."""
+    from dalle_repro.data.samples import crop_resize, image_to_tensor
+
+    image_name, box_name = names
+    if box is not None:
+        w, h = image.size
+        if w != h:
+            raise ValueError(
+                f"{box_name} needs a square {image_name} ({w}x{h}): crop it square first, so that the box's "
+                "pixels mean the same after resizing"
+            )
+        try:
+            box.mask(w, grid)
+        except ValueError as e:
+            raise ValueError(f"{box_name}: {e}") from None
+        box = box.scaled(size / w) if w != size else box
+    return image_to_tensor(crop_resize(image, size, "center")).float() / 255, box
+
+
 def pick_distinct(ranked: list[int], tokens: torch.Tensor, keep: int, dedup: bool) -> tuple[list[int], int]:
     """The first ``keep`` candidates of ``ranked`` (best first) and how many were passed over: with
     ``dedup``, one whose token grid equals an already kept one's (a low temperature or a small top-k

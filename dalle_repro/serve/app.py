@@ -25,8 +25,8 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from dalle_repro.core.images import to_pil
-from dalle_repro.data.samples import crop_resize, decode_image, image_to_tensor
-from dalle_repro.sample.generate import Box, SampleSettings
+from dalle_repro.data.samples import decode_image
+from dalle_repro.sample.generate import Box, SampleSettings, edit_input
 from dalle_repro.serve.batcher import Batcher, Busy, Job, Result
 from dalle_repro.serve.page import PAGE
 
@@ -139,19 +139,11 @@ def create_app(batcher: Batcher, info: dict[str, Any], token: str | None = None)
                 im, _ = decode_image(raw)
             except (binascii.Error, ValueError, Exception) as e:
                 return JSONResponse({"error": f"init_image: not a readable PNG or JPEG ({e})"}, status_code=422)
-            size = dvae.args.image_size
-            if req.edit_box is not None:
-                if im.size[0] != im.size[1]:
-                    return JSONResponse(
-                        {"error": f"init_image: {im.size[0]}x{im.size[1]}; a box edit needs a square image"},
-                        status_code=422,
-                    )
-                try:  # checked in the image's own pixels, the ones the caller gave
-                    Box(*req.edit_box).mask(im.size[0], batcher.prior.model.args.grid)
-                except ValueError as e:
-                    return JSONResponse({"error": f"edit_box: {e}"}, status_code=422)
-                box = Box(*req.edit_box).scaled(size / im.size[0])
-            init = image_to_tensor(crop_resize(im, size, "center")).float() / 255
+            try:
+                box = Box(*req.edit_box) if req.edit_box is not None else None
+                init, box = edit_input(im, box, dvae.args.image_size, batcher.prior.model.args.grid)
+            except ValueError as e:
+                return JSONResponse({"error": str(e)}, status_code=422)
         job = Job(req.caption, settings, init, box)
         try:
             future = batcher.submit(job)
