@@ -24,6 +24,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -81,7 +82,15 @@ def edited(path: str, cls: type, edits: str) -> Any:
     return from_dict(cls, data)
 
 
-def train_dvae(cfg: DVAETrainConfig, images: torch.Tensor, dev: torch.device, seed: int) -> tuple[DVAE, dict]:
+def train_dvae(
+    cfg: DVAETrainConfig,
+    images: torch.Tensor,
+    dev: torch.device,
+    seed: int,
+    each_update: Callable[[int, dict], None] | None = None,
+) -> tuple[DVAE, dict]:
+    """The demo's dVAE trained ``cfg.run.steps`` updates on batches of ``images`` with the trainer's
+    own ``train_step``; ``each_update(update, metrics)`` sees every update's metrics. Returns the EMA."""
     torch.manual_seed(seed)
     model = DVAE(cfg.model).to(dev)
     o = cfg.optim
@@ -89,10 +98,12 @@ def train_dvae(cfg: DVAETrainConfig, images: torch.Tensor, dev: torch.device, se
     st = State(model, model, opt, EMA(model, o.ema_decay), None, None)  # type: ignore[arg-type]
     gen = torch.Generator().manual_seed(seed)
     b, t0 = cfg.data.batch_size, time.perf_counter()
-    for _ in range(cfg.run.steps):
+    for i in range(cfg.run.steps):
         idx = torch.randint(0, len(images), (b,), generator=gen)
         x = images[idx].to(dev).float().div_(255)
         last = train_step(st, x, cfg, dev)
+        if each_update is not None:
+            each_update(i + 1, last)
     ema = DVAE(cfg.model).to(dev)
     ema.load_state_dict({k: v.to(dev) for k, v in st.ema.state_dict().items()})
     return ema.eval(), {"seconds": round(time.perf_counter() - t0, 1), "last": last}

@@ -24,13 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from composition_sweep import edited, scenes  # noqa: E402
+from composition_sweep import edited, scenes, train_dvae  # noqa: E402
 
 from dalle_repro.core.cli import flag_aliases, parse_cli  # noqa: E402
 from dalle_repro.core.config import arg  # noqa: E402
-from dalle_repro.models.dvae import DVAE  # noqa: E402
-from dalle_repro.train.dvae import DVAETrainConfig, State, train_step  # noqa: E402
-from dalle_repro.train.optim import EMA, adamw  # noqa: E402
+from dalle_repro.train.dvae import DVAETrainConfig  # noqa: E402
 
 
 @dataclass
@@ -53,19 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     _, images = scenes(a.scenes, False, 0, 32, 1, a.world)
     rows = []
     for seed in a.seeds:
-        cfg = edited("configs/demo/dvae.yaml", DVAETrainConfig, a.edits)
-        torch.manual_seed(seed)
-        model = DVAE(cfg.model)
-        o = cfg.optim
-        opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)
-        st = State(model, model, opt, EMA(model, o.ema_decay), None, None)  # type: ignore[arg-type]
-        gen = torch.Generator().manual_seed(seed)
-        used = {}
-        for i in range(a.steps):
-            idx = torch.randint(0, len(images), (cfg.data.batch_size,), generator=gen)
-            m = train_step(st, images[idx].float().div_(255), cfg, torch.device("cpu"))
-            if i + 1 in (1, 20, a.steps):
-                used[i + 1] = int(m["batch_codes_used"])
+        cfg = edited(
+            "configs/demo/dvae.yaml", DVAETrainConfig, ",".join(e for e in (a.edits, f"run.steps={a.steps}") if e)
+        )
+        used: dict[int, int] = {}
+
+        def record(update: int, metrics: dict, used: dict[int, int] = used) -> None:
+            if update in (1, 20, a.steps):
+                used[update] = int(metrics["batch_codes_used"])
+
+        train_dvae(cfg, images, torch.device("cpu"), seed, record)
         rows.append({"seed": seed, "codes_used": used, "collapsed": used[a.steps] <= 1})
         print(json.dumps(rows[-1]), flush=True)
     n = sum(r["collapsed"] for r in rows)
