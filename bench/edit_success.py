@@ -35,6 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dalle_repro.cli.sample import edit_sheet  # noqa: E402
 from dalle_repro.core.cli import flag_aliases, parse_cli  # noqa: E402
 from dalle_repro.core.config import arg  # noqa: E402
 from dalle_repro.core.images import grid, save_png, to_pil  # noqa: E402
@@ -146,15 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         "outside_box_mean_abs_change_levels": round(float(np.mean(outside_change)), 2),
     } | {k: share(v) for k, v in hits.items()}
     (out / "edits.json").write_text(json.dumps(report, indent=1) + "\n")
-    if sheets:
-        rows = []
-        for image, box, result in sheets:
-            pil = to_pil(image).resize((128, 128))
-            from PIL import ImageDraw
-
-            ImageDraw.Draw(pil).rectangle([box.x0 * 4, box.y0 * 4, box.x1 * 4 - 1, box.y1 * 4 - 1], outline=(255, 0, 0))
-            rows += [pil] + [to_pil(im).resize((128, 128)) for im in result.images]
-        save_png(grid(rows, ncol=1 + a.keep), out / "edits.png")
+    if sheets:  # the sampling tool's own edit sheet per scene (input with its box, then the kept results)
+        g = prior.model.args.grid
+        save_png(grid([edit_sheet(im, r, box, 0, g) for im, box, r in sheets], ncol=1), out / "edits.png")
     for key in hits:
         s = report[key]
         print(f"{key:11s} {100 * s['rate']:5.1f}% [{100 * s['ci'][0]:.1f}, {100 * s['ci'][1]:.1f}]  (n={s['n']})")
