@@ -40,6 +40,7 @@ from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.core.config import arg, deep_merge, from_dict, load_yaml, parse_overrides
 from dalle_repro.data import shapes
 from dalle_repro.data.worlds import world_of
+from dalle_repro.evaluation.evaluate import codebook_usage
 from dalle_repro.evaluation.tasks import read_back, summarize
 from dalle_repro.models.dvae import DVAE
 from dalle_repro.models.transformer import Transformer, TransformerArgs
@@ -118,14 +119,13 @@ def encode(dvae: DVAE, images: torch.Tensor, dev: torch.device) -> torch.Tensor:
 def ceiling(dvae: DVAE, captions: list[str], images: torch.Tensor, dev: torch.device) -> dict[str, Any]:
     tokens = encode(dvae, images, dev)
     recon = torch.cat([dvae.decode(t.to(dev)).cpu() for t in tokens.split(512)])
-    counts = torch.bincount(tokens.flatten(), minlength=dvae.args.vocab_size).double()
-    p = counts[counts > 0] / counts.sum()
+    usage = codebook_usage(torch.bincount(tokens.flatten(), minlength=dvae.args.vocab_size))
     s = summarize(read_back(recon, captions, world_of(captions[0])))
     return {
         "all": s["all"],
         "shape": s["shape"],
-        "codes_used": int((counts > 0).sum()),
-        "perplexity": round(float(torch.exp(-(p * p.log()).sum())), 1),
+        "codes_used": usage["codes_used"],
+        "perplexity": round(usage["perplexity"], 1),
     }
 
 

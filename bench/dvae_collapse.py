@@ -3,7 +3,8 @@
 For each seed: the demo's dVAE config (configs/demo/dvae.yaml, with ``--edits``), a fresh model and
 AdamW, and the trainer's own ``train_step`` on batches drawn from ``--scenes`` rendered scenes of
 ``--world`` (shapes or strokes); the codes used in the batch (argmax of the encoder's logits over
-every position of the 32 images) at update 1, 20 and the last. A run still on one code at the end
+every position of the 32 images) and the perplexity of the batch's mean code distribution at update
+1, 20 and the last. A run still on one code at the end
 has collapsed: its decoder draws the mean image whatever the code, and nothing downstream can learn.
 One thread, so that several seeds run side by side on a small machine without timing anything.
 
@@ -55,13 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             "configs/demo/dvae.yaml", DVAETrainConfig, ",".join(e for e in (a.edits, f"run.steps={a.steps}") if e)
         )
         used: dict[int, int] = {}
+        perplexity: dict[int, float] = {}
 
-        def record(update: int, metrics: dict, used: dict[int, int] = used) -> None:
+        def record(update: int, metrics: dict, used: dict[int, int] = used, ppl: dict[int, float] = perplexity) -> None:
             if update in (1, 20, a.steps):
                 used[update] = int(metrics["batch_codes_used"])
+                ppl[update] = round(float(metrics["batch_perplexity"]), 1)
 
         train_dvae(cfg, images, torch.device("cpu"), seed, record)
-        rows.append({"seed": seed, "codes_used": used, "collapsed": used[a.steps] <= 1})
+        rows.append({"seed": seed, "codes_used": used, "perplexity": perplexity, "collapsed": used[a.steps] <= 1})
         print(json.dumps(rows[-1]), flush=True)
     n = sum(r["collapsed"] for r in rows)
     print(f"{a.world}, edits {a.edits or 'none'}: on one code at update {a.steps}: {n} of {len(rows)} seeds")

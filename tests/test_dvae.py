@@ -13,6 +13,7 @@ from dalle_repro.models.dvae import (
     DVAEArgs,
     logit_laplace_nll,
     map_pixels,
+    mean_code_entropy,
     nll_to_bits_per_dim,
     unmap_pixels,
 )
@@ -110,6 +111,42 @@ def test_loss_parts(model):
     kl = (q * (q.log() + math.log(32))).sum(1).mean()
     assert torch.allclose(out1.kl, kl, atol=1e-5)
     assert out1.kl >= 0 and out1.kl <= math.log(32) + 1e-5
+
+
+def test_usage_term_is_ln_v_minus_the_entropy_of_the_mean_code_distribution(model):
+    x = torch.rand(2, 3, 16, 16)
+    torch.manual_seed(1)
+    paper = model(x, tau=1.0, beta=1.0)
+    torch.manual_seed(1)
+    assert torch.equal(model(x, tau=1.0, beta=1.0, usage_weight=0.0).loss, paper.loss)  # off: the paper's
+    torch.manual_seed(1)
+    used = model(x, tau=1.0, beta=1.0, usage_weight=3.0)
+    q_bar = torch.softmax(paper.logits, 1).mean((0, 2, 3))
+    term = math.log(32) + (q_bar * q_bar.log()).sum()
+    assert torch.allclose(used.loss - paper.loss, 3.0 * term * 16 / (3 * 16 * 16), atol=1e-5)
+    assert mean_code_entropy(torch.zeros(4, 32)).item() == pytest.approx(math.log(32))  # spread: no penalty
+    one_code = torch.full((4, 32), -30.0)
+    one_code[:, 5] = 30.0
+    assert mean_code_entropy(one_code).item() == pytest.approx(0.0, abs=1e-6)  # every position on one code
+
+
+def test_usage_term_pushes_a_collapsed_encoder_apart():
+    x = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    codes = {}
+    for w in (0.0, 5.0):
+        torch.manual_seed(0)
+        m = DVAE(SMALL)
+        with torch.no_grad():  # every position's logits favour code 0
+            m.encoder.blocks.output.conv.b[0] = 4.0
+        assert len(m.encode(x).unique()) == 1
+        opt = torch.optim.Adam(m.encoder.parameters(), lr=1e-2)
+        for _ in range(30):
+            out = m(x, tau=1.0, beta=0.0, usage_weight=w)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()
+        codes[w] = len(m.encode(x).unique())
+    assert codes[5.0] >= 6 and codes[5.0] >= 3 * codes[0.0], codes
 
 
 def test_kl_ignores_the_relaxation_noise(model):

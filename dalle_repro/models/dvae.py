@@ -296,6 +296,14 @@ class _GumbelSoftmaxKL(torch.autograd.Function):
         return d_lg, None, None, None
 
 
+def mean_code_entropy(lg: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the code distribution averaged over every position of a (..., V) logits
+    tensor: ln V when the positions together spread over every code alike, 0 when they all put
+    their mass on one code."""
+    q_bar = torch.softmax(lg.float(), dim=-1).reshape(-1, lg.shape[-1]).mean(0)
+    return -(q_bar * torch.log(q_bar.clamp_min(1e-30))).sum()
+
+
 def gumbel_softmax_kl(lg: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (..., V) -> the relaxed sample softmax((lg + g) / tau), g ~ Gumbel(0, 1), and the
     KL of softmax(lg) to the uniform prior at each position (...,), both differentiable.
@@ -381,8 +389,17 @@ class DVAE(nn.Module):
         mu, _ = self.decode_stats(tokens)
         return unmap_pixels(torch.sigmoid(mu))
 
-    def forward(self, images: torch.Tensor, tau: float, beta: float) -> DVAELoss:
-        """The training objective on a batch, with a Gumbel-softmax relaxed sample at ``tau``."""
+    def forward(self, images: torch.Tensor, tau: float, beta: float, usage_weight: float = 0.0) -> DVAELoss:
+        """The training objective on a batch, with a Gumbel-softmax relaxed sample at ``tau``.
+
+        ``usage_weight`` > 0 adds a term that is not the paper's: ``usage_weight * (ln V - H(q_bar))``
+        per code position, where ``q_bar`` is the encoder's code distribution averaged over the batch
+        and its positions and ``H`` its entropy. The paper's KL term pulls each position's posterior
+        towards uniform and says nothing about whether all positions use the same code; this term is
+        zero when the batch spreads over the whole codebook and grows as it falls onto a few codes
+        (the same idea as the entropy penalties of lookup-free quantisers). See
+        ``train.dvae.LossArgs`` and docs/demo.md for its measured effect.
+        """
         if tau <= 0:
             raise ValueError(f"tau must be > 0, got {tau}")
         self._check_images(images, values=False)  # no per-step device sync; the loader yields [0, 1]
@@ -402,6 +419,8 @@ class DVAE(nn.Module):
         dims = x[0].numel()
         loss = ((nll + beta * kl) / dims).mean()
         positions = logits.shape[2] * logits.shape[3]
+        if usage_weight > 0:
+            loss = loss + usage_weight * positions * (math.log(lg.shape[-1]) - mean_code_entropy(lg)) / dims
         nll_mean, kl_mean = (nll / dims).mean().detach(), (kl / positions).mean().detach()
         return DVAELoss(loss, nll_mean, kl_mean, logits.detach(), mu.detach())
 

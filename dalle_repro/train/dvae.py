@@ -37,6 +37,7 @@ from dalle_repro.core.images import grid, save_png
 from dalle_repro.core.precision import AutocastArgs, agree_across_ranks, pick_precision
 from dalle_repro.core.pretrained import load_state_strict, save_pretrained
 from dalle_repro.data.loader import DataArgs, Loader
+from dalle_repro.evaluation.evaluate import codebook_usage
 from dalle_repro.models.dvae import (
     DVAE,
     DVAEArgs,
@@ -114,6 +115,20 @@ class AugmentArgs:
     )
 
 
+@dataclass
+class LossArgs:
+    """Terms added to the paper's objective (none by default)."""
+
+    usage_weight: float = arg(
+        0.0,
+        "Weight of a codebook-usage term: ln V minus the entropy of the batch's mean code distribution, per code "
+        "position, added to the loss as the KL term is (models.dvae.DVAE.forward). It keeps the encoder from "
+        "putting every position on one code, which the demo's dVAE did in its first 20 updates on most seeds "
+        "(docs/demo.md). 0: off, the paper's objective.",
+        ge=0,
+    )
+
+
 # The five orders of (R, G, B) other than the identity.
 _PERMUTATIONS = torch.tensor([[0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]])
 
@@ -149,6 +164,7 @@ class DVAETrainConfig:
     model: DVAEArgs = arg(factory=DVAEArgs, doc="The dVAE's sizes.")
     data: DataArgs = arg(factory=DataArgs, doc="Training images.")
     augment: AugmentArgs = arg(factory=AugmentArgs, doc="Augmentations of the training images.")
+    loss: LossArgs = arg(factory=LossArgs, doc="Terms added to the paper's objective.")
     init: DVAEInitArgs = arg(factory=DVAEInitArgs, doc="Start from a trained dVAE's weights (fine-tuning).")
     schedule: ScheduleArgs = arg(factory=ScheduleArgs, doc="tau, beta and lr schedules.")
     optim: OptimArgs = arg(factory=OptimArgs, doc="Optimiser and EMA.")
@@ -227,7 +243,7 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
     set_lr(st.opt, sched["lr"])
     images = shuffle_channels(images, cfg.augment.channel_shuffle)
     with autocast(dev, cfg.precision.dtype):
-        out = st.net(images, tau=sched["tau"], beta=sched["beta"])
+        out = st.net(images, tau=sched["tau"], beta=sched["beta"], usage_weight=cfg.loss.usage_weight)
     st.opt.zero_grad(set_to_none=True)
     if st.scaler is not None:
         st.scaler.scale(out.loss).backward()
@@ -253,6 +269,7 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
         "kl": out.kl.item(),
         "grad_norm": grad_norm,
         "batch_codes_used": int((counts > 0).sum()),
+        "batch_perplexity": codebook_usage(counts)["perplexity"],
         "skipped_steps": float(st.counters.skipped_steps),
         **sched,
     }
