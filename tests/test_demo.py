@@ -238,3 +238,11 @@ def test_the_report_escapes_captions_and_inlines_only_pngs_inside_its_folder(tmp
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert base64.b64encode(secret.read_bytes()).decode() not in page and page.count("data:image/png") == 1
     assert page.count("picture not shown") == 3
+
+
+def test_the_plan_times_an_update_by_the_median_so_one_slow_call_does_not_move_it(monkeypatch):
+    clock = iter([0.0, 1.0, 1.0, 11.0, 11.0, 12.0, 12.0, 13.0, 13.0, 14.0])  # the second call takes 10 s
+    monkeypatch.setattr(demo_plan.time, "perf_counter", lambda: next(clock))
+    calls = []
+    assert demo_plan._timed(lambda: calls.append(1), warm=2, timed=5) == 1.0  # a mean would say 2.8
+    assert len(calls) == 7

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import math
 import os
+import statistics
 import threading
 import time
 from typing import Any
@@ -37,24 +38,29 @@ log = logging.getLogger(__name__)
 # model 2, 2 cores): bf16 (native) dVAE 0.95, prior 1.22, CLIP 0.93; fp32 (AVX2 code paths) dVAE 0.91,
 # prior 1.05, CLIP 1.03; on one core with AVX2 paths (a machine about 2x slower) 0.91, 1.11, 1.05.
 # Each factor was the largest, rounded up: the prior's covers DeepSpeed's start (and its one-time op
-# build), the all-reduce, validation, samples and checkpoints. On AMD EPYC family 25 model 17 (bf16,
-# 2 cores) three whole runs of 2026-12-04 took 1.12-1.20x the dVAE's prediction at factor 1.0 (its
-# loader worker and validation share the two cores with the timed update) and 0.86-1.03x the prior's
-# at 1.25, so the dVAE's factor is now 1.17 and the prior's 1.2 (docs/demo.md, "Seeds").
-STAGE_FACTORS = {"dvae": 1.17, "prior": 1.2, "clip": 1.05}
+# build), the all-reduce, validation, samples and checkpoints. Three whole runs on AMD EPYC family 25
+# model 17 (bf16, 2 cores, nothing else running; 2026-12-04, docs/demo.md "Seeds") measured dVAE
+# 0.89-1.09, prior 1.08-1.15, CLIP 1.00-1.16: the prior's and CLIP's factors are their means since.
+# (Factors fitted on runs that shared the cores with other jobs had said 1.17 for the dVAE.)
+STAGE_FACTORS = {"dvae": 1.0, "prior": 1.15, "clip": 1.1}
 MIN_FRACTION = 0.2  # below this the demo's models learn too little to show anything
 
 
 def _timed(step: Any, warm: int, timed: int) -> float:
+    """The median seconds of ``timed`` calls of ``step`` after ``warm`` untimed ones: one slow call
+    (another process waking, an allocator growing) moves a mean of five by 10-30%, which then moved
+    the whole plan (docs/demo.md, "Seeds"); the median does not follow it."""
     for _ in range(warm):
         step()
-    t = time.perf_counter()
+    times = []
     for _ in range(timed):
+        t = time.perf_counter()
         step()
-    return (time.perf_counter() - t) / timed
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
-def dvae_step_seconds(dcfg: Any, warm: int = 2, timed: int = 5) -> float:
+def dvae_step_seconds(dcfg: Any, warm: int = 2, timed: int = 9) -> float:
     """Seconds of one dVAE update as train_dvae runs it (autocast at its pick, channels_last, AdamW,
     EMA), on random images of the config's size and batch, in this process's threads."""
     from dalle_repro.models.dvae import DVAE
@@ -128,7 +134,7 @@ def prior_step_seconds(model_args: Any, precision: str, batch: int, ranks: int, 
     return max(seconds)
 
 
-def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int = 4) -> float:
+def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int = 7) -> float:
     """Seconds of one step of the small CLIP (clip_train.train_clip's loop body) on random images."""
     from dalle_repro.train.clip import build_clip, clip_input, hf_tokenizer
 
