@@ -140,6 +140,18 @@ def test_rerank_order_equals_brute_force_cosine_order(clip_dir):
     assert order.tolist() == sorted(range(7), key=lambda i: -brute[i])[:4]
 
 
+def test_a_clip_training_run_folder_loads_its_model(clip_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(clip_dir, tmp_path / "run" / "clip")  # what tools/train_clip.py and the demo write
+    images = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    from_run = Reranker(tmp_path / "run").rank(images, "rocket", keep=3)[1]
+    assert torch.equal(from_run, Reranker(clip_dir).rank(images, "rocket", keep=3)[1])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RerankError, match="no config.json"):
+        Reranker(tmp_path / "empty")
+
+
 def test_missing_or_broken_clip_is_a_clear_error(tmp_path):
     with pytest.raises(RerankError, match="does not exist"):
         Reranker(tmp_path / "nope")

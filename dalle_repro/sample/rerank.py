@@ -58,6 +58,8 @@ class Reranker:
     def _load_hf(self, d: Path) -> None:
         if not d.is_dir():
             raise RerankError(f"CLIP folder {d} does not exist (pass a local Hugging Face CLIP folder)")
+        if not (d / "config.json").is_file() and (d / "clip" / "config.json").is_file():
+            d = d / "clip"  # a CLIP training run's folder (tools/train_clip.py, the demo's outputs/demo/clip)
         if not (d / "config.json").is_file():
             raise RerankError(f"{d} has no config.json: not a Hugging Face model folder")
         try:
