@@ -3,8 +3,8 @@
 For each seed: the demo's dVAE config (configs/demo/dvae.yaml, with ``--edits``), a fresh model and
 AdamW, and the trainer's own ``train_step`` on batches drawn from ``--scenes`` rendered scenes of
 ``--world`` (shapes or strokes); the codes used in the batch (argmax of the encoder's logits over
-every position of the 32 images) and the perplexity of the batch's mean code distribution at update
-1, 20 and the last. A run still on one code at the end
+every position of the 32 images) and the perplexity of those codes' frequencies at update 1, 20 and
+the last. A run still on one code at the end
 has collapsed: its decoder draws the mean image whatever the code, and nothing downstream can learn.
 One thread, so that several seeds run side by side on a small machine without timing anything.
 

@@ -37,7 +37,6 @@ from dalle_repro.core.images import grid, save_png
 from dalle_repro.core.precision import AutocastArgs, agree_across_ranks, pick_precision
 from dalle_repro.core.pretrained import load_state_strict, save_pretrained
 from dalle_repro.data.loader import DataArgs, Loader
-from dalle_repro.evaluation.evaluate import codebook_usage
 from dalle_repro.models.dvae import (
     DVAE,
     DVAEArgs,
@@ -268,8 +267,7 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
         "nll_bpd": float(nll_to_bits_per_dim(out.nll.item())),
         "kl": out.kl.item(),
         "grad_norm": grad_norm,
-        "batch_codes_used": int((counts > 0).sum()),
-        "batch_perplexity": codebook_usage(counts)["perplexity"],
+        **{f"batch_{k}": v for k, v in code_stats(counts).items()},
         "skipped_steps": float(st.counters.skipped_steps),
         **sched,
     }
