@@ -40,9 +40,8 @@ from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.core.config import arg, deep_merge, from_dict, load_yaml, parse_overrides
 from dalle_repro.data import shapes
 from dalle_repro.data.worlds import world_of
-from dalle_repro.evaluation.evaluate import codebook_usage
 from dalle_repro.evaluation.tasks import read_back, summarize
-from dalle_repro.models.dvae import DVAE
+from dalle_repro.models.dvae import DVAE, codebook_usage
 from dalle_repro.models.transformer import Transformer, TransformerArgs
 from dalle_repro.train.dvae import DVAETrainConfig, State, train_step
 from dalle_repro.train.optim import EMA, adamw, cosine, param_groups

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from dalle_repro.data.shapes import Obj, Scene, parse_caption, random_scene, render
-from dalle_repro.evaluation.evaluate import CandidateSet, candidate_report, codebook_usage
+from dalle_repro.evaluation.evaluate import CandidateSet, candidate_report
 from dalle_repro.evaluation.tasks import TASKS, fmt, read_back, share, summarize, task_hits, wilson
+from dalle_repro.models.dvae import codebook_usage
 
 
 def test_wilson_matches_reference_values_and_stays_in_bounds():
@@ -80,6 +81,7 @@ def test_codebook_usage_counts_codes_and_perplexity():
     u = codebook_usage(torch.tensor([5, 5, 0, 0]))
     assert u["codes_used"] == 2 and u["codebook_size"] == 4 and u["perplexity"] == pytest.approx(2.0)
     assert codebook_usage(torch.tensor([7, 0, 0]))["perplexity"] == pytest.approx(1.0)
+    assert codebook_usage(torch.zeros(3, dtype=torch.long)) == {"codes_used": 0, "codebook_size": 3, "perplexity": 0.0}
 
 
 def test_the_report_shows_intervals_tasks_and_the_dvae_ceiling():

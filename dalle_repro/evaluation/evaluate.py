@@ -41,7 +41,14 @@ from dalle_repro.core.images import save_png, to_uint8, to_unit
 from dalle_repro.data.shapes import ATTRIBUTES
 from dalle_repro.data.worlds import world_name, world_of
 from dalle_repro.evaluation.tasks import gain, rates, read_back, summarize
-from dalle_repro.models.dvae import DVAE, logit_laplace_nll, map_pixels, nll_to_bits_per_dim, unmap_pixels
+from dalle_repro.models.dvae import (
+    DVAE,
+    codebook_usage,
+    logit_laplace_nll,
+    map_pixels,
+    nll_to_bits_per_dim,
+    unmap_pixels,
+)
 from dalle_repro.sample.generate import SampleSettings
 
 Features = Callable[[torch.Tensor], torch.Tensor]  # images (B, 3, H, W) in [0, 1] -> (B, D)
@@ -207,17 +214,6 @@ def attribute_accuracy(
     caption of ``world``'s grammar says, per attribute and ``all``; ``n`` is the count. With intervals and
     tasks: :func:`dalle_repro.evaluation.tasks.summarize` of :func:`~dalle_repro.evaluation.tasks.read_back`."""
     return rates(summarize(read_back(images, captions, world)))
-
-
-def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
-    """How many of the codes a set of images uses, and the perplexity of their frequencies
-    (exp of the entropy: the number of equally used codes that would give the same entropy)."""
-    p = counts[counts > 0].double() / max(int(counts.sum()), 1)
-    return {
-        "codes_used": int((counts > 0).sum()),
-        "codebook_size": len(counts),
-        "perplexity": float(torch.exp(-(p * p.log()).sum())) if len(p) else 0.0,
-    }
 
 
 @torch.no_grad()

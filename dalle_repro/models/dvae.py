@@ -296,6 +296,19 @@ class _GumbelSoftmaxKL(torch.autograd.Function):
         return d_lg, None, None, None
 
 
+def codebook_usage(counts: torch.Tensor) -> dict[str, float]:
+    """How many codes a count of tokens (one entry per code) uses, and the perplexity of their
+    frequencies: exp of the entropy, the number of equally used codes that would give the same
+    entropy (0.0 where nothing was counted). The trainer's batch and validation metrics, the
+    evaluation and the benchmarks all count with this."""
+    p = counts[counts > 0].double() / max(int(counts.sum()), 1)
+    return {
+        "codes_used": int((counts > 0).sum()),
+        "codebook_size": len(counts),
+        "perplexity": float(torch.exp(-(p * p.log()).sum())) if len(p) else 0.0,
+    }
+
+
 def mean_code_entropy(lg: torch.Tensor) -> torch.Tensor:
     """Entropy (nats) of the code distribution averaged over every position of a (..., V) logits
     tensor: ln V when the positions together spread over every code alike, 0 when they all put

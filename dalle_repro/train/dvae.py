@@ -40,6 +40,7 @@ from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.models.dvae import (
     DVAE,
     DVAEArgs,
+    codebook_usage,
     logit_laplace_nll,
     map_pixels,
     nll_to_bits_per_dim,
@@ -201,13 +202,6 @@ def autocast(device: torch.device, precision: str) -> Any:
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def code_stats(counts: torch.Tensor) -> dict[str, float]:
-    """Codebook usage (distinct codes) and the perplexity of code frequencies."""
-    p = counts.double() / counts.sum().clamp(min=1)
-    entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
-    return {"codes_used": int((counts > 0).sum().item()), "perplexity": math.exp(entropy)}
-
-
 @dataclass
 class State:
     """What the loop carries between steps."""
@@ -267,7 +261,7 @@ def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch
         "nll_bpd": float(nll_to_bits_per_dim(out.nll.item())),
         "kl": out.kl.item(),
         "grad_norm": grad_norm,
-        **{f"batch_{k}": v for k, v in code_stats(counts).items()},
+        **{f"batch_{k}": v for k, v in codebook_usage(counts).items() if k != "codebook_size"},
         "skipped_steps": float(st.counters.skipped_steps),
         **sched,
     }
@@ -304,7 +298,7 @@ def validate(model: DVAE, cfg: DVAETrainConfig, dev: torch.device) -> tuple[dict
         "val_rec_bpd": float(nll_to_bits_per_dim(nll_sum / n_sub)),
         "val_mse": mse,
         "val_psnr": float("inf") if mse == 0 else 10 * math.log10(1 / mse),
-        **{f"val_{k}": v for k, v in code_stats(counts).items()},
+        **{f"val_{k}": v for k, v in codebook_usage(counts).items() if k != "codebook_size"},
     }
     return metrics, shown
 
