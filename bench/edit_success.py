@@ -17,7 +17,7 @@ reconstruction of that render (``dvae``). Each share with its 95% (Wilson) inter
 absolute pixel change outside the box against the dVAE's reconstruction of the input. Writes
 OUT/edits.json and OUT/edits.png (the first scenes: input with box, then the kept results).
 
-Usage: python bench/edit_success.py --model outputs/demo/prior/export --clip outputs/demo/clip/clip --out OUT
+Usage: python bench/edit_success.py --model outputs/demo/prior/export --clip outputs/demo/clip --out OUT
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class EditArgs:
 
     model: str = arg(doc="The demo's prior export (outputs/demo/prior/export).")
     out: str = arg(doc="Folder for edits.json and edits.png.")
-    clip: str | None = arg(None, "CLIP folder for reranking (the demo's outputs/demo/clip/clip); null: fit only.")
+    clip: str | None = arg(None, "CLIP run or model folder to rerank with (outputs/demo/clip); null: fit only.")
     scenes: int = arg(96, "Edited scenes.", gt=0)
     candidates: int = arg(8, "Candidates per edit.", gt=0)
     keep: int = arg(2, "Kept results per edit (each is read back).", gt=0)

@@ -37,7 +37,7 @@ from dalle_repro.sample.rerank import Reranker  # noqa: E402
 class CurveArgs:
     """The fine-tuning curve's settings."""
 
-    demo: str = arg("outputs/demo", "The demo's output folder (prior/export, dvae/dvae, clip/clip).")
+    demo: str = arg("outputs/demo", "The demo's output folder (prior/export, dvae/dvae, clip).")
     shapes: str = arg("data/shapes", "The demo's scenes: its val/ and heldout/ are the evaluation's captions.")
     data: str = arg("data/shapes-ft", "The new scenes (made here when missing); their tokens go to DATA-tokens.")
     out: str = arg("bench-out/finetune", "Folder for the runs and curve.json.")
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = Path(a.demo)
     export = demo / "prior" / "export"
     tokens = make_data(a, demo / "dvae" / "dvae")
-    reranker = Reranker(demo / "clip" / "clip")  # the CLIP run folder holds the model in clip/
+    reranker = Reranker(demo / "clip")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
