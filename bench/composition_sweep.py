@@ -24,7 +24,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
@@ -136,9 +136,14 @@ def train_prior(
     margs: TransformerArgs,
     dev: torch.device,
     seed: int,
+    partial: tuple[torch.Tensor, torch.Tensor] | None = None,
+    word_drop: float = 0.0,
 ) -> tuple[Transformer, dict[str, Any]]:
     """The demo prior's training without DeepSpeed: AdamW on the model's loss, warm-up then cosine,
-    caption dropout, the EMA the export keeps."""
+    caption dropout, the EMA the export keeps. Attribute dropout (``word_drop`` P with ``partial``,
+    the captions' tokens without their shape words and without their colour words): a caption loses
+    its shape words with probability P/2 and its colour words with P/2, so that the prior also learns
+    what a shape word and a colour word draw alone, and knows a caption without its shape words."""
     torch.manual_seed(seed)
     model = Transformer(margs).to(dev)
     o, s, r = settings["optim"], settings["schedule"], settings["run"]
@@ -154,6 +159,11 @@ def train_prior(
             g["lr"] = lr
         idx = torch.randint(0, len(text), (batch,), generator=gen)
         t, im = text[idx].to(dev), image[idx].to(dev)
+        if word_drop > 0 and partial is not None:
+            u = torch.rand(batch, generator=gen).to(dev)[:, None]
+            t = torch.where(
+                u < word_drop / 2, partial[0][idx].to(dev), torch.where(u < word_drop, partial[1][idx].to(dev), t)
+            )
         drop = torch.rand(batch, generator=gen) < float(r.get("caption_dropout", 0.0))
         t = torch.where(drop.to(dev)[:, None], empty.to(dev), t)
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
@@ -169,20 +179,49 @@ def train_prior(
 
 
 @torch.no_grad()
-def score_prior(prior, dvae, tok, captions: list[str], candidates: int, seed: int, dev: torch.device) -> dict[str, Any]:
-    """``candidates`` samples of every caption in one cached, guided generate call (temperature 0.7,
-    guidance 2: the demo's evaluation settings), decoded and read back."""
+def score_prior(
+    prior,
+    dvae,
+    tok,
+    captions: list[str],
+    candidates: int,
+    seed: int,
+    dev: torch.device,
+    guidance: float = 2.0,
+    contrast: str = "",
+) -> dict[str, Any]:
+    """``candidates`` samples of every caption in one cached, guided generate call (temperature 0.7;
+    the demo's evaluation guides by 2 against the empty caption), decoded and read back. ``contrast``
+    "shape" or "colour" guides against the caption without its shape (colour) words instead of the
+    empty one: ``c + (guidance - 1) * (c - u)`` then amplifies what those words add, alone."""
+    world = world_of(captions[0])
+    words = {"": None, "shape": world.SHAPES, "colour": tuple(world.COLOURS)}[contrast]
     rows = torch.tensor([tok.encode(c) for c in captions for _ in range(candidates)], dtype=torch.long, device=dev)
-    uncond = torch.tensor([tok.encode("")], dtype=torch.long, device=dev)
+    if words is None:
+        uncond = torch.tensor([tok.encode("")], dtype=torch.long, device=dev).expand(len(rows), -1)
+    else:
+        uncond = torch.tensor(
+            [tok.encode(without(c, words)) for c in captions for _ in range(candidates)], dtype=torch.long, device=dev
+        )
     gen = torch.Generator(device=dev).manual_seed(seed)
     grid = prior.args.grid
     tokens = torch.cat(
-        [prior.generate(r, temperature=0.7, uncond=uncond, guidance=2.0, generator=gen) for r in rows.split(1024)]
+        [
+            prior.generate(r, temperature=0.7, uncond=u, guidance=guidance, generator=gen)
+            for r, u in zip(rows.split(1024), uncond.split(1024), strict=True)
+        ]
     )
     images = torch.cat([dvae.decode(t.view(-1, grid, grid)).cpu() for t in tokens.split(1024)])
-    s = summarize(read_back(images, [c for c in captions for _ in range(candidates)], world_of(captions[0])))
+    s = summarize(read_back(images, [c for c in captions for _ in range(candidates)], world))
     keys = ("all", "shape", "colour", "colour_shape_binding", "position", "counting")
     return {k: s[k] for k in keys} | {"overall": s["overall"]}
+
+
+def without(caption: str, words: Sequence[str]) -> str:
+    """``caption`` with every word of ``words`` left out ("a big red triangle on the left" without the
+    shapes: "a big red on the left")."""
+    drop = set(words)
+    return " ".join(w for w in caption.split() if w not in drop)
 
 
 def variant(text: str) -> tuple[str, str]:
@@ -201,11 +240,26 @@ class SweepArgs:
         "shapes", "The data set: the demo's shapes, or the strokes set that no setting was tuned on."
     )
     train: int = arg(8000, "Training scenes (the demo's shapes.train).", gt=0)
-    dvae: list[str] = arg(factory=lambda: ["base:"], doc="dVAE variants, NAME:key=value,...")
+    dvae: list[str] = arg(
+        factory=list,
+        doc="dVAE variants to train, NAME:key=value,...; none given: base: (the demo's), unless --dvae-from.",
+    )
     prior: list[str] = arg(
-        factory=lambda: ["base:"], doc="Prior variants, NAME:key=value,... (also train=N, ranks=N, dvae=NAME)."
+        factory=lambda: ["base:"],
+        doc="Prior variants, NAME:key=value,... (also train=N, ranks=N, dvae=NAME, "
+        "word_drop=P: attribute dropout, see train_prior).",
     )
     prior_dvae: str | None = arg(None, "The dVAE variant the priors use; null: the first.")
+    dvae_from: list[str] = arg(
+        factory=list,
+        doc="Trained dVAEs to use as variants as they are, NAME=DIR (a RUN/dvae model folder, "
+        "e.g. a demo run's outputs/demo/dvae/dvae).",
+    )
+    score: list[str] = arg(
+        factory=lambda: ["g2:guidance=2"],
+        doc="Ways to sample every prior, NAME:guidance=G,contrast=shape|colour (contrast: guide against the "
+        "caption without those words instead of the empty caption); the first fills seen/heldout.",
+    )
     captions: int = arg(96, "Distinct captions per split.", gt=0)
     candidates: int = arg(8, "Samples per caption.", gt=0)
     seed: int = arg(0, "Seed of the scenes, the weights and the samples.", ge=0)
@@ -238,7 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     held_caps, held_ims = distinct(*scenes(600, True, a.seed + 2, 32, a.workers, a.world), a.captions)
     result["data_seconds"] = round(time.perf_counter() - t0, 1)
     dvaes = {}
-    for name, edits in map(variant, a.dvae):
+    for spec in a.dvae_from:
+        name, _, folder = spec.partition("=")
+        dvae = DVAE.from_pretrained(folder).to(dev).eval()
+        info = {
+            "from": folder,
+            "seen": ceiling(dvae, val_caps, val_ims, dev),
+            "heldout": ceiling(dvae, held_caps, held_ims, dev),
+        }
+        result["dvae"][name] = info
+        dvaes[name] = dvae
+        print(json.dumps({"dvae": name, **info}), flush=True)
+    for name, edits in map(variant, a.dvae or ([] if a.dvae_from else ["base:"])):
         cfg = edited("configs/demo/dvae.yaml", DVAETrainConfig, edits)
         if a.quick:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=3))
@@ -258,9 +323,15 @@ def main(argv: list[str] | None = None) -> int:
     tokens_of: dict[str, torch.Tensor] = {}
     text_all = torch.tensor([tok.encode(c) for c in train_caps], dtype=torch.long)
     empty = torch.tensor([tok.encode("")], dtype=torch.long)
+    world = world_of(a.world)
+    partial = tuple(
+        torch.tensor([tok.encode(without(c, words)) for c in train_caps], dtype=torch.long)
+        for words in (world.SHAPES, tuple(world.COLOURS))
+    )
+    scorings = [(n, dict(e.split("=", 1) for e in edits.split(",") if e)) for n, edits in map(variant, a.score)]
     for name, edits in map(variant, [] if a.dvae_only else a.prior):
         pairs = [e for e in edits.split(",") if e]
-        extra = dict(e.split("=", 1) for e in pairs if e.split("=", 1)[0] in ("train", "ranks", "dvae"))
+        extra = dict(e.split("=", 1) for e in pairs if e.split("=", 1)[0] in ("train", "ranks", "dvae", "word_drop"))
         dvae_name = extra.get("dvae", a.prior_dvae or next(iter(dvaes)))
         dvae = dvaes[dvae_name]
         if dvae_name not in tokens_of:
@@ -286,18 +357,35 @@ def main(argv: list[str] | None = None) -> int:
             text_loss_weight=m.get("text_loss_weight", 0.125),
             image_loss_weight=m.get("image_loss_weight", 0.875),
         )
-        prior, info = train_prior(settings, text_all[:n], tokens_all[:n].flatten(1), empty, margs, dev, a.seed)
+        prior, info = train_prior(
+            settings,
+            text_all[:n],
+            tokens_all[:n].flatten(1),
+            empty,
+            margs,
+            dev,
+            a.seed,
+            partial=(partial[0][:n], partial[1][:n]),
+            word_drop=float(extra.get("word_drop", 0.0)),
+        )
         c = 2 if a.quick else a.candidates
         caps_v, caps_h = (val_caps[:2], held_caps[:2]) if a.quick else (val_caps, held_caps)
-        info["seen"] = score_prior(prior, dvae, tok, caps_v, c, a.seed, dev)
-        info["heldout"] = score_prior(prior, dvae, tok, caps_h, c, a.seed, dev)
-        info |= {"edits": edits, "train_scenes": n, "dvae": dvae_name}
+        info |= {"edits": edits, "train_scenes": n, "dvae": dvae_name, "scores": {}}
+        for sname, how in scorings:
+            kw = {"guidance": float(how.get("guidance", 2.0)), "contrast": how.get("contrast", "")}
+            got = {
+                split: score_prior(prior, dvae, tok, caps, c, a.seed, dev, **kw)
+                for split, caps in (("seen", caps_v), ("heldout", caps_h))
+            }
+            info["scores"][sname] = got
+            if "seen" not in info:
+                info |= got
+            brief = {
+                s: {k: round(v["rate"] if isinstance(v, dict) else v, 3) for k, v in got[s].items()}
+                for s in ("seen", "heldout")
+            }
+            print(json.dumps({"prior": name, "score": sname, "seconds": info["seconds"], **brief}), flush=True)
         result["prior"][name] = info
-        brief = {
-            s: {k: round(v["rate"] if isinstance(v, dict) else v, 3) for k, v in info[s].items()}
-            for s in ("seen", "heldout")
-        }
-        print(json.dumps({"prior": name, "seconds": info["seconds"], **brief}), flush=True)
         (out / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "sweep.json").write_text(json.dumps(result, indent=1, default=str) + "\n")

@@ -1,0 +1,83 @@
+"""bench/composition_sweep.py at tiny sizes: attribute dropout reaches the prior's batches, a
+contrast scoring guides against the caption without its shape words, and a trained dVAE folder can
+stand in for training one."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("composition_sweep", ROOT / "bench" / "composition_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["composition_sweep"] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_without_leaves_out_only_the_named_words(sweep):
+    from dalle_repro.data import shapes, strokes
+
+    cap = "a big red triangle left of a small blue circle"
+    assert sweep.without(cap, shapes.SHAPES) == "a big red left of a small blue"
+    assert sweep.without(cap, tuple(shapes.COLOURS)) == "a big triangle left of a small circle"
+    assert sweep.without("a thin orange ring on the left", strokes.SHAPES) == "a thin orange on the left"
+
+
+class _Spy(torch.nn.Module):
+    """Stands in for the prior's generate: records the unconditional rows it is given."""
+
+    def __init__(self, grid: int):
+        super().__init__()
+        self.args = type("A", (), {"grid": grid})()
+        self.unconds: list[torch.Tensor] = []
+
+    def generate(self, rows, temperature, uncond, guidance, generator):
+        self.unconds.append(uncond)
+        return torch.zeros(len(rows), self.args.grid**2, dtype=torch.long)
+
+
+class _Blank:
+    def decode(self, t):
+        return torch.ones(len(t), 3, 32, 32)
+
+
+def test_a_contrast_score_guides_against_the_caption_without_its_shape_words(sweep):
+    from dalle_repro.data.tokenizer import TextTokenizer, train_bpe
+
+    caps = ["a big red triangle on the left", "a small blue square above a big green circle"]
+    tok = TextTokenizer(train_bpe(caps * 4, 300, 1), 16)
+    spy = _Spy(4)
+    sweep.score_prior(spy, _Blank(), tok, caps, 2, 0, torch.device("cpu"), guidance=3.0, contrast="shape")
+    rows = spy.unconds[0].tolist()
+    assert rows[0] == rows[1] == tok.encode("a big red on the left")
+    assert rows[2] == tok.encode("a small blue above a big green")
+    sweep.score_prior(spy, _Blank(), tok, caps, 2, 0, torch.device("cpu"))
+    assert all(r == tok.encode("") for r in spy.unconds[1].tolist())
+
+
+def test_a_quick_sweep_trains_with_word_dropout_from_a_saved_dvae_and_scores_each_way(sweep, tmp_path):
+    from dalle_repro.core.config import load_config
+    from dalle_repro.models.dvae import DVAE
+    from dalle_repro.train.dvae import DVAETrainConfig
+
+    cfg = load_config(DVAETrainConfig, ROOT / "configs" / "demo" / "dvae.yaml", [])
+    DVAE(cfg.model).save_pretrained(tmp_path / "dvae")
+    out = tmp_path / "sweep"
+    args = ["--out", str(out), "--quick", "--workers", "1", "--dvae-from", f"mine={tmp_path / 'dvae'}"]
+    args += ["--prior", "wd:word_drop=0.5", "--score", "g2:guidance=2", "--score", "cs3:guidance=3,contrast=shape"]
+    assert sweep.main(args) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert list(result["dvae"]) == ["mine"] and result["dvae"]["mine"]["from"] == str(tmp_path / "dvae")
+    prior = result["prior"]["wd"]
+    assert prior["dvae"] == "mine" and set(prior["scores"]) == {"g2", "cs3"}
+    assert prior["seen"] == prior["scores"]["g2"]["seen"]
