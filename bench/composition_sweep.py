@@ -213,7 +213,7 @@ def score_prior(
     )
     images = torch.cat([dvae.decode(t.view(-1, grid, grid)).cpu() for t in tokens.split(1024)])
     s = summarize(read_back(images, [c for c in captions for _ in range(candidates)], world))
-    keys = ("all", "shape", "colour", "colour_shape_binding", "position", "counting")
+    keys = ("all", "shape", "colour", "colour_shape_binding", "position", "counting", "shapes_swapped")
     return {k: s[k] for k in keys} | {"overall": s["overall"]}
 
 

@@ -77,6 +77,25 @@ def test_read_back_gives_attributes_and_tasks_per_image():
         read_back(_renders([scene]), [scene.caption()] * 2)
 
 
+def test_shapes_drawn_swapped_between_two_objects_are_counted_as_the_binding_failure():
+    """ "a big red triangle left of a big blue circle" drawn as a red circle and a blue triangle: both
+    colours and the relation right, shape wrong, and counted as swapped; drawn right, or with one
+    shape wrong, it is not; a caption of two alike shapes cannot be swapped."""
+    caption = "a big red triangle left of a big blue circle"
+    swapped = Scene((Obj("circle", "red", "big"), Obj("triangle", "blue", "big")), "left of")
+    one_wrong = Scene((Obj("square", "red", "big"), Obj("circle", "blue", "big")), "left of")
+    same = "a big red circle left of a big blue circle"
+    hits = read_back(
+        _renders([swapped, parse_caption(caption), one_wrong, parse_caption(same)]), [caption] * 3 + [same]
+    )
+    assert hits[0]["colour"] and hits[0]["position"] and not hits[0]["shape"] and hits[0]["shapes_swapped"]
+    assert hits[1]["all"] and hits[1]["shapes_swapped"] is False
+    assert hits[2]["shapes_swapped"] is False and hits[3]["shapes_swapped"] is None
+    s = summarize(hits)
+    assert s["shapes_swapped"]["k"] == 1 and s["shapes_swapped"]["n"] == 3
+    assert s["overall"] == pytest.approx(np.mean([s[t]["rate"] for t in TASKS if s[t]["n"]]))  # not a task
+
+
 def test_codebook_usage_counts_codes_and_perplexity():
     u = codebook_usage(torch.tensor([5, 5, 0, 0]))
     assert u["codes_used"] == 2 and u["codebook_size"] == 4 and u["perplexity"] == pytest.approx(2.0)
@@ -98,4 +117,5 @@ def test_the_report_shows_intervals_tasks_and_the_dvae_ceiling():
     md = "\n".join(zero_shot_section({"splits": {"heldout": rep}}))
     assert "100.0% [61.0, 100.0]" in md  # 6 of 6, with its interval
     assert "| colour shape binding | 100.0% [" in md and "(+0.0)" in md
+    assert "| a failure: shapes swapped (lower is better) | n/a |" in md  # six lone objects: none applies
     assert "| heldout | 100.0% [61.0, 100.0] | 100.0% [61.0, 100.0] | 25.0 dB | 40 / 512 | 22 |" in md

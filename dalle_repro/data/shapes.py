@@ -382,7 +382,10 @@ def _agree(o: Obj, f: Found) -> dict[str, bool]:
 def score(scene: Scene, found: Sequence[Found], canvas: int) -> dict[str, bool]:
     """Each attribute of :data:`ATTRIBUTES` right or wrong, and ``all``. With two objects the found
     ones are matched to the caption's slots the way that agrees best; ``shape``/``colour``/``size``
-    are right when right for every object; an object not found makes its attributes wrong."""
+    are right when right for every object; an object not found makes its attributes wrong. With two
+    objects, ``swapped`` says whether the caption's two colours were drawn each on the other object's
+    shape ("a red triangle left of a blue circle" drawn as a red circle and a blue triangle, anywhere):
+    the failure to bind a shape to its colour (False where the two share a shape or a colour)."""
     n = len(scene.objects)
     out = {"count": len(found) == n}
     if n == 1:
@@ -391,7 +394,7 @@ def score(scene: Scene, found: Sequence[Found], canvas: int) -> dict[str, bool]:
         else:
             out |= {"shape": False, "colour": False, "size": False, "place": False}
     elif len(found) < 2:
-        out |= {"shape": False, "colour": False, "size": False, "place": False}
+        out |= {"shape": False, "colour": False, "size": False, "place": False, "swapped": False}
     else:
         pair = found[:2]
         orders = [(pair[0], pair[1]), (pair[1], pair[0])]
@@ -407,6 +410,13 @@ def score(scene: Scene, found: Sequence[Found], canvas: int) -> dict[str, bool]:
         agree = [_agree(o, f) for o, f in zip(scene.objects, best, strict=True)]
         out |= {k: all(a[k] for a in agree) for k in ("shape", "colour", "size")}
         out["place"] = _relation(best[0], best[1]) == scene.place
+        a, b = scene.objects
+        # the binding failure: each colour drawn, each on the other object's shape
+        out["swapped"] = (
+            a.shape != b.shape
+            and a.colour != b.colour
+            and any((f.colour, f.shape, g.colour, g.shape) == (a.colour, b.shape, b.colour, a.shape) for f, g in orders)
+        )
     out["all"] = all(out[k] for k in ATTRIBUTES)
     return out
 

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from dalle_repro.core.config import load_yaml
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import save_png
-from dalle_repro.evaluation.tasks import TASKS, fmt
+from dalle_repro.evaluation.tasks import FAILURES, TASKS, fmt
 from dalle_repro.train.metrics import read_metrics
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e"]
@@ -313,6 +313,10 @@ def _task_table(ev: dict[str, Any]) -> list[str]:
             g = rep.get("clip_gain", {}).get(task)
             cells.append(fmt(t) + (f" ({g * 100:+.1f})" if g is not None else ""))
         md.append(f"| {task.replace('_', ' ')} | " + " | ".join(cells) + " |")
+    for failure in FAILURES:  # older evaluations lack it
+        if all(failure in rep["tasks"]["reranked"] for rep in splits.values()):
+            cells = [fmt(rep["tasks"]["reranked"][failure]) for rep in splits.values()]
+            md.append(f"| a failure: {failure.replace('_', ' ')} (lower is better) | " + " | ".join(cells) + " |")
     return md
 
 

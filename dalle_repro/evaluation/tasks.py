@@ -16,6 +16,11 @@ picks the reader, data/worlds.py):
   across objects (Lewis et al. 2024);
 - ``overall``: the mean of the task scores, as GenEval reports it.
 
+And one failure, not a task (lower is better, left out of ``overall``): ``shapes_swapped``, of the
+captions of two objects of two shapes and two colours, the share drawn with each colour on the other
+object's shape: what a prior that reads a caption as a bag of words draws when each
+colour goes with the other shape in training.
+
 Every share comes with its Wilson 95% interval: with 96 captions a share near 50% is known to about
 +-10 points, with 24 to about +-19, so a difference between two runs means little unless the
 intervals say so.
@@ -35,6 +40,7 @@ from dalle_repro.data.shapes import ATTRIBUTES, Scene
 from dalle_repro.data.worlds import world_of
 
 TASKS = ("one_object", "two_objects", "counting", "colour", "position", "colour_shape_binding")
+FAILURES = ("shapes_swapped",)
 Z95 = 1.959963984540054  # the normal quantile of a two-sided 95% interval
 
 
@@ -64,7 +70,16 @@ def task_hits(scene: Scene, right: dict[str, bool]) -> dict[str, bool | None]:
         "colour": right["colour"],
         "position": right["place"],
         "colour_shape_binding": right["colour"] and right["shape"],
+        "shapes_swapped": bool(right.get("swapped")) if _can_swap(scene) else None,
     }
+
+
+def _can_swap(scene: Scene) -> bool:
+    """Two objects of two shapes and two colours: a caption whose shapes can be drawn swapped."""
+    if len(scene.objects) != 2:
+        return False
+    a, b = scene.objects
+    return a.shape != b.shape and a.colour != b.colour
 
 
 def read_back(
@@ -95,7 +110,7 @@ def share(verdicts: Sequence[bool | None]) -> dict[str, Any]:
 def summarize(hits: Sequence[dict[str, bool | None]]) -> dict[str, Any]:
     """Attributes and tasks over a list of :func:`read_back` verdicts: each a :func:`share`; and
     ``overall``, the mean of the task rates that apply (GenEval's overall score)."""
-    out: dict[str, Any] = {key: share([h[key] for h in hits]) for key in (*ATTRIBUTES, "all", *TASKS)}
+    out: dict[str, Any] = {key: share([h[key] for h in hits]) for key in (*ATTRIBUTES, "all", *TASKS, *FAILURES)}
     rates = [out[t]["rate"] for t in TASKS if out[t]["n"]]
     out["overall"] = sum(rates) / len(rates) if rates else float("nan")
     return out
