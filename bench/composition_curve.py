@@ -163,11 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / f"x{factor:g}"
         if a.collect_only or collect(run_dir, factor) is not None:
             continue
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg_path = run_dir / "demo.yaml"
+        # the config and log lie beside the run's folder: the demo makes that folder itself (and refuses
+        # to replace one it did not make)
+        out.mkdir(parents=True, exist_ok=True)
+        cfg_path = out / f"x{factor:g}.yaml"
         cfg_path.write_text(json.dumps(run_config(Path(a.config), run_dir, factor, a.seed), indent=1) + "\n")
         print(f"[curve] {factor:g}x: python -m dalle_repro.cli.demo --config {cfg_path}", flush=True)
-        with open(run_dir / "demo.log", "a") as log:
+        with open(out / f"x{factor:g}.log", "a") as log:
             code = subprocess.run(
                 [sys.executable, "-m", "dalle_repro.cli.demo", "--config", str(cfg_path)],
                 stdout=log,
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                 cwd=ROOT,
             ).returncode
         if code != 0:
-            print(f"[curve] {factor:g}x failed (exit {code}): see {run_dir / 'demo.log'}", file=sys.stderr)
+            print(f"[curve] {factor:g}x failed (exit {code}): see {out / f'x{factor:g}.log'}", file=sys.stderr)
             return code
     points = [pt for f in a.factors if (pt := collect(out / f"x{f:g}", f)) is not None]
     if not points:

@@ -63,3 +63,19 @@ def test_finished_runs_become_a_table_and_a_plot(curve, tmp_path):
     md = (tmp_path / "curve.md").read_text()
     assert "| 1x | 11.0 | 62.5% [52.5, 72.5] | 26.0% [16.0, 36.0] |" in md
     assert (tmp_path / "curve.png").stat().st_size > 1000
+
+
+def test_the_demo_is_started_on_a_folder_it_can_make(curve, tmp_path, monkeypatch):
+    """The demo refuses to replace a folder it did not make, so the run's config and log lie beside
+    the run's folder and the folder is left for the demo to make (a run that did so failed at once)."""
+    calls = []
+
+    def fake_run(cmd, stdout, stderr, cwd):
+        cfg = Path(cmd[cmd.index("--config") + 1])
+        calls.append((cfg, (tmp_path / "x0.5").exists(), json.loads(cfg.read_text())["out_dir"]))
+        return type("Done", (), {"returncode": 3})()
+
+    monkeypatch.setattr(curve.subprocess, "run", fake_run)
+    assert curve.main(["--out", str(tmp_path), "--factors", "0.5"]) == 3
+    assert calls == [(tmp_path / "x0.5.yaml", False, str(tmp_path / "x0.5"))]
+    assert (tmp_path / "x0.5.log").is_file()
