@@ -14,8 +14,13 @@ Variants are named ``key=value`` edits of the demo configuration (configs/demo/*
 variant that wins here is a config change the demo can take. Numbers from another device are not
 the demo's numbers (other kernels, other precision): they rank choices, the demo run measures them.
 
+Priors can be compared on a demo run's own dVAE (``--dvae-from NAME=RUN/dvae``, no dVAE trained),
+trained with attribute dropout (``word_drop=P``) and sampled several ways (``--score``: the guidance
+scale, and guidance against the caption without its shape words instead of the empty caption).
+
 Usage: python bench/composition_sweep.py --out OUT [--device cuda] [--quick]
-       [--dvae NAME:key=value,key=value] [--dvae ...] [--prior NAME:key=value,...] [--prior ...]
+       [--dvae NAME:key=value,key=value] [--dvae ...] [--dvae-from NAME=DIR]
+       [--prior NAME:key=value,...] [--prior ...] [--score NAME:guidance=G,contrast=shape] [--score ...]
 """
 
 from __future__ import annotations
