@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -143,12 +144,20 @@ def train_prior(
     seed: int,
     partial: tuple[torch.Tensor, torch.Tensor] | None = None,
     word_drop: float = 0.0,
+    swap: tuple[torch.Tensor, torch.Tensor] | None = None,
+    swap_weight: float = 0.0,
 ) -> tuple[Transformer, dict[str, Any]]:
     """The demo prior's training without DeepSpeed: AdamW on the model's loss, warm-up then cosine,
     caption dropout, the EMA the export keeps. Attribute dropout (``word_drop`` P with ``partial``,
     the captions' tokens without their shape words and without their colour words): a caption loses
     its shape words with probability P/2 and its colour words with P/2, so that the prior also learns
-    what a shape word and a colour word draw alone, and knows a caption without its shape words."""
+    what a shape word and a colour word draw alone, and knows a caption without its shape words.
+    Swap contrast (``swap_weight`` W with ``swap``, each caption's tokens with its two shapes swapped
+    and whether that swap is eligible): for every eligible row, W times -log sigmoid(log p(image |
+    caption) - log p(image | swapped caption)), the prior as a classifier between a caption and its
+    swap, so that it must read which shape goes with which colour. Eligible: two objects of two shapes
+    and two colours whose swap makes only seen pairs (no held-out pair reaches training, not even as
+    text)."""
     torch.manual_seed(seed)
     model = Transformer(margs).to(dev)
     o, s, r = settings["optim"], settings["schedule"], settings["run"]
@@ -164,15 +173,25 @@ def train_prior(
             g["lr"] = lr
         idx = torch.randint(0, len(text), (batch,), generator=gen)
         t, im = text[idx].to(dev), image[idx].to(dev)
+        whole = torch.ones(batch, dtype=torch.bool, device=dev)  # rows that keep their whole caption
         if word_drop > 0 and partial is not None:
             u = torch.rand(batch, generator=gen).to(dev)[:, None]
+            whole = u[:, 0] >= word_drop
             t = torch.where(
                 u < word_drop / 2, partial[0][idx].to(dev), torch.where(u < word_drop, partial[1][idx].to(dev), t)
             )
         drop = torch.rand(batch, generator=gen) < float(r.get("caption_dropout", 0.0))
         t = torch.where(drop.to(dev)[:, None], empty.to(dev), t)
         with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            loss = model.loss(t, im).loss
+            text_logits, image_logits = model(t, im)
+            loss = model.loss_from_logits(t, im, text_logits, image_logits).loss
+            rows = (swap[1][idx].to(dev) & whole & ~drop.to(dev)) if swap is not None and swap_weight > 0 else None
+            if rows is not None and rows.any():
+                im_s = im[rows]
+                logp_true = -F.cross_entropy(image_logits[rows].transpose(1, 2), im_s, reduction="none").sum(1)
+                _, swapped_logits = model(swap[0][idx].to(dev)[rows], im_s)
+                logp_swap = -F.cross_entropy(swapped_logits.transpose(1, 2), im_s, reduction="none").sum(1)
+                loss = loss + swap_weight * F.softplus(logp_swap - logp_true).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(o.get("grad_clip", 4.0)))
@@ -229,6 +248,22 @@ def without(caption: str, words: Sequence[str]) -> str:
     return " ".join(w for w in caption.split() if w not in drop)
 
 
+def swapped_caption(caption: str, world: Any) -> str | None:
+    """``caption`` with its two objects' shapes exchanged, where it has two objects of two shapes and
+    two colours and the swap pairs each colour with a shape seen with it in training; else None."""
+    scene = world.parse_caption(caption)
+    if len(scene.objects) != 2:
+        return None
+    a, b = scene.objects
+    if a.shape == b.shape or a.colour == b.colour:
+        return None
+    if (a.colour, b.shape) in world.HELD_OUT or (b.colour, a.shape) in world.HELD_OUT:
+        return None
+    return shapes.Scene(
+        (dataclasses.replace(a, shape=b.shape), dataclasses.replace(b, shape=a.shape)), scene.place
+    ).caption()
+
+
 def variant(text: str) -> tuple[str, str]:
     name, _, edits = text.partition(":")
     return name, edits
@@ -252,7 +287,7 @@ class SweepArgs:
     prior: list[str] = arg(
         factory=lambda: ["base:"],
         doc="Prior variants, NAME:key=value,... (also train=N, ranks=N, dvae=NAME, "
-        "word_drop=P: attribute dropout, see train_prior).",
+        "word_drop=P: attribute dropout, swap_weight=W: swap contrast, see train_prior).",
     )
     prior_dvae: str | None = arg(None, "The dVAE variant the priors use; null: the first.")
     dvae_from: list[str] = arg(
@@ -334,9 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         for words in (world.SHAPES, tuple(world.COLOURS))
     )
     scorings = [(n, dict(e.split("=", 1) for e in edits.split(",") if e)) for n, edits in map(variant, a.score)]
+    swaps = [swapped_caption(c, world) for c in train_caps]
+    swap = (
+        torch.tensor([tok.encode(w or "") for w in swaps], dtype=torch.long),
+        torch.tensor([w is not None for w in swaps], dtype=torch.bool),
+    )
     for name, edits in map(variant, [] if a.dvae_only else a.prior):
         pairs = [e for e in edits.split(",") if e]
-        extra = dict(e.split("=", 1) for e in pairs if e.split("=", 1)[0] in ("train", "ranks", "dvae", "word_drop"))
+        own = ("train", "ranks", "dvae", "word_drop", "swap_weight")
+        extra = dict(e.split("=", 1) for e in pairs if e.split("=", 1)[0] in own)
         dvae_name = extra.get("dvae", a.prior_dvae or next(iter(dvaes)))
         dvae = dvaes[dvae_name]
         if dvae_name not in tokens_of:
@@ -372,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
             a.seed,
             partial=(partial[0][:n], partial[1][:n]),
             word_drop=float(extra.get("word_drop", 0.0)),
+            swap=(swap[0][:n], swap[1][:n]),
+            swap_weight=float(extra.get("swap_weight", 0.0)),
         )
         c = 2 if a.quick else a.candidates
         caps_v, caps_h = (val_caps[:2], held_caps[:2]) if a.quick else (val_caps, held_caps)
