@@ -9,7 +9,8 @@ its tokenizer; each has its own dVAE, token shards, prior and CLIP. A run that s
 where it stopped (the demo's stages resume), so the script can be killed and started again.
 
 At the end it reads each run's zero-shot evaluation and stage times and writes ``OUT/curve.json``,
-``OUT/curve.md`` (a table: training minutes, all attributes right with CLIP's pick on seen and
+``OUT/curve.md`` (a table: training minutes as measured and at the 1x run's cost per update, which
+a run that shared the cores does not inflate; all attributes right with CLIP's pick on seen and
 held-out captions with 95% intervals, shape on held-out, the dVAE ceilings) and a plot of seen and
 held-out accuracy against training minutes (``--plot``, default OUT/curve.png; docs/ keeps one).
 It is a benchmark: about 10 + 20 + 40 + 80 minutes of training on a 2-core CPU, so run it in the
@@ -87,6 +88,9 @@ def collect(out: Path, factor: float) -> dict[str, Any] | None:
     seconds = stage_seconds(out)
     point: dict[str, Any] = {"factor": factor, "training_minutes": round(sum(seconds.values()) / 60, 2)}
     point["stage_minutes"] = {k: round(v / 60, 2) for k, v in seconds.items()}
+    plan = out / "plan.json"
+    if plan.is_file():
+        point["updates"] = json.loads(plan.read_text()).get("planned_updates")
     for split, rep in ev["splits"].items():
         tasks = rep.get("tasks", {}).get("reranked", {})
         point[split] = {
@@ -97,21 +101,37 @@ def collect(out: Path, factor: float) -> dict[str, Any] | None:
     return point
 
 
+def add_compute(points: list[dict[str, Any]]) -> None:
+    """Each point's ``compute_minutes``: its updates at the reference run's seconds per update, stage
+    by stage (the reference: the 1x run, else the first with its updates and stage times). A run that
+    shared the cores with another job took longer than its updates cost; this measure of its compute
+    does not see that. Without updates a point keeps its measured minutes."""
+    known = [p for p in points if p.get("updates") and p.get("stage_minutes")]
+    ref = next((p for p in known if p["factor"] == 1), known[0] if known else None)
+    for p in points:
+        if ref is None or p not in known:
+            p["compute_minutes"] = p["training_minutes"]
+            continue
+        cost = {k: ref["stage_minutes"][k] / ref["updates"][k] for k in ref["stage_minutes"] if ref["updates"].get(k)}
+        p["compute_minutes"] = round(sum(p["updates"][k] * c for k, c in cost.items() if k in p["updates"]), 2)
+
+
 def table(points: list[dict[str, Any]]) -> str:
     def cell(s: dict[str, Any]) -> str:
         ci = s.get("ci")
         return f"{s['rate']:.1%}" + (f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]" if ci else "")
 
     rows = [
-        "| updates | training minutes | seen: all right (CLIP's pick) | held out: all right | held out: shape "
-        "| dVAE ceiling seen / held out |",
+        "| updates | training minutes: measured / at 1x's cost per update | seen: all right (CLIP's pick) "
+        "| held out: all right | held out: shape | dVAE ceiling seen / held out |",
         "|---|---|---|---|---|---|",
     ]
     for p in points:
         ceilings = [p[s]["dvae_ceiling"] for s in ("seen", "heldout")]
         ceil = " / ".join(f"{c:.0%}" if c is not None else "n/a" for c in ceilings)
         rows.append(
-            f"| {p['factor']:g}x | {p['training_minutes']:.1f} | {cell(p['seen']['all'])} "
+            f"| {p['factor']:g}x | {p['training_minutes']:.1f} / {p.get('compute_minutes', p['training_minutes']):.1f} "
+            f"| {cell(p['seen']['all'])} "
             f"| {cell(p['heldout']['all'])} | {cell(p['heldout']['shape'])} | {ceil} |"
         )
     return "\n".join(rows) + "\n"
@@ -125,13 +145,13 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=100)
     for split, colour in (("seen", "tab:blue"), ("heldout", "tab:red")):
-        xs = [p["training_minutes"] for p in points]
+        xs = [p.get("compute_minutes", p["training_minutes"]) for p in points]
         ys = [p[split]["all"]["rate"] for p in points]
         lo = [y - p[split]["all"].get("ci", [y, y])[0] for y, p in zip(ys, points, strict=True)]
         hi = [p[split]["all"].get("ci", [y, y])[1] - y for y, p in zip(ys, points, strict=True)]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colour, label=f"{split} captions")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("training minutes (dVAE + prior + CLIP), log scale")
+    ax.set_xlabel("training minutes at the 1x run's cost per update (dVAE + prior + CLIP), log scale")
     ax.set_ylabel("all attributes right, CLIP's pick")
     ax.set_ylim(0, 1)
     ax.legend()
@@ -183,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if not points:
         print("[curve] no finished run to collect", file=sys.stderr)
         return 1
+    add_compute(points)
     (out / "curve.json").write_text(json.dumps(points, indent=1) + "\n")
     (out / "curve.md").write_text(table(points))
     plot(points, Path(a.plot) if a.plot else out / "curve.png")

@@ -47,8 +47,11 @@ def test_finished_runs_become_a_table_and_a_plot(curve, tmp_path):
         run = tmp_path / f"x{factor:g}"
         (run / "evaluation").mkdir(parents=True)
         (run / "stages").mkdir()
+        slow = 3 if factor == 0.5 else 1  # the 0.5x run shared the cores: its stages took 3x their cost
         for name, sec in (("dvae", 120 * factor), ("prior", 480 * factor), ("clip", 60 * factor)):
-            (run / "stages" / f"{name}.json").write_text(json.dumps({"seconds": sec}))
+            (run / "stages" / f"{name}.json").write_text(json.dumps({"seconds": sec * slow}))
+        updates = {"dvae": int(3800 * factor), "prior": int(1200 * factor), "clip": int(400 * factor)}
+        (run / "plan.json").write_text(json.dumps({"planned_updates": updates}))
 
         def rep(k):
             share = {"rate": k / 96, "k": k, "n": 96, "ci": [k / 96 - 0.1, k / 96 + 0.1]}
@@ -59,9 +62,11 @@ def test_finished_runs_become_a_table_and_a_plot(curve, tmp_path):
     assert curve.main(["--out", str(tmp_path), "--factors", "0.5", "1", "2", "--collect-only"]) == 0
     points = json.loads((tmp_path / "curve.json").read_text())
     assert [p["factor"] for p in points] == [0.5, 1]  # the 2x run has not finished: no point
-    assert points[1]["training_minutes"] == pytest.approx(11.0)
+    assert points[1]["training_minutes"] == pytest.approx(11.0) == points[1]["compute_minutes"]
+    assert points[0]["training_minutes"] == pytest.approx(16.5) and points[0]["compute_minutes"] == pytest.approx(5.5)
     md = (tmp_path / "curve.md").read_text()
-    assert "| 1x | 11.0 | 62.5% [52.5, 72.5] | 26.0% [16.0, 36.0] |" in md
+    assert "| 1x | 11.0 / 11.0 | 62.5% [52.5, 72.5] | 26.0% [16.0, 36.0] |" in md
+    assert "| 0.5x | 16.5 / 5.5 |" in md
     assert (tmp_path / "curve.png").stat().st_size > 1000
 
 
