@@ -151,7 +151,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         hi = [p[split]["all"].get("ci", [y, y])[1] - y for y, p in zip(ys, points, strict=True)]
         ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, color=colour, label=f"{split} captions")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("training minutes at the 1x run's cost per update (dVAE + prior + CLIP), log scale")
+    ax.set_xlabel("training minutes (dVAE + prior + CLIP) at 1x's cost per update")
     ax.set_ylabel("all attributes right, CLIP's pick")
     ax.set_ylim(0, 1)
     ax.legend()
