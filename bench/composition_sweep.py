@@ -249,19 +249,12 @@ def without(caption: str, words: Sequence[str]) -> str:
 
 
 def swapped_caption(caption: str, world: Any) -> str | None:
-    """``caption`` with its two objects' shapes exchanged, where it has two objects of two shapes and
-    two colours and the swap pairs each colour with a shape seen with it in training; else None."""
-    scene = world.parse_caption(caption)
-    if len(scene.objects) != 2:
+    """``caption`` with its two objects' shapes exchanged (``Scene.shapes_swapped``), where the swap
+    pairs each colour with a shape seen with it in training; else None."""
+    swap = world.parse_caption(caption).shapes_swapped()
+    if swap is None or swap.pairs() & set(world.HELD_OUT):
         return None
-    a, b = scene.objects
-    if a.shape == b.shape or a.colour == b.colour:
-        return None
-    if (a.colour, b.shape) in world.HELD_OUT or (b.colour, a.shape) in world.HELD_OUT:
-        return None
-    return shapes.Scene(
-        (dataclasses.replace(a, shape=b.shape), dataclasses.replace(b, shape=a.shape)), scene.place
-    ).caption()
+    return swap.caption()
 
 
 def variant(text: str) -> tuple[str, str]:

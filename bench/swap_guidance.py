@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -33,18 +33,11 @@ sys.path.insert(0, str(ROOT))
 
 from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.core.config import arg
-from dalle_repro.data.shapes import Scene
 from dalle_repro.data.worlds import world_of
 from dalle_repro.evaluation.tasks import read_back, summarize
 from dalle_repro.models.transformer import Transformer, sample_logits
 
 KEYS = ("all", "shape", "colour", "size", "place", "shapes_swapped")
-
-
-def swapped(scene: Scene) -> Scene:
-    """The scene with its two objects' shapes exchanged."""
-    a, b = scene.objects
-    return Scene((replace(a, shape=b.shape), replace(b, shape=a.shape)), scene.place)
 
 
 def two_shape_captions(world_name: str, held_out: bool, n: int, seed: int) -> list[str]:
@@ -55,8 +48,7 @@ def two_shape_captions(world_name: str, held_out: bool, n: int, seed: int) -> li
     out: list[str] = []
     for _ in range(100 * n):
         s = world.random_scene(rng, held_out, two=1.0)
-        a, b = s.objects
-        if a.shape != b.shape and a.colour != b.colour and s.caption() not in out:
+        if s.shapes_swapped() is not None and s.caption() not in out:
             out.append(s.caption())
         if len(out) == n:
             return out
@@ -126,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     for split, held in (("heldout", True), ("seen", False)):
         caps = [c for c in two_shape_captions(a.world, held, a.captions, a.seed) for _ in range(a.candidates)]
         text = torch.tensor([tok.encode(c) for c in caps])
-        neg = torch.tensor([tok.encode(swapped(world.parse_caption(c)).caption()) for c in caps])
+        neg = torch.tensor([tok.encode(world.parse_caption(c).shapes_swapped().caption()) for c in caps])
         empty = torch.tensor([tok.encode("")])
         result["splits"][split] = {}
         for setting in a.settings:

@@ -32,8 +32,9 @@ def test_captions_have_two_shapes_two_colours_and_swap_their_shapes(bench):
         a, b = parse_caption(c).objects
         assert a.shape != b.shape and a.colour != b.colour
         assert {(a.colour, a.shape), (b.colour, b.shape)} & set(HELD_OUT)
-    s = bench.swapped(parse_caption("a big red triangle left of a small blue circle"))
+    s = parse_caption("a big red triangle left of a small blue circle").shapes_swapped()
     assert s.caption() == "a big red circle left of a small blue triangle"
+    assert parse_caption("a big red triangle left of a small red circle").shapes_swapped() is None
 
 
 def _model() -> Transformer:

@@ -83,6 +83,17 @@ class Scene:
     def pairs(self) -> set[tuple[str, str]]:
         return {(o.colour, o.shape) for o in self.objects}
 
+    def shapes_swapped(self) -> Scene | None:
+        """The scene with its two objects' shapes exchanged ("a red triangle left of a blue circle":
+        a red circle left of a blue triangle), where it has two objects of two shapes and two colours;
+        else None (nothing a drawing could swap)."""
+        if len(self.objects) != 2:
+            return None
+        a, b = self.objects
+        if a.shape == b.shape or a.colour == b.colour:
+            return None
+        return Scene((replace(a, shape=b.shape), replace(b, shape=a.shape)), self.place)
+
     def to_json(self) -> dict[str, Any]:
         return {"objects": [asdict(o) for o in self.objects], "place": self.place}
 
@@ -410,12 +421,11 @@ def score(scene: Scene, found: Sequence[Found], canvas: int) -> dict[str, bool]:
         agree = [_agree(o, f) for o, f in zip(scene.objects, best, strict=True)]
         out |= {k: all(a[k] for a in agree) for k in ("shape", "colour", "size")}
         out["place"] = _relation(best[0], best[1]) == scene.place
-        a, b = scene.objects
         # the binding failure: each colour drawn, each on the other object's shape
-        out["swapped"] = (
-            a.shape != b.shape
-            and a.colour != b.colour
-            and any((f.colour, f.shape, g.colour, g.shape) == (a.colour, b.shape, b.colour, a.shape) for f, g in orders)
+        swap = scene.shapes_swapped()
+        out["swapped"] = swap is not None and any(
+            all((f.colour, f.shape) == (o.colour, o.shape) for o, f in zip(swap.objects, fs, strict=True))
+            for fs in orders
         )
     out["all"] = all(out[k] for k in ATTRIBUTES)
     return out

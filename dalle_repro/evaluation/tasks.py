@@ -70,16 +70,8 @@ def task_hits(scene: Scene, right: dict[str, bool]) -> dict[str, bool | None]:
         "colour": right["colour"],
         "position": right["place"],
         "colour_shape_binding": right["colour"] and right["shape"],
-        "shapes_swapped": bool(right.get("swapped")) if _can_swap(scene) else None,
+        "shapes_swapped": None if scene.shapes_swapped() is None else bool(right.get("swapped")),
     }
-
-
-def _can_swap(scene: Scene) -> bool:
-    """Two objects of two shapes and two colours: a caption whose shapes can be drawn swapped."""
-    if len(scene.objects) != 2:
-        return False
-    a, b = scene.objects
-    return a.shape != b.shape and a.colour != b.colour
 
 
 def read_back(
