@@ -6,6 +6,7 @@ in-process runs and runs started as processes, and the way the tests start the d
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import os
 import shutil
@@ -13,6 +14,7 @@ import struct
 import sys
 import zlib
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -150,3 +152,13 @@ def odd_mode_image(mode: str, height: int, width: int, seed: int = 0) -> Image.I
     if mode == "P":
         im.info["transparency"] = 0
     return im
+
+
+def bench_script(name: str) -> ModuleType:
+    """``bench/NAME.py`` loaded as the module ``NAME`` (registered in sys.modules, where its
+    dataclasses look their module up); bench/ is scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,12 +3,11 @@ and a finished run's evaluation becomes a point of the curve, a table row and a 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import bench_script
 
 from dalle_repro.core.config import load_config
 from dalle_repro.demo.config import DemoConfig, dvae_config, prior_config
@@ -18,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def curve():
-    spec = importlib.util.spec_from_file_location("composition_curve", ROOT / "bench" / "composition_curve.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["composition_curve"] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("composition_curve")
 
 
 def test_a_run_config_multiplies_every_stage_alike(curve, tmp_path):

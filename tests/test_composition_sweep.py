@@ -4,25 +4,20 @@ trained dVAE folder can stand in for training one."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def sweep():
-    spec = importlib.util.spec_from_file_location("composition_sweep", ROOT / "bench" / "composition_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["composition_sweep"] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("composition_sweep")
 
 
 def test_without_leaves_out_only_the_named_words(sweep):

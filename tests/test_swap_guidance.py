@@ -3,12 +3,11 @@ caption weighs nothing, and the captions and their swaps follow the grammar."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import bench_script
 
 from dalle_repro.data.shapes import HELD_OUT, parse_caption
 from dalle_repro.models.transformer import Transformer, TransformerArgs
@@ -18,11 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("swap_guidance", ROOT / "bench" / "swap_guidance.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["swap_guidance"] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_script("swap_guidance")
 
 
 def test_captions_have_two_shapes_two_colours_and_swap_their_shapes(bench):
