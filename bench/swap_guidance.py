@@ -8,7 +8,8 @@ swapped, which names the wrong drawing exactly:
 
     logits = c + (g - 1) * (c - u) + h * (c - s)
 
-(c: the caption, u: the empty caption, s: the swapped caption; h = 0 is the demo's sampling). It
+(c: the caption, u: the empty caption, s: the swapped caption; h = 0 is the demo's sampling;
+``Transformer.generate``'s ``negatives``). It
 samples every setting for the same captions of two objects of two shapes and two colours, held-out
 ones (a held-out pair in one slot) and seen ones (to see what it costs where the prior binds), reads
 every sample back and writes the shares of all candidates (no reranking) to ``--out``.
@@ -35,7 +36,6 @@ from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.core.config import arg
 from dalle_repro.data.worlds import world_of
 from dalle_repro.evaluation.tasks import read_back, summarize
-from dalle_repro.models.transformer import Transformer, sample_logits
 
 KEYS = ("all", "shape", "colour", "size", "place", "shapes_swapped")
 
@@ -53,37 +53,6 @@ def two_shape_captions(world_name: str, held_out: bool, n: int, seed: int) -> li
         if len(out) == n:
             return out
     raise ValueError(f"fewer than {n} such captions in the {world_name} grammar")
-
-
-@torch.no_grad()
-def sample_two_negatives(
-    model: Transformer,
-    text: torch.Tensor,
-    empty: torch.Tensor,
-    negative: torch.Tensor,
-    guidance: float,
-    negative_weight: float,
-    temperature: float,
-    generator: torch.Generator,
-) -> torch.Tensor:
-    """Image tokens (B, grid^2) sampled from ``c + (guidance - 1)(c - u) + negative_weight (c - s)``,
-    the three sequences in one cached batch; with ``negative_weight`` 0 it draws what
-    ``model.generate(text, uncond=empty, guidance=guidance)`` draws."""
-    b = text.shape[0]
-    both = torch.cat([text, empty.expand(b, -1), negative])
-    caches = model.new_caches(both.shape[0])
-
-    def mix(logits: torch.Tensor) -> torch.Tensor:
-        c, u, s = logits[:b], logits[b : 2 * b], logits[2 * b :]
-        return c + (guidance - 1.0) * (c - u) + negative_weight * (c - s)
-
-    logits = mix(model.start_decoding(both, caches))
-    out = torch.empty(b, model.args.n_image, dtype=torch.long, device=text.device)
-    for i in range(model.args.n_image):
-        out[:, i] = sample_logits(logits, temperature, None, generator, None)
-        if i + 1 < model.args.n_image:
-            logits = mix(model.decode_step(out[:, i].repeat(3), i, caches))
-    return out
 
 
 @dataclass
@@ -126,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             gen = torch.Generator().manual_seed(a.seed)
             tokens = torch.cat(
                 [
-                    sample_two_negatives(model, t, empty, s, g, h, a.temperature, gen)
+                    model.generate(
+                        t, temperature=a.temperature, generator=gen, uncond=empty, guidance=g, negatives=[(s, h)]
+                    )
                     for t, s in zip(text.split(a.batch), neg.split(a.batch), strict=True)
                 ]
             )

@@ -104,6 +104,26 @@ def test_guidance_scale_one_equals_conditional_sampling(parts):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_a_negative_caption_mixes_in_as_written_and_weighs_nothing_at_zero(parts):
+    model, _, tok = parts
+    text = torch.tensor([tok.encode("red heart"), tok.encode("dog face")])
+    empty = torch.tensor([tok.encode("")])
+    neg = torch.tensor([tok.encode("dog face"), tok.encode("red heart")])
+    seeded = lambda **kw: model.generate(  # noqa: E731
+        text, temperature=0.7, uncond=empty, guidance=2.0, generator=torch.Generator().manual_seed(3), **kw
+    )
+    assert torch.equal(seeded(negatives=[(neg, 0.0)]), seeded())
+    # greedy with the full forward at every position: c + (g - 1)(c - u) + h (c - s)
+    g, h = 2.0, 3.0
+    image = torch.zeros(2, model.args.n_image, dtype=torch.long)
+    for i in range(model.args.n_image):
+        c, u, s = (model(t.expand(2, -1), image)[1][:, i] for t in (text, empty, neg))
+        image[:, i] = (c + (g - 1) * (c - u) + h * (c - s)).argmax(-1)
+    got = model.generate(text, temperature=0.0, uncond=empty, guidance=g, negatives=[(neg, h)])
+    assert torch.equal(got, image)
+    assert not torch.equal(got, model.generate(text, temperature=0.0, uncond=empty, guidance=g))
+
+
 def test_image_priming_keeps_the_top_rows(parts):
     model, dvae, tok = parts
     init = torch.rand(3, 16, 16)

@@ -311,6 +311,7 @@ class Transformer(nn.Module):
         uncond: torch.Tensor | None = None,
         guidance: float = 1.0,
         progress: Callable[[int], None] | None = None,
+        negatives: Sequence[tuple[torch.Tensor, float]] = (),
     ) -> torch.Tensor:
         """Sample image tokens (B, grid^2) for text (B, text_len) with the cache, this model's own forward.
 
@@ -318,7 +319,10 @@ class Transformer(nn.Module):
         ``prime`` (B, P) fixes the first P image tokens (image-to-image). With ``uncond`` (B, text_len),
         usually the empty caption, classifier-free guidance runs the conditional and unconditional
         sequences as one batch and samples from ``c + (guidance - 1) * (c - u)`` (so 1 is plain
-        conditional sampling, exactly). ``progress`` is called with each finished position.
+        conditional sampling, exactly). ``negatives``, pairs of captions (B or 1, text_len) and weights
+        w, add ``w * (c - n)`` each: guidance away from a caption of their own, in the same batch
+        (bench/swap_guidance.py: the caption with its shapes swapped); weight 0 draws what the call
+        without it draws. ``progress`` is called with each finished position.
         """
         n_prime = 0 if prime is None else prime.shape[1]
         keep = None
@@ -327,7 +331,7 @@ class Transformer(nn.Module):
             keep[:n_prime] = True
             prime = F.pad(prime, (0, self.args.n_image - n_prime))
         group = SampleGroup(text.shape[0], temperature, top_k, top_p, guidance, generator)
-        out, _ = self._decode(text, [group], uncond, prime, keep, progress)
+        out, _ = self._decode(text, [group], uncond, prime, keep, progress, negatives)
         return out
 
     @torch.no_grad()
@@ -381,10 +385,12 @@ class Transformer(nn.Module):
         fixed: torch.Tensor | None,
         keep: torch.Tensor | None,
         progress: Callable[[int], None] | None,
+        negatives: Sequence[tuple[torch.Tensor, float]] = (),
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached sampling loop: positions where ``keep`` is set take ``fixed``'s token, the rest
-        are drawn, each group of rows with its own settings. Returns the tokens and the mean
-        log-likelihood of the kept tokens after the first drawn one (see :meth:`edit`)."""
+        are drawn, each group of rows with its own settings. The caption, ``uncond`` and each of
+        ``negatives`` run as one batch of streams (:meth:`_guided` mixes them). Returns the tokens and
+        the mean log-likelihood of the kept tokens after the first drawn one (see :meth:`edit`)."""
         a = self.args
         b = text.shape[0]
         scales = {g.guidance for g in groups}
@@ -394,9 +400,15 @@ class Transformer(nn.Module):
             guidance: float | torch.Tensor = scales.pop()
         else:
             guidance = torch.cat([torch.full((g.rows, 1), float(g.guidance)) for g in groups]).to(text.device)
-        both = text if uncond is None else torch.cat([text, uncond.expand(b, -1)])
+        streams = [text] + ([] if uncond is None else [uncond]) + [n for n, _ in negatives]
+        both = torch.cat([t.expand(b, -1) for t in streams])
+        weights = [float(w) for _, w in negatives]
+
+        def mix(logits: torch.Tensor) -> torch.Tensor:
+            return self._guided(logits, b, guidance, uncond is not None, weights)
+
         caches = self.new_caches(both.shape[0])
-        logits = self._guided(self.start_decoding(both, caches), b, guidance)
+        logits = mix(self.start_decoding(both, caches))
         bounds = []
         start = 0
         for g in groups:
@@ -419,20 +431,32 @@ class Transformer(nn.Module):
                     out[lo:hi, i] = sample_logits(part, g.temperature, g.top_k, g.generator, g.top_p)
                 drawn = True
             if i + 1 < a.n_image:
-                token = out[:, i] if uncond is None else out[:, i].repeat(2)
-                logits = self._guided(self.decode_step(token, i, caches), b, guidance)
+                logits = mix(self.decode_step(out[:, i].repeat(len(streams)), i, caches))
             if progress is not None:
                 progress(i)
         return out, fit / n_fit if n_fit else torch.full_like(fit, float("nan"))
 
     @staticmethod
-    def _guided(logits: torch.Tensor, b: int, guidance: float | torch.Tensor) -> torch.Tensor:
+    def _guided(
+        logits: torch.Tensor,
+        b: int,
+        guidance: float | torch.Tensor,
+        has_uncond: bool = True,
+        weights: Sequence[float] = (),
+    ) -> torch.Tensor:
+        """Streams of ``b`` rows each (the caption c, the unconditional u where ``has_uncond``, then
+        one per negative n_j) mixed as ``c + (guidance - 1)(c - u) + sum_j w_j (c - n_j)``."""
         if logits.shape[0] == b:
             return logits
-        c, u = logits[:b], logits[b:]
-        if isinstance(guidance, torch.Tensor):  # per row: in the logits' dtype, as a scalar would be
-            guidance = guidance.to(logits.dtype)
-        return c + (guidance - 1.0) * (c - u)
+        c = logits[:b]
+        out, k = c, 1
+        if has_uncond:
+            if isinstance(guidance, torch.Tensor):  # per row: in the logits' dtype, as a scalar would be
+                guidance = guidance.to(logits.dtype)
+            out, k = c + (guidance - 1.0) * (c - logits[b : 2 * b]), 2
+        for j, w in enumerate(weights):
+            out = out + w * (c - logits[(k + j) * b : (k + j + 1) * b])
+        return out
 
     def loss(self, text: torch.Tensor, image: torch.Tensor) -> PriorLoss:
         return self.loss_from_logits(text, image, *self(text, image))
