@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from dalle_repro.core.cli import flag_aliases, parse_cli
 from dalle_repro.core.config import arg, deep_merge, from_dict, load_yaml, parse_overrides
+from dalle_repro.core.precision import PrecisionArgs
 from dalle_repro.data import shapes
 from dalle_repro.data.worlds import world_of
 from dalle_repro.evaluation.tasks import read_back, summarize
@@ -160,6 +161,9 @@ def train_prior(
     text)."""
     torch.manual_seed(seed)
     model = Transformer(margs).to(dev)
+    # the demo's precision: per-resblock bf16 with the fp32 residual stream where the device runs bf16
+    # natively (precision.dtype auto), the block scaler dropping a non-finite branch's gradients
+    scaler = model.enable_precision(PrecisionArgs(dtype=settings.get("precision", {}).get("dtype", "auto")))
     o, s, r = settings["optim"], settings["schedule"], settings["run"]
     opt = torch.optim.AdamW(param_groups(model, o.get("weight_decay", 0.01)), lr=s["lr"], betas=(0.9, 0.96))
     ema = EMA(model, o.get("ema_decay", 0.99))
@@ -182,18 +186,18 @@ def train_prior(
             )
         drop = torch.rand(batch, generator=gen) < float(r.get("caption_dropout", 0.0))
         t = torch.where(drop.to(dev)[:, None], empty.to(dev), t)
-        with torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
-            text_logits, image_logits = model(t, im)
-            loss = model.loss_from_logits(t, im, text_logits, image_logits).loss
-            rows = (swap[1][idx].to(dev) & whole & ~drop.to(dev)) if swap is not None and swap_weight > 0 else None
-            if rows is not None and rows.any():
-                im_s = im[rows]
-                logp_true = -F.cross_entropy(image_logits[rows].transpose(1, 2), im_s, reduction="none").sum(1)
-                _, swapped_logits = model(swap[0][idx].to(dev)[rows], im_s)
-                logp_swap = -F.cross_entropy(swapped_logits.transpose(1, 2), im_s, reduction="none").sum(1)
-                loss = loss + swap_weight * F.softplus(logp_swap - logp_true).mean()
+        text_logits, image_logits = model(t, im)
+        loss = model.loss_from_logits(t, im, text_logits, image_logits).loss
+        rows = (swap[1][idx].to(dev) & whole & ~drop.to(dev)) if swap is not None and swap_weight > 0 else None
+        if rows is not None and rows.any():
+            im_s = im[rows]
+            logp_true = -F.cross_entropy(image_logits[rows].transpose(1, 2), im_s, reduction="none").sum(1)
+            _, swapped_logits = model(swap[0][idx].to(dev)[rows], im_s)
+            logp_swap = -F.cross_entropy(swapped_logits.transpose(1, 2), im_s, reduction="none").sum(1)
+            loss = loss + swap_weight * F.softplus(logp_swap - logp_true).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        scaler.end_step(model.branch_params(), step)
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(o.get("grad_clip", 4.0)))
         opt.step()
         ema.update(model, step)
