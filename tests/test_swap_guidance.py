@@ -1,16 +1,12 @@
 """bench/swap_guidance.py: the captions and their swaps follow the grammar (its sampler, generate's
-``negatives``, is tested in test_transformer.py)."""
+``negatives``, is tested in test_sampling.py)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 from helpers import bench_script
 
 from dalle_repro.data.shapes import HELD_OUT, parse_caption
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
