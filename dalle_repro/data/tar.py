@@ -254,6 +254,18 @@ class Shard:
             out[ext] = data
         return key, out
 
+    def read_member(self, i: int, ext: str) -> bytes | None:
+        """Sample ``i``'s member ``ext`` alone (a caption without its image), or None where it has none."""
+        key, members = self.samples[i]
+        if ext not in members:
+            return None
+        offset, length = members[ext]
+        self._file.seek(offset)
+        data = self._file.read(length)
+        if len(data) != length:
+            raise SampleError("truncated_member", f"{key}.{ext} in {self.path}")
+        return data
+
     def close(self) -> None:
         self._file.close()
 

@@ -37,8 +37,10 @@ from dalle_repro.core.files import honour_umask
 from dalle_repro.core.precision import AutocastArgs, pick_precision
 from dalle_repro.core.pretrained import check_replaceable
 from dalle_repro.data.loader import DataArgs, Loader
+from dalle_repro.data.sources import expand_shards
 from dalle_repro.sample.rerank import CLIP_MEAN, CLIP_STD, clip_pixels
 from dalle_repro.train.checkpoint import Checkpoints, save_json
+from dalle_repro.train.hard_negatives import HardNegatives
 from dalle_repro.train.inputs import check_run_shards
 from dalle_repro.train.loop import (
     Counters,
@@ -78,6 +80,16 @@ class ClipDataArgs:
     shards: str = arg("data/emoji/train/*.tar", "Training image shards.")
     batch_size: int = arg(64, "Pairs per batch (the contrastive negatives).", gt=1)
     num_workers: int = arg(1, "Loader workers.", ge=0)
+    hard_negatives: int = arg(
+        0,
+        "Per image, this many other training captions one edit from its own (a word replaced, or two words "
+        "exchanged) added as negatives to its image->text softmax, so that the CLIP tells which attribute goes "
+        "with which object (NegCLIP; train/hard_negatives.py). 0: in-batch negatives only.",
+        ge=0,
+    )
+    hard_negative_pool: int = arg(
+        200_000, "Training captions read (from the first shards) to find the hard negatives among.", gt=0
+    )
 
 
 @dataclass
@@ -223,6 +235,7 @@ class ClipState:
     tokenizer: Any
     opt: torch.optim.Optimizer
     loader: Loader
+    negatives: HardNegatives | None = None
     counters: Counters = field(default_factory=Counters)
 
     def train_state(self) -> TrainState:
@@ -245,7 +258,11 @@ def build(cfg: ClipTrainConfig, device: torch.device) -> ClipState:
         image_size=a.image_size, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.run.seed
     )
     data = dataclasses.replace(data, crop="random_square", random_crop_min=0.85)
-    return ClipState(model, tokenizer, opt, Loader(cfg.data.shards, data))
+    negatives = None
+    if cfg.data.hard_negatives:
+        paths = expand_shards(cfg.data.shards)
+        negatives = HardNegatives.from_shards(paths, cfg.data.hard_negatives, cfg.run.seed, cfg.data.hard_negative_pool)
+    return ClipState(model, tokenizer, opt, Loader(cfg.data.shards, data), negatives)
 
 
 def lr_at(cfg: ClipTrainConfig, step: int) -> float:
@@ -261,24 +278,44 @@ def train_step(st: ClipState, batch: dict[str, Any], cfg: ClipTrainConfig, devic
     lr = lr_at(cfg, st.counters.step)
     set_lr(st.opt, lr)
     a = cfg.model
-    t = tokenizer_batch(st.tokenizer, batch["caption"], a.text_len)
+    captions = list(batch["caption"])
+    mask = None
+    if st.negatives is not None:
+        extra, mask = st.negatives.draw(captions, st.counters.step)
+        captions += extra
+    t = tokenizer_batch(st.tokenizer, captions, a.text_len)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision.dtype == "bf16"):
         out = st.model(
             input_ids=t["input_ids"].to(device),
             attention_mask=t["attention_mask"].to(device),
             pixel_values=clip_input(batch["image"], a.image_size).to(device),
-            return_loss=True,
         )
+    loss = contrastive_loss(out.logits_per_image.float(), None if mask is None else torch.from_numpy(mask).to(device))
     st.opt.zero_grad(set_to_none=True)
-    out.loss.backward()
+    loss.backward()
     grad_norm = float(torch.nn.utils.clip_grad_norm_(st.model.parameters(), 1.0))
-    finite = math.isfinite(grad_norm) and bool(torch.isfinite(out.loss))
+    finite = math.isfinite(grad_norm) and bool(torch.isfinite(loss))
     if finite:
         st.opt.step()
     st.counters.skipped_steps += not finite
     st.counters.nonfinite_in_row = 0 if finite else st.counters.nonfinite_in_row + 1
     st.counters.step += 1
-    return {"loss": out.loss.item(), "grad_norm": grad_norm, "lr": lr}
+    return {"loss": loss.item(), "grad_norm": grad_norm, "lr": lr}
+
+
+def contrastive_loss(logits: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over ``logits`` (B images, B captions + B * K hard negatives),
+    the match on the diagonal. Image i's softmax runs over the batch's captions and its own K
+    negatives where ``negatives`` (B, K) is True; each caption's over the B images only."""
+    b = logits.shape[0]
+    target = torch.arange(b, device=logits.device)
+    per_text = torch.nn.functional.cross_entropy(logits[:, :b].T, target)
+    if negatives is None:
+        return (torch.nn.functional.cross_entropy(logits[:, :b], target) + per_text) / 2
+    k = negatives.shape[1]
+    own = logits[:, b:].view(b, b, k)[target, target]  # (B, K): image i against its own negatives
+    per_image = torch.cat([logits[:, :b], own.masked_fill(~negatives, float("-inf"))], dim=1)
+    return (torch.nn.functional.cross_entropy(per_image, target) + per_text) / 2
 
 
 def tokenizer_batch(tokenizer: Any, captions: list[str], text_len: int) -> Any:
