@@ -67,6 +67,12 @@ def test_candidate_report_reads_each_candidate_and_credits_clip_only_for_its_cho
     bad = candidate_report(CandidateSet(captions, images, torch.tensor([[0.9, 0.1]] * 12)), attributes=True)
     assert bad["clip_gain"]["all"] == pytest.approx(0.0)
     assert bad["best_of_n"]["2"]["all_attributes_right"] == bad["tasks"]["reranked"]["all"]["rate"]
+    # The reader's pick finds the right candidate whatever CLIP scores; with none right it is CLIP's.
+    assert good["tasks"]["reader_pick"]["all"]["rate"] == bad["tasks"]["reader_pick"]["all"]["rate"] == 1.0
+    none = candidate_report(
+        CandidateSet(captions, torch.stack([other, other], 1), torch.tensor([[0.3, 0.7]] * 12)), attributes=True
+    )
+    assert none["tasks"]["reader_pick"] == none["tasks"]["reranked"]
 
 
 def test_read_back_gives_attributes_and_tasks_per_image():

@@ -32,3 +32,28 @@ def test_the_report_ends_with_the_command_that_opens_the_playground(tmp_path):
     (tmp_path / "clip" / "config.json").write_text("{}")
     lines = playground_lines(tmp_path)
     assert f"python launch/serve.py --model {tmp_path}/prior/export --clip {tmp_path}/clip" in lines
+
+
+def test_the_zero_shot_table_shows_the_readers_pick_beside_clips():
+    """The reader's pick (the best any reranker could take from the candidates) is its own column;
+    an evaluation written before it existed says so instead of failing."""
+    import numpy as np
+    import torch
+
+    from dalle_repro.data.shapes import random_scene, render
+    from dalle_repro.demo.report import zero_shot_section
+    from dalle_repro.evaluation.evaluate import CandidateSet, candidate_report
+
+    scenes = [random_scene(np.random.default_rng(k), False) for k in range(4)]
+    ims = torch.stack([torch.from_numpy(np.array(render(s, 32, seed=0))).permute(2, 0, 1) for s in scenes])
+    wrong = ims.roll(1, 0)
+    rep = candidate_report(
+        CandidateSet([s.caption() for s in scenes], torch.stack([wrong, ims], 1), torch.tensor([[0.9, 0.1]] * 4)),
+        attributes=True,
+    ) | {"fd_clip": 0.1}
+    md = "\n".join(zero_shot_section({"splits": {"seen": rep}}))
+    assert "| ceiling: reader's pick |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| seen (4 x 2)"))
+    assert row.split(" | ")[4].startswith("100.0%")  # the right render is there, though CLIP scored it lower
+    del rep["tasks"]["reader_pick"]
+    assert "not recorded" in "\n".join(zero_shot_section({"splits": {"seen": rep}}))

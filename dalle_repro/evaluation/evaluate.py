@@ -326,7 +326,8 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
 
 def candidate_report(cands: CandidateSet, attributes: bool, world: str | ModuleType = "shapes") -> dict[str, Any]:
     """CLIP score and (with ``attributes``) what the samples got right, for the random pick (candidate
-    0), the reranked pick (CLIP's best) and over all candidates, and best-of-N for N = 1, 2, 4, ...
+    0), the reranked pick (CLIP's best), over all candidates, and the reader's pick (a candidate with
+    every attribute right where there is one: the ceiling of any reranker), and best-of-N for N = 1, 2, 4, ...
     Every candidate is read once; ``tasks`` holds the GenEval-style breakdown with 95% intervals
     (:mod:`dalle_repro.evaluation.tasks`) and ``clip_gain`` what CLIP's pick adds over a random one.
     The captions are of ``world``'s grammar, read back by its reader."""
@@ -351,10 +352,15 @@ def candidate_report(cands: CandidateSet, attributes: bool, world: str | ModuleT
         def picked(idx: torch.Tensor) -> list[dict[str, bool | None]]:
             return [hits[i * c + int(j)] for i, j in enumerate(idx)]
 
+        right = torch.tensor([bool(h["all"]) for h in hits]).view(p, c)
+        # The reader's pick: a candidate with every attribute right where one exists (else CLIP's), the
+        # most any reranker could get from these candidates; what CLIP's pick falls short of it is the reranker's.
+        reader_idx = torch.where(right.any(1), right.float().argmax(1), best_idx)
         tasks = {
             "random_pick": summarize(picked(torch.zeros(p, dtype=torch.long))),
             "reranked": summarize(picked(best_idx)),
             "all_candidates": summarize(hits),
+            "reader_pick": summarize(picked(reader_idx)),
         }
         out["tasks"] = tasks
         out["attributes"] = {k: rates(v) for k, v in tasks.items()}
