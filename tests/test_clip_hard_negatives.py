@@ -153,3 +153,22 @@ def test_a_run_with_hard_negatives_resumes_exactly(shapes_dir, tmp_path):
     a = load_file(tmp_path / "whole" / "clip" / "model.safetensors")
     b = load_file(tmp_path / "split" / "clip" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_time_plan_times_a_step_with_its_hard_negatives(shapes_dir, tmp_path, monkeypatch):
+    """The demo's plan times the CLIP's step as configured: with K hard negatives the text tower runs
+    on (1 + K) captions per image, and the timed step's loss sees them all."""
+    import dalle_repro.train.clip as clip_train
+    from dalle_repro.data.tokenizer import save_tokenizer, train_bpe
+    from dalle_repro.demo.plan import clip_step_seconds
+
+    shapes = []
+    loss = clip_train.contrastive_loss
+    monkeypatch.setattr(clip_train, "contrastive_loss", lambda x, n=None: shapes.append(x.shape) or loss(x, n))
+
+    tok = tmp_path / "tokenizer.json"
+    save_tokenizer(train_bpe(shard_captions(sorted(map(str, shapes_dir.glob("train/*.tar"))), 1000), 300), tok)
+    cfg = _clip_config(shapes_dir, tok, tmp_path / "run")
+    assert cfg.data.hard_negatives == 3
+    assert 0 < clip_step_seconds(cfg, str(tok), warm=0, timed=1) < 60
+    assert shapes == [(8, 8 * 4)]  # batch 8 images against 8 captions and 3 negatives each

@@ -135,16 +135,18 @@ def prior_step_seconds(model_args: Any, precision: str, batch: int, ranks: int, 
 
 
 def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int = 7) -> float:
-    """Seconds of one step of the small CLIP (clip_train.train_clip's loop body) on random images."""
-    from dalle_repro.train.clip import build_clip, clip_input, hf_tokenizer
+    """Seconds of one step of the small CLIP (clip_train.train_clip's loop body) on random images,
+    with its hard negative captions (``data.hard_negatives`` more captions per image) where set."""
+    from dalle_repro.train.clip import build_clip, clip_input, contrastive_loss, hf_tokenizer
 
     a = ccfg.model
     tokenizer = hf_tokenizer(tokenizer_path, a.text_len)
     model = build_clip(a, tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=ccfg.optim.lr)
-    b = ccfg.data.batch_size
+    b, k = ccfg.data.batch_size, ccfg.data.hard_negatives
+    negatives = torch.ones(b, k, dtype=torch.bool) if k else None
     t = tokenizer(
-        ["a big red circle on the left"] * b,
+        ["a big red circle on the left"] * (b * (1 + k)),
         padding="max_length",
         truncation=True,
         max_length=a.text_len,
@@ -159,10 +161,10 @@ def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int 
                 input_ids=t["input_ids"],
                 attention_mask=t["attention_mask"],
                 pixel_values=clip_input(images, a.image_size),
-                return_loss=True,
             )
+        loss = contrastive_loss(out.logits_per_image.float(), negatives)
         opt.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         opt.step()
 
     return _timed(step, warm, timed)
