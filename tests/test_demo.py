@@ -170,6 +170,23 @@ def test_the_default_demo_is_the_shapes_set(cfg):
     assert "--heldout 'data/shapes/heldout/*.tar'" in demo.evaluate_command(cfg)
 
 
+def test_reranking_against_the_training_captions_names_the_demos_own_shards(cfg):
+    """``rerank_against_train`` points the samples' and the evaluation's reference at the data set's
+    training shards (the report's command says so); a reference set by hand wins; off: none."""
+    on = load_config(demo.DemoConfig, "configs/demo/demo.yaml", ["rerank_against_train=true"])
+    assert demo.with_reference(on, on.sample).rerank_reference == "data/shapes/train/*.tar"
+    assert "--rerank-reference 'data/shapes/train/*.tar'" in demo.evaluate_command(on)
+    own = load_config(
+        demo.DemoConfig, "configs/demo/demo.yaml", ["rerank_against_train=true", "sample.rerank_reference=x/*.tar"]
+    )
+    assert demo.with_reference(own, own.sample).rerank_reference == "x/*.tar"
+    off = load_config(demo.DemoConfig, "configs/demo/demo.yaml", ["rerank_against_train=false"])
+    assert demo.with_reference(off, off.evaluation.sample).rerank_reference is None
+    assert "--rerank-reference" not in demo.evaluate_command(off)
+    evaluate = next(s for s in demo.stages() if s.name == "evaluate")
+    assert evaluate.settings(on) != evaluate.settings(off)  # switching it reruns the evaluation
+
+
 def test_with_cuda_the_plan_keeps_the_configured_runs(cfg, tmp_path, monkeypatch):
     """The timers run CPU paths, so on a GPU machine the plan must not shorten anything."""
     monkeypatch.setattr(demo.torch.cuda, "is_available", lambda: True)

@@ -160,6 +160,48 @@ def test_rerank_order_equals_brute_force_cosine_order(clip_dir):
     assert order.tolist() == sorted(range(7), key=lambda i: -brute[i])[:4]
 
 
+def test_ranking_against_reference_captions_is_log_p_of_the_caption_given_the_image(clip_dir, emoji_dir):
+    """With reference captions the pick score is log p(caption | image) over the caption and the
+    reference (the caption itself counted once), at CLIP's temperature; an image that fits every
+    caption (a typical one) loses to one that fits its own caption only, where the cosine ranks them
+    the other way round."""
+    from dalle_repro.sample.rerank import reference_captions
+
+    r = Reranker(clip_dir)
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(r.pick_scores(images, "rocket"), r.scores(images, "rocket"))  # no reference: the cosine
+    spec = f"{emoji_dir}/train/*.tar"
+    ref = reference_captions(spec)
+    assert ref == sorted(set(ref)) and len(ref) > 3
+    r.use_reference(spec)
+    caption = ref[0]  # in the reference: counted once
+    im, txt = r.embed_images(images), r.embed_texts([caption, *ref[1:]])
+    logits = im @ txt.T * r.logit_scale()
+    want = logits[:, 0] - torch.logsumexp(logits, 1)
+    assert torch.allclose(r.pick_scores(images, caption), want, atol=1e-5)
+    assert r.rank(images, caption)[0].tolist() == torch.argsort(want, descending=True).tolist()
+
+
+def test_the_caption_log_prob_prefers_an_image_of_its_caption_to_one_that_fits_every_caption():
+    """A typical image fits its caption at cosine 0.75 and each of 20 other captions at 0.4; a
+    specific one fits its caption at 0.6 and the others at 0: the cosine picks the typical one,
+    log p(caption | image) the specific one."""
+    from dalle_repro.sample.rerank import caption_log_prob
+
+    cos = torch.tensor([0.75, 0.6])
+    others = torch.stack([torch.full((20,), 0.4), torch.zeros(20)])
+    lp = caption_log_prob(cos, others, scale=15.0)
+    assert cos.argmax() == 0 and lp.argmax() == 1
+    assert torch.allclose(caption_log_prob(cos, others[:, :0], 15.0), torch.zeros(2))  # no other caption: p = 1
+
+
+def test_a_reference_with_no_caption_is_a_clear_error(clip_dir, tmp_path):
+    from dalle_repro.sample.rerank import reference_captions
+
+    with pytest.raises(RerankError, match="rerank_reference"):
+        reference_captions(str(tmp_path / "nothing-*.tar"))
+
+
 def test_a_clip_training_run_folder_loads_its_model(clip_dir, tmp_path):
     import shutil
 

@@ -38,7 +38,9 @@ FLAGS = (
     flag_aliases(EvaluateConfig)
     | flag_aliases(EvalArgs, "evaluation.")
     | flag_aliases(
-        SampleSettings, "evaluation.sample.", only=("candidates", "temperature", "top_k", "guidance", "seed")
+        SampleSettings,
+        "evaluation.sample.",
+        only=("candidates", "temperature", "top_k", "guidance", "seed", "rerank_reference"),
     )
 )
 

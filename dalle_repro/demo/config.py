@@ -97,6 +97,12 @@ class DemoConfig:
         doc="How the demo captions are sampled and reranked.",
     )
     evaluation: EvalArgs = arg(factory=EvalArgs, doc="The zero-shot evaluation (shapes and strokes only).")
+    rerank_against_train: bool = arg(
+        False,
+        "Rerank the demo's samples and the evaluation's candidates against the training captions: "
+        "sample.rerank_reference and evaluation.sample.rerank_reference become DATA/train/*.tar (the data "
+        "set's own training shards), unless set.",
+    )
 
 
 def _build_strokes(a: ShapesArgs, overwrite: bool = False) -> dict[str, Any]:

@@ -64,7 +64,7 @@ from dalle_repro.demo.config import (
 from dalle_repro.demo.report import write_report
 from dalle_repro.evaluation.evaluate import zero_shot
 from dalle_repro.sample.export import load_prior
-from dalle_repro.sample.generate import generate
+from dalle_repro.sample.generate import SampleSettings, generate
 from dalle_repro.sample.rerank import Reranker
 from dalle_repro.train.checkpoint import Checkpoints
 from dalle_repro.train.clip import clip_folder, train_clip
@@ -303,7 +303,7 @@ def stage_samples(cfg: DemoConfig) -> dict[str, Any]:
     log.info("sampling precision: %s", pick.reason)
     reranker = Reranker(clip_model(cfg))
     pairs = demo_captions(cfg)
-    settings = cfg.sample
+    settings = with_reference(cfg, cfg.sample)
     assert prior.dvae is not None
     results = generate(prior.model, prior.dvae, [c for c, _ in pairs], prior.tokenizer, settings, reranker)
     out = Path(cfg.out_dir, "samples")
@@ -343,7 +343,7 @@ def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
         Reranker(clip_model(cfg)),
         f"{d}/val/*.tar",
         f"{d}/heldout/*.tar",
-        e.sample,
+        with_reference(cfg, e.sample),
         captions=e.captions,
         train_shards=f"{d}/train/*.tar",
         pictures=e.pictures,
@@ -354,16 +354,25 @@ def stage_evaluate(cfg: DemoConfig) -> dict[str, Any]:
     return result | {"command": evaluate_command(cfg)}
 
 
+def with_reference(cfg: DemoConfig, s: SampleSettings) -> SampleSettings:
+    """``s`` with the training shards as its rerank reference where the demo asks for it
+    (``rerank_against_train``) and ``s`` names none of its own."""
+    if cfg.rerank_against_train and s.rerank_reference is None:
+        return dataclasses.replace(s, rerank_reference=f"{data_dir(cfg)}/train/*.tar")
+    return s
+
+
 def evaluate_command(cfg: DemoConfig) -> str:
     """tools/evaluate.py with the demo's settings: it reproduces the report's numbers."""
     e, d = cfg.evaluation, data_dir(cfg)
-    s = e.sample
+    s = with_reference(cfg, e.sample)
     top_k = f" --top-k {s.top_k}" if s.top_k else ""
     return (
         f"python tools/evaluate.py --model {prior_config(cfg).run.run_dir}/export --clip {clip_model(cfg)} "
         f"--seen '{d}/val/*.tar' --heldout '{d}/heldout/*.tar' --train '{d}/train/*.tar' "
         f"--captions {e.captions} --candidates {s.candidates} --temperature {s.temperature}{top_k} "
         f"--guidance {s.guidance} --seed {s.seed} "
+        + (f"--rerank-reference '{s.rerank_reference}' " if s.rerank_reference else "")
         + (f"--inception {e.inception} " if e.inception else "")
         + (f"--world {cfg.dataset} " if cfg.dataset != "shapes" else "")
         + f"--pictures {e.pictures} --output {cfg.out_dir}/evaluation"
@@ -446,14 +455,14 @@ def stages() -> list[Stage]:
         Stage(
             "samples",
             stage_samples,
-            lambda c: [c.captions_train, c.captions_val, c.captions_new, to_dict(c.sample)],
+            lambda c: [c.captions_train, c.captions_val, c.captions_new, to_dict(with_reference(c, c.sample))],
             lambda c: [Path(c.out_dir, "samples", "samples.json")],
             after=("prior", "clip"),
         ),
         Stage(
             "evaluate",
             stage_evaluate,
-            lambda c: [c.dataset, to_dict(c.evaluation)],
+            lambda c: [c.dataset, to_dict(c.evaluation), to_dict(with_reference(c, c.evaluation.sample))],
             lambda c: [Path(c.out_dir, "evaluation", "evaluation.json")] if c.dataset in SCENES else [],
             after=("data", "prior", "clip"),
         ),

@@ -278,12 +278,15 @@ def caption_images(shards: str | Sequence[str], limit: int | None = None) -> tup
 
 @dataclass
 class CandidateSet:
-    """Every candidate of every prompt in generation order: images (P, C, 3, S, S) uint8 and CLIP
-    scores (P, C); the random pick of a prompt is candidate 0, the reranked pick its best score."""
+    """Every candidate of every prompt in generation order: images (P, C, 3, S, S) uint8 and the
+    reranker's scores (P, C); the random pick of a prompt is candidate 0, the reranked pick its best
+    score. ``cosines``: CLIP's cosines with the caption where the scores are something else (ranked
+    against reference captions); the CLIP score metrics are the cosines."""
 
     captions: list[str]
     images: torch.Tensor
     scores: torch.Tensor
+    cosines: torch.Tensor | None = None
 
 
 def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: Any, rows: int = 256) -> CandidateSet:
@@ -302,7 +305,8 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
     grid = model.args.grid
     per = max(1, rows // c)  # captions per call; a caption with more than ``rows`` candidates takes several
     uncond = torch.tensor([tok.encode("")], dtype=torch.long, device=dev) if s.guidance != 1.0 else None
-    images, scores = [], []
+    reranker.use_reference(s.rerank_reference)
+    images, scores, cosines = [], [], []
     with torch.no_grad():
         for k in range(0, len(captions), per):
             chunk = captions[k : k + per]
@@ -320,8 +324,10 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
             for j, cap in enumerate(chunk):
                 ims = decoded[j * c : (j + 1) * c]
                 images.append(to_uint8(ims))
-                scores.append(reranker.scores(ims, cap).float())
-    return CandidateSet(captions, torch.stack(images), torch.stack(scores))
+                scores.append(reranker.pick_scores(ims, cap).float())
+                if s.rerank_reference is not None:
+                    cosines.append(reranker.scores(ims, cap).float())
+    return CandidateSet(captions, torch.stack(images), torch.stack(scores), torch.stack(cosines) if cosines else None)
 
 
 def candidate_report(cands: CandidateSet, attributes: bool, world: str | ModuleType = "shapes") -> dict[str, Any]:
@@ -333,18 +339,19 @@ def candidate_report(cands: CandidateSet, attributes: bool, world: str | ModuleT
     The captions are of ``world``'s grammar, read back by its reader."""
     p, c = cands.scores.shape
     best_idx = cands.scores.argmax(1)
+    cos = cands.scores if cands.cosines is None else cands.cosines
     out: dict[str, Any] = {
         "prompts": p,
         "candidates": c,
         "clip_score": {
-            "random_pick": float(cands.scores[:, 0].mean()),
-            "reranked": float(cands.scores.max(1).values.mean()),
-            "all_candidates": float(cands.scores.mean()),
+            "random_pick": float(cos[:, 0].mean()),
+            "reranked": float(cos[torch.arange(p), best_idx].mean()),
+            "all_candidates": float(cos.mean()),
         },
     }
     ns = powers_of_two(c)
     picks = best_of_n(cands.scores, ns)
-    out["best_of_n"] = {str(n): {"clip_score": float(cands.scores[torch.arange(p), picks[n]].mean())} for n in ns}
+    out["best_of_n"] = {str(n): {"clip_score": float(cos[torch.arange(p), picks[n]].mean())} for n in ns}
     if attributes:
         repeated = [cap for cap in cands.captions for _ in range(c)]
         hits = read_back(cands.images.flatten(0, 1), repeated, world)  # (prompt, candidate) in row-major order

@@ -60,6 +60,12 @@ class SampleSettings:
         gt=0,
         le=1,
     )
+    rerank_reference: str | None = arg(
+        None,
+        "Shards whose captions the reranker ranks against (the training set's, say): it then picks by log "
+        "p(caption | image) among the caption and those, so an image that fits every caption about as well (a "
+        "typical one) does not win on its cosine; null: CLIP's cosine with the caption alone.",
+    )
     seed: int = arg(0, "Seed; the same seed and settings give the same images.", ge=0)
     batch_size: int | None = arg(16, "Candidates drawn and decoded together; null: all of a caption's at once.", gt=0)
     dedup: bool = arg(
@@ -229,6 +235,10 @@ def generate(
     a reranker, both add the candidates' similarity to the init image (``image_weight``)."""
     s = settings or SampleSettings()
     s.check(model)
+    if reranker is not None:
+        reranker.use_reference(s.rerank_reference)
+    elif s.rerank_reference is not None:
+        log.warning("rerank_reference is set but there is no CLIP to rerank with: it is not used")
     a = model.args
     dev = next(model.parameters()).device
     prime = None
@@ -283,10 +293,13 @@ def generate(
             by_fit = torch.argsort(torch.nan_to_num(fit_all, nan=0.0), descending=True, stable=True).tolist()
             pool = by_fit[: max(s.keep, round(s.fit_share * s.candidates))]
         if reranker is not None:
-            scores = reranker.scores(images, caption)
+            scores = reranker.pick_scores(images, caption)
             if init_image is not None and s.image_weight:
                 target = reranker.embed_images(init_image.float().reshape(1, *init_image.shape[-3:]))
-                scores = scores + s.image_weight * (reranker.embed_images(images) @ target.T).squeeze(1).cpu()
+                # against a reference the caption's part is CLIP's temperature times its cosine, less the image's
+                # log-sum over the captions: the image's cosine is scaled alike, so image_weight keeps its meaning
+                w = s.image_weight * (reranker.logit_scale() if s.rerank_reference is not None else 1.0)
+                scores = scores + w * (reranker.embed_images(images) @ target.T).squeeze(1).cpu()
             ranked = sorted(pool, key=lambda j: -float(scores[j]))
         else:
             ranked = pool

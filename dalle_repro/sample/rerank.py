@@ -1,6 +1,8 @@
 """CLIP reranking (SPEC §5): score each candidate image against its caption, keep the best.
 
-The score is the cosine similarity of CLIP's image and text embeddings. Two model sources, both
+The score is the cosine similarity of CLIP's image and text embeddings, or, with reference captions
+(``sample.rerank_reference``: shards, typically the training set's), log p(caption | image) among
+the caption and those, at CLIP's temperature (:meth:`Reranker.pick_scores`). Two model sources, both
 read from local files only (``local_files_only``; nothing is downloaded, ever):
 
 - a folder in Hugging Face's format: ``CLIPModel`` with its tokenizer and (optionally) its
@@ -15,11 +17,13 @@ Images are resized and normalised in torch (no torchvision). A missing or broken
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -49,6 +53,9 @@ class Reranker:
 
     def __init__(self, source: str | Path, device: str | torch.device = "cpu"):
         self.device = torch.device(device)
+        self._reference_spec: str | None = None  # use_reference's shards, their captions and embeddings
+        self._reference: list[str] = []
+        self._reference_emb: torch.Tensor | None = None
         text = str(source)
         if text.startswith("open_clip:"):
             self._load_open_clip(text)
@@ -124,6 +131,37 @@ class Reranker:
             e = self.model.encode_text(self.tokenizer(captions).to(self.device))
         return F.normalize(_features(e).float(), dim=-1)
 
+    def use_reference(self, spec: str | None) -> None:
+        """Rank against the captions of ``spec`` (:func:`reference_captions`); None: by cosine alone.
+        Their embeddings are computed once per spec."""
+        if spec == self._reference_spec:
+            return
+        if spec is None:
+            self._reference_spec, self._reference, self._reference_emb = None, [], None
+            return
+        caps = reference_captions(spec)
+        self._reference = caps
+        self._reference_emb = torch.cat([self.embed_texts(caps[i : i + 256]) for i in range(0, len(caps), 256)])
+        self._reference_spec = spec
+        log.info("reranking against %d reference captions of %s", len(caps), spec)
+
+    def pick_scores(self, images: torch.Tensor, caption: str) -> torch.Tensor:
+        """What the reranker picks by: the cosine with ``caption``, or, after :meth:`use_reference`,
+        log p(caption | image) among the caption and the reference captions, at CLIP's own temperature.
+        The second asks how much better an image fits its caption than the captions the data holds:
+        an image that fits many captions well (a typical one) no longer wins on its cosine alone."""
+        if self._reference_emb is None:
+            return self.scores(images, caption)
+        im = self.embed_images(images)
+        cos = (im @ self.embed_texts([caption]).T).squeeze(1)
+        keep = torch.tensor([c != caption for c in self._reference], device=im.device)
+        return caption_log_prob(cos, im @ self._reference_emb[keep].T, self.logit_scale()).cpu()
+
+    def logit_scale(self) -> float:
+        """CLIP's own temperature: exp(logit_scale), as its training softmax used it (at most 100)."""
+        with torch.no_grad():
+            return min(100.0, float(self.model.logit_scale.exp()))
+
     def scores(self, images: torch.Tensor, captions: str | list[str]) -> torch.Tensor:
         """Cosine similarity of each image with its caption (one caption for all, or one per image)."""
         caps = [captions] if isinstance(captions, str) else list(captions)
@@ -133,10 +171,35 @@ class Reranker:
         return (self.embed_images(images) * t).sum(-1).cpu()
 
     def rank(self, images: torch.Tensor, caption: str, keep: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Indices of the best ``keep`` images for ``caption``, best first, and all scores."""
-        s = self.scores(images, caption)
+        """Indices of the best ``keep`` images for ``caption``, best first, and all scores (:meth:`pick_scores`)."""
+        s = self.pick_scores(images, caption)
         order = torch.argsort(s, descending=True, stable=True)
         return order[: keep or len(order)], s
+
+
+def caption_log_prob(cos: torch.Tensor, others: torch.Tensor, scale: float) -> torch.Tensor:
+    """log p(caption | image) for images whose cosine with the caption is ``cos`` (N,) and with the
+    other captions ``others`` (N, R): a softmax over the R + 1 captions at temperature 1 / ``scale``."""
+    return cos * scale - torch.logsumexp(torch.cat([cos[:, None], others], 1) * scale, 1)
+
+
+MAX_REFERENCE = 50_000  # distinct reference captions kept (their embeddings stay in memory)
+
+
+def reference_captions(spec: str) -> list[str]:
+    """The distinct captions of the shards ``spec`` (a shard spec as ``data.shards`` takes: their
+    ``txt`` members, from the first ``MAX_REFERENCE`` samples on), sorted; RerankError where there are none."""
+    from dalle_repro.data.sources import expand_shards
+    from dalle_repro.train.hard_negatives import shard_captions
+
+    try:
+        paths = expand_shards(spec)
+    except (OSError, ValueError) as e:
+        raise RerankError(f"rerank_reference: {spec}: {e}") from None
+    out = sorted({c for c in shard_captions(paths, MAX_REFERENCE) if c})
+    if not out:
+        raise RerankError(f"rerank_reference: no caption in the shards {spec}")
+    return out
 
 
 def _features(e: object) -> torch.Tensor:
