@@ -4,7 +4,8 @@ seeds, the ceilings, and the time plan against what each training stage took.
 Each argument is a demo output folder (``out_dir``, e.g. outputs/demo) of a finished run. Per run
 and split it reads ``evaluation/evaluation.json``: all attributes right for CLIP's pick and for a
 random pick (with the 95% Wilson interval of that run's captions), shape and colour-shape binding
-for CLIP's pick, and the reader's and the dVAE's ceilings; and ``plan.json`` with the stage markers
+for CLIP's pick, the reader's pick (the best any reranker could pick) and the reader's and the
+dVAE's ceilings; and ``plan.json`` with the stage markers
 (``stages/*.json``): each stage's predicted minutes at the planned updates beside its measured
 minutes, and the evaluation's minutes. Over the runs: the mean of each share and a 95% interval of
 that mean across seeds (t distribution), which is the run-to-run spread the single-run intervals
@@ -34,6 +35,7 @@ def load(out: Path) -> dict[str, Any]:
             "random_all": t["random_pick"]["all"],
             "clip_shape": t["reranked"]["shape"],
             "clip_binding": t["reranked"].get("colour_shape_binding"),
+            "reader_pick": t.get("reader_pick", {}).get("all"),  # evaluations since 255c269
             "reader": rep["ceilings"]["reader"]["all"],
             "dvae": rep["ceilings"].get("dvae", {}).get("all"),
             "codes_used": rep.get("dvae_ceiling", {}).get("codes_used"),
@@ -90,12 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {p}/evaluation/evaluation.json not found: not a finished demo run", file=sys.stderr)
             return 2
         rows.append(load(p))
-    keys = ("clip_all", "random_all", "clip_shape", "clip_binding", "reader", "dvae")
+    keys = ("clip_all", "random_all", "clip_shape", "clip_binding", "reader_pick", "reader", "dvae")
     print(
         "| run | split | CLIP's pick: all right | random pick | shape (CLIP's pick) | colour-shape binding "
-        "| reader | dVAE |"
+        "| reader's pick | reader | dVAE |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         for split in ("seen", "heldout"):
             print(
