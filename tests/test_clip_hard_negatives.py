@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dalle_repro.data.tar import shard_captions
 from dalle_repro.train.clip import contrastive_loss
-from dalle_repro.train.hard_negatives import HardNegatives, caption_neighbours, shard_captions
+from dalle_repro.train.hard_negatives import HardNegatives, caption_neighbours
 
 CAPTIONS = [
     "a big red circle on the left",

@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from dalle_repro.data.samples import SampleError, decode_tokens, split_key
+from dalle_repro.data.samples import MAX_CAPTION_CHARS, SampleError, clean_caption, decode_tokens, split_key
 from dalle_repro.data.sources import is_remote, spool
 
 log = logging.getLogger(__name__)
@@ -295,3 +295,26 @@ def iter_shard_samples(paths: Sequence[str], errors: Counter | None = None) -> I
                     yield shard.read(i)
                 except SampleError as e:
                     errors[e.reason] += 1
+
+
+def shard_captions(paths: Sequence[str], limit: int) -> list[str]:
+    """The captions of the first ``limit`` samples of ``paths`` (their ``txt`` members only, cleaned
+    as the loader cleans them); unreadable shards and samples are skipped, as the loader skips them."""
+    out: list[str] = []
+    for path in paths:
+        try:
+            shard = Shard(path)
+        except (OSError, tarfile.TarError) as e:
+            log.warning("cannot open shard %s (%s); its captions are left out", path, e)
+            continue
+        with shard:
+            for i in range(len(shard)):
+                if len(out) >= limit:
+                    return out
+                try:
+                    raw = shard.read_member(i, "txt")
+                except SampleError:
+                    continue  # cut short: the loader skips it too
+                if raw is not None:
+                    out.append(clean_caption(raw, MAX_CAPTION_CHARS))
+    return out

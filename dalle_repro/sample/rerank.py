@@ -187,10 +187,10 @@ MAX_REFERENCE = 50_000  # distinct reference captions kept (their embeddings sta
 
 
 def reference_captions(spec: str) -> list[str]:
-    """The distinct captions of the shards ``spec`` (a shard spec as ``data.shards`` takes: their
-    ``txt`` members, from the first ``MAX_REFERENCE`` samples on), sorted; RerankError where there are none."""
+    """The distinct captions of the shards ``spec`` (a shard spec as ``data.shards`` takes; the
+    ``txt`` members of its first ``MAX_REFERENCE`` samples), sorted; RerankError where there are none."""
     from dalle_repro.data.sources import expand_shards
-    from dalle_repro.train.hard_negatives import shard_captions
+    from dalle_repro.data.tar import shard_captions
 
     try:
         paths = expand_shards(spec)

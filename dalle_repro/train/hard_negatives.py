@@ -21,8 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from dalle_repro.data.samples import MAX_CAPTION_CHARS, SampleError, clean_caption
-from dalle_repro.data.tar import Shard
+from dalle_repro.data.tar import shard_captions
 
 log = logging.getLogger(__name__)
 MAX_WORDS = 32  # longer captions are matched on their first 32 words only (the pairs to swap grow as the square)
@@ -49,29 +48,6 @@ def caption_neighbours(captions: Iterable[str]) -> dict[str, list[str]]:
                     near.update(by_words.get(w[:i] + (w[j],) + w[i + 1 : j] + (w[i],) + w[j + 1 :], ()))
         near.difference_update(by_words[w])  # itself, and captions that only differ past MAX_WORDS
         out[c] = sorted(near)
-    return out
-
-
-def shard_captions(paths: Sequence[str], limit: int) -> list[str]:
-    """The captions of the first ``limit`` samples of ``paths`` (their ``txt`` members only, cleaned
-    as the loader cleans them); unreadable shards and samples are skipped, as the loader skips them."""
-    out: list[str] = []
-    for path in paths:
-        try:
-            shard = Shard(path)
-        except OSError as e:
-            log.warning("hard negatives: cannot open %s (%s); its captions are left out", path, e)
-            continue
-        with shard:
-            for i in range(len(shard)):
-                if len(out) >= limit:
-                    return out
-                try:
-                    raw = shard.read_member(i, "txt")
-                except SampleError:
-                    continue  # cut short: the loader skips it too
-                if raw is not None:
-                    out.append(clean_caption(raw, MAX_CAPTION_CHARS))
     return out
 
 
