@@ -61,31 +61,13 @@ def prior_data(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.T
 @pytest.fixture(scope="session")
 def clip_dir(emoji_dir: Path, tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tools/train_clip.py's library call, a few steps at a tiny size."""
+    from helpers import clip_overrides
+
     from dalle_repro.core.config import load_config
     from dalle_repro.train.clip import ClipTrainConfig, train_clip
 
     run = tmp_path_factory.mktemp("clip") / "run"
-    cfg = load_config(
-        ClipTrainConfig,
-        None,
-        [
-            "model.image_size=16",
-            "model.patch_size=8",
-            "model.width=32",
-            "model.layers=1",
-            "model.heads=2",
-            "model.embed_dim=16",
-            "model.text_len=12",
-            f"text.path={tokenizer_path}",
-            f"data.shards={emoji_dir}/train/*.tar",
-            f"run.val_shards={emoji_dir}/val/*.tar",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            f"run.run_dir={run}",
-            "run.steps=4",
-            "log.every=1",
-        ],
-    )
+    cfg = load_config(ClipTrainConfig, None, clip_overrides(emoji_dir, tokenizer_path, run))
     metrics = train_clip(cfg)
     assert 0 <= metrics["image_to_text_top1"] <= 1 and metrics["val_pairs"] > 0
     return run / "clip"

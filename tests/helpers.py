@@ -86,6 +86,28 @@ def prior_overrides(data: dict[str, Path], run_dir: Path, *extra: str) -> list[s
     ]
 
 
+def clip_overrides(data_dir: Path, tokenizer: Path, run_dir: Path, *extra: str, text_len: int = 12) -> list[str]:
+    """A small CLIP of 16x16 images (one layer per tower) on ``data_dir``'s train/ and val/ shards, 4 steps."""
+    return [
+        "model.image_size=16",
+        "model.patch_size=8",
+        "model.width=32",
+        "model.layers=1",
+        "model.heads=2",
+        "model.embed_dim=16",
+        f"model.text_len={text_len}",
+        f"text.path={tokenizer}",
+        f"data.shards={data_dir}/train/*.tar",
+        f"run.val_shards={data_dir}/val/*.tar",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        f"run.run_dir={run_dir}",
+        "run.steps=4",
+        "log.every=1",
+        *extra,
+    ]
+
+
 def launcher() -> str:
     """The deepspeed launcher beside this Python (skips the test when it is not installed)."""
     path = shutil.which("deepspeed") or str(Path(sys.executable).with_name("deepspeed"))

@@ -50,23 +50,10 @@ def test_loss_without_negatives_is_clips_own():
     from transformers import CLIPConfig, CLIPModel
 
     torch.manual_seed(0)
+    tower = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
     cfg = CLIPConfig(
-        text_config=dict(
-            vocab_size=50,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=8,
-        ),
-        vision_config=dict(
-            image_size=16,
-            patch_size=8,
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-        ),
+        text_config=dict(vocab_size=50, max_position_embeddings=8, **tower),
+        vision_config=dict(image_size=16, patch_size=8, **tower),
         projection_dim=8,
     )
     model = CLIPModel(cfg).eval()
@@ -109,43 +96,31 @@ def test_shard_captions_reads_the_captions_alone(shapes_dir):
     assert len(caps) == 50 and all(parse_caption(c) for c in caps)
 
 
+@pytest.fixture(scope="module")
+def shapes_tokenizer(shapes_dir, tmp_path_factory):
+    from dalle_repro.data.tokenizer import save_tokenizer, train_bpe
+
+    tok = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    save_tokenizer(train_bpe(shard_captions(sorted(map(str, shapes_dir.glob("train/*.tar"))), 1000), 300), tok)
+    return tok
+
+
 def _clip_config(shapes_dir, tokenizer, run, *extra):
+    from helpers import clip_overrides
+
     from dalle_repro.core.config import load_config
     from dalle_repro.train.clip import ClipTrainConfig
 
-    return load_config(
-        ClipTrainConfig,
-        None,
-        [
-            "model.image_size=16",
-            "model.patch_size=8",
-            "model.width=32",
-            "model.layers=1",
-            "model.heads=2",
-            "model.embed_dim=16",
-            "model.text_len=16",
-            f"text.path={tokenizer}",
-            f"data.shards={shapes_dir}/train/*.tar",
-            f"run.val_shards={shapes_dir}/val/*.tar",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            f"run.run_dir={run}",
-            "run.steps=4",
-            "log.every=1",
-            "data.hard_negatives=3",
-            *extra,
-        ],
-    )
+    over = clip_overrides(shapes_dir, tokenizer, run, "data.hard_negatives=3", *extra, text_len=16)
+    return load_config(ClipTrainConfig, None, over)
 
 
-def test_a_run_with_hard_negatives_resumes_exactly(shapes_dir, tmp_path):
+def test_a_run_with_hard_negatives_resumes_exactly(shapes_dir, shapes_tokenizer, tmp_path):
     from safetensors.torch import load_file
 
-    from dalle_repro.data.tokenizer import save_tokenizer, train_bpe
     from dalle_repro.train.clip import train_clip
 
-    tok = tmp_path / "tokenizer.json"
-    save_tokenizer(train_bpe(shard_captions(sorted(map(str, shapes_dir.glob("train/*.tar"))), 1000), 300), tok)
+    tok = shapes_tokenizer
     whole = train_clip(_clip_config(shapes_dir, tok, tmp_path / "whole"))
     assert whole["ended"] == "done" and whole["step"] == 4
     part = train_clip(_clip_config(shapes_dir, tok, tmp_path / "split", "run.stop_after=2"))
@@ -156,19 +131,17 @@ def test_a_run_with_hard_negatives_resumes_exactly(shapes_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_time_plan_times_a_step_with_its_hard_negatives(shapes_dir, tmp_path, monkeypatch):
+def test_the_time_plan_times_a_step_with_its_hard_negatives(shapes_dir, shapes_tokenizer, tmp_path, monkeypatch):
     """The demo's plan times the CLIP's step as configured: with K hard negatives the text tower runs
     on (1 + K) captions per image, and the timed step's loss sees them all."""
     import dalle_repro.train.clip as clip_train
-    from dalle_repro.data.tokenizer import save_tokenizer, train_bpe
     from dalle_repro.demo.plan import clip_step_seconds
 
     shapes = []
     loss = clip_train.contrastive_loss
     monkeypatch.setattr(clip_train, "contrastive_loss", lambda x, n=None: shapes.append(x.shape) or loss(x, n))
 
-    tok = tmp_path / "tokenizer.json"
-    save_tokenizer(train_bpe(shard_captions(sorted(map(str, shapes_dir.glob("train/*.tar"))), 1000), 300), tok)
+    tok = shapes_tokenizer
     cfg = _clip_config(shapes_dir, tok, tmp_path / "run")
     assert cfg.data.hard_negatives == 3
     assert 0 < clip_step_seconds(cfg, str(tok), warm=0, timed=1) < 60

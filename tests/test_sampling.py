@@ -179,6 +179,8 @@ def test_ranking_against_reference_captions_is_log_p_of_the_caption_given_the_im
     logits = im @ txt.T * r.logit_scale()
     want = logits[:, 0] - torch.logsumexp(logits, 1)
     assert torch.allclose(r.pick_scores(images, caption), want, atol=1e-5)
+    pick, cos = r.pick_and_cosine(images, caption)  # what the evaluation records: the pick and the cosine
+    assert torch.allclose(pick, want, atol=1e-5) and torch.allclose(cos, r.scores(images, caption), atol=1e-5)
     assert r.rank(images, caption)[0].tolist() == torch.argsort(want, descending=True).tolist()
 
 

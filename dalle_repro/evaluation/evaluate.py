@@ -324,9 +324,10 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
             for j, cap in enumerate(chunk):
                 ims = decoded[j * c : (j + 1) * c]
                 images.append(to_uint8(ims))
-                scores.append(reranker.pick_scores(ims, cap).float())
+                pick, cos = reranker.pick_and_cosine(ims, cap)
+                scores.append(pick.float())
                 if s.rerank_reference is not None:
-                    cosines.append(reranker.scores(ims, cap).float())
+                    cosines.append(cos.float())
     return CandidateSet(captions, torch.stack(images), torch.stack(scores), torch.stack(cosines) if cosines else None)
 
 

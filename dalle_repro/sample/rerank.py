@@ -150,12 +150,18 @@ class Reranker:
         log p(caption | image) among the caption and the reference captions, at CLIP's own temperature.
         The second asks how much better an image fits its caption than the captions the data holds:
         an image that fits many captions well (a typical one) no longer wins on its cosine alone."""
+        return self.pick_and_cosine(images, caption)[0]
+
+    def pick_and_cosine(self, images: torch.Tensor, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`pick_scores` and the cosines with ``caption``, from one embedding of the images."""
         if self._reference_emb is None:
-            return self.scores(images, caption)
+            cos = self.scores(images, caption)
+            return cos, cos
         im = self.embed_images(images)
         cos = (im @ self.embed_texts([caption]).T).squeeze(1)
         keep = torch.tensor([c != caption for c in self._reference], device=im.device)
-        return caption_log_prob(cos, im @ self._reference_emb[keep].T, self.logit_scale()).cpu()
+        pick = caption_log_prob(cos, im @ self._reference_emb[keep].T, self.logit_scale())
+        return pick.cpu(), cos.cpu()
 
     def logit_scale(self) -> float:
         """CLIP's own temperature: exp(logit_scale), as its training softmax used it (at most 100)."""

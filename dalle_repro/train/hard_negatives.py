@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from dalle_repro.data.loader import stable_seed
 from dalle_repro.data.tar import shard_captions
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,6 @@ class HardNegatives:
     def draw(self, captions: Sequence[str], step: int) -> tuple[list[str], np.ndarray]:
         """``k`` negatives per caption, flat (caption-major), and a (len(captions), k) bool mask of the
         real ones: a caption with fewer than ``k`` neighbours is padded with its own text, masked out."""
-        from dalle_repro.data.loader import stable_seed
-
         rng = np.random.default_rng(stable_seed(self.seed, "hard-negatives", step))
         flat: list[str] = []
         mask = np.zeros((len(captions), self.k), dtype=bool)
