@@ -287,6 +287,7 @@ class CandidateSet:
     images: torch.Tensor
     scores: torch.Tensor
     cosines: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None  # (P, C, grid^2): what the prior drew
 
 
 def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: Any, rows: int = 256) -> CandidateSet:
@@ -306,7 +307,7 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
     per = max(1, rows // c)  # captions per call; a caption with more than ``rows`` candidates takes several
     uncond = torch.tensor([tok.encode("")], dtype=torch.long, device=dev) if s.guidance != 1.0 else None
     reranker.use_reference(s.rerank_reference)
-    images, scores, cosines = [], [], []
+    images, scores, cosines, drawn = [], [], [], []
     with torch.no_grad():
         for k in range(0, len(captions), per):
             chunk = captions[k : k + per]
@@ -321,6 +322,7 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
                 ]
             )
             decoded = torch.cat([dvae.decode(t.view(-1, grid, grid)) for t in tokens.split(64)]).cpu()
+            drawn.append(tokens.cpu().view(len(chunk), c, -1))
             for j, cap in enumerate(chunk):
                 ims = decoded[j * c : (j + 1) * c]
                 images.append(to_uint8(ims))
@@ -328,7 +330,9 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
                 scores.append(pick.float())
                 if s.rerank_reference is not None:
                     cosines.append(cos.float())
-    return CandidateSet(captions, torch.stack(images), torch.stack(scores), torch.stack(cosines) if cosines else None)
+    return CandidateSet(
+        captions, torch.stack(images), torch.stack(scores), torch.stack(cosines) if cosines else None, torch.cat(drawn)
+    )
 
 
 def candidate_report(cands: CandidateSet, attributes: bool, world: str | ModuleType = "shapes") -> dict[str, Any]:
