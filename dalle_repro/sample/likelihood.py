@@ -4,9 +4,9 @@ CLIP reads a caption much as a bag of words (Yuksekgonul et al. 2023), so betwee
 held-out caption "a small green circle" it cannot tell the green circle from the green square
 reliably: both hold "green" and a shape. The prior drew those images token by token from the
 caption, and its likelihood of an image's tokens under a caption, ``log p(x | c)``, compared with
-their likelihood under other captions, is a classifier of its own (generative classifiers bind
-attributes better than contrastive ones: Li et al. 2023, "Your diffusion model is secretly a
-zero-shot classifier"; Krojer et al. 2023). Two comparisons:
+their likelihood under other captions, is a classifier of its own (generative classifiers bound
+attributes better than contrastive ones in some studies: Li et al. 2023, "Your diffusion model is
+secretly a zero-shot classifier"; Krojer et al. 2023). Two comparisons:
 
 - against the empty caption (the unconditional prior that classifier-free guidance trains):
   ``log p(x | c) - log p(x | "")``, the pointwise mutual information of caption and image, which by
@@ -19,6 +19,10 @@ zero-shot classifier"; Krojer et al. 2023). Two comparisons:
 
 Each is one teacher-forced forward of the prior per (image, caption) pair, in batches: at the
 demo's size (64 image tokens) far cheaper than drawing the images was.
+
+Measured on the demo's three seeds (bench/prior_rerank.py, docs/demo.md "The prior as a
+classifier"): neither picks better than CLIP's cosine, and the mutual information picks worse than
+a random candidate, so sampling does not use them; they are here to measure a prior with.
 """
 
 from __future__ import annotations
