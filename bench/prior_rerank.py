@@ -40,6 +40,7 @@ import torch  # noqa: E402
 from dalle_repro.core.cli import flag_aliases, parse_cli  # noqa: E402
 from dalle_repro.core.config import arg  # noqa: E402
 from dalle_repro.core.files import atomic_write_text  # noqa: E402
+from dalle_repro.evaluation.evaluate import reader_pick  # noqa: E402
 
 PICKS = ("random", "clip", "prior_pmi", "prior_neighbours", "clip+pmi", "clip+neighbours", "reader")
 
@@ -70,7 +71,7 @@ def picks(clip: torch.Tensor, scale: float, pmi: torch.Tensor, near: torch.Tenso
         "prior_neighbours": near.argmax(1),
         "clip+pmi": (scale * clip + pmi).argmax(1),
         "clip+neighbours": (scale * clip + near).argmax(1),
-        "reader": torch.where(right.any(1), right.float().argmax(1), clip.argmax(1)),
+        "reader": reader_pick(right, clip.argmax(1)),
     }
 
 

@@ -335,6 +335,13 @@ def sample_candidates(prior: Any, captions: list[str], reranker: Any, settings: 
     )
 
 
+def reader_pick(right: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """The reader's pick per prompt, from ``right`` (P, C): whether each candidate has every
+    attribute right. The first right candidate where one exists, else ``fallback``'s (CLIP's pick):
+    the most any reranker could get from these candidates."""
+    return torch.where(right.any(1), right.float().argmax(1), fallback)
+
+
 def candidate_report(cands: CandidateSet, attributes: bool, world: str | ModuleType = "shapes") -> dict[str, Any]:
     """CLIP score and (with ``attributes``) what the samples got right, for the random pick (candidate
     0), the reranked pick (CLIP's best), over all candidates, and the reader's pick (a candidate with
@@ -365,9 +372,8 @@ def candidate_report(cands: CandidateSet, attributes: bool, world: str | ModuleT
             return [hits[i * c + int(j)] for i, j in enumerate(idx)]
 
         right = torch.tensor([bool(h["all"]) for h in hits]).view(p, c)
-        # The reader's pick: a candidate with every attribute right where one exists (else CLIP's), the
-        # most any reranker could get from these candidates; what CLIP's pick falls short of it is the reranker's.
-        reader_idx = torch.where(right.any(1), right.float().argmax(1), best_idx)
+        # what CLIP's pick falls short of the reader's is the reranker's
+        reader_idx = reader_pick(right, best_idx)
         tasks = {
             "random_pick": summarize(picked(torch.zeros(p, dtype=torch.long))),
             "reranked": summarize(picked(best_idx)),
