@@ -263,3 +263,34 @@ def test_the_plan_times_an_update_by_the_median_so_one_slow_call_does_not_move_i
     calls = []
     assert demo_plan._timed(lambda: calls.append(1), warm=2, timed=5) == 1.0  # a mean would say 2.8
     assert len(calls) == 7
+
+
+def test_each_training_stage_may_use_what_the_budget_has_left(cfg, tmp_path, monkeypatch):
+    """stage_end_by: the budget less the stages run before (their markers) and the plan's prediction
+    for the stages after; never less than MIN_FRACTION of the stage's own prediction."""
+    cfg.out_dir, cfg.train_minutes = str(tmp_path), 20
+    plan = {"fraction": 0.5, "predicted_minutes_configured": {"dvae": 12.0, "prior": 16.0, "clip": 4.0}}
+    demo.plan_path(cfg).write_text(json.dumps(plan))
+    monkeypatch.setattr(demo.time, "time", lambda: 1000.0)
+    # before any stage: the dVAE may use 20 - 8 (prior) - 2 (clip) minutes
+    assert demo.stage_end_by(cfg, "dvae") == 1000 + (20 - 8 - 2) * 60
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "dvae.json").write_text(json.dumps({"seconds": 9 * 60}))  # 3 minutes over its 6
+    assert demo.stage_end_by(cfg, "prior") == 1000 + (20 - 9 - 2) * 60
+    (tmp_path / "stages" / "prior.json").write_text(json.dumps({"seconds": 17.5 * 60}))  # far over
+    assert demo.stage_end_by(cfg, "clip") == 1000 + demo_plan.MIN_FRACTION * 2 * 60
+    cfg.train_minutes = None
+    assert demo.stage_end_by(cfg, "clip") is None  # no budget: the configured runs
+
+
+def test_a_run_folder_continues_when_only_its_length_or_deadline_changed(cfg, tmp_path):
+    from dalle_repro.core.config import save_config
+
+    c = demo.clip_config(cfg, plan=False)
+    c.run.end_by = 1.0e9
+    save_config(c, tmp_path)
+    again = demo.clip_config(cfg, plan=False)
+    again.run.steps, again.run.end_by = 17, 2.0e9
+    assert demo._same_run(tmp_path / "config.yaml", again)
+    again.run.seed = 5
+    assert not demo._same_run(tmp_path / "config.yaml", again)

@@ -226,6 +226,24 @@ def test_skipped_step_moves_no_weight(prior_data, tmp_path, monkeypatch):
     assert snapshots == [True, True]
 
 
+def test_a_deadline_shortens_the_run_and_ends_its_cosine_with_it(prior_data, tmp_path, monkeypatch):
+    """run.end_by, nearly reached at the first check (update 7 of 30): the run ends at update 8 with
+    its learning rate at the cosine's end, and says so in final_metrics.json."""
+    from dalle_repro.train import loop
+
+    end = 2.0e9
+    clock = iter([end - 100.0])  # the start is in time; from then on the deadline is a millisecond away
+    monkeypatch.setattr(loop, "_clock", lambda: next(clock, end - 0.001))
+    cfg = config(prior_data, tmp_path / "run", "run.steps=30", "schedule.warmup_steps=4", f"run.end_by={end}")
+    out = train(cfg)
+    assert out["step"] == 8 and out["ended"] == "done" and (tmp_path / "run" / "export" / "model.safetensors").is_file()
+    final = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert final["planned_steps"] == 8 and final["configured_steps"] == 30 and final["length_changes"][0]["step"] == 7
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "run") if "lr" in r]
+    # the last update's rate: the cosine's 6/7 point (0.05 of the peak) where 30 updates would still be near the peak
+    assert lrs[-1] < 0.1 * cfg.schedule.lr and max(lrs) == pytest.approx(cfg.schedule.lr)
+
+
 def test_learning_rate_schedule():
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     s = LRSchedule(opt, PriorScheduleArgs(lr=1e-3, warmup_steps=4, decay="cosine", lr_end=1e-5), total_steps=14)
@@ -367,14 +385,17 @@ def _state(run_dir: Path, step: int) -> dict:
 
 
 def test_two_ranks_under_the_deepspeed_launcher_agree(prior_data, tmp_path):
+    """... on the weights, and on run.end_by's check (a collective at update 7: a far deadline, no change)."""
     run = tmp_path / "ddp"
-    cfg = _write_config(prior_data, tmp_path, run, "run.steps=4", "deepspeed.zero_stage=1")
+    far = f"run.end_by={time.time() + 3600}"
+    cfg = _write_config(prior_data, tmp_path, run, "run.steps=8", "deepspeed.zero_stage=1", far)
     cmd = [launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train_prior.py")]
     env = launch_env()
     r = subprocess.run([*cmd, "--config", str(cfg)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ranks = _state(run, 4)["ranks"]
+    ranks = _state(run, 8)["ranks"]
     assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
+    assert json.loads((run / "final_metrics.json").read_text())["planned_steps"] == 8
     assert [x["loader"]["rank"] for x in ranks] == [0, 1]
     assert json.loads((run / "deepspeed.json").read_text())["train_batch_size"] == 8
     assert (run / "export" / "model.safetensors").is_file()
@@ -401,8 +422,9 @@ def test_two_nodes_started_separately_with_no_ssh(prior_data, tmp_path):
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    ranks = _state(run, 4)["ranks"]
+    ranks = _state(run, 8)["ranks"]
     assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
+    assert json.loads((run / "final_metrics.json").read_text())["planned_steps"] == 8
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(prior_data, tmp_path):

@@ -123,17 +123,55 @@ def stage_preview(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def _same_run(saved: Path, cfg: Any) -> bool:
-    """Whether a run folder's config equals ``cfg`` apart from its length (so it may continue)."""
+    """Whether a run folder's config equals ``cfg`` apart from its length and deadline (so it may continue)."""
     if not saved.is_file():
         return False
     old, new = load_yaml(saved), to_dict(cfg)
-    old.get("run", {}).pop("steps", None)
-    new["run"].pop("steps", None)
+    for key in ("steps", "end_by"):
+        old.get("run", {}).pop(key, None)
+        new["run"].pop(key, None)
     return old == new
+
+
+TRAINING = ("dvae", "prior", "clip")  # the training stages, in the order they run
+
+
+def stage_end_by(cfg: DemoConfig, stage: str) -> float | None:
+    """The Unix time by which a training stage should end (its ``run.end_by``: the run times its own
+    updates and fits its length to it, train/loop.py's LengthPlan).
+
+    The plan's timers predict each stage before any trains, and on some machines they miss (the
+    prior's real updates cost 1.4-1.9x its timer on one CPU, docs/demo.md); so each stage may use
+    what the budget has left after the stages before it (their markers' seconds), less what the plan
+    predicted for the stages after it, and no less than MIN_FRACTION of its own prediction. None
+    without a budget or without the plan's timings (CUDA)."""
+    from dalle_repro.demo import plan as dp
+
+    plan = read_plan(plan_path(cfg))
+    if cfg.train_minutes is None or not plan or "predicted_minutes_configured" not in plan:
+        return None
+    predicted = {k: v * plan["fraction"] * 60 for k, v in plan["predicted_minutes_configured"].items()}
+    i = TRAINING.index(stage)
+    used = 0.0
+    for before in TRAINING[:i]:
+        marker = Path(cfg.out_dir, "stages", f"{before}.json")
+        used += float(json.loads(marker.read_text()).get("seconds") or 0) if marker.is_file() else predicted[before]
+    left = cfg.train_minutes * 60 - used - sum(predicted[k] for k in TRAINING[i + 1 :])
+    return time.time() + max(left, dp.MIN_FRACTION * predicted[stage])
+
+
+def length_plan(run_dir: str | Path) -> dict[str, Any]:
+    """What a run's ``run.end_by`` did (final_metrics.json): the configured and planned lengths, the
+    changes, how long before its deadline it ended, its own forecast's error."""
+    path = Path(run_dir, "final_metrics.json")
+    final = load_yaml(path) if path.is_file() else {}
+    keys = ("configured_steps", "planned_steps", "length_changes", "ended_before_end_by_s", "forecast")
+    return {k: final[k] for k in keys if k in final}
 
 
 def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
     dcfg = dvae_config(cfg)
+    dcfg.run.end_by = stage_end_by(cfg, "dvae")
     run_dir = claim(dcfg.run.run_dir)
     resume = Checkpoints(run_dir).latest() is not None
     if resume and not _same_run(run_dir / "config.yaml", dcfg):
@@ -141,12 +179,16 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
         claim(run_dir)
         resume = False
     val = train_dvae(dcfg, resume_run=resume) or last_validation(run_dir, "val_psnr")
-    return val | {
-        "model": f"{dcfg.run.run_dir}/dvae",
-        "grid": f"{dcfg.run.run_dir}/recon_latest.png",
-        "run_dir": dcfg.run.run_dir,
-        "vocab_size": dcfg.model.vocab_size,
-    }
+    return (
+        val
+        | length_plan(run_dir)
+        | {
+            "model": f"{dcfg.run.run_dir}/dvae",
+            "grid": f"{dcfg.run.run_dir}/recon_latest.png",
+            "run_dir": dcfg.run.run_dir,
+            "vocab_size": dcfg.model.vocab_size,
+        }
+    )
 
 
 def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
@@ -246,6 +288,8 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
     # the file is ours, written just now from a config whose files were checked for pipe: shards
     cmd += ["--module", "dalle_repro.cli.train_prior", "--config", str(path), PIPE_FLAG]
     cmd += ["--resume"] if resume else []
+    end_by = stage_end_by(cfg, "prior")  # on the command line: the saved prior_config.yaml stays reusable
+    cmd += [f"run.end_by={end_by}"] if end_by is not None else []
     env = dict(os.environ)
     if not torch.cuda.is_available():
         # Each rank sets its own threads (distributed.set_cpu_threads: usable cores / LOCAL_SIZE)
@@ -268,12 +312,14 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
 def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
     """Train the small CLIP, resuming a run of the same settings."""
     c = clip_config(cfg)
+    c.run.end_by = stage_end_by(cfg, "clip")
     run_dir = Path(c.run.run_dir)
     resume = Checkpoints(run_dir).latest() is not None
     if resume and not _same_run(run_dir / "config.yaml", c):
         shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
         resume = False
-    return train_clip(c, resume_run=resume) | {"model": str(clip_folder(c)), "run_dir": str(run_dir)}
+    result = train_clip(c, resume_run=resume)
+    return result | length_plan(run_dir) | {"model": str(clip_folder(c)), "run_dir": str(run_dir)}
 
 
 def clip_model(cfg: DemoConfig) -> Path:

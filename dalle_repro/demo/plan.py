@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import statistics
 import threading
@@ -30,6 +29,11 @@ import time
 from typing import Any
 
 import torch
+
+from dalle_repro.train.clip import LENGTH_KEYS as CLIP_KEYS
+from dalle_repro.train.dvae import LENGTH_KEYS as DVAE_KEYS
+from dalle_repro.train.loop import scaled_count as scaled
+from dalle_repro.train.prior_config import LENGTH_KEYS as PRIOR_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +189,6 @@ def fraction_to_fit(minutes: dict[str, float], budget: float | None) -> float:
     return max(MIN_FRACTION, budget / total)
 
 
-def scaled(value: int | None, fraction: float) -> int | None:
-    """``fraction`` of an update count, at least 1; 0 (a schedule held at its end value) and None stay."""
-    return value if not value else max(1, math.floor(value * fraction))
-
-
 def scaled_overrides(config: Any, keys: tuple[str, ...], fraction: float) -> list[str]:
     """``key=value`` overrides setting each dotted key of ``config`` (an update count: run.steps, a
     schedule's length, an every-N interval) to ``fraction`` of its value; none at fraction 1."""
@@ -204,22 +203,6 @@ def scaled_overrides(config: Any, keys: tuple[str, ...], fraction: float) -> lis
     return out
 
 
-# The update counts of each stage's config that scale with its length.
-DVAE_KEYS = (
-    "run.steps",
-    "schedule.tau_steps",
-    "schedule.beta_steps",
-    "schedule.lr_steps",
-    "run.ckpt_every",
-    "run.val_every",
-)
-PRIOR_KEYS = (
-    "run.steps",
-    "schedule.warmup_steps",
-    "schedule.decay_steps",
-    "run.ckpt_every",
-    "run.val_every",
-    "run.sample_every",
-)
-CLIP_KEYS = ("run.steps",)
+# The update counts of each stage's config that scale with its length: the trainers' own lists (the
+# same that run.end_by scales during a run).
 SCALED_KEYS = {"dvae": DVAE_KEYS, "prior": PRIOR_KEYS, "clip": CLIP_KEYS}

@@ -122,7 +122,7 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
         ("rerank", "gain (kept - random)", sm.get("rerank_gain")),
     ]
     md += [f"| {a} | {b} | {_fmt(c)} |" for a, b, c in rows]
-    md += [""] + plan_lines(results.get("plan", {}), stage_settings)
+    md += [""] + plan_lines(results.get("plan", {}), stage_settings, results)
     images: list[tuple[str, Path]] = []
     for key, title in (
         ("fid_by_blur", "FID against blur radius"),
@@ -182,9 +182,12 @@ def playground_lines(out: Path) -> list[str]:
     ]
 
 
-def plan_lines(plan: dict[str, Any], stage_settings: dict[str, Any] | None = None) -> list[str]:
+def plan_lines(
+    plan: dict[str, Any], stage_settings: dict[str, Any] | None = None, results: dict[str, Any] | None = None
+) -> list[str]:
     """What the demo's time plan (demo/plan.py) decided on this machine, and each training stage's
-    predicted minutes beside what it took (the stage markers' seconds)."""
+    predicted minutes beside what it took (the stage markers' seconds) and the updates it trained
+    (its ``run.end_by`` may have changed its length: train/loop.py's LengthPlan)."""
     if "predicted_minutes_configured" not in plan:
         return []
     full = sum(plan["predicted_minutes_configured"].values())
@@ -193,30 +196,43 @@ def plan_lines(plan: dict[str, Any], stage_settings: dict[str, Any] | None = Non
     md = [
         f"Time plan: the configured training would take about {full:.1f} minutes on this machine (timed "
         f"updates x measured factors); the budget is {plan['train_minutes']:g} (`train_minutes`), so the "
-        f"demo trained {100 * f:.0f}% of it: {runs} updates (`plan.json`).",
+        f"demo planned {100 * f:.0f}% of it: {runs} updates (`plan.json`). Each stage then timed its own "
+        "updates and fitted its length to what the budget had left for it (`run.end_by`).",
         "",
     ]
-    rows = plan_table(plan, stage_settings or {})
+    rows = plan_table(plan, stage_settings or {}, results or {})
     if rows:
-        md += ["| stage | predicted | actual | actual / predicted |", "|---|---|---|---|", *rows, ""]
+        md += [
+            "| stage | predicted | actual | actual / predicted | updates trained (planned) | ended before deadline |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
     return md
 
 
-def plan_table(plan: dict[str, Any], stage_settings: dict[str, Any]) -> list[str]:
-    """A row per planned stage that has run: predicted and actual minutes, and their ratio; then the sum."""
-    stage_of = {"dvae": "dvae", "prior": "prior", "clip": "clip"}
+def plan_table(
+    plan: dict[str, Any], stage_settings: dict[str, Any], results: dict[str, Any] | None = None
+) -> list[str]:
+    """A row per planned stage that has run: predicted and actual minutes, their ratio, the updates
+    it trained against the plan's, and how long before its deadline it ended; then the sum."""
     rows, total_p, total_a = [], 0.0, 0.0
     for key, minutes in plan["predicted_minutes_configured"].items():
-        seconds = stage_settings.get(stage_of.get(key, key), {}).get("seconds")
+        seconds = stage_settings.get(key, {}).get("seconds")
         if seconds is None:
             continue
         predicted, actual = minutes * plan["fraction"], seconds / 60
         total_p, total_a = total_p + predicted, total_a + actual
         ratio = f"{actual / predicted:.2f}" if predicted > 0 else "n/a"
-        rows.append(f"| {key} | {predicted:.1f} min | {actual:.1f} min | {ratio} |")
+        result = (results or {}).get(key, {})
+        trained = result.get("step")
+        updates = f"{trained} ({plan['planned_updates'].get(key)})" if trained is not None else "n/a"
+        before = result.get("ended_before_end_by_s")
+        slack = f"{before:.0f} s" if isinstance(before, (int, float)) else "n/a"
+        rows.append(f"| {key} | {predicted:.1f} min | {actual:.1f} min | {ratio} | {updates} | {slack} |")
     if rows:
         ratio = f"{total_a / total_p:.2f}" if total_p > 0 else "n/a"
-        rows.append(f"| all three | {total_p:.1f} min | {total_a:.1f} min | {ratio} |")
+        rows.append(f"| all three | {total_p:.1f} min | {total_a:.1f} min | {ratio} | | |")
     return rows
 
 

@@ -322,11 +322,17 @@ def tokenizer_batch(tokenizer: Any, captions: list[str], text_len: int) -> Any:
     return tokenizer(captions, padding="max_length", truncation=True, max_length=text_len, return_tensors="pt")
 
 
+# The update counts of the config that scale with the run's length (the demo's time plan, run.end_by):
+# the warm-up and the cosine follow run.steps (lr_at).
+LENGTH_KEYS = ("run.steps",)
+
+
 class ClipTask(Task):
     """The small CLIP's part of the loop (train/loop.py): its step, retrieval validation and export."""
 
     show = ("loss", "lr")
     val_key = "image_to_text_top1"
+    length_keys = LENGTH_KEYS
 
     def __init__(self, cfg: ClipTrainConfig, run_cfg: ClipTrainConfig, d: distributed.Dist, pick: str) -> None:
         self.config, self.run_cfg, self.d, self.pick = cfg, run_cfg, d, pick

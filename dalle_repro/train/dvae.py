@@ -337,11 +337,23 @@ def export(st: State, cfg: DVAETrainConfig, run_dir: Path) -> Path:
     return save_pretrained(run_dir / "dvae", cfg.model, files, full_config=cfg)
 
 
+# The update counts of the config that scale with the run's length (the demo's time plan, run.end_by).
+LENGTH_KEYS = (
+    "run.steps",
+    "schedule.tau_steps",
+    "schedule.beta_steps",
+    "schedule.lr_steps",
+    "run.ckpt_every",
+    "run.val_every",
+)
+
+
 class DVAETask(Task):
     """The dVAE's part of the loop (train/loop.py): its step, validation with a grid, and export."""
 
     show = ("loss", "nll_bpd", "tau", "beta")
     val_key = "val_psnr"
+    length_keys = LENGTH_KEYS
 
     def __init__(self, cfg: DVAETrainConfig, run_cfg: DVAETrainConfig, d: distributed.Dist, st: State) -> None:
         self.config, self.run_cfg, self.d, self.st = cfg, run_cfg, d, st

@@ -6,6 +6,8 @@ The loop owns what does not depend on the model:
   every ``sample_every`` (where the trainer has them), a checkpoint every ``run.ckpt_every``;
 - SIGTERM/SIGINT (a preempted job) and ``run.stop_after`` (a time-boxed job): the current update
   ends, a checkpoint is written and :func:`fit` returns (the command exits 0); ``--resume`` goes on;
+- ``run.end_by`` (a wall-clock deadline): the run times its own updates and, where the rest would
+  end after the deadline, shortens itself (:class:`LengthPlan`);
 - ``run.max_nonfinite`` non-finite losses in a row: a checkpoint, then :class:`NonFiniteLosses`
   (the command exits 3);
 - deterministic mode (``run.deterministic``), which exact resume needs on CPU;
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import time
@@ -58,6 +61,13 @@ class RunArgs:
         None, "Stop with a checkpoint after this many updates in this process (time-boxed jobs); resume later.", gt=0
     )
     val_every: int = arg(500, "Updates between validations (one always at the end).", gt=0)
+    end_by: float | None = arg(
+        None,
+        "Unix time (s) by which the run, its final checkpoint, export and validation included, should end: "
+        "it times its own updates and, where the rest would not fit, shortens itself (run.steps and every "
+        "schedule length and interval by one fraction; never past the configured length). null: run.steps.",
+        gt=0,
+    )
     val_shards: str | None = arg(None, "Validation shards; null: no validation.")
     val_batches: int = arg(8, "Batches per validation (0: the whole split).", ge=0)
     deterministic: Literal["auto", "on", "off"] = arg(
@@ -122,6 +132,10 @@ class Counters:
     step: int = 0
     skipped_steps: int = 0
     nonfinite_in_row: int = 0
+    # run.end_by's shortening (LengthPlan): the run's length as planned, and the configured length it
+    # was planned from (0, 0: never shortened); a resumed run keeps the plan's schedules
+    planned_steps: int = 0
+    configured_steps: int = 0
 
     def state_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -133,7 +147,8 @@ class Counters:
 
     def shown(self) -> dict[str, int]:
         """What a log row reports (the step is the row's own key; the streak only matters to the stop rule)."""
-        return {k: v for k, v in self.state_dict().items() if k not in ("step", "nonfinite_in_row")}
+        hidden = ("step", "nonfinite_in_row", "planned_steps", "configured_steps")
+        return {k: v for k, v in self.state_dict().items() if k not in hidden}
 
 
 class TrainState:
@@ -209,6 +224,9 @@ class Task(ABC):
     show: tuple[str, ...] = ("loss",)  # the metrics the progress bar shows
     val_key: str = "val_loss"  # the metric that marks a validation row
     sample_every: int | None = None  # updates between samples; None: the trainer has none
+    # dotted keys of ``config`` that count updates and scale with the run's length (run.steps first):
+    # what run.end_by's shortening scales, and what the demo's time plan scales
+    length_keys: tuple[str, ...] = ("run.steps",)
 
     @property
     def step(self) -> int:
@@ -257,6 +275,152 @@ class Task(ABC):
         """After the final validation: anything the export keeps of it; returns more final metrics."""
         return {}
 
+    def length_changed(self) -> None:
+        """Called after :class:`LengthPlan` set new values of ``length_keys`` in ``config``: whatever the
+        trainer copied out of them before (a scheduler's total, an interval) reads them again."""
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# run.end_by
+
+
+_clock = time.time  # the wall clock run.end_by is read against (tests set their own)
+
+
+def get_key(config: Any, key: str) -> Any:
+    """The value of a dotted key (``run.steps``) of a config dataclass."""
+    section, name = key.split(".")
+    return getattr(getattr(config, section), name)
+
+
+def scaled_count(value: int | None, fraction: float) -> int | None:
+    """``fraction`` of an update count, at least 1; 0 (a schedule held at its end value) and None stay."""
+    return value if not value else max(1, math.floor(value * fraction))
+
+
+class LengthPlan:
+    """Fits a run into ``run.end_by`` from its own measured updates.
+
+    A timer before training cannot know a run's real cost: the data loader beside it, the framework's
+    all-reduce, validations and checkpoints, and a shared machine whose speed drifts (the demo's prior
+    ran at 1.4-1.9x what its timer predicted on one CPU, docs/demo.md). So the run measures itself:
+    from a few updates in, its mean seconds per update (validations and checkpoints included, as they
+    recur), and at every twentieth of its length it forecasts its end: the updates left at that rate,
+    plus the run's end (the longest checkpoint and evaluation seen). Where that ends after
+    ``run.end_by`` it sets the run's length to what fits, and where a run shortened before could now
+    fit more, it lengthens it again, never past the configured length. Every count in the task's
+    ``length_keys`` (the run's length, the schedules' lengths, the intervals) scales by the same
+    fraction, as the demo's time plan scales them before a run, so the schedules end with the run.
+
+    Every rank takes the mean of the ranks' measures, so all reach the same length. The plan is
+    part of the train state (:class:`Counters`): a resumed run keeps the planned length and its
+    schedules (unless its configured length changed). A run with ``end_by`` is not bit-reproducible:
+    its length depends on the clock. ``end_by`` null changes nothing.
+    """
+
+    SKIP = 2  # the first updates of a process (allocator, first batch, lazy builds) are not timed
+
+    def __init__(self, task: Task, run: RunArgs, logger: MetricsLogger) -> None:
+        self.task, self.run, self.logger = task, run, logger
+        if get_key(task.config, "run.steps") != run.steps or task.config.run is not run:
+            raise RuntimeError("the loop's run settings must be the task's config.run")  # a trainer's wiring bug
+        self.keys = task.length_keys
+        self.configured = {k: get_key(task.config, k) for k in self.keys}
+        self.steps = run.steps  # as configured
+        self.every = max(5, self.steps // 20)
+        self.start = task.step
+        self.t_ref: float | None = None
+        self.ref_step = 0
+        self.next_check = self.start + self.SKIP + max(5, min(50, self.steps // 50))
+        self.tail = {"save": 0.0, "evaluate": 0.0}
+        self.changes: list[dict[str, Any]] = []
+        self.forecast: dict[str, float] | None = None
+        c = task.state.counters
+        if c.planned_steps and c.configured_steps == self.steps and c.planned_steps != run.steps:
+            self.apply(c.planned_steps, resumed=True)
+        self.end_by = run.end_by
+        if self.end_by is not None and any_rank(self.end_by <= _clock(), task.d.device):
+            # a config saved by a run with a deadline, used again (a resume by hand): not this run's
+            if task.d.is_main:
+                log.warning(
+                    "run.end_by=%s is %.0f s past: ignored, the run trains its length (%d updates)",
+                    self.end_by,
+                    _clock() - self.end_by,
+                    run.steps,
+                )
+            self.end_by = None
+
+    def timed(self, what: str, seconds: float) -> None:
+        """A checkpoint's or an evaluation's seconds: the run's end costs the longest of each."""
+        self.tail[what] = max(self.tail[what], seconds)
+
+    def apply(self, steps: int, resumed: bool = False) -> None:
+        fraction = steps / self.steps
+        for key, value in self.configured.items():
+            section, name = key.split(".")
+            new = steps if key == "run.steps" else scaled_count(value, fraction)
+            setattr(getattr(self.task.config, section), name, new)
+        c = self.task.state.counters
+        c.planned_steps, c.configured_steps = steps, self.steps
+        self.logger.total = self.logger.bar.total = steps
+        self.logger.bar.refresh()
+        self.task.length_changed()
+        if resumed and self.task.d.is_main:
+            log.info("run.end_by's plan of the resumed run: %d of the configured %d updates", steps, self.steps)
+
+    def after_update(self, step: int) -> None:
+        if self.end_by is None:
+            return
+        if step == self.start + self.SKIP:
+            self.t_ref, self.ref_step = time.perf_counter(), step
+        if step < self.next_check or self.t_ref is None or step >= self.run.steps:
+            return
+        self.next_check = step + self.every
+        mine = {
+            "seconds_per_update": (time.perf_counter() - self.t_ref) / (step - self.ref_step),
+            "left": self.end_by - _clock() - sum(self.tail.values()),
+        }
+        m = distributed.mean(mine, self.task.d.device)
+        rate, left = m["seconds_per_update"], m["left"]
+        fits = step + max(1, math.floor(left / rate))
+        new = min(fits, self.steps)
+        now = self.run.steps
+        if abs(new - now) > max(1, now // 100):
+            self.apply(new)
+            row = {"planned_steps": new, "seconds_per_update": rate, "seconds_left": left}
+            self.changes.append({"step": step, **row})
+            self.logger.log(step, row)
+            if self.task.d.is_main:
+                log.warning(
+                    "run.end_by: at update %d, %.3f s per update and %.0f s left: the run's length is now %d "
+                    "updates (configured %d), its schedules scaled alike",
+                    step,
+                    rate,
+                    left,
+                    new,
+                    self.steps,
+                )
+        if self.forecast is None and step - self.start >= self.steps // 10:
+            end = _clock() + (self.run.steps - step) * rate + sum(self.tail.values())
+            self.forecast = {"step": step, "end": end}
+
+    def summary(self) -> dict[str, Any]:
+        """What final_metrics.json keeps of the plan (nothing without run.end_by)."""
+        if self.end_by is None:
+            return {}
+        out: dict[str, Any] = {
+            "end_by": self.end_by,
+            "configured_steps": self.steps,
+            "planned_steps": self.run.steps,
+            "length_changes": self.changes,
+            "ended_before_end_by_s": round(self.end_by - _clock(), 1),
+        }
+        if self.forecast is not None:
+            error = round(_clock() - self.forecast["end"], 1)
+            out["forecast"] = {"at_step": self.forecast["step"], "end_error_s": error}
+        return out
+
 
 # ----------------------------------------------------------------------------------------------
 # The loop
@@ -302,10 +466,11 @@ def fit(task: Task, run: RunArgs, logger: MetricsLogger, stop: StopRequested | N
     ended, start = "done", task.step
     val: dict[str, Any] = {}
     window = _Window()
+    plan = LengthPlan(task, run, logger)
     it = task.batches()
     try:
         while task.step < run.steps:
-            ended, val = _one_update(task, run, logger, stop, it, start, val, window)
+            ended, val = _one_update(task, run, logger, stop, it, start, val, window, plan)
             if ended != "done":
                 break
     finally:
@@ -313,7 +478,7 @@ def fit(task: Task, run: RunArgs, logger: MetricsLogger, stop: StopRequested | N
         if close is not None:
             close()  # shuts the loader's workers down (they ignore SIGTERM; see data/loader.py)
     if task.step == run.steps:
-        val = _finish(task, logger, trained=task.step > start) or val
+        val = _finish(task, logger, plan, trained=task.step > start) or val
     return val | {"step": task.step, "ended": ended}
 
 
@@ -338,6 +503,7 @@ def _one_update(
     start: int,
     val: dict[str, Any],
     window: _Window,
+    plan: LengthPlan,
 ) -> tuple[str, dict[str, Any]]:
     """One update and whatever the schedule asks for after it; returns (how the run goes on, val)."""
     metrics = task.train_step(it)
@@ -354,7 +520,9 @@ def _one_update(
     validate = step % run.val_every == 0 and not last  # the last one comes after the export
     sample = task.sample_every is not None and step % task.sample_every == 0 and not last
     if validate or sample:
+        t = time.perf_counter()
         val = _evaluate(task, logger, validate, sample) or val
+        plan.timed("evaluate", time.perf_counter() - t)
     if task.state.counters.nonfinite_in_row >= run.max_nonfinite:
         task.save()
         raise NonFiniteLosses(
@@ -365,11 +533,14 @@ def _one_update(
     stopping = any_rank(stop.signal is not None, task.d.device)
     time_boxed = run.stop_after is not None and step - start >= run.stop_after
     if step % run.ckpt_every == 0 or last or stopping or time_boxed:
+        t = time.perf_counter()
         task.save()
+        plan.timed("save", time.perf_counter() - t)
     if (stopping or time_boxed) and not last:
         ended = "signal" if stopping else "stop_after"
         log.warning("stopped at step %d (%s); continue with --resume", step, ended)
         return ended, val
+    plan.after_update(step)
     return "done", val
 
 
@@ -386,7 +557,7 @@ def _evaluate(task: Task, logger: MetricsLogger, validate: bool, sample: bool) -
     return val
 
 
-def _finish(task: Task, logger: MetricsLogger, trained: bool) -> dict[str, Any]:
+def _finish(task: Task, logger: MetricsLogger, plan: LengthPlan, trained: bool) -> dict[str, Any]:
     """The end of a run: the export first (the checkpoint is already written), then the final
     validation and samples, which may fail without losing the weights, then final_metrics.json."""
     path = task.export()
@@ -396,7 +567,7 @@ def _finish(task: Task, logger: MetricsLogger, trained: bool) -> dict[str, Any]:
     # a run resumed after its last step validates again only if its final validation never ended
     done = not task.d.is_main or any(r.get("step") == task.step and task.val_key in r for r in read_metrics(run_dir))
     val = _evaluate(task, logger, True, True) if any_rank(trained or not done, task.d.device) else {}
-    more = task.finish(val)
+    more = task.finish(val) | plan.summary()
     if task.d.is_main:
         val = val or last_validation(run_dir, task.val_key)
         save_json(run_dir / "final_metrics.json", val | more | {"step": task.step})

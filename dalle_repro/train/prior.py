@@ -94,6 +94,7 @@ from dalle_repro.train.loop import (
 from dalle_repro.train.metrics import MetricsLogger
 from dalle_repro.train.optim import EMA, cosine, param_groups
 from dalle_repro.train.prior_config import (
+    LENGTH_KEYS,
     PriorScheduleArgs,
     PriorTrainConfig,
     check_token_shards,
@@ -508,6 +509,7 @@ class PriorTask(Task):
 
     show = ("loss", "text_loss", "image_loss", "lr")
     val_key = "val_loss"
+    length_keys = LENGTH_KEYS
 
     def __init__(self, r: Run) -> None:
         self.r, self.d = r, r.d
@@ -542,6 +544,13 @@ class PriorTask(Task):
 
     def export(self) -> Path | None:
         return export(self.r)
+
+    def length_changed(self) -> None:
+        """run.end_by changed the run's length: the cosine's length (when it follows run.steps) and the
+        samples' interval follow it, from this update on."""
+        self.r.scheduler.total = self.r.cfg.run.steps
+        self.r.scheduler.apply()
+        self.sample_every = self.r.cfg.run.sample_every
 
     def finish(self, val: dict[str, Any]) -> dict[str, Any]:
         """The share of training captions the tokenizer cut, said once at the end of the run."""

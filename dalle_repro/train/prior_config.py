@@ -88,6 +88,17 @@ class PriorRunArgs(RunArgs):
     copy_dvae: bool = arg(True, "Copy the dVAE folder into the export (else the export records its path).")
 
 
+# The update counts of the config that scale with the run's length (the demo's time plan, run.end_by).
+LENGTH_KEYS = (
+    "run.steps",
+    "schedule.warmup_steps",
+    "schedule.decay_steps",
+    "run.ckpt_every",
+    "run.val_every",
+    "run.sample_every",
+)
+
+
 @dataclass
 class PriorTrainConfig:
     """Everything a prior run reads."""
