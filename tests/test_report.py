@@ -18,12 +18,11 @@ def test_the_plan_shows_predicted_and_actual_minutes_per_stage():
     assert "| prior | 12.0 min | 9.0 min | 0.75 |" in md
     assert "| clip | 2.0 min | 2.2 min | 1.10 |" in md
     assert "| all three | 18.0 min | 15.2 min | 0.84 |" in md
-    results = {"prior": {"step": 540, "ended_before_end_by_s": 3.2}}
-    md = "\n".join(plan_lines(plan, seconds, results))  # the prior's deadline shortened it: 540 of 600 updates
-    assert (
-        "| prior | 12.0 min | 9.0 min | 0.75 | 540 (600) | 3 s |" in md
-        and "| dvae | 4.0 min | 4.0 min | 1.00 | n/a |" in md
-    )
+    # the prior's deadline shortened it to 540 of 600 updates; its own forecast said 30 s too little
+    results = {"prior": {"step": 540, "ended_before_end_by_s": 3.2, "forecast": {"end_error_s": 30.0}}}
+    md = "\n".join(plan_lines(plan, seconds, results))
+    assert "| prior | 12.0 min | 9.0 min | 0.75 | 8.5 min (1.06) | 540 (600) | 3 s |" in md
+    assert "| dvae | 4.0 min | 4.0 min | 1.00 | n/a | n/a | n/a |" in md
     assert "| prior |" not in "\n".join(plan_lines(plan, {"dvae": {"seconds": 1.0}}))  # not run yet: no row
     assert plan_lines({}, seconds) == []
 

@@ -197,14 +197,16 @@ def plan_lines(
         f"Time plan: the configured training would take about {full:.1f} minutes on this machine (timed "
         f"updates x measured factors); the budget is {plan['train_minutes']:g} (`train_minutes`), so the "
         f"demo planned {100 * f:.0f}% of it: {runs} updates (`plan.json`). Each stage then timed its own "
-        "updates and fitted its length to what the budget had left for it (`run.end_by`).",
+        "updates, forecast its end once a tenth of them had run, and fitted its length to what the budget "
+        "had left for it (`run.end_by`).",
         "",
     ]
     rows = plan_table(plan, stage_settings or {}, results or {})
     if rows:
         md += [
-            "| stage | predicted | actual | actual / predicted | updates trained (planned) | ended before deadline |",
-            "|---|---|---|---|---|---|",
+            "| stage | predicted | actual | actual / predicted | its own forecast (actual / it) "
+            "| updates trained (planned) | ended before deadline |",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
         ]
@@ -214,8 +216,9 @@ def plan_lines(
 def plan_table(
     plan: dict[str, Any], stage_settings: dict[str, Any], results: dict[str, Any] | None = None
 ) -> list[str]:
-    """A row per planned stage that has run: predicted and actual minutes, their ratio, the updates
-    it trained against the plan's, and how long before its deadline it ended; then the sum."""
+    """A row per planned stage that has run: predicted and actual minutes, their ratio, the stage's
+    own forecast of its minutes once a tenth of its updates had run (LengthPlan), the updates it
+    trained against the plan's, and how long before its deadline it ended; then the sum."""
     rows, total_p, total_a = [], 0.0, 0.0
     for key, minutes in plan["predicted_minutes_configured"].items():
         seconds = stage_settings.get(key, {}).get("seconds")
@@ -229,10 +232,13 @@ def plan_table(
         updates = f"{trained} ({plan['planned_updates'].get(key)})" if trained is not None else "n/a"
         before = result.get("ended_before_end_by_s")
         slack = f"{before:.0f} s" if isinstance(before, (int, float)) else "n/a"
-        rows.append(f"| {key} | {predicted:.1f} min | {actual:.1f} min | {ratio} | {updates} | {slack} |")
+        error = (result.get("forecast") or {}).get("end_error_s")
+        # the stage's own forecast, from its first tenth: its end, as minutes from the stage's start
+        own = f"{actual - error / 60:.1f} min ({actual / (actual - error / 60):.2f})" if error is not None else "n/a"
+        rows.append(f"| {key} | {predicted:.1f} min | {actual:.1f} min | {ratio} | {own} | {updates} | {slack} |")
     if rows:
         ratio = f"{total_a / total_p:.2f}" if total_p > 0 else "n/a"
-        rows.append(f"| all three | {total_p:.1f} min | {total_a:.1f} min | {ratio} | | |")
+        rows.append(f"| all three | {total_p:.1f} min | {total_a:.1f} min | {ratio} | | | |")
     return rows
 
 
