@@ -422,9 +422,8 @@ def test_two_nodes_started_separately_with_no_ssh(prior_data, tmp_path):
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    ranks = _state(run, 8)["ranks"]
+    ranks = _state(run, 4)["ranks"]
     assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
-    assert json.loads((run / "final_metrics.json").read_text())["planned_steps"] == 8
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(prior_data, tmp_path):
