@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pytest
 
@@ -294,3 +296,53 @@ def test_a_run_folder_continues_when_only_its_length_or_deadline_changed(cfg, tm
     assert demo._same_run(tmp_path / "config.yaml", again)
     again.run.seed = 5
     assert not demo._same_run(tmp_path / "config.yaml", again)
+
+
+def test_a_stop_in_a_training_stage_ends_the_demo_with_where_to_continue(cfg, tmp_path, monkeypatch):
+    """SIGTERM/SIGINT (the command installs StopRequested): the stage's trainer ended with a
+    checkpoint; the demo stops there instead of starting the next stage on a missing model."""
+    from dalle_repro.train.loop import StopRequested
+
+    cfg.out_dir, cfg.train_minutes = str(tmp_path), None
+    cfg.dvae_overrides = [f"run.run_dir={tmp_path}/dvae"]
+    monkeypatch.setattr(demo, "train_dvae", lambda c, resume_run, stop: {"step": 3, "ended": "signal"})
+    stop = StopRequested()
+    token = demo.STOP.set(stop)
+    try:
+        with pytest.raises(demo.DemoStopped, match="stopped in the dvae stage .* run the same command again"):
+            demo.stage_dvae(cfg)
+    finally:
+        demo.STOP.reset(token)
+
+
+def test_the_priors_launcher_gets_sigterm_when_the_demo_is_stopped(tmp_path):
+    """_launch: the launcher runs in its own process group, and the demo's stop sends SIGTERM to it
+    (as the ranks' handlers want: end the update, write a checkpoint, exit 0)."""
+    import sys
+
+    from dalle_repro.train.loop import StopRequested
+
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import signal, sys, time, pathlib\n"
+        f"def bye(*_):\n    pathlib.Path({str(tmp_path / 'got')!r}).write_text('SIGTERM'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        f"pathlib.Path({str(tmp_path / 'ready')!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    stop = StopRequested()
+    token = demo.STOP.set(stop)
+    try:
+        import threading
+
+        def later():
+            while not (tmp_path / "ready").exists():
+                time.sleep(0.05)
+            stop.signal = "SIGTERM"
+
+        threading.Thread(target=later, daemon=True).start()
+        with open(tmp_path / "log", "w") as logf:
+            code, stopped = demo._launch([sys.executable, str(child)], logf, dict(os.environ))
+    finally:
+        demo.STOP.reset(token)
+    assert (code, stopped) == (0, True) and (tmp_path / "got").read_text() == "SIGTERM"

@@ -319,3 +319,32 @@ def test_channel_shuffle_permutes_whole_images_and_keeps_the_rest():
     half = shuffle_channels(x, 0.5)
     kept = sum(torch.equal(a, b) for a, b in zip(x, half, strict=True))
     assert 16 < kept < 48
+
+
+def test_a_collapsed_codebook_stops_the_run_with_a_checkpoint_and_says_what_happened(monkeypatch, tmp_path):
+    """A validation from update 200 on with at most loss.collapse_codes codes: a checkpoint, then
+    CodebookCollapsed (exit status 3 from the command); before update 200, or with 0, it trains on."""
+    from types import SimpleNamespace
+
+    from dalle_repro.core.config import load_config
+    from dalle_repro.train import dvae as tdvae
+
+    cfg = load_config(tdvae.DVAETrainConfig, "configs/demo/dvae.yaml", [f"run.run_dir={tmp_path}"])
+    monkeypatch.setattr(tdvae, "_validate_and_show", lambda *a: {"val_codes_used": 1.0, "val_psnr": 13.3})
+    saved = []
+    d = SimpleNamespace(is_main=True, device=torch.device("cpu"))
+    task = SimpleNamespace(
+        st=None, run_cfg=cfg, config=cfg, d=d, run_dir=tmp_path, step=520, save=lambda: saved.append(1)
+    )
+    with pytest.raises(
+        tdvae.CodebookCollapsed, match=r"collapsed: at update 520 .* use 1 of 512 codes \(PSNR 13.3 dB\)"
+    ):
+        tdvae.DVAETask.evaluate(task, True, False)
+    assert saved == [1]
+    task.step = 150  # early: a codebook may still spread
+    assert tdvae.DVAETask.evaluate(task, True, False)["val_codes_used"] == 1.0
+    task.step, cfg.loss.collapse_codes = 520, 0
+    assert tdvae.DVAETask.evaluate(task, True, False)["val_codes_used"] == 1.0 and saved == [1]
+    monkeypatch.setattr(tdvae, "_validate_and_show", lambda *a: {"val_codes_used": 300.0})
+    cfg.loss.collapse_codes = 2
+    assert tdvae.DVAETask.evaluate(task, True, False)["val_codes_used"] == 300.0

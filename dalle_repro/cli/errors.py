@@ -2,7 +2,8 @@
 
 Every rank of a run checks the same config and the same files, so a bad value fails on each of
 them with the same message: only rank 0 prints it, so that a user reads it once, not once per rank.
-Exit status 2: a config or input error; 3: too many non-finite losses in a row.
+Exit status 2: a config or input error; 3: a dead run (too many non-finite losses in a row, or a
+dVAE whose codebook collapsed).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle_repro.core.config import ConfigError
+from dalle_repro.train.dvae import CodebookCollapsed
 from dalle_repro.train.loop import NonFiniteLosses, StopRequested
 
 INPUT_ERRORS = (ConfigError, FileExistsError, FileNotFoundError, ValueError)
@@ -37,7 +39,7 @@ def run_trainer(train: Callable[[StopRequested], dict[str, Any]]) -> tuple[int, 
     except INPUT_ERRORS as e:
         print_error(e)
         return 2, {}
-    except NonFiniteLosses as e:
+    except (NonFiniteLosses, CodebookCollapsed) as e:
         print_error(e)
         return 3, {}
     finally:

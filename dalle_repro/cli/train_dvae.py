@@ -7,7 +7,8 @@ Usage:
 Writes RUN/config.yaml, RUN/metrics.jsonl, RUN/checkpoints/step_*/, RUN/grids/*.png and, at the
 end, RUN/dvae/ (config.yaml + model.safetensors with the EMA weights), which DVAE.from_pretrained
 and tools/encode_tokens.py read. SIGTERM writes a checkpoint and exits with status 0; --resume
-continues. Exit status 2: a config or input error; 3: too many non-finite losses in a row.
+continues. Exit status 2: a config or input error; 3: too many non-finite losses in a row, or a
+collapsed codebook (`loss.collapse_codes`).
 """
 
 from __future__ import annotations

@@ -15,12 +15,14 @@ from its last checkpoint), the small CLIP, reranked samples and the zero-shot ev
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -69,10 +71,25 @@ from dalle_repro.sample.rerank import Reranker
 from dalle_repro.train.checkpoint import Checkpoints
 from dalle_repro.train.clip import clip_folder, train_clip
 from dalle_repro.train.dvae import train as train_dvae
+from dalle_repro.train.loop import StopRequested
 from dalle_repro.train.metrics import last_validation
 from dalle_repro.train.prior_config import resolve_sizes
 
 log = logging.getLogger(__name__)
+
+# The command's SIGTERM/SIGINT (cli/demo.py installs it): a training stage stops with a checkpoint.
+STOP: contextvars.ContextVar[StopRequested | None] = contextvars.ContextVar("demo_stop", default=None)
+
+
+class DemoStopped(Exception):
+    """SIGTERM or SIGINT stopped the demo: the training stage it was in wrote a checkpoint, and the
+    same command continues from it (finished stages are skipped)."""
+
+
+def _stopped(stage: str, run_dir: str | Path) -> DemoStopped:
+    latest = Checkpoints(run_dir).latest()
+    where = f"its checkpoint is {latest}" if latest is not None else "it had not trained an update yet"
+    return DemoStopped(f"stopped in the {stage} stage ({where}); run the same command again to continue")
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -178,7 +195,10 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
         shutil.rmtree(run_dir)  # the demo's own folder (claimed), from other settings: start again
         claim(run_dir)
         resume = False
-    val = train_dvae(dcfg, resume_run=resume) or last_validation(run_dir, "val_psnr")
+    trained = train_dvae(dcfg, resume_run=resume, stop=STOP.get())
+    if trained.get("ended") in ("signal", "signal_before_training"):
+        raise _stopped("dvae", run_dir)
+    val = trained or last_validation(run_dir, "val_psnr")
     return (
         val
         | length_plan(run_dir)
@@ -296,7 +316,9 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
         env |= {"DS_ACCELERATOR": "cpu"}
     log_path = Path(cfg.out_dir, "prior_train.log")
     with open(log_path, "w") as logf:
-        code = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env).returncode
+        code, stopped = _launch(cmd, logf, env)
+    if stopped:
+        raise _stopped("prior", run_dir)
     if code != 0:
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"prior training failed (exit {code}); its log is {log_path}:\n{tail}")
@@ -309,6 +331,28 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
+def _launch(cmd: list[str], logf: Any, env: dict[str, str]) -> tuple[int, bool]:
+    """Run the prior's launcher in its own process group; on the demo's SIGTERM/SIGINT, send SIGTERM
+    to the whole group (the launcher, its ranks), whose ranks end their update and write a
+    checkpoint. Returns (exit status, whether it was stopped)."""
+    stop = STOP.get()
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    sent = False
+    try:
+        while proc.poll() is None:
+            if stop is not None and stop.signal is not None and not sent:
+                log.warning("%s: stopping the prior's ranks (they write a checkpoint first)", stop.signal)
+                os.killpg(proc.pid, signal.SIGTERM)
+                sent = True
+            time.sleep(0.2)
+    except BaseException:
+        if proc.poll() is None:  # never leave a training group behind
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+        raise
+    return proc.returncode, sent
+
+
 def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
     """Train the small CLIP, resuming a run of the same settings."""
     c = clip_config(cfg)
@@ -318,7 +362,9 @@ def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
     if resume and not _same_run(run_dir / "config.yaml", c):
         shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
         resume = False
-    result = train_clip(c, resume_run=resume)
+    result = train_clip(c, resume_run=resume, stop=STOP.get())
+    if result.get("ended") in ("signal", "signal_before_training"):
+        raise _stopped("clip", run_dir)
     return result | length_plan(run_dir) | {"model": str(clip_folder(c)), "run_dir": str(run_dir)}
 
 
@@ -516,16 +562,19 @@ def stages() -> list[Stage]:
 
 
 def run_demo(
-    cfg: DemoConfig, log: Callable[[str], None] = print, allow_pipe: bool = False
+    cfg: DemoConfig, log: Callable[[str], None] = print, allow_pipe: bool = False, stop: StopRequested | None = None
 ) -> dict[str, dict[str, Any]]:
     """Run every unfinished stage; returns each stage's result (from its marker when skipped).
     ``allow_pipe``: the command line's --allow-pipe, which lets the dVAE and prior YAML files hold
-    pipe: shards."""
-    token = ALLOW_PIPE.set(allow_pipe)
+    pipe: shards. ``stop``: the command's SIGTERM/SIGINT, installed by the caller: a training stage
+    then ends its update, writes a checkpoint and :class:`DemoStopped` is raised; another stage
+    finishes first (the next one does not start)."""
+    token, stop_token = ALLOW_PIPE.set(allow_pipe), STOP.set(stop)
     try:
         return _run_stages(cfg, log)
     finally:
         ALLOW_PIPE.reset(token)
+        STOP.reset(stop_token)
 
 
 def _run_stages(cfg: DemoConfig, log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
@@ -545,6 +594,11 @@ def _run_stages(cfg: DemoConfig, log: Callable[[str], None]) -> dict[str, dict[s
             log(f"[{name}] done before, skipped ({marker})")
             results[name] = done["result"]
         else:
+            stop = STOP.get()
+            if stop is not None and stop.signal is not None:
+                raise DemoStopped(
+                    f"stopped ({stop.signal}) before the {name} stage; run the same command again to continue"
+                )
             log(f"[{name}] running")
             t0 = time.perf_counter()
             results[name] = stage.run(cfg)

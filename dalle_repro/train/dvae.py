@@ -56,6 +56,7 @@ from dalle_repro.train.loop import (
     StopRequested,
     Task,
     TrainState,
+    any_rank,
     checkpoint_to_resume,
     deterministic,
     fit,
@@ -126,6 +127,34 @@ class LossArgs:
         "putting every position on one code, which the demo's dVAE did in its first 20 updates on most seeds "
         "(docs/demo.md). 0: off, the paper's objective.",
         ge=0,
+    )
+    collapse_codes: int = arg(
+        2,
+        "A validation from update 200 on whose reconstructions use at most this many codes stops the run with a "
+        "checkpoint and exit status 3: the codebook has collapsed (every position on one code), so the tokens "
+        "carry nothing and every later stage would learn nothing. Not part of the objective. 0: never stop.",
+        ge=0,
+    )
+
+
+COLLAPSE_FROM = 200  # before this update a codebook may still be finding its spread (docs/demo.md, "Seeds")
+
+
+class CodebookCollapsed(RuntimeError):
+    """The dVAE's validation reconstructions use at most ``loss.collapse_codes`` codes (the run wrote
+    a checkpoint first): a dead run, like too many non-finite losses."""
+
+
+def collapse_message(val: dict[str, Any], cfg: DVAETrainConfig, step: int) -> str:
+    psnr = val.get("val_psnr")
+    return (
+        f"the dVAE's codebook collapsed: at update {step} its validation reconstructions use "
+        f"{int(val.get('val_codes_used', 0))} of {cfg.model.vocab_size} codes"
+        + (f" (PSNR {psnr:.1f} dB)" if isinstance(psnr, float) else "")
+        + f", so its tokens carry nothing and a prior trained on them learns nothing. A checkpoint is in "
+        f"{cfg.run.run_dir}/checkpoints. What has kept it spread (docs/demo.md): optim.grad_clip=1.0, a lower "
+        "schedule.lr_start, schedule.lr_warmup_steps, loss.usage_weight; or another run.seed. "
+        "(loss.collapse_codes=0 trains on regardless.)"
     )
 
 
@@ -382,7 +411,15 @@ class DVAETask(Task):
         return self.st.model
 
     def evaluate(self, validate: bool, sample: bool) -> dict[str, Any]:
-        return _validate_and_show(self.st, self.run_cfg, self.d, self.run_dir) if validate else {}
+        if not validate:
+            return {}
+        val = _validate_and_show(self.st, self.run_cfg, self.d, self.run_dir)
+        limit = self.config.loss.collapse_codes
+        dead = bool(limit) and self.step >= COLLAPSE_FROM and val.get("val_codes_used", limit + 1) <= limit
+        if any_rank(self.d.is_main and dead, self.d.device):  # rank 0 validates; every rank stops
+            self.save()
+            raise CodebookCollapsed(collapse_message(val, self.config, self.step))
+        return val
 
     def export(self) -> Path | None:
         return export(self.st, self.config, self.run_dir) if self.d.is_main else None

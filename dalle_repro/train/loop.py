@@ -307,7 +307,9 @@ class LengthPlan:
     ran at 1.4-1.9x what its timer predicted on one CPU, docs/demo.md). So the run measures itself:
     from a few updates in, its mean seconds per update (validations and checkpoints included, as they
     recur), and at every twentieth of its length it forecasts its end: the updates left at that rate,
-    plus the run's end (the longest checkpoint and evaluation seen). Where that ends after
+    plus the run's end (the longest checkpoint and evaluation seen). (final_metrics.json keeps the
+    forecast made once a tenth had run, and how far its end, for the length finally trained, was
+    from the real end.) Where that ends after
     ``run.end_by`` it sets the run's length to what fits, and where a run shortened before could now
     fit more, it lengthens it again, never past the configured length. Every count in the task's
     ``length_keys`` (the run's length, the schedules' lengths, the intervals) scales by the same
@@ -402,8 +404,9 @@ class LengthPlan:
                     self.steps,
                 )
         if self.forecast is None and step - self.start >= self.steps // 10:
-            end = _clock() + (self.run.steps - step) * rate + sum(self.tail.values())
-            self.forecast = {"step": step, "end": end}
+            # the rate and the end's cost as known once a tenth has run: summary() says how far the
+            # end they forecast for the length finally trained was from the real one
+            self.forecast = {"step": step, "time": _clock(), "rate": rate, "tail": sum(self.tail.values())}
 
     def summary(self) -> dict[str, Any]:
         """What final_metrics.json keeps of the plan (nothing without run.end_by)."""
@@ -417,8 +420,13 @@ class LengthPlan:
             "ended_before_end_by_s": round(self.end_by - _clock(), 1),
         }
         if self.forecast is not None:
-            error = round(_clock() - self.forecast["end"], 1)
-            out["forecast"] = {"at_step": self.forecast["step"], "end_error_s": error}
+            f = self.forecast
+            end = f["time"] + (self.run.steps - f["step"]) * f["rate"] + f["tail"]
+            out["forecast"] = {
+                "at_step": f["step"],
+                "seconds_per_update": f["rate"],
+                "end_error_s": round(_clock() - end, 1),
+            }
         return out
 
 
