@@ -346,3 +346,37 @@ def test_the_priors_launcher_gets_sigterm_when_the_demo_is_stopped(tmp_path):
     finally:
         demo.STOP.reset(token)
     assert (code, stopped) == (0, True) and (tmp_path / "got").read_text() == "SIGTERM"
+
+
+def test_a_collapsed_demo_dvae_goes_back_to_its_last_healthy_checkpoint_and_clips(cfg, tmp_path, monkeypatch):
+    """The demo's dVAE collapsed after its validation at 465: the demo deletes the later checkpoints,
+    and resumes from 465 with optim.grad_clip=1.0 (once: a clipped run that collapses stops)."""
+    from dalle_repro.train.dvae import CodebookCollapsed
+
+    cfg.out_dir, cfg.train_minutes = str(tmp_path), None
+    run = tmp_path / "dvae"
+    cfg.dvae_overrides = [f"run.run_dir={run}"]
+    demo.claim(run)  # the demo's own folder
+    for step in (465, 930):
+        (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+        (run / "checkpoints" / f"step_{step:08d}" / "state.json").write_text("{}")
+    rows = [{"step": 465, "val_codes_used": 326}, {"step": 930, "val_codes_used": 1}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    calls = []
+
+    def train(c, resume_run, stop):
+        calls.append((c.optim.grad_clip, resume_run, sorted(p.name for p in (run / "checkpoints").iterdir())))
+        if len(calls) == 1 or c.optim.grad_clip is None:
+            raise CodebookCollapsed("collapsed at 930")
+        return {"step": 3800, "ended": "done", "val_codes_used": 300}
+
+    monkeypatch.setattr(demo, "train_dvae", train)
+    monkeypatch.setattr(demo, "_same_run", lambda *a: True)
+    out = demo.stage_dvae(cfg)
+    assert calls[1] == (1.0, True, ["step_00000465"])  # resumed from 465, clipped
+    assert out["rolled_back_to"] == "step_00000465" and out["grad_clip_from_there"] == 1.0
+    cfg.dvae_overrides = [f"run.run_dir={run}", "optim.grad_clip=0.5"]  # clipped already: no second try
+    calls.clear()
+    with pytest.raises(CodebookCollapsed):
+        demo.stage_dvae(cfg)
+    assert len(calls) == 1

@@ -70,9 +70,10 @@ from dalle_repro.sample.generate import SampleSettings, generate
 from dalle_repro.sample.rerank import Reranker
 from dalle_repro.train.checkpoint import Checkpoints
 from dalle_repro.train.clip import clip_folder, train_clip
+from dalle_repro.train.dvae import CodebookCollapsed
 from dalle_repro.train.dvae import train as train_dvae
 from dalle_repro.train.loop import StopRequested
-from dalle_repro.train.metrics import last_validation
+from dalle_repro.train.metrics import last_validation, read_metrics
 from dalle_repro.train.prior_config import resolve_sizes
 
 log = logging.getLogger(__name__)
@@ -195,13 +196,35 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
         shutil.rmtree(run_dir)  # the demo's own folder (claimed), from other settings: start again
         claim(run_dir)
         resume = False
-    trained = train_dvae(dcfg, resume_run=resume, stop=STOP.get())
+    rollback: dict[str, Any] = {}
+    try:
+        trained = train_dvae(dcfg, resume_run=resume, stop=STOP.get())
+    except CodebookCollapsed as e:
+        healthy = last_healthy_checkpoint(run_dir, dcfg.loss.collapse_codes)
+        if dcfg.optim.grad_clip is not None or healthy is None:
+            raise
+        log.warning(
+            "%s\nThe demo goes back to %s (its last validation before the collapse) and trains on from there "
+            "with optim.grad_clip=%g",
+            e,
+            healthy,
+            ROLLBACK_CLIP,
+        )
+        for later in Checkpoints(run_dir).all():
+            if later.name > healthy.name:  # step_%08d: names sort as steps
+                shutil.rmtree(later)
+        end_by = dcfg.run.end_by
+        dcfg = dvae_config(cfg)  # afresh: the first run's LengthPlan shortened its copy in place
+        dcfg.run.end_by, dcfg.optim.grad_clip = end_by, ROLLBACK_CLIP
+        rollback = {"collapsed": str(e), "rolled_back_to": healthy.name, "grad_clip_from_there": ROLLBACK_CLIP}
+        trained = train_dvae(dcfg, resume_run=True, stop=STOP.get())
     if trained.get("ended") in ("signal", "signal_before_training"):
         raise _stopped("dvae", run_dir)
     val = trained or last_validation(run_dir, "val_psnr")
     return (
         val
         | length_plan(run_dir)
+        | rollback
         | {
             "model": f"{dcfg.run.run_dir}/dvae",
             "grid": f"{dcfg.run.run_dir}/recon_latest.png",
@@ -209,6 +232,24 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
             "vocab_size": dcfg.model.vocab_size,
         }
     )
+
+
+# A demo dVAE that collapsed goes back to its last healthy checkpoint and trains on with its gradient
+# norm clipped to this: resumed from update 500 of the run that collapsed at ~510 on 2026-12-05 (Intel
+# Xeon), the unclipped run fell to 1 code by update 540 again, clipped at 1.0 (or with half the
+# learning rate) it kept 69-129 codes per batch to update 600 (docs/demo.md, "A dVAE that collapsed").
+ROLLBACK_CLIP = 1.0
+
+
+def last_healthy_checkpoint(run_dir: Path, limit: int) -> Path | None:
+    """The newest checkpoint of a dVAE run written no later than its last validation whose
+    reconstructions used more than ``limit`` codes (None without one)."""
+    healthy = [r["step"] for r in read_metrics(run_dir) if r.get("val_codes_used", 0) > limit]
+    if not healthy:
+        return None
+    done = [p for p in Checkpoints(run_dir).all() if (p / "state.json").is_file()]
+    before = [p for p in done if int(p.name.split("_")[1]) <= max(healthy)]
+    return before[-1] if before else None
 
 
 def stage_tokens(cfg: DemoConfig) -> dict[str, Any]:
