@@ -307,13 +307,13 @@ class LengthPlan:
     ran at 1.4-1.9x what its timer predicted on one CPU, docs/demo.md). So the run measures itself:
     from a few updates in, its mean seconds per update (validations and checkpoints included, as they
     recur), and at every twentieth of its length it forecasts its end: the updates left at that rate,
-    plus the run's end (the longest checkpoint and evaluation seen). (final_metrics.json keeps the
-    forecast made once a tenth had run, and how far its end, for the length finally trained, was
-    from the real end.) Where that ends after
+    plus the run's end (the longest checkpoint and evaluation seen). Where that ends after
     ``run.end_by`` it sets the run's length to what fits, and where a run shortened before could now
     fit more, it lengthens it again, never past the configured length. Every count in the task's
     ``length_keys`` (the run's length, the schedules' lengths, the intervals) scales by the same
     fraction, as the demo's time plan scales them before a run, so the schedules end with the run.
+    final_metrics.json keeps the forecast made once a tenth had run, and how far the end it
+    forecast, for the length finally trained, was from the real end.
 
     Every rank takes the mean of the ranks' measures, so all reach the same length. The plan is
     part of the train state (:class:`Counters`): a resumed run keeps the planned length and its
