@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -380,3 +381,23 @@ def test_a_collapsed_demo_dvae_goes_back_to_its_last_healthy_checkpoint_and_clip
     with pytest.raises(CodebookCollapsed):
         demo.stage_dvae(cfg)
     assert len(calls) == 1
+
+
+def test_a_changed_setting_reruns_its_stage_and_what_reads_it_and_nothing_else(cfg, tmp_path):
+    """The stage fingerprints of two configs, as _run_stages computes them: another tokenizer
+    vocabulary changes the tokenizer and every stage that reads it, not the data, the dVAE or its
+    tokens; another evaluation setting changes only the evaluation."""
+    cfg.out_dir = str(tmp_path)
+
+    def fingerprints(c):
+        done: dict[str, str] = {}
+        for stage in demo.stages():
+            done[stage.name] = demo.stage_fingerprint(stage, c, done)
+        return done
+
+    base = fingerprints(cfg)
+    other = dataclasses.replace(cfg, bpe=dataclasses.replace(cfg.bpe, vocab_size=280))
+    changed = {k for k, v in fingerprints(other).items() if v != base[k]}
+    assert changed == {"tokenizer", "preview", "plan", "prior", "clip", "samples", "evaluate"}
+    other = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, pictures=2))
+    assert {k for k, v in fingerprints(other).items() if v != base[k]} == {"evaluate"}

@@ -602,6 +602,13 @@ def stages() -> list[Stage]:
     ]
 
 
+def stage_fingerprint(stage: Stage, cfg: DemoConfig, done: dict[str, str]) -> str:
+    """What marks a stage's output as current: its settings and the fingerprints (``done``) of the
+    stages whose output it reads. Computed just before the stage runs: a later stage's settings may
+    read what an earlier one wrote (the plan)."""
+    return _fingerprint([done[a] for a in stage.after], stage.settings(cfg))
+
+
 def run_demo(
     cfg: DemoConfig, log: Callable[[str], None] = print, allow_pipe: bool = False, stop: StopRequested | None = None
 ) -> dict[str, dict[str, Any]]:
@@ -628,7 +635,7 @@ def _run_stages(cfg: DemoConfig, log: Callable[[str], None]) -> dict[str, dict[s
     for stage in stages():
         name = stage.name
         marker = out / "stages" / f"{name}.json"
-        fp = fps[name] = _fingerprint([fps[a] for a in stage.after], stage.settings(cfg))
+        fp = fps[name] = stage_fingerprint(stage, cfg, fps)
         done = json.loads(marker.read_text()) if marker.is_file() else None
         complete = all(p.exists() for p in stage.outputs(cfg))
         if done is not None and done.get("fingerprint") == fp and complete:
