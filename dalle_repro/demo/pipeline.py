@@ -93,6 +93,12 @@ def _stopped(stage: str, run_dir: str | Path) -> DemoStopped:
     return DemoStopped(f"stopped in the {stage} stage ({where}); run the same command again to continue")
 
 
+def _raise_if_stopped(stage: str, run_dir: str | Path, result: dict[str, Any]) -> None:
+    """An in-process trainer's result that says SIGTERM/SIGINT ended it: stop the demo there."""
+    if result.get("ended") in ("signal", "signal_before_training"):
+        raise _stopped(stage, run_dir)
+
+
 def _fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -218,8 +224,7 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
         dcfg.run.end_by, dcfg.optim.grad_clip = end_by, ROLLBACK_CLIP
         rollback = {"collapsed": str(e), "rolled_back_to": healthy.name, "grad_clip_from_there": ROLLBACK_CLIP}
         trained = train_dvae(dcfg, resume_run=True, stop=STOP.get())
-    if trained.get("ended") in ("signal", "signal_before_training"):
-        raise _stopped("dvae", run_dir)
+    _raise_if_stopped("dvae", run_dir, trained)
     val = trained or last_validation(run_dir, "val_psnr")
     return (
         val
@@ -237,7 +242,8 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
 # A demo dVAE that collapsed goes back to its last healthy checkpoint and trains on with its gradient
 # norm clipped to this: resumed from update 500 of the run that collapsed at ~510 on 2026-12-05 (Intel
 # Xeon), the unclipped run fell to 1 code by update 540 again, clipped at 1.0 (or with half the
-# learning rate) it kept 69-129 codes per batch to update 600 (docs/demo.md, "A dVAE that collapsed").
+# learning rate) it kept 69-129 codes per batch to update 600 (docs/demo.md, "Stages that plan
+# themselves, and a dVAE that collapsed").
 ROLLBACK_CLIP = 1.0
 
 
@@ -404,8 +410,7 @@ def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
         shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
         resume = False
     result = train_clip(c, resume_run=resume, stop=STOP.get())
-    if result.get("ended") in ("signal", "signal_before_training"):
-        raise _stopped("clip", run_dir)
+    _raise_if_stopped("clip", run_dir, result)
     return result | length_plan(run_dir) | {"model": str(clip_folder(c)), "run_dir": str(run_dir)}
 
 

@@ -213,9 +213,7 @@ def plan_lines(
     return md
 
 
-def plan_table(
-    plan: dict[str, Any], stage_settings: dict[str, Any], results: dict[str, Any] | None = None
-) -> list[str]:
+def plan_table(plan: dict[str, Any], stage_settings: dict[str, Any], results: dict[str, Any]) -> list[str]:
     """A row per planned stage that has run: predicted and actual minutes, their ratio, the stage's
     own forecast of its minutes once a tenth of its updates had run (LengthPlan), the updates it
     trained against the plan's, and how long before its deadline it ended; then the sum."""
@@ -227,7 +225,7 @@ def plan_table(
         predicted, actual = minutes * plan["fraction"], seconds / 60
         total_p, total_a = total_p + predicted, total_a + actual
         ratio = f"{actual / predicted:.2f}" if predicted > 0 else "n/a"
-        result = (results or {}).get(key, {})
+        result = results.get(key, {})
         trained = result.get("step")
         updates = f"{trained} ({plan['planned_updates'].get(key)})" if trained is not None else "n/a"
         before = result.get("ended_before_end_by_s")
