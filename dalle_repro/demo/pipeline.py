@@ -217,7 +217,7 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
             ROLLBACK_CLIP,
         )
         for later in Checkpoints(run_dir).all():
-            if later.name > healthy.name:  # step_%08d: names sort as steps
+            if Checkpoints.step_of(later) > Checkpoints.step_of(healthy):
                 shutil.rmtree(later)
         end_by = dcfg.run.end_by
         dcfg = dvae_config(cfg)  # afresh: the first run's LengthPlan shortened its copy in place
@@ -254,7 +254,7 @@ def last_healthy_checkpoint(run_dir: Path, limit: int) -> Path | None:
     if not healthy:
         return None
     done = [p for p in Checkpoints(run_dir).all() if (p / "state.json").is_file()]
-    before = [p for p in done if int(p.name.split("_")[1]) <= max(healthy)]
+    before = [p for p in done if Checkpoints.step_of(p) <= max(healthy)]
     return before[-1] if before else None
 
 

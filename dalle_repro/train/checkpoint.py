@@ -117,11 +117,19 @@ class Checkpoints:
         self.root = Path(run_dir) / "checkpoints"
         self.keep = keep
 
+    @staticmethod
+    def step_of(folder: Path) -> int:
+        """The update a ``step_*`` checkpoint folder was written at; ValueError for another name."""
+        m = STEP_DIR.match(folder.name)
+        if m is None:
+            raise ValueError(f"{folder} is not a checkpoint folder (step_NNNNNNNN)")
+        return int(m.group(1))
+
     def all(self) -> list[Path]:
         if not self.root.is_dir():
             return []
         found = [p for p in self.root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-        return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))  # type: ignore[union-attr]
+        return sorted(found, key=self.step_of)
 
     def latest(self) -> Path | None:
         done = [p for p in self.all() if (p / "state.json").is_file()]
