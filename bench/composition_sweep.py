@@ -60,13 +60,18 @@ def _render(args: tuple[str, dict[str, Any], int, int]) -> np.ndarray:
 
 
 def scenes(
-    n: int, held_out: bool, seed: int, size: int, workers: int, world: str = "shapes"
+    n: int, held_out: bool | None, seed: int, size: int, workers: int, world: str = "shapes"
 ) -> tuple[list[str], torch.Tensor]:
-    """``n`` random scenes of ``world`` (seen pairs only, or each with a held-out pair): captions and
-    uint8 images."""
-    rng = np.random.default_rng([seed, int(held_out)])
-    sc = [world_of(world).random_scene(rng, held_out) for _ in range(n)]
-    jobs = [(world, s.to_json(), size, seed * 1_000_003 + i + (10**9 if held_out else 0)) for i, s in enumerate(sc)]
+    """``n`` random scenes of ``world`` (seen pairs only, each with a held-out pair, or ``held_out``
+    None: scenes over every pair, the dVAE's unlabelled pool): captions and uint8 images."""
+    w = world_of(world)
+    rng = np.random.default_rng([seed, 2 if held_out is None else int(held_out)])
+    if held_out is None:
+        sc = [w.scene_from(rng, False, w.all_objects(), []) for _ in range(n)]
+    else:
+        sc = [w.random_scene(rng, held_out) for _ in range(n)]
+    offset = {None: 2 * 10**9, True: 10**9, False: 0}[held_out]
+    jobs = [(world, s.to_json(), size, seed * 1_000_003 + i + offset) for i, s in enumerate(sc)]
     with Pool(workers) as pool:
         ims = pool.map(_render, jobs, chunksize=256)
     return [s.caption() for s in sc], torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()
@@ -279,7 +284,9 @@ class SweepArgs:
     train: int = arg(8000, "Training scenes (the demo's shapes.train).", gt=0)
     dvae: list[str] = arg(
         factory=list,
-        doc="dVAE variants to train, NAME:key=value,...; none given: base: (the demo's), unless --dvae-from.",
+        doc="dVAE variants to train, NAME:key=value,...; none given: base: (the demo's), unless --dvae-from. "
+        "pairs=all: trained on as many unlabelled scenes of every pair, held-out ones included (the priors "
+        "still train on seen pairs only).",
     )
     prior: list[str] = arg(
         factory=lambda: ["base:"],
@@ -340,15 +347,23 @@ def main(argv: list[str] | None = None) -> int:
         result["dvae"][name] = info
         dvaes[name] = dvae
         print(json.dumps({"dvae": name, **info}), flush=True)
-    for name, edits in map(variant, a.dvae or ([] if a.dvae_from else ["base:"])):
+    pool: torch.Tensor | None = None  # the unlabelled scenes of every pair, made for the first variant that asks
+    for name, spec in map(variant, a.dvae or ([] if a.dvae_from else ["base:"])):
+        own = [e for e in spec.split(",") if e.startswith("pairs=")]
+        edits = ",".join(e for e in spec.split(",") if e and not e.startswith("pairs="))
+        every = bool(own) and own[-1].split("=", 1)[1] == "all"
+        if own and not every:
+            raise SystemExit(f"--dvae {name}: pairs= takes 'all' (scenes of every pair), got {own[-1]!r}")
+        if every and pool is None:
+            pool = scenes(n_train, None, a.seed, 32, a.workers, a.world)[1]
         cfg = edited("configs/demo/dvae.yaml", DVAETrainConfig, edits)
         if a.quick:
             cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, steps=3))
         if dev.type == "cuda":  # bf16 autocast on a GPU; on a CPU the config's own (auto: the demo's pick)
             cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="bf16"))
-        dvae, info = train_dvae(cfg, train_ims[:n_train], dev, a.seed)
+        dvae, info = train_dvae(cfg, pool if every and pool is not None else train_ims[:n_train], dev, a.seed)
         info |= {"seen": ceiling(dvae, val_caps, val_ims, dev), "heldout": ceiling(dvae, held_caps, held_ims, dev)}
-        info["edits"] = edits
+        info["edits"], info["pairs"] = edits, "all" if every else "seen"
         result["dvae"][name] = info
         dvaes[name] = dvae
         print(json.dumps({"dvae": name, **{k: v for k, v in info.items() if k != "last"}}), flush=True)
