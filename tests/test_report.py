@@ -60,5 +60,8 @@ def test_the_zero_shot_table_shows_the_readers_pick_beside_clips():
     assert "| ceiling: reader's pick |" in md
     row = next(line for line in md.splitlines() if line.startswith("| seen (4 x 2)"))
     assert row.split(" | ")[4].startswith("100.0%")  # the right render is there, though CLIP scored it lower
+    assert "unlabelled" not in md and "never occurs in training" in md
+    pooled = "\n".join(zero_shot_section({"splits": {"seen": rep}}, {"folder": "unlabelled", "scenes": 40000}))
+    assert "The dVAE trained on 40000 unlabelled scenes of every pair, held-out ones included" in pooled
     del rep["tasks"]["reader_pick"]
     assert "not recorded" in "\n".join(zero_shot_section({"splits": {"seen": rep}}))

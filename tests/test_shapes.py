@@ -137,3 +137,43 @@ def test_the_reader_reads_a_large_image_downscaled_and_in_its_own_pixels(monkeyp
             assert score(scene, found, 1024) == score(scene, read_scene(small), 64)
             assert found[0].cx == pytest.approx(read_scene(small)[0].cx * 16, abs=16)
     assert max(sides) <= 256  # shapes.MAX_SCENE_SIDE
+
+
+def test_the_unlabelled_scenes_hold_every_pair_and_no_caption(tmp_path):
+    """``unlabelled/`` is for the dVAE alone: scenes over every pair, held-out ones included, with no
+    caption or scene a text-reading stage could learn a pair from; the captioned splits do not change."""
+    from dalle_repro.core.config import from_dict
+    from dalle_repro.demo import config as demo
+
+    out = tmp_path / "shapes"
+    plain = build_shapes_dataset(tmp_path / "plain", n_train=60, n_heldout=12, shard_size=20, val_fraction=0.2)
+    s = build_shapes_dataset(out, n_train=60, n_heldout=12, n_unlabelled=80, shard_size=20, val_fraction=0.2)
+    assert s["unlabelled"]["written"] == 80 and s["splits"] == plain["splits"] and "unlabelled" not in plain
+    for split in ("train", "val", "heldout"):  # byte for byte the shards written without the pool
+        assert [p.read_bytes() for p in sorted((out / split).glob("*.tar"))] == [
+            p.read_bytes() for p in sorted((tmp_path / "plain" / split).glob("*.tar"))
+        ]
+    loader = Loader(
+        f"{out}/unlabelled/*.tar", DataArgs(image_size=32, batch_size=80, num_workers=0, shuffle=False), epochs=1
+    )
+    batch = next(iter(loader))
+    assert set(batch["caption"]) == {""}
+    metas = [json.loads(m) for p in sorted((out / "unlabelled").glob("*.tar")) for m in _members(p, ".json")]
+    assert metas and all(set(m) == {"key", "width"} for m in metas)
+    pairs = set()  # what the pictures hold, read back
+    for image in batch["image"]:
+        found = read_scene(image.permute(1, 2, 0).numpy())
+        pairs |= {(f.colour, f.shape) for f in found}
+    assert pairs & set(HELD_OUT), "80 scenes over every pair hold none of the held-out pairs"
+    cfg = from_dict(demo.DemoConfig, {"shapes": {"output": str(out), "unlabelled": 80}})
+    assert demo.dvae_config(cfg, plan=False).data.shards == f"{out}/unlabelled/*.tar"
+    assert demo.dvae_config(cfg, plan=False).run.val_shards == f"{out}/val/*.tar"  # validated on seen scenes
+    cfg = from_dict(demo.DemoConfig, {"shapes": {"output": str(out)}})
+    assert demo.dvae_config(cfg, plan=False).data.shards == f"{out}/train/*.tar"
+
+
+def _members(tar_path, suffix: str) -> list[bytes]:
+    import tarfile
+
+    with tarfile.open(tar_path) as t:
+        return [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(suffix)]

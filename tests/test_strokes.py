@@ -172,3 +172,14 @@ def test_the_data_set_is_written_read_and_not_redone(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.tar")} == before
     with pytest.raises(ValueError, match="image_size must be >= 32"):
         build_strokes_dataset(tmp_path / "tiny", image_size=16)
+
+
+def test_the_unlabelled_strokes_hold_every_pair(tmp_path):
+    """The strokes set's ``unlabelled/`` (for a dVAE alone): scenes over every colour-form pair."""
+    from dalle_repro.data.strokes import any_scene, scene_records
+
+    recs = scene_records(200, False, 0, "u", draw=any_scene)
+    pairs = {p for r in recs for p in parse_caption(r.caption).pairs()}
+    assert set(HELD_OUT) <= pairs
+    s = build_strokes_dataset(tmp_path / "s", n_train=20, n_heldout=4, n_unlabelled=30, shard_size=20, val_fraction=0.2)
+    assert s["unlabelled"]["written"] == 30 and len(list((tmp_path / "s" / "unlabelled").glob("*.tar"))) == 2

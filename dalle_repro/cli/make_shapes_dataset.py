@@ -4,8 +4,10 @@ square". Some colour-shape pairs (dalle_repro.data.shapes.HELD_OUT) never appear
 that use them go to OUTPUT/heldout, for zero-shot evaluation.
 
 Writes OUTPUT/train/*.tar, OUTPUT/val/*.tar, OUTPUT/heldout/*.tar, each split's summary.json, and
-the scene of every sample in its KEY.json. Made on the spot (no download, no font); rerunning a
-finished job is a no-op, rerunning a killed one continues it.
+the scene of every sample in its KEY.json. With --unlabelled N, also OUTPUT/unlabelled/*.tar: N
+scenes over every pair, held-out ones included, without captions, for a dVAE to train on (an image
+tokenizer reads no text; the prior and CLIP train on OUTPUT/train alone). Made on the spot (no
+download, no font); rerunning a finished job is a no-op, rerunning a killed one continues it.
 """
 
 from __future__ import annotations
@@ -30,11 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({k: summary[k] for k in ("written", "splits", "heldout") if k in summary}))
-    print(
-        f"wrote shapes shards in {a.output}/{{train,val,heldout}}, "
-        f"with summary.json in {a.output} and {a.output}/heldout"
-    )
+    print(json.dumps({k: summary[k] for k in ("written", "splits", "heldout", "unlabelled") if k in summary}))
+    folders = "train,val,heldout,unlabelled" if a.unlabelled else "train,val,heldout"
+    print(f"wrote shapes shards in {a.output}/{{{folders}}}, with summary.json in {a.output} and {a.output}/heldout")
     return 0
 
 

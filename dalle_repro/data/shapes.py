@@ -49,6 +49,7 @@ COLOURS = {
 SIZES = ("small", "big")
 POSITIONS = ("on the left", "on the right", "at the top", "at the bottom")
 RELATIONS = ("left of", "right of", "above", "below")
+UNLABELLED = "unlabelled"  # the folder of scenes over every pair, without captions (ShapesArgs.unlabelled)
 HELD_OUT = (("red", "triangle"), ("green", "circle"), ("blue", "square"))  # one per shape: each still seen in 4 colours
 BACKGROUND = (250, 250, 250)
 ATTRIBUTES = ("count", "shape", "colour", "size", "place")  # place: a lone object's position or a pair's relation
@@ -133,6 +134,12 @@ def all_objects(held_out: bool | None = None) -> list[Obj]:
 def random_scene(rng: np.random.Generator, held_out: bool, two: float = 0.5) -> Scene:
     """A random scene: one of only seen pairs (``held_out`` False), or one with at least one held-out pair."""
     return scene_from(rng, held_out, all_objects(False), all_objects(True), two)
+
+
+def any_scene(rng: np.random.Generator, held_out: object = None, two: float = 0.5) -> Scene:
+    """A random scene over every object, held-out pairs included (``held_out`` is ignored): the
+    unlabelled scenes a dVAE may train on (``unlabelled/``)."""
+    return scene_from(rng, False, all_objects(), [], two)
 
 
 def scene_from(rng: np.random.Generator, held_out: bool, seen: list[Obj], unseen: list[Obj], two: float = 0.5) -> Scene:
@@ -477,6 +484,13 @@ class ShapesArgs:
     output: str = arg("data/shapes", "Folder for train/, val/, heldout/ and summary.json.")
     train: int = arg(8000, "Scenes of seen pairs, before the validation split.", gt=0)
     heldout: int = arg(400, "Scenes with a held-out colour-shape pair (heldout/, never trained on).", gt=0)
+    unlabelled: int = arg(
+        0,
+        "Scenes over every colour-shape pair, held-out ones included, written without captions (unlabelled/): "
+        "images for an image tokenizer (the dVAE), which reads no text. The prior, CLIP and the BPE tokenizer "
+        "never read them. 0: none.",
+        ge=0,
+    )
     image_size: int = arg(32, "Side of the rendered scenes, in pixels.", ge=16)
     shard_size: int = arg(500, "Samples per shard.", gt=0)
     val_fraction: float = arg(0.05, "Fraction of the seen scenes kept for validation, by key.", gt=0, lt=1)
@@ -490,6 +504,7 @@ def build_shapes_from(args: ShapesArgs, overwrite: bool = False) -> dict[str, An
         args.output,
         n_train=args.train,
         n_heldout=args.heldout,
+        n_unlabelled=args.unlabelled,
         image_size=args.image_size,
         shard_size=args.shard_size,
         val_fraction=args.val_fraction,
@@ -504,6 +519,7 @@ def build_shapes_dataset(
     *,
     n_train: int = 8000,
     n_heldout: int = 400,
+    n_unlabelled: int = 0,
     image_size: int = 32,
     shard_size: int = 500,
     val_fraction: float = 0.05,
@@ -511,9 +527,10 @@ def build_shapes_dataset(
     workers: int = 1,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """``output/{train,val}`` (scenes of seen pairs only; ``n_train`` of them before the val split) and
-    ``output/heldout`` (scenes with a held-out pair); returns the summary of both (also summary.json
-    in each folder)."""
+    """``output/{train,val}`` (scenes of seen pairs only; ``n_train`` of them before the val split),
+    ``output/heldout`` (scenes with a held-out pair) and, with ``n_unlabelled``, ``output/unlabelled``
+    (scenes of every pair without captions); returns the summary of all (also summary.json in each
+    folder)."""
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 for the shapes to be told apart, got {image_size}")
     options = {"image_size": image_size, "shard_size": shard_size, "seed": seed, "held_out": HELD_OUT}
@@ -522,6 +539,7 @@ def build_shapes_dataset(
         scene_records(n_train, False, seed, "s"),
         scene_records(n_heldout, True, seed, "h"),
         partial(render_record, image_size=image_size),
+        unlabelled=scene_records(n_unlabelled, False, seed, "u", draw=any_scene, salt="unlabelled"),
         held_out=HELD_OUT,
         options=options,
         shard_size=shard_size,
@@ -538,6 +556,7 @@ def write_scene_splits(
     unseen: list[Record],
     render_one: Any,
     *,
+    unlabelled: Sequence[Record] = (),
     held_out: Any,
     options: dict[str, Any],
     shard_size: int,
@@ -546,8 +565,9 @@ def write_scene_splits(
     overwrite: bool,
     desc: str,
 ) -> dict[str, Any]:
-    """A compositional set's splits: ``out/{train,val}`` from the ``seen`` records and ``out/heldout``
-    from the ``unseen`` ones, each rendered by ``render_one``; the summary of both."""
+    """A compositional set's splits: ``out/{train,val}`` from the ``seen`` records, ``out/heldout``
+    from the ``unseen`` ones, each rendered by ``render_one``, and ``out/unlabelled`` from the
+    ``unlabelled`` ones where there are any, rendered without their captions; the summary of all."""
     common = dict(workers=workers, skipped=Counter(), overwrite=overwrite, desc=desc)
     seen_options = options | {"split": "seen", "val_fraction": val_fraction}
     summary = write_dataset(
@@ -570,4 +590,24 @@ def write_scene_splits(
         options=held_options,
         **common,
     )
-    return summary | {"heldout": {"written": held["written"], "pairs": [list(p) for p in held_out]}}
+    summary |= {"heldout": {"written": held["written"], "pairs": [list(p) for p in held_out]}}
+    if unlabelled:
+        pool_options = options | {"split": "unlabelled"}
+        pool = write_dataset(
+            unlabelled,
+            partial(without_caption, render_one=render_one),
+            out / UNLABELLED,
+            shard_size=shard_size,
+            fp=fingerprint(unlabelled, pool_options),
+            options=pool_options,
+            **common,
+        )
+        summary["unlabelled"] = {"written": pool["written"]}
+    return summary
+
+
+def without_caption(rec: Record, render_one: Any) -> Sample:
+    """``rec`` rendered by ``render_one``, its caption and scene left out (an empty .txt, the key and
+    width in its .json): an unlabelled image, which no text-reading stage can learn a pair from."""
+    s = render_one(rec)
+    return Sample(s.key, s.image, s.ext, "", {"key": s.key, "width": s.meta.get("width")})

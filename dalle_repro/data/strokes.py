@@ -65,6 +65,7 @@ __all__ = [
     "Found",
     "Obj",
     "Scene",
+    "any_scene",
     "build_strokes_dataset",
     "parse_caption",
     "random_scene",
@@ -130,6 +131,12 @@ def all_objects(held_out: bool | None = None) -> list[Obj]:
 def random_scene(rng: np.random.Generator, held_out: bool, two: float = 0.5) -> Scene:
     """A random scene: one of seen pairs only (``held_out`` False), or one with at least one held-out pair."""
     return scene_from(rng, held_out, all_objects(False), all_objects(True), two)
+
+
+def any_scene(rng: np.random.Generator, held_out: object = None, two: float = 0.5) -> Scene:
+    """A random scene over every stroke, held-out pairs included (``held_out`` is ignored): the
+    unlabelled scenes a dVAE may train on (``unlabelled/``)."""
+    return scene_from(rng, False, all_objects(), [], two)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,8 +421,9 @@ def render_record(rec: Record, image_size: int = 32) -> Sample:
     return Sample(rec.key, image, ext, rec.caption, meta)
 
 
-def scene_records(n: int, held_out: bool, seed: int, prefix: str) -> list[Record]:
-    return shapes_scene_records(n, held_out, seed, prefix, draw=random_scene, salt="strokes")
+def scene_records(n: int, held_out: bool, seed: int, prefix: str, draw: Any = random_scene) -> list[Record]:
+    salt = "strokes" if draw is random_scene else "strokes-unlabelled"
+    return shapes_scene_records(n, held_out, seed, prefix, draw=draw, salt=salt)
 
 
 def build_strokes_dataset(
@@ -423,6 +431,7 @@ def build_strokes_dataset(
     *,
     n_train: int = 8000,
     n_heldout: int = 400,
+    n_unlabelled: int = 0,
     image_size: int = 32,
     shard_size: int = 500,
     val_fraction: float = 0.05,
@@ -430,9 +439,10 @@ def build_strokes_dataset(
     workers: int = 1,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """``output/{train,val}`` (scenes of seen pairs only; ``n_train`` of them before the val split) and
-    ``output/heldout`` (scenes with a held-out pair); returns the summary of both (also summary.json
-    in each folder)."""
+    """``output/{train,val}`` (scenes of seen pairs only; ``n_train`` of them before the val split),
+    ``output/heldout`` (scenes with a held-out pair) and, with ``n_unlabelled``, ``output/unlabelled``
+    (scenes of every pair without captions); returns the summary of all (also summary.json in each
+    folder)."""
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 for a thin stroke's form to be told apart, got {image_size}")
     if image_size > MAX_SIDE:
@@ -443,6 +453,7 @@ def build_strokes_dataset(
         scene_records(n_train, False, seed, "s"),
         scene_records(n_heldout, True, seed, "h"),
         partial(render_record, image_size=image_size),
+        unlabelled=scene_records(n_unlabelled, False, seed, "u", draw=any_scene),
         held_out=HELD_OUT,
         options=options,
         shard_size=shard_size,

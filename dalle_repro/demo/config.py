@@ -24,7 +24,7 @@ from dalle_repro.core.config import (
 )
 from dalle_repro.data.emoji import EmojiArgs
 from dalle_repro.data.loader import DataArgs
-from dalle_repro.data.shapes import ShapesArgs, build_shapes_from
+from dalle_repro.data.shapes import UNLABELLED, ShapesArgs, build_shapes_from
 from dalle_repro.data.strokes import build_strokes_dataset
 from dalle_repro.data.tokenizer import BPEArgs, TokenizerArgs
 from dalle_repro.evaluation.evaluate import EvalArgs
@@ -110,6 +110,7 @@ def _build_strokes(a: ShapesArgs, overwrite: bool = False) -> dict[str, Any]:
         a.output,
         n_train=a.train,
         n_heldout=a.heldout,
+        n_unlabelled=a.unlabelled,
         image_size=a.image_size,
         shard_size=a.shard_size,
         val_fraction=a.val_fraction,
@@ -131,6 +132,13 @@ def data_args(cfg: DemoConfig) -> ShapesArgs | EmojiArgs:
 def data_dir(cfg: DemoConfig) -> Path:
     """The folder of the chosen data set (train/, val/, and for shapes and strokes heldout/)."""
     return Path(data_args(cfg).output)
+
+
+def dvae_images(cfg: DemoConfig) -> str:
+    """The data set's folder the dVAE trains on: ``unlabelled`` (scenes of every pair, no captions)
+    where the shapes or strokes section asks for them, else ``train``, as the prior and CLIP."""
+    a = data_args(cfg)
+    return UNLABELLED if isinstance(a, ShapesArgs) and a.unlabelled > 0 else "train"
 
 
 DEMO_MARK = ".dalle-repro-demo"
@@ -197,7 +205,8 @@ def dvae_config(cfg: DemoConfig, plan: bool = True) -> DVAETrainConfig:
     user's overrides, then the time plan's shortening of the result (``plan``; train_minutes=null
     trains exactly what the overrides say)."""
     e = data_dir(cfg)
-    own = [f"data.shards={e}/train/*.tar", f"run.val_shards={e}/val/*.tar", f"run.run_dir={cfg.out_dir}/dvae"]
+    images = dvae_images(cfg)
+    own = [f"data.shards={e}/{images}/*.tar", f"run.val_shards={e}/val/*.tar", f"run.run_dir={cfg.out_dir}/dvae"]
     return load_config(
         DVAETrainConfig,
         cfg.dvae_config,

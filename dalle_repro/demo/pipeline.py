@@ -47,7 +47,7 @@ from dalle_repro.data.emoji import build_emoji_from
 from dalle_repro.data.loader import Loader
 from dalle_repro.data.pre_encode import encode_token_shards
 from dalle_repro.data.samples import clean_caption
-from dalle_repro.data.shapes import ShapesArgs
+from dalle_repro.data.shapes import UNLABELLED, ShapesArgs
 from dalle_repro.data.tar import iter_shard_samples
 from dalle_repro.data.tokenizer import TextTokenizer, save_tokenizer, train_from_shards
 from dalle_repro.demo.config import (
@@ -59,6 +59,7 @@ from dalle_repro.demo.config import (
     data_args,
     data_dir,
     dvae_config,
+    dvae_images,
     plan_path,
     prior_config,
     read_plan,
@@ -235,8 +236,16 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
             "grid": f"{dcfg.run.run_dir}/recon_latest.png",
             "run_dir": dcfg.run.run_dir,
             "vocab_size": dcfg.model.vocab_size,
+            "trained_on": trained_on(cfg),
         }
     )
+
+
+def trained_on(cfg: DemoConfig) -> dict[str, Any]:
+    """What the demo's dVAE trains on: its folder in the data set, and the count of an unlabelled pool."""
+    folder = dvae_images(cfg)
+    a = data_args(cfg)
+    return {"folder": folder} | ({"scenes": a.unlabelled} if folder == UNLABELLED and isinstance(a, ShapesArgs) else {})
 
 
 # A demo dVAE that collapsed goes back to its last healthy checkpoint and trains on with its gradient

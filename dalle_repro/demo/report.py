@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from dalle_repro.core.config import load_yaml
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import save_png
+from dalle_repro.data.shapes import UNLABELLED
 from dalle_repro.evaluation.tasks import FAILURES, TASKS, fmt
 from dalle_repro.train.metrics import read_metrics
 
@@ -104,7 +105,7 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
     ]
     ev = results.get("evaluate", {})
     if ev.get("splits"):
-        md += zero_shot_section(ev)
+        md += zero_shot_section(ev, results.get("dvae", {}).get("trained_on"))
     dv, pr, cl, sm = (results.get(k, {}) for k in ("dvae", "prior", "clip", "samples"))
     md += ["## Metrics", "", "| stage | metric | value |", "|---|---|---|"]
     rows = [
@@ -112,6 +113,7 @@ def write_report(out_dir: str | Path, results: dict[str, dict[str, Any]], stage_
         ("dVAE", "validation PSNR (dB)", dv.get("val_psnr")),
         ("dVAE", "codes used on validation / codebook", f"{dv.get('val_codes_used')} / {dv.get('vocab_size', '?')}"),
         ("dVAE", "code perplexity", dv.get("val_perplexity")),
+        ("dVAE", "trained on", _trained_on(dv.get("trained_on"))),
         ("prior", "validation loss (1/8 text + 7/8 image)", pr.get("val_loss")),
         ("prior", "validation text loss (nats/token)", pr.get("val_text_loss")),
         ("prior", "validation image loss (nats/token)", pr.get("val_image_loss")),
@@ -258,17 +260,34 @@ def _ceiling(rep: dict[str, Any], which: str) -> str:
     return f"{old['all']:.1%}" if old else "n/a"
 
 
-def zero_shot_section(ev: dict[str, Any]) -> list[str]:
+def _trained_on(what: dict[str, Any] | None) -> str | None:
+    if not what:
+        return None
+    if what["folder"] == UNLABELLED:
+        return f"{what['scenes']} unlabelled scenes of every pair ({UNLABELLED}/)"
+    return f"the training split ({what['folder']}/), as the prior"
+
+
+def zero_shot_section(ev: dict[str, Any], dvae_images: dict[str, Any] | None = None) -> list[str]:
     """The report's first section: how often every attribute of a caption is right in its samples,
     for captions of seen pairs and of held-out pairs, with 95% intervals, beside the reader's and the
-    dVAE's ceilings; then GenEval's task breakdown and what CLIP's pick adds per task."""
+    dVAE's ceilings; then GenEval's task breakdown and what CLIP's pick adds per task. ``dvae_images``:
+    what the dVAE trained on (the dVAE stage's ``trained_on``), said where it was not the training split."""
+    held = "Held out: captions with a pair that never occurs in training."
+    if dvae_images and dvae_images.get("folder") == UNLABELLED:
+        held = (
+            "Held out: captions with a pair that never occurs in a training caption: the BPE tokenizer, the "
+            f"prior and CLIP never saw one. The dVAE trained on {dvae_images.get('scenes', '?')} unlabelled scenes "
+            "of every pair, held-out ones included (images without captions, as an image tokenizer is trained on "
+            "a broad image set)."
+        )
     md = [
         "## Zero-shot: held-out colour-shape pairs",
         "",
         "Share of captions whose sample has count, shape, colour, size and place all as the caption says, "
         "with its 95% interval (Wilson). Seen: captions of the validation split, whose colour-shape pairs "
-        "occur in training. Held out: captions with a pair that never occurs in training. Random pick: the "
-        "first of the candidates; CLIP's pick: the small CLIP's best. Ceilings: the reader's pick (a candidate "
+        f"occur in training. {held} Random pick: the first of the candidates; CLIP's pick: the small CLIP's "
+        "best. Ceilings: the reader's pick (a candidate "
         "with every attribute right where one exists: what a perfect reranker would get from these candidates), "
         "the reader on the data's own renders, and on their reconstructions by the dVAE (what its tokens keep).",
         "",
