@@ -168,7 +168,8 @@ def test_the_emoji_demo_stays_an_option():
 def test_the_default_demo_is_the_shapes_set(cfg):
     assert cfg.dataset == "shapes" and demo.data_dir(cfg).as_posix() == "data/shapes"
     d, p = demo.dvae_config(cfg), demo.prior_config(cfg)
-    assert d.data.shards == "data/shapes/train/*.tar" and d.run.val_shards == "data/shapes/val/*.tar"
+    # the dVAE on the unlabelled scenes of every pair, validated on seen ones; the prior on seen pairs alone
+    assert d.data.shards == "data/shapes/unlabelled/*.tar" and d.run.val_shards == "data/shapes/val/*.tar"
     assert p.data.shards == "data/shapes_tokens/train/*.tar" and p.text.text_len == cfg.text.text_len
     assert "--heldout 'data/shapes/heldout/*.tar'" in demo.evaluate_command(cfg)
 

@@ -48,7 +48,7 @@ def test_the_strokes_demo_is_the_shapes_demo_with_only_its_data_and_paths_change
 def test_the_strokes_demo_points_at_its_own_data_and_folders(cfg):
     assert cfg.dataset == "strokes" and demo.data_dir(cfg).as_posix() == "data/strokes"
     d, p = demo.dvae_config(cfg), demo.prior_config(cfg)
-    assert d.data.shards == "data/strokes/train/*.tar" and d.run.run_dir == "outputs/demo-strokes/dvae"
+    assert d.data.shards == "data/strokes/unlabelled/*.tar" and d.run.run_dir == "outputs/demo-strokes/dvae"
     assert p.data.shards == "data/strokes_tokens/train/*.tar" and p.text.path == "data/strokes/tokenizer.json"
     assert p.dvae == "outputs/demo-strokes/dvae/dvae"
     assert "--world strokes" in demo.evaluate_command(cfg) and "data/strokes/heldout" in demo.evaluate_command(cfg)
@@ -60,9 +60,10 @@ def test_the_strokes_demo_points_at_its_own_data_and_folders(cfg):
 
 def test_the_data_stage_writes_the_strokes_set(tmp_path, cfg):
     tiny = [f"strokes.output={tmp_path}/strokes", "strokes.train=20", "strokes.heldout=4", "strokes.shard_size=10"]
-    small = load_config(demo.DemoConfig, "configs/demo/strokes.yaml", tiny)
+    small = load_config(demo.DemoConfig, "configs/demo/strokes.yaml", [*tiny, "strokes.unlabelled=10"])
     result = demo.stage_data(small)
     assert result["world"] == "strokes" and result["written"] == 20 and result["heldout"]["written"] == 4
+    assert len(list((demo.data_dir(small) / "unlabelled").glob("*.tar"))) == 1
     assert (demo.data_dir(small) / "summary.json").is_file() and list((demo.data_dir(small) / "heldout").glob("*.tar"))
     data = next(s for s in demo.stages() if s.name == "data")
     assert data.settings(small) != data.settings(load_config(demo.DemoConfig, "configs/demo/demo.yaml", []))

@@ -125,6 +125,7 @@ def test_demo_runs_resumes_and_rejects_bad_config(tmp_path):
         f"shapes.output={tmp_path}/shapes",
         "shapes.train=80",
         "shapes.heldout=12",
+        "shapes.unlabelled=40",
         "shapes.image_size=16",
         "shapes.shard_size=10",
         "shapes.val_fraction=0.1",

@@ -110,7 +110,8 @@ def stage_data(cfg: DemoConfig) -> dict[str, Any]:
         assert isinstance(a, ShapesArgs)
         claim(a.output)  # the demo's own folder: marked as such, or refused when it is someone else's
         s = SCENES[cfg.dataset](a, overwrite=True)
-        return {"world": cfg.dataset, "written": s["written"], "splits": s["splits"], "heldout": s["heldout"]}
+        pool = {"unlabelled": s["unlabelled"]} if "unlabelled" in s else {}
+        return {"world": cfg.dataset, "written": s["written"], "splits": s["splits"], "heldout": s["heldout"]} | pool
     s = build_emoji_from(cfg.emoji)
     return {"written": s["written"], "skipped": s["skipped"], "splits": s["splits"], "fingerprint": s["fingerprint"]}
 
