@@ -352,8 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         own = [e for e in spec.split(",") if e.startswith("pairs=")]
         edits = ",".join(e for e in spec.split(",") if e and not e.startswith("pairs="))
         every = bool(own) and own[-1].split("=", 1)[1] == "all"
-        if own and not every:
-            raise SystemExit(f"--dvae {name}: pairs= takes 'all' (scenes of every pair), got {own[-1]!r}")
+        if own and own[-1].split("=", 1)[1] not in ("all", "seen"):
+            raise SystemExit(f"--dvae {name}: pairs= takes all (scenes of every pair) or seen, got {own[-1]!r}")
         if every and pool is None:
             pool = scenes(n_train, None, a.seed, 32, a.workers, a.world)[1]
         cfg = edited("configs/demo/dvae.yaml", DVAETrainConfig, edits)

@@ -402,3 +402,47 @@ def test_a_changed_setting_reruns_its_stage_and_what_reads_it_and_nothing_else(c
     assert changed == {"tokenizer", "preview", "plan", "prior", "clip", "samples", "evaluate"}
     other = dataclasses.replace(cfg, evaluation=dataclasses.replace(cfg.evaluation, pictures=2))
     assert {k for k, v in fingerprints(other).items() if v != base[k]} == {"evaluate"}
+    # another pool for the dVAE: the data (so everything after it), and the dVAE's own config
+    other = dataclasses.replace(cfg, shapes=dataclasses.replace(cfg.shapes, unlabelled=0))
+    assert demo.dvae_config(other).data.shards != demo.dvae_config(cfg).data.shards
+    assert {k for k, v in fingerprints(other).items() if v != base[k]} == set(base)
+
+
+def test_a_training_stage_continues_only_a_run_of_the_same_config_and_inputs(tmp_path):
+    """A prior's config names its token folder, not the dVAE that wrote the tokens: a run trained
+    from other inputs (the fingerprints of the stages it reads) starts again, config unchanged."""
+    from dalle_repro.core.config import save_config
+    from dalle_repro.demo.pipeline import INPUTS, INPUTS_FILE, _continues
+    from dalle_repro.train.clip import ClipTrainConfig
+
+    run = tmp_path / "run"
+    c = ClipTrainConfig()
+    c.run.run_dir = str(run)
+
+    def trained(inputs: str) -> None:
+        token = INPUTS.set(inputs)
+        try:
+            assert not _continues(run, c)  # nothing to continue: a fresh folder, inputs recorded
+        finally:
+            INPUTS.reset(token)
+        (run / "checkpoints" / "step_00000010").mkdir(parents=True)
+        (run / "checkpoints" / "step_00000010" / "state.json").write_text("{}")
+        save_config(c, run)
+
+    trained("a")
+    for inputs, expected in (("a", True), ("b", False)):
+        token = INPUTS.set(inputs)
+        try:
+            assert _continues(run, c) is expected, inputs
+        finally:
+            INPUTS.reset(token)
+        assert json.loads((run / INPUTS_FILE).read_text()) == {"inputs": inputs}
+        assert (run / "checkpoints").is_dir() is expected  # another input's run is gone
+        if not expected:
+            trained("b")
+    other = dataclasses.replace(c, optim=dataclasses.replace(c.optim, lr=c.optim.lr / 2))
+    token = INPUTS.set("b")
+    try:
+        assert not _continues(run, other)  # another config, as before
+    finally:
+        INPUTS.reset(token)

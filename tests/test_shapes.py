@@ -170,6 +170,13 @@ def test_the_unlabelled_scenes_hold_every_pair_and_no_caption(tmp_path):
     assert demo.dvae_config(cfg, plan=False).run.val_shards == f"{out}/val/*.tar"  # validated on seen scenes
     cfg = from_dict(demo.DemoConfig, {"shapes": {"output": str(out)}})
     assert demo.dvae_config(cfg, plan=False).data.shards == f"{out}/train/*.tar"
+    # asked for none again: the earlier pool goes (a later DATA/*/*.tar must not read held-out pairs)
+    (tmp_path / "plain" / "unlabelled").mkdir()  # a folder of the same name that no pool wrote stays
+    (tmp_path / "plain" / "unlabelled" / "mine.txt").write_text("x")
+    for folder in (out, tmp_path / "plain"):
+        build_shapes_dataset(folder, n_train=60, n_heldout=12, shard_size=20, val_fraction=0.2)
+    assert not (out / "unlabelled").exists() and (out / "train").is_dir()
+    assert (tmp_path / "plain" / "unlabelled" / "mine.txt").is_file()
 
 
 def _members(tar_path, suffix: str) -> list[bytes]:

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"Held out: {held}."
     )
-    p.add_argument("--output", required=True, help="folder for train/, val/, heldout/ and summary.json")
+    p.add_argument("--output", required=True, help="folder for train/, val/, heldout/, unlabelled/ and summary.json")
     p.add_argument("--train", type=int, default=8000, help="scenes of seen pairs, before the val split (default 8000)")
     p.add_argument("--heldout", type=int, default=400, help="scenes with a held-out pair (default 400)")
     p.add_argument(

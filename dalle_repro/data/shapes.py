@@ -24,6 +24,7 @@ import functools
 import itertools
 import json
 import re
+import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
@@ -603,7 +604,20 @@ def write_scene_splits(
             **common,
         )
         summary["unlabelled"] = {"written": pool["written"]}
+    else:
+        drop_stale_pool(out / UNLABELLED)
     return summary
+
+
+def drop_stale_pool(folder: Path) -> None:
+    """Remove ``folder`` where it is an unlabelled pool an earlier run wrote (its summary or progress
+    says so) and this one asks for none: a later ``DATA/*/*.tar`` would otherwise read images of
+    held-out pairs. Anything else there is left alone."""
+    for name in ("summary.json", ".progress.json"):
+        f = folder / name
+        if f.is_file() and UNLABELLED in f.read_text(encoding="utf-8"):
+            shutil.rmtree(folder)
+            return
 
 
 def without_caption(rec: Record, render_one: Any) -> Sample:

@@ -421,8 +421,9 @@ def render_record(rec: Record, image_size: int = 32) -> Sample:
     return Sample(rec.key, image, ext, rec.caption, meta)
 
 
-def scene_records(n: int, held_out: bool, seed: int, prefix: str, draw: Any = random_scene) -> list[Record]:
-    salt = "strokes" if draw is random_scene else "strokes-unlabelled"
+def scene_records(
+    n: int, held_out: bool, seed: int, prefix: str, draw: Any = random_scene, salt: str = "strokes"
+) -> list[Record]:
     return shapes_scene_records(n, held_out, seed, prefix, draw=draw, salt=salt)
 
 
@@ -453,7 +454,7 @@ def build_strokes_dataset(
         scene_records(n_train, False, seed, "s"),
         scene_records(n_heldout, True, seed, "h"),
         partial(render_record, image_size=image_size),
-        unlabelled=scene_records(n_unlabelled, False, seed, "u", draw=any_scene),
+        unlabelled=scene_records(n_unlabelled, False, seed, "u", draw=any_scene, salt="strokes-unlabelled"),
         held_out=HELD_OUT,
         options=options,
         shard_size=shard_size,

@@ -148,6 +148,33 @@ def stage_preview(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
+# The fingerprint of the outputs a training stage reads (those of the stages in its ``after``), set by
+# _run_stages while the stage runs. A run folder trained from other inputs starts again even where
+# its own config is unchanged: a prior whose config names the same token folder, over the tokens of
+# a dVAE trained since on other images, must not continue.
+INPUTS: contextvars.ContextVar[str | None] = contextvars.ContextVar("demo_inputs", default=None)
+INPUTS_FILE = "demo_inputs.json"
+
+
+def _continues(run_dir: Path, cfg: Any, own: bool = True) -> bool:
+    """Whether a training stage continues the run in ``run_dir``: it has a checkpoint, its config
+    equals ``cfg`` apart from length and deadline, and it was trained from the same inputs
+    (:data:`INPUTS`, where set). Otherwise the folder, the demo's own, is emptied (``own``: and
+    claimed again). The inputs are recorded in it either way."""
+    inputs, saved = INPUTS.get(), run_dir / INPUTS_FILE
+    same_inputs = inputs is None or (saved.is_file() and json.loads(saved.read_text()).get("inputs") == inputs)
+    resume = Checkpoints(run_dir).latest() is not None and _same_run(run_dir / "config.yaml", cfg) and same_inputs
+    if not resume and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if own:
+        claim(run_dir)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if inputs is not None:
+        atomic_write_text(saved, json.dumps({"inputs": inputs}) + "\n")
+    return resume
+
+
 def _same_run(saved: Path, cfg: Any) -> bool:
     """Whether a run folder's config equals ``cfg`` apart from its length and deadline (so it may continue)."""
     if not saved.is_file():
@@ -199,11 +226,7 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
     dcfg = dvae_config(cfg)
     dcfg.run.end_by = stage_end_by(cfg, "dvae")
     run_dir = claim(dcfg.run.run_dir)
-    resume = Checkpoints(run_dir).latest() is not None
-    if resume and not _same_run(run_dir / "config.yaml", dcfg):
-        shutil.rmtree(run_dir)  # the demo's own folder (claimed), from other settings: start again
-        claim(run_dir)
-        resume = False
+    resume = _continues(run_dir, dcfg)
     rollback: dict[str, Any] = {}
     try:
         trained = train_dvae(dcfg, resume_run=resume, stop=STOP.get())
@@ -243,10 +266,13 @@ def stage_dvae(cfg: DemoConfig) -> dict[str, Any]:
 
 
 def trained_on(cfg: DemoConfig) -> dict[str, Any]:
-    """What the demo's dVAE trains on: its folder in the data set, and the count of an unlabelled pool."""
+    """What the demo's dVAE trains on: its folder in the data set, and the scenes an unlabelled pool holds."""
     folder = dvae_images(cfg)
-    a = data_args(cfg)
-    return {"folder": folder} | ({"scenes": a.unlabelled} if folder == UNLABELLED and isinstance(a, ShapesArgs) else {})
+    if folder != UNLABELLED:
+        return {"folder": folder}
+    summary, a = data_dir(cfg) / folder / "summary.json", data_args(cfg)
+    written = json.loads(summary.read_text())["written"] if summary.is_file() else None
+    return {"folder": folder, "scenes": written if written is not None else getattr(a, UNLABELLED)}
 
 
 # A demo dVAE that collapsed goes back to its last healthy checkpoint and trains on with its gradient
@@ -351,11 +377,7 @@ def stage_prior(cfg: DemoConfig) -> dict[str, Any]:
     """Train the prior under the deepspeed launcher (``prior_ranks`` ranks), resuming a run of the same settings."""
     pcfg = prior_config(cfg)
     run_dir = claim(pcfg.run.run_dir)
-    resume = Checkpoints(run_dir).latest() is not None
-    if resume and not _same_run(run_dir / "config.yaml", resolve_sizes(pcfg)[0]):  # the run saves its sizes
-        shutil.rmtree(run_dir)  # the demo's own folder (claimed)
-        claim(run_dir)
-        resume = False
+    resume = _continues(run_dir, resolve_sizes(pcfg)[0])  # the run saves its sizes
     path = save_config(pcfg, cfg.out_dir, "prior_config.yaml")
     launcher = Path(sys.executable).with_name("deepspeed")
     if not launcher.exists():
@@ -415,10 +437,7 @@ def stage_clip(cfg: DemoConfig) -> dict[str, Any]:
     c = clip_config(cfg)
     c.run.end_by = stage_end_by(cfg, "clip")
     run_dir = Path(c.run.run_dir)
-    resume = Checkpoints(run_dir).latest() is not None
-    if resume and not _same_run(run_dir / "config.yaml", c):
-        shutil.rmtree(run_dir)  # the demo's own folder, from other settings: start again
-        resume = False
+    resume = _continues(run_dir, c, own=False)  # inside out_dir, which is claimed
     result = train_clip(c, resume_run=resume, stop=STOP.get())
     _raise_if_stopped("clip", run_dir, result)
     return result | length_plan(run_dir) | {"model": str(clip_folder(c)), "run_dir": str(run_dir)}
@@ -543,7 +562,10 @@ def stages() -> list[Stage]:
             "data",
             stage_data,
             lambda c: [c.dataset, to_dict(data_args(c))],
-            lambda c: [data_dir(c) / "summary.json"],
+            lambda c: (
+                [data_dir(c) / "summary.json"]
+                + ([data_dir(c) / dvae_images(c) / "summary.json"] if dvae_images(c) == UNLABELLED else [])
+            ),
         ),
         Stage(
             "tokenizer",
@@ -664,7 +686,11 @@ def _run_stages(cfg: DemoConfig, log: Callable[[str], None]) -> dict[str, dict[s
                 )
             log(f"[{name}] running")
             t0 = time.perf_counter()
-            results[name] = stage.run(cfg)
+            token = INPUTS.set(_fingerprint([fps[a] for a in stage.after]))
+            try:
+                results[name] = stage.run(cfg)
+            finally:
+                INPUTS.reset(token)
             seconds = round(time.perf_counter() - t0, 1)
             atomic_write_text(marker, json.dumps({"fingerprint": fp, "seconds": seconds, "result": results[name]}))
             log(f"[{name}] finished in {seconds} s")
