@@ -66,10 +66,8 @@ def scenes(
     None: scenes over every pair, the dVAE's unlabelled pool): captions and uint8 images."""
     w = world_of(world)
     rng = np.random.default_rng([seed, 2 if held_out is None else int(held_out)])
-    if held_out is None:
-        sc = [w.scene_from(rng, False, w.all_objects(), []) for _ in range(n)]
-    else:
-        sc = [w.random_scene(rng, held_out) for _ in range(n)]
+    draw = w.any_scene if held_out is None else w.random_scene
+    sc = [draw(rng, held_out) for _ in range(n)]
     offset = {None: 2 * 10**9, True: 10**9, False: 0}[held_out]
     jobs = [(world, s.to_json(), size, seed * 1_000_003 + i + offset) for i, s in enumerate(sc)]
     with Pool(workers) as pool:
@@ -351,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, spec in map(variant, a.dvae or ([] if a.dvae_from else ["base:"])):
         own = [e for e in spec.split(",") if e.startswith("pairs=")]
         edits = ",".join(e for e in spec.split(",") if e and not e.startswith("pairs="))
-        every = bool(own) and own[-1].split("=", 1)[1] == "all"
-        if own and own[-1].split("=", 1)[1] not in ("all", "seen"):
+        pairs = own[-1].split("=", 1)[1] if own else "seen"
+        if pairs not in ("all", "seen"):
             raise SystemExit(f"--dvae {name}: pairs= takes all (scenes of every pair) or seen, got {own[-1]!r}")
+        every = pairs == "all"
         if every and pool is None:
             pool = scenes(n_train, None, a.seed, 32, a.workers, a.world)[1]
         cfg = edited("configs/demo/dvae.yaml", DVAETrainConfig, edits)
@@ -363,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="bf16"))
         dvae, info = train_dvae(cfg, pool if every and pool is not None else train_ims[:n_train], dev, a.seed)
         info |= {"seen": ceiling(dvae, val_caps, val_ims, dev), "heldout": ceiling(dvae, held_caps, held_ims, dev)}
-        info["edits"], info["pairs"] = edits, "all" if every else "seen"
+        info["edits"], info["pairs"] = edits, pairs
         result["dvae"][name] = info
         dvaes[name] = dvae
         print(json.dumps({"dvae": name, **{k: v for k, v in info.items() if k != "last"}}), flush=True)

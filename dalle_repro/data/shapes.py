@@ -610,14 +610,15 @@ def write_scene_splits(
 
 
 def drop_stale_pool(folder: Path) -> None:
-    """Remove ``folder`` where it is an unlabelled pool an earlier run wrote (its summary or progress
-    says so) and this one asks for none: a later ``DATA/*/*.tar`` would otherwise read images of
-    held-out pairs. Anything else there is left alone."""
-    for name in ("summary.json", ".progress.json"):
-        f = folder / name
-        if f.is_file() and UNLABELLED in f.read_text(encoding="utf-8"):
-            shutil.rmtree(folder)
-            return
+    """Remove ``folder`` where it is an unlabelled pool an earlier run wrote (its summary's options say
+    so) and this one asks for none: a later ``DATA/*/*.tar`` would otherwise read images of held-out
+    pairs. Anything else there is left alone."""
+    summary = folder / "summary.json"
+    if (
+        summary.is_file()
+        and json.loads(summary.read_text(encoding="utf-8")).get("options", {}).get("split") == UNLABELLED
+    ):
+        shutil.rmtree(folder)
 
 
 def without_caption(rec: Record, render_one: Any) -> Sample:

@@ -271,8 +271,11 @@ def trained_on(cfg: DemoConfig) -> dict[str, Any]:
     if folder != UNLABELLED:
         return {"folder": folder}
     summary, a = data_dir(cfg) / folder / "summary.json", data_args(cfg)
-    written = json.loads(summary.read_text())["written"] if summary.is_file() else None
-    return {"folder": folder, "scenes": written if written is not None else getattr(a, UNLABELLED)}
+    assert isinstance(a, ShapesArgs)  # dvae_images gives the pool for the scene sets alone
+    return {
+        "folder": folder,
+        "scenes": json.loads(summary.read_text())["written"] if summary.is_file() else a.unlabelled,
+    }
 
 
 # A demo dVAE that collapsed goes back to its last healthy checkpoint and trains on with its gradient
@@ -643,7 +646,12 @@ def stage_fingerprint(stage: Stage, cfg: DemoConfig, done: dict[str, str]) -> st
     """What marks a stage's output as current: its settings and the fingerprints (``done``) of the
     stages whose output it reads. Computed just before the stage runs: a later stage's settings may
     read what an earlier one wrote (the plan)."""
-    return _fingerprint([done[a] for a in stage.after], stage.settings(cfg))
+    return _fingerprint(inputs_of(stage, done), stage.settings(cfg))
+
+
+def inputs_of(stage: Stage, done: dict[str, str]) -> list[str]:
+    """The fingerprints (``done``) of the stages whose output ``stage`` reads (its ``after``)."""
+    return [done[a] for a in stage.after]
 
 
 def run_demo(
@@ -686,7 +694,7 @@ def _run_stages(cfg: DemoConfig, log: Callable[[str], None]) -> dict[str, dict[s
                 )
             log(f"[{name}] running")
             t0 = time.perf_counter()
-            token = INPUTS.set(_fingerprint([fps[a] for a in stage.after]))
+            token = INPUTS.set(_fingerprint(inputs_of(stage, fps)))
             try:
                 results[name] = stage.run(cfg)
             finally:
