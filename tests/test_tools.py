@@ -332,3 +332,30 @@ def test_trainer_errors_print_once_from_rank_zero(monkeypatch, capsys):
         raise NonFiniteLosses("3 non-finite losses in a row")
 
     assert run_trainer(diverging)[0] == 3
+
+
+def test_trainers_destroy_their_process_group_however_they_end(monkeypatch):
+    """A gloo group left to the interpreter's exit can abort a finished rank (exit 250): run_trainer
+    destroys the group the run joined, after a finished run and after an error alike."""
+    import torch.distributed as dist
+
+    from dalle_repro.cli.errors import run_trainer
+    from dalle_repro.core import distributed
+    from dalle_repro.core.config import ConfigError
+
+    port = str(distributed.free_port())
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port).items():
+        monkeypatch.setenv(k, v)
+
+    def finished(stop):
+        distributed.init("cpu", require_group=True)
+        assert dist.is_initialized()
+        return {"ended": "done"}
+
+    def broken(stop):
+        distributed.init("cpu", require_group=True)
+        raise ConfigError("data.shards: broken")
+
+    assert run_trainer(finished) == (0, {"ended": "done"}) and not dist.is_initialized()
+    monkeypatch.setenv("MASTER_PORT", str(distributed.free_port()))
+    assert run_trainer(broken) == (2, {}) and not dist.is_initialized()

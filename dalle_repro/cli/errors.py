@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from dalle_repro.core import distributed
 from dalle_repro.core.config import ConfigError
 from dalle_repro.train.dvae import CodebookCollapsed
 from dalle_repro.train.loop import NonFiniteLosses, StopRequested
@@ -30,7 +31,12 @@ def print_error(e: BaseException) -> None:
 
 def run_trainer(train: Callable[[StopRequested], dict[str, Any]]) -> tuple[int, dict[str, Any]]:
     """Run ``train`` with SIGTERM/SIGINT caught (the run stops after its update, with a checkpoint);
-    returns (exit status, its result)."""
+    returns (exit status, its result).
+
+    The process group the run joined is destroyed before returning, however the run ended: a gloo
+    group left to the interpreter's exit can abort the process from one of its threads ("terminate
+    called without an active exception", exit status 250 under the launcher) after the run has
+    finished and written its export, which turned finished runs into failed ones now and then."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     stop = StopRequested()
     stop.install()
@@ -43,6 +49,7 @@ def run_trainer(train: Callable[[StopRequested], dict[str, Any]]) -> tuple[int, 
         print_error(e)
         return 3, {}
     finally:
+        distributed.close()
         for sig, handler in previous.items():  # a caller in the same process gets its own back
             signal.signal(sig, handler)
 
