@@ -48,6 +48,18 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
 
 
+def test_a_run_after_a_closed_one_in_the_same_process(prior_data, tmp_path):
+    """run_trainer destroys the process group at the end of a run; a later run in the same process
+    (a test, a notebook) joins a new one, and DeepSpeed must not keep the destroyed one's groups."""
+    import torch.distributed as dist
+
+    from dalle_repro.cli.errors import run_trainer
+
+    first = config(prior_data, tmp_path / "a", "run.steps=1")
+    assert run_trainer(lambda stop: train(first, stop=stop))[0] == 0 and not dist.is_initialized()
+    assert train(config(prior_data, tmp_path / "b", "run.steps=1"))["ended"] == "done"
+
+
 @pytest.mark.parametrize("zero", [0, 2])
 def test_stop_and_resume_equals_an_uninterrupted_run(prior_data, tmp_path, zero):
     """3 steps + stop + resume for 3 more = 6 steps: the same losses and bit-identical weights."""

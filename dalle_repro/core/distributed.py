@@ -216,7 +216,15 @@ def mean(values: dict[str, float], device: torch.device | None = None) -> dict[s
 
 
 def close() -> None:
-    if dist.is_initialized():
+    """Destroy the process group. Through DeepSpeed's own call when it has joined the group: that
+    also drops the groups DeepSpeed caches (its world and data-parallel groups), which a later run
+    in the same process would otherwise use after they were destroyed."""
+    if not dist.is_initialized():
+        return
+    ds = sys.modules.get("deepspeed.comm.comm")
+    if ds is not None and getattr(ds, "cdb", None) is not None and hasattr(ds, "destroy_process_group"):
+        ds.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 
