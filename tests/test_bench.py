@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -11,6 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import dvae_overrides
 
 from dalle_repro.models import dvae
 from dalle_repro.models.dvae import DVAE, DVAEArgs, logit_laplace_nll, map_pixels
@@ -162,3 +164,28 @@ def test_gpu_check_refuses_to_run_without_cuda_unless_dry():
 
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py")], capture_output=True, text=True)
     assert r.returncode == 2 and "--dry-run" in r.stderr
+
+
+def test_denormals_bench_times_every_case_of_a_trained_dvae(emoji_dir, tmp_path):
+    # bench/denormals.py at tiny size: a 6-update dVAE run, one round of its four cases
+    from dalle_repro.core.config import load_config
+    from dalle_repro.train.dvae import DVAETrainConfig, train
+
+    train(load_config(DVAETrainConfig, None, dvae_overrides(emoji_dir, tmp_path / "run")))
+    out = tmp_path / "denormals.json"
+    cmd = [sys.executable, str(ROOT / "bench" / "denormals.py"), "--run", str(tmp_path / "run")]
+    cmd += ["--rounds", "1", "--warm", "1", "--timed", "2", "--images", "2", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    assert result == json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["step"] == 6 and result["image_size"] == 16 and result["batch"] == 8  # the latest checkpoint's
+    ms = result["ms_per_update"]
+    assert set(ms) == {"fresh_kept", "fresh_flushed", "trained_kept", "trained_flushed"} and min(ms.values()) > 0
+    assert result["trained_kept_over_flushed"] == round(ms["trained_kept"] / ms["trained_flushed"], 3)
+    assert len(result["trained_kept_over_flushed_per_round"]) == 1
+    assert 0 <= result["grad_denormal_share"]["trained"] < 1 and result["machine"]["cpu"]
+    bad_runs = ((["--run", str(tmp_path / "none")], "holds no finished checkpoint"), (["--checkpoint", "4"], "[3, 6]"))
+    for bad, error in bad_runs:
+        done = subprocess.run([*cmd[:4], *bad], capture_output=True, text=True, cwd=ROOT)
+        assert done.returncode != 0 and error in done.stderr

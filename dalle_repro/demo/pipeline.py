@@ -43,6 +43,7 @@ from dalle_repro.core.config import (
 from dalle_repro.core.distributed import free_port, usable_cores
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png
+from dalle_repro.core.precision import denormals_flushed
 from dalle_repro.data.emoji import build_emoji_from
 from dalle_repro.data.loader import Loader
 from dalle_repro.data.pre_encode import encode_token_shards
@@ -654,6 +655,7 @@ def inputs_of(stage: Stage, done: dict[str, str]) -> list[str]:
     return [done[a] for a in stage.after]
 
 
+@denormals_flushed()
 def run_demo(
     cfg: DemoConfig, log: Callable[[str], None] = print, allow_pipe: bool = False, stop: StopRequested | None = None
 ) -> dict[str, dict[str, Any]]:

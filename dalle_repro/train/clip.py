@@ -34,7 +34,7 @@ import torch
 from dalle_repro.core import distributed
 from dalle_repro.core.config import ConfigError, arg, save_config
 from dalle_repro.core.files import honour_umask
-from dalle_repro.core.precision import AutocastArgs, pick_precision
+from dalle_repro.core.precision import AutocastArgs, denormals_flushed, pick_precision
 from dalle_repro.core.pretrained import check_replaceable
 from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.data.sources import expand_shards
@@ -384,6 +384,7 @@ def clip_folder(cfg: ClipTrainConfig) -> Path:
     return Path(cfg.run.run_dir) / "clip"
 
 
+@denormals_flushed()
 def train_clip(cfg: ClipTrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
     """Train (or continue), evaluate and save the small CLIP; returns the retrieval metrics, the
     step and how the run ended."""

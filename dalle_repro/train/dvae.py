@@ -34,7 +34,7 @@ from dalle_repro.core import distributed
 from dalle_repro.core.config import ConfigError, arg, save_config
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png
-from dalle_repro.core.precision import AutocastArgs, agree_across_ranks, pick_precision
+from dalle_repro.core.precision import AutocastArgs, agree_across_ranks, denormals_flushed, pick_precision
 from dalle_repro.core.pretrained import load_state_strict, save_pretrained
 from dalle_repro.data.loader import DataArgs, Loader
 from dalle_repro.models.dvae import (
@@ -425,6 +425,7 @@ class DVAETask(Task):
         return export(self.st, self.config, self.run_dir) if self.d.is_main else None
 
 
+@denormals_flushed()
 def train(cfg: DVAETrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
     """Train (or continue) a dVAE run; returns the last validation metrics (rank 0), the step and
     how the run ended.

@@ -59,7 +59,7 @@ from dalle_repro.core import distributed, faults
 from dalle_repro.core.config import ConfigError, load_yaml, save_config, to_dict
 from dalle_repro.core.files import atomic_write_text
 from dalle_repro.core.images import grid, save_png
-from dalle_repro.core.precision import Pick, agree_across_ranks, pick_precision
+from dalle_repro.core.precision import Pick, agree_across_ranks, denormals_flushed, pick_precision
 from dalle_repro.core.pretrained import load_state_strict, model_shapes, shape_mismatch
 from dalle_repro.data.loader import Loader
 from dalle_repro.data.tokenizer import TextTokenizer
@@ -568,6 +568,7 @@ class PriorTask(Task):
         return {"captions_truncated": c.captions_truncated, "captions_truncated_share": share}
 
 
+@denormals_flushed()
 def train(cfg: PriorTrainConfig, resume_run: bool = False, stop: StopRequested | None = None) -> dict[str, Any]:
     """Train (or continue) a prior run; returns the last validation metrics on rank 0."""
     d = distributed.init(cfg.run.device, require_group=True)
