@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -359,3 +360,20 @@ def test_trainers_destroy_their_process_group_however_they_end(monkeypatch):
     assert run_trainer(finished) == (0, {"ended": "done"}) and not dist.is_initialized()
     monkeypatch.setenv("MASTER_PORT", str(distributed.free_port()))
     assert run_trainer(broken) == (2, {}) and not dist.is_initialized()
+
+
+def test_a_group_joined_outside_run_trainer_is_destroyed_at_exit():
+    """A trainer called directly (a notebook, a benchmark) does not go through run_trainer: the
+    group it joined is destroyed by the exit functions, before the interpreter's teardown."""
+    code = (
+        "import atexit, torch.distributed as dist\n"
+        "from dalle_repro.core import distributed\n"
+        "distributed.init('cpu', require_group=True)\n"
+        "print(dist.is_initialized())\n"
+        "atexit._run_exitfuncs()\n"
+        "print(dist.is_initialized())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]

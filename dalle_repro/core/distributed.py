@@ -12,6 +12,7 @@ this node, so that the 2 CPU ranks of the demo on 2 cores run one thread each in
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import logging
@@ -182,6 +183,10 @@ def init(device: str = "auto", require_group: bool = False) -> Dist:
     dev = pick_device(device, local)
     if (world > 1 or require_group) and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+        # destroyed at exit at the latest, also where a caller (a notebook, a benchmark) runs a trainer
+        # without the commands' run_trainer, which destroys it as the run ends: a gloo group left to
+        # the interpreter's teardown can abort the process after the run's work is written
+        atexit.register(close)
     return Dist(rank, world, local, dev)
 
 
