@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import dvae_overrides
+from helpers import bench_script, dvae_overrides
 
 from dalle_repro.models import dvae
 from dalle_repro.models.dvae import DVAE, DVAEArgs, logit_laplace_nll, map_pixels
@@ -185,7 +186,9 @@ def test_denormals_bench_times_every_case_of_a_trained_dvae(emoji_dir, tmp_path)
     assert result["trained_kept_over_flushed"] == round(ms["trained_kept"] / ms["trained_flushed"], 3)
     assert len(result["trained_kept_over_flushed_per_round"]) == 1
     assert 0 <= result["grad_denormal_share"]["trained"] < 1 and result["machine"]["cpu"]
-    bad_runs = ((["--run", str(tmp_path / "none")], "holds no finished checkpoint"), (["--checkpoint", "4"], "[3, 6]"))
-    for bad, error in bad_runs:
-        done = subprocess.run([*cmd[:4], *bad], capture_output=True, text=True, cwd=ROOT)
-        assert done.returncode != 0 and error in done.stderr
+    denormals = bench_script("denormals")
+    assert denormals.checkpoint_of(tmp_path / "run", 3).name == "step_00000003"
+    bad = ((tmp_path / "none", None, "holds no finished checkpoint"), (tmp_path / "run", 4, "[3, 6]"))
+    for run, step, error in bad:
+        with pytest.raises(SystemExit, match=re.escape(error)):
+            denormals.checkpoint_of(run, step)
