@@ -43,29 +43,21 @@ def worker(case: str, checkpoint: Path, threads: int, warm: int, timed: int, ima
 
     torch.set_flush_denormal(case.endswith("flushed"))  # before the first parallel op starts the pool
     torch.set_num_threads(threads)
-    from safetensors.torch import load_file
-
     from dalle_repro.core.config import load_config
-    from dalle_repro.core.precision import pick_precision
     from dalle_repro.data.loader import Loader
-    from dalle_repro.models.dvae import DVAE
-    from dalle_repro.train.checkpoint import unflatten_state
-    from dalle_repro.train.dvae import DVAETrainConfig, State, train_step
-    from dalle_repro.train.optim import EMA, adamw, load_optimizer_state
+    from dalle_repro.demo.plan import dvae_update_state
+    from dalle_repro.train.checkpoint import Checkpoints
+    from dalle_repro.train.dvae import DVAETrainConfig, train_step
+    from dalle_repro.train.optim import EMA, load_optimizer_state
 
-    cfg = load_config(DVAETrainConfig, checkpoint / "config.yaml", [])
-    dtype = pick_precision(cfg.precision.dtype, "cpu").dtype
-    cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype=dtype))
     torch.manual_seed(0)
-    model = DVAE(cfg.model).to(memory_format=torch.channels_last)
-    o = cfg.optim
-    opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)
-    st = State(model, model, opt, EMA(model, o.ema_decay), None, None)  # type: ignore[arg-type]
+    cfg, st = dvae_update_state(load_config(DVAETrainConfig, checkpoint / "config.yaml", []))
+    model = st.model
     if case.startswith("trained"):
-        model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-        state = json.loads((checkpoint / "state.json").read_text())
-        load_optimizer_state(opt, unflatten_state(state["optimizer"], load_file(checkpoint / "state.safetensors")))
-        st.ema = EMA(model, o.ema_decay)
+        files, state = Checkpoints.load(checkpoint)
+        model.load_state_dict(files["model"])
+        load_optimizer_state(st.opt, state["optimizer"])
+        st.ema = EMA(model, cfg.optim.ema_decay)
         st.counters.step = int(state["step"])
     batches = []
     for batch in Loader(cfg.data.shards, dataclasses.replace(cfg.data, num_workers=0), epochs=1):
@@ -82,14 +74,14 @@ def worker(case: str, checkpoint: Path, threads: int, warm: int, timed: int, ima
         train_step(st, batches[i % len(batches)], cfg, dev)
         if i >= warm:
             times.append(time.perf_counter() - t)
-        # the gradients of the update just made (zero_grad runs at the next update's start)
-        for g in (p.grad.float() for p in model.parameters() if p.grad is not None):
-            denormal += int(((g != 0) & (g.abs() < tiny)).sum())
-            entries += g.numel()
+        if case.endswith("kept"):  # the gradients of the update just made (zero_grad runs at the next one's start)
+            for g in (p.grad.float() for p in model.parameters() if p.grad is not None):
+                denormal += int(((g != 0) & (g.abs() < tiny)).sum())
+                entries += g.numel()
     return {
         "ms": 1000 * statistics.median(times),
-        "denormal_share": None if case.endswith("flushed") else denormal / entries,
-        "precision": dtype,
+        "denormal_share": denormal / entries if entries else None,
+        "precision": cfg.precision.dtype,
         "step": st.counters.step - warm - timed,
         "batch": cfg.data.batch_size,
         "image_size": cfg.model.image_size,
@@ -132,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from dalle_repro.core.cpuinfo import cpu_record
+    from dalle_repro.core.files import atomic_write_text
 
     checkpoint = checkpoint_of(a.run, a.checkpoint)
     rounds: dict[str, list[dict[str, Any]]] = {c: [] for c in CASES}
@@ -175,10 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     line = json.dumps(result)
     print(line)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = a.out.with_suffix(a.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        tmp.replace(a.out)
+        atomic_write_text(a.out, json.dumps(result, indent=1) + "\n")
     return 0
 
 

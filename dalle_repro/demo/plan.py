@@ -64,18 +64,27 @@ def _timed(step: Any, warm: int, timed: int) -> float:
     return statistics.median(times)
 
 
-def dvae_step_seconds(dcfg: Any, warm: int = 2, timed: int = 9) -> float:
-    """Seconds of one dVAE update as train_dvae runs it (autocast at its pick, channels_last, AdamW,
-    EMA), on random images of the config's size and batch, in this process's threads."""
+def dvae_update_state(dcfg: Any) -> tuple[Any, Any]:
+    """(the config at its picked precision, a fresh train_dvae.State) for calling ``train_step`` on
+    the CPU outside the trainer: the model channels_last, AdamW and EMA as train_dvae builds them, no
+    loader or scaler (also bench/denormals.py)."""
     from dalle_repro.models.dvae import DVAE
-    from dalle_repro.train.dvae import State, train_step
+    from dalle_repro.train.dvae import State
     from dalle_repro.train.optim import EMA, adamw
 
     cfg = dataclasses.replace(dcfg, precision=dataclasses.replace(dcfg.precision, dtype=_dtype(dcfg.precision.dtype)))
     model = DVAE(cfg.model).to(memory_format=torch.channels_last)
     o = cfg.optim
     opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)
-    st = State(model, model, opt, EMA(model, o.ema_decay), None, None)  # type: ignore[arg-type]
+    return cfg, State(model, model, opt, EMA(model, o.ema_decay), None, None)  # type: ignore[arg-type]
+
+
+def dvae_step_seconds(dcfg: Any, warm: int = 2, timed: int = 9) -> float:
+    """Seconds of one dVAE update as train_dvae runs it (autocast at its pick, channels_last, AdamW,
+    EMA), on random images of the config's size and batch, in this process's threads."""
+    from dalle_repro.train.dvae import train_step
+
+    cfg, st = dvae_update_state(dcfg)
     size, batch = cfg.model.image_size, cfg.data.batch_size
     x = torch.rand(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     return _timed(lambda: train_step(st, x, cfg, torch.device("cpu")), warm, timed)
