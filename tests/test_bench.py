@@ -192,3 +192,61 @@ def test_denormals_bench_times_every_case_of_a_trained_dvae(emoji_dir, tmp_path)
     for run, step, error in bad:
         with pytest.raises(SystemExit, match=re.escape(error)):
             denormals.checkpoint_of(run, step)
+
+
+def test_code_entropy_splits_background_from_ink_and_reads_a_demo_run(tmp_path):
+    # bench/code_entropy.py: the ink mask and the statistics on hand-made codes, then a whole (tiny) run folder
+    import numpy as np
+    import yaml
+
+    from dalle_repro.data import shapes
+    from dalle_repro.data.writer import Sample, encode_image, write_tar
+
+    ce = bench_script("code_entropy")
+    images = np.full((2, 8, 8, 3), 250, np.uint8)
+    images[0, 0:2, 2:4] = (255, 0, 0)  # ink in patch (0, 1) of a 4x4 grid
+    images[1, 7, 7] = (0, 0, 255)  # and in patch (3, 3)
+    images[1, 3, 3] = (220, 230, 240)  # 36 levels off the paper: noise, not ink
+    ink = ce.ink_patches(images, (250, 250, 250), 4, 60)
+    assert ink.sum() == 2 and ink[0, 0, 1] and ink[1, 3, 3]
+    with pytest.raises(ValueError, match="do not split into a 3x3 grid"):
+        ce.ink_patches(images, (250, 250, 250), 3, 60)
+    tokens = np.zeros((2, 4, 4), np.int64)
+    tokens[0, 0, 1], tokens[1, 3, 3] = 1, 2  # two ink codes, equally often
+    tokens[1, 0, 0] = 3  # one background position of 30 on another code
+    stats = ce.code_stats(tokens, ink, vocab=8)
+    h_bg = -(29 / 30 * np.log(29 / 30) + 1 / 30 * np.log(1 / 30))
+    assert stats["perplexity_ink"] == 2.0 and stats["perplexity_background"] == round(float(np.exp(h_bg)), 1)
+    assert (stats["codes_used"], stats["codes_used_background"], stats["codes_used_ink"]) == (4, 2, 2)
+    assert stats["background_codes_per_image"] == 1.5 and stats["background_positions_per_image"] == 15.0
+    spent_bg, spent_ink = h_bg * 30 / 32, np.log(2) * 2 / 32
+    assert stats["background_share_of_entropy"] == round(spent_bg / (spent_bg + spent_ink), 3)
+
+    # a run folder as the demo leaves it: config.yaml, its data's training shards, the dVAE, an evaluation
+    run = tmp_path / "clone" / "outputs" / "demo"
+    (run / "evaluation").mkdir(parents=True)
+    cfg = {"out_dir": "outputs/demo", "dataset": "shapes", "shapes": {"output": "data/shapes"}}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    scene = shapes.parse_caption("a big red square on the left")
+    pngs = [encode_image(shapes.render(scene, 16, seed=i), "png")[0] for i in range(5)]
+    samples = [Sample(f"k{i}", png, "png", "c", {}) for i, png in enumerate(pngs)]
+    write_tar(tmp_path / "clone" / "data" / "shapes" / "train" / "000000.tar", samples)
+    torch.manual_seed(0)
+    DVAE(DVAEArgs(image_size=16, n_hid=8, n_blk_per_group=1, group_count=2, vocab_size=16, n_init=8)).save_pretrained(
+        run / "dvae" / "dvae"
+    )
+    rates = {"all": {"rate": 0.5}, "two_objects": {"rate": 0.25}, "shapes_swapped": {"rate": 0.125}}
+    evaluation = {"splits": {"seen": {"tasks": {"reranked": rates}}}}
+    (run / "evaluation" / "evaluation.json").write_text(json.dumps(evaluation))
+    out = tmp_path / "entropy.json"
+    assert ce.main([str(run), "--images", "4", "--out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["images"] == 4 and row["world"] == "shapes" and row["codebook"] == 16
+    assert 0 < row["ink_share"] < 1 and 1 <= row["perplexity"] <= row["codes_used"] <= 16
+    assert row["seen"] == {"all": 0.5, "two_objects": 0.25, "shapes_swapped": 0.125}
+    assert "prior_val_image_loss" not in row and "heldout" not in row
+    moved = tmp_path / "clone" / "outputs" / "elsewhere"
+    moved.mkdir()
+    (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match="does not end with its config's out_dir"):
+        ce.run_stats(moved, 4, 60)
