@@ -49,6 +49,30 @@ def test_schedules_at_their_endpoints():
     assert schedule_at(warm, 100)["lr"] == schedule_at(paper.schedule, 100)["lr"]
 
 
+def test_the_usage_term_anneals_to_zero_when_asked_and_the_model_gets_that_weight(emoji_dir, tmp_path, monkeypatch):
+    from dalle_repro.train.dvae import LENGTH_KEYS, usage_weight_at
+
+    held = tiny_config(emoji_dir, tmp_path / "held", "loss.usage_weight=2.0")
+    assert [usage_weight_at(held, k) for k in (0, 3, 10_000)] == [2.0, 2.0, 2.0]  # null: the whole run
+    cfg = tiny_config(emoji_dir, tmp_path / "run", "loss.usage_weight=2.0", "schedule.usage_steps=4")
+    assert usage_weight_at(cfg, 0) == 2.0 and usage_weight_at(cfg, 2) == pytest.approx(1.0)
+    assert usage_weight_at(cfg, 4) == 0.0 and usage_weight_at(cfg, 6) == 0.0
+    assert "schedule.usage_steps" in LENGTH_KEYS  # scaled with the run's length, as the other schedules
+    got = []
+    forward = DVAE.forward
+
+    def spy(self, images, tau, beta, usage_weight=0.0):
+        got.append(usage_weight)
+        return forward(self, images, tau, beta, usage_weight)
+
+    monkeypatch.setattr(DVAE, "forward", spy)
+    torch.set_num_threads(1)
+    train(cfg)
+    assert got == pytest.approx([cosine(k, 2.0, 0.0, 4) for k in range(6)]) and got[-1] == 0.0
+    logged = [r["usage_weight"] for r in read_metrics(tmp_path / "run") if "usage_weight" in r]
+    assert logged and logged[-1] == 0.0
+
+
 def test_config_cross_checks(emoji_dir, tmp_path):
     from dalle_repro.core.config import ConfigError
 

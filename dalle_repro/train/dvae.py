@@ -87,6 +87,15 @@ class ScheduleArgs:
         "and, on some seeds, never leave them (docs/demo.md).",
         ge=0,
     )
+    usage_steps: int | None = arg(
+        None,
+        "Updates over which loss.usage_weight falls to 0 (a cosine, as tau and beta); null: the weight holds for "
+        "the whole run. The usage term is needed while the codebook finds its spread (the demo's dVAE fell onto "
+        "one code in its first 20 updates without it); held to the end it also rewards spreading patches that no "
+        "caption tells apart (paper texture, pixel noise) over many codes, which the prior must then learn "
+        "(bench/code_entropy.py).",
+        ge=0,
+    )
 
 
 @dataclass
@@ -213,6 +222,12 @@ class DVAETrainConfig:
             raise ConfigError(f"data.kind: got {self.data.kind!r}; the dVAE trains on images")
 
 
+def usage_weight_at(cfg: DVAETrainConfig, step: int) -> float:
+    """loss.usage_weight at ``step``: held, or annealed to 0 over schedule.usage_steps."""
+    steps = cfg.schedule.usage_steps
+    return cfg.loss.usage_weight if steps is None else cosine(step, cfg.loss.usage_weight, 0.0, steps)
+
+
 def schedule_at(s: ScheduleArgs, step: int) -> dict[str, float]:
     return {
         "tau": cosine(step, s.tau_start, s.tau_end, s.tau_steps),
@@ -261,11 +276,11 @@ class State:
 
 def train_step(st: State, images: torch.Tensor, cfg: DVAETrainConfig, dev: torch.device) -> dict[str, float]:
     """One update: schedules, forward under autocast, backward, clip, step, EMA."""
-    sched = schedule_at(cfg.schedule, st.step)
+    sched = schedule_at(cfg.schedule, st.step) | {"usage_weight": usage_weight_at(cfg, st.step)}
     set_lr(st.opt, sched["lr"])
     images = shuffle_channels(images, cfg.augment.channel_shuffle)
     with autocast(dev, cfg.precision.dtype):
-        out = st.net(images, tau=sched["tau"], beta=sched["beta"], usage_weight=cfg.loss.usage_weight)
+        out = st.net(images, tau=sched["tau"], beta=sched["beta"], usage_weight=sched["usage_weight"])
     st.opt.zero_grad(set_to_none=True)
     if st.scaler is not None:
         st.scaler.scale(out.loss).backward()
@@ -372,6 +387,7 @@ LENGTH_KEYS = (
     "schedule.tau_steps",
     "schedule.beta_steps",
     "schedule.lr_steps",
+    "schedule.usage_steps",
     "run.ckpt_every",
     "run.val_every",
 )
