@@ -82,9 +82,7 @@ def demo_root(out: Path, out_dir: str, root: Path | None) -> Path:
     if root is not None:
         return root
     rel = Path(out_dir)
-    if rel.is_absolute():
-        return Path("/")
-    if out.resolve().parts[-len(rel.parts) :] != rel.parts:
+    if rel.is_absolute() or out.resolve().parts[-len(rel.parts) :] != rel.parts:
         raise SystemExit(f"{out} does not end with its config's out_dir {out_dir!r}: give --root (where the demo ran)")
     return out.resolve().parents[len(rel.parts) - 1]
 
@@ -124,7 +122,9 @@ def run_stats(out: Path, count: int, ink: float, root: Path | None = None) -> di
     cfg = yaml.safe_load(cfg_path.read_text())
     dataset = cfg.get("dataset")
     world = world_of(dataset)
-    data = demo_root(out, cfg["out_dir"], root) / cfg[dataset]["output"]
+    data = Path(cfg[dataset]["output"])
+    if not data.is_absolute():  # relative to the folder the demo ran in
+        data = demo_root(out, cfg["out_dir"], root) / data
     shards = sorted(glob.glob(str(data / "train" / "*.tar")))
     if not shards:
         raise SystemExit(f"no training shards in {data / 'train'} (the {dataset} data of {out})")

@@ -22,6 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -59,11 +62,13 @@ def load(out: Path) -> dict[str, Any]:
     return row
 
 
-def mean_ci(values: list[float]) -> tuple[float, float, float]:
+def mean_ci(values: list[float]) -> tuple[float, float | None, float | None]:
+    """The mean of the shares and its 95% t-interval across runs, clipped to [0, 1]; no interval for
+    one run (None, which JSON can hold, where NaN is not JSON)."""
     n = len(values)
     m = sum(values) / n
     if n < 2:
-        return m, float("nan"), float("nan")
+        return m, None, None
     sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
     half = T95.get(n - 1, 1.96) * sd / math.sqrt(n)
     return m, max(0.0, m - half), min(1.0, m + half)  # shares: the interval is clipped to [0, 1]
@@ -122,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
         cells = []
         for k in keys:
             s = summary[split].get(k)
-            cells.append(
-                "-"
-                if not s
-                else f"{100 * s['mean']:.1f}% [{100 * s['ci_over_seeds'][0]:.1f}, {100 * s['ci_over_seeds'][1]:.1f}]"
-            )
+            if not s:
+                cells.append("-")
+            elif s["ci_over_seeds"][0] is None:
+                cells.append(f"{100 * s['mean']:.1f}% (one run)")
+            else:
+                lo, hi = s["ci_over_seeds"]
+                cells.append(f"{100 * s['mean']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]")
         print(f"| {split} | " + " | ".join(cells) + " |")
     if any("plan" in r for r in rows):
         print()
@@ -139,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             ]
             print(f"| {r['run']} | {r.get('fraction')} | " + " | ".join(cells) + f" | {r.get('evaluate_min', '-')} |")
     if out_file is not None:
-        out_file.write_text(json.dumps({"runs": rows, "summary": summary}, indent=1) + "\n")
+        from dalle_repro.core.files import atomic_write_text
+
+        atomic_write_text(out_file, json.dumps({"runs": rows, "summary": summary}, indent=1, allow_nan=False) + "\n")
     return 0
 
 

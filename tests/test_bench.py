@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -250,3 +251,36 @@ def test_code_entropy_splits_background_from_ink_and_reads_a_demo_run(tmp_path):
     (moved / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SystemExit, match="does not end with its config's out_dir"):
         ce.run_stats(moved, 4, 60)
+
+
+def test_demo_seeds_gives_the_mean_with_its_t_interval_and_no_interval_for_one_run(tmp_path, capsys):
+    # bench/demo_seeds.py on hand-made evaluations: two runs get a t-interval, one run none (JSON has no NaN)
+    seeds = bench_script("demo_seeds")
+
+    def run(name: str, seen: float, heldout: float) -> Path:
+        out = tmp_path / name / "outputs" / "demo"
+        (out / "evaluation").mkdir(parents=True)
+        splits = {}
+        for split, rate in (("seen", seen), ("heldout", heldout)):
+            share = {"rate": rate, "ci": [rate - 0.1, rate + 0.05]}
+            tasks = {"reranked": {"all": share, "shape": share}, "random_pick": {"all": share}}
+            splits[split] = {"tasks": tasks, "ceilings": {"reader": {"all": share}, "dvae": {"all": share}}}
+        (out / "evaluation" / "evaluation.json").write_text(json.dumps({"splits": splits}))
+        return out
+
+    a, b = run("s0", 0.9, 0.6), run("s1", 0.8, 0.4)
+    out = tmp_path / "seeds.json"
+    assert seeds.main([str(a), str(b), "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    held = summary["heldout"]["clip_all"]
+    # mean 0.5, sd 0.141, t(1) = 12.706: a half-width of 1.27, clipped to the shares' [0, 1]
+    assert held["mean"] == pytest.approx(0.5) and held["ci_over_seeds"] == [0.0, 1.0]
+    assert summary["seen"]["clip_all"]["values"] == [0.9, 0.8] and "clip_binding" not in summary["seen"]
+    assert seeds.main([str(a), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "NaN" not in text and json.loads(text)["summary"]["seen"]["clip_all"]["ci_over_seeds"] == [None, None]
+    assert "90.0% (one run)" in capsys.readouterr().out
+    assert seeds.mean_ci([0.5, 0.6, 0.7]) == pytest.approx(
+        (0.6, 0.6 - 4.303 * 0.1 / math.sqrt(3), 0.6 + 4.303 * 0.1 / math.sqrt(3))
+    )
+    assert seeds.main([str(tmp_path / "none")]) == 2
