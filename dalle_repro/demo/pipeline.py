@@ -351,12 +351,15 @@ def stage_plan(cfg: DemoConfig) -> dict[str, Any]:
             for k, (timer, _) in timers.items()
             for old_seconds in [old.get("seconds_per_update", {}).get(k)]
         }
-        minutes = {k: seconds[k] * dp.STAGE_FACTORS[k] * updates[k] / 60 for k in updates}
+        dtypes = {k: dp.picked_dtype(c.precision.dtype) for k, c in (("dvae", dcfg), ("prior", pcfg), ("clip", ccfg))}
+        factors = dp.stage_factors(dtypes)
+        minutes = {k: seconds[k] * factors[k] * updates[k] / 60 for k in updates}
         fraction = round(dp.fraction_to_fit(minutes, cfg.train_minutes), 4)  # what planned() reads back
         result |= {
             "seconds_per_update": seconds,
             "timing_keys": keys,
-            "factors": dp.STAGE_FACTORS,
+            "factors": factors,
+            "dtypes": dtypes,
             "predicted_minutes_configured": {k: round(v, 2) for k, v in minutes.items()},
             "predicted_minutes": round(sum(minutes.values()) * fraction, 2),
         }

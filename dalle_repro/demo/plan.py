@@ -47,6 +47,24 @@ log = logging.getLogger(__name__)
 # 0.89-1.09, prior 1.08-1.15, CLIP 1.00-1.16: the prior's and CLIP's factors are their means since.
 # (Factors fitted on runs that shared the cores with other jobs had said 1.17 for the dVAE.)
 STAGE_FACTORS = {"dvae": 1.0, "prior": 1.15, "clip": 1.1}
+# Where the stage's timer ran fp32 (auto's pick without native bf16; AVX2 code paths), the prior's
+# whole run over its timed update was 1.05 (AMD EPYC family 26 model 2), 1.11 (the same on one core),
+# 1.12 and 0.95 (Intel Xeon family 6 model 207, 2026-12-05 and -06; docs/demo.md "On AVX2 code
+# paths"): bf16's 1.15 put the last at 0.82 of its prediction. Their mean is fp32's factor; the dVAE's
+# and CLIP's (0.91-1.06 and 1.03-1.19 in fp32) stay as they are.
+STAGE_FACTORS_FP32 = {"dvae": 1.0, "prior": 1.06, "clip": 1.1}
+
+
+def stage_factors(dtypes: dict[str, str]) -> dict[str, float]:
+    """Each stage's factor for the dtype its timer ran (``auto`` resolved): fp32's own where it ran fp32."""
+    return {k: (STAGE_FACTORS_FP32 if dtypes.get(k) == "fp32" else STAGE_FACTORS)[k] for k in STAGE_FACTORS}
+
+
+def picked_dtype(requested: str) -> str:
+    """The dtype a CPU stage trains in for ``precision.dtype`` = ``requested`` (auto resolved here)."""
+    return _dtype(requested)
+
+
 MIN_FRACTION = 0.2  # below this the demo's models learn too little to show anything
 
 
