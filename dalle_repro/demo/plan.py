@@ -60,11 +60,6 @@ def stage_factors(dtypes: dict[str, str]) -> dict[str, float]:
     return {k: (STAGE_FACTORS_FP32 if dtypes.get(k) == "fp32" else STAGE_FACTORS)[k] for k in STAGE_FACTORS}
 
 
-def picked_dtype(requested: str) -> str:
-    """The dtype a CPU stage trains in for ``precision.dtype`` = ``requested`` (auto resolved here)."""
-    return _dtype(requested)
-
-
 MIN_FRACTION = 0.2  # below this the demo's models learn too little to show anything
 
 
@@ -90,7 +85,8 @@ def dvae_update_state(dcfg: Any) -> tuple[Any, Any]:
     from dalle_repro.train.dvae import State
     from dalle_repro.train.optim import EMA, adamw
 
-    cfg = dataclasses.replace(dcfg, precision=dataclasses.replace(dcfg.precision, dtype=_dtype(dcfg.precision.dtype)))
+    precision = dataclasses.replace(dcfg.precision, dtype=picked_dtype(dcfg.precision.dtype))
+    cfg = dataclasses.replace(dcfg, precision=precision)
     model = DVAE(cfg.model).to(memory_format=torch.channels_last)
     o = cfg.optim
     opt = adamw(model, cfg.schedule.lr_start, (o.beta1, o.beta2), o.eps, o.weight_decay)
@@ -126,7 +122,7 @@ def prior_step_seconds(model_args: Any, precision: str, batch: int, ranks: int, 
     from dalle_repro.core.precision import PrecisionArgs
     from dalle_repro.models.transformer import Transformer
 
-    dtype = _dtype(precision)
+    dtype = picked_dtype(precision)
     m = model_args
     runs = []
     for r in range(ranks):
@@ -184,7 +180,7 @@ def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int 
         return_tensors="pt",
     )
     images = torch.rand(b, 3, a.image_size, a.image_size)
-    bf16 = _dtype(ccfg.precision.dtype) == "bf16"
+    bf16 = picked_dtype(ccfg.precision.dtype) == "bf16"
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -201,7 +197,8 @@ def clip_step_seconds(ccfg: Any, tokenizer_path: str, warm: int = 2, timed: int 
     return _timed(step, warm, timed)
 
 
-def _dtype(requested: str) -> str:
+def picked_dtype(requested: str) -> str:
+    """The dtype a CPU stage trains in for ``precision.dtype`` = ``requested`` (auto resolved here)."""
     from dalle_repro.core.precision import pick_precision
 
     return pick_precision(requested, "cpu").dtype
