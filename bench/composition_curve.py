@@ -17,7 +17,7 @@ It is a benchmark: about 10 + 20 + 40 + 80 minutes of training on a 2-core CPU, 
 background and nothing else beside it when the minutes matter.
 
 Usage: python bench/composition_curve.py [--out outputs/curve] [--factors 0.5 1 2 4]
-       [--config configs/demo/demo.yaml] [--seed 0] [--collect-only] [--plot PATH]
+       [--demo configs/demo/demo.yaml] [--seed 0] [--collect-only] [--plot PATH]
 """
 
 from __future__ import annotations
@@ -168,7 +168,9 @@ class CurveArgs:
 
     out: str = arg("outputs/curve", "Folder of the runs and the curve.")
     factors: list[float] = arg(factory=lambda: [0.5, 1.0, 2.0, 4.0], doc="Multiples of the updates.", gt=0)
-    config: str = arg("configs/demo/demo.yaml", "The demo config the runs start from.")
+    demo: str = arg(
+        "configs/demo/demo.yaml", "The demo config the runs start from (configs/demo/strokes.yaml: the strokes set)."
+    )
     seed: int = arg(0, "Seed of the scenes and of every model.", ge=0)
     collect_only: bool = arg(False, "Only read finished runs and write the curve.")
     plot: str | None = arg(None, "Where to draw the plot; null: OUT/curve.png.")
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         # to replace one it did not make)
         out.mkdir(parents=True, exist_ok=True)
         cfg_path = out / f"x{factor:g}.yaml"
-        cfg_path.write_text(json.dumps(run_config(Path(a.config), run_dir, factor, a.seed), indent=1) + "\n")
+        cfg_path.write_text(json.dumps(run_config(Path(a.demo), run_dir, factor, a.seed), indent=1) + "\n")
         print(f"[curve] {factor:g}x: python -m dalle_repro.cli.demo --config {cfg_path}", flush=True)
         with open(out / f"x{factor:g}.log", "a") as log:
             code = subprocess.run(

@@ -79,3 +79,25 @@ def test_the_demo_is_started_on_a_folder_it_can_make(curve, tmp_path, monkeypatc
     assert curve.main(["--out", str(tmp_path), "--factors", "0.5"]) == 3
     assert calls == [(tmp_path / "x0.5.yaml", False, str(tmp_path / "x0.5"))]
     assert (tmp_path / "x0.5.log").is_file()
+
+
+def test_the_demo_config_is_its_own_flag_and_no_field_can_shadow_config(curve, monkeypatch, tmp_path):
+    # --config is parse_cli's (the YAML of the command itself): a field named config could never be set
+    # by its flag, and the curve's demo config once was one (--config configs/demo/strokes.yaml failed)
+    import dataclasses
+
+    from dalle_repro.core.cli import flag_aliases
+
+    runs = []
+    monkeypatch.setattr(curve, "run_config", lambda base, *a: runs.append(base) or {})
+    monkeypatch.setattr(curve.subprocess, "run", lambda *a, **k: type("Done", (), {"returncode": 1})())
+    strokes = str(ROOT / "configs" / "demo" / "strokes.yaml")
+    assert curve.main(["--out", str(tmp_path), "--factors", "2", "--demo", strokes]) == 1  # the run's exit status
+    assert runs == [Path(strokes)]
+
+    @dataclasses.dataclass
+    class Shadowing:
+        config: str = "x"
+
+    with pytest.raises(ValueError, match="Shadowing.config: --config is the command's YAML file"):
+        flag_aliases(Shadowing)

@@ -101,11 +101,16 @@ def flag_aliases(cls: type, prefix: str = "", only: Sequence[str] | None = None)
     """``--name-with-dashes`` -> ``prefix + name_with_dashes`` for the leaf fields of ``cls`` (or
     those named in ``only``): the ``--flag value`` spellings a command accepts besides dotted keys."""
     hints = typing.get_type_hints(cls)
-    return {
+    aliases = {
         "--" + f.name.replace("_", "-"): prefix + f.name
         for f in dataclasses.fields(cls)
         if not dataclasses.is_dataclass(hints[f.name]) and (only is None or f.name in only)
     }
+    if "--config" in aliases:  # parse_cli's own flag (the YAML of the whole command) would take it first
+        raise ValueError(
+            f"{cls.__name__}.{aliases['--config']}: --config is the command's YAML file; name the field otherwise"
+        )
+    return aliases
 
 
 def _leaf(cls: type, key: str) -> tuple[Any, Mapping[str, Any]]:
