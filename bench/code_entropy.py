@@ -23,7 +23,6 @@ Prints a Markdown table and the JSON; writes the JSON to --out when given.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
@@ -46,31 +45,32 @@ def ink_patches(images: np.ndarray, background: tuple[int, int, int], grid: int,
     return far.reshape(n, grid, h // grid, grid, w // grid).any(axis=(2, 4))
 
 
-def _entropy(codes: np.ndarray, vocab: int) -> float:
-    counts = np.bincount(codes.ravel(), minlength=vocab).astype(np.float64)
-    if counts.sum() == 0:
-        return 0.0
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+def _usage(codes: np.ndarray, vocab: int) -> dict[str, float]:
+    """models.dvae.codebook_usage of some codes, with their entropy in nats (0 where none)."""
+    import torch
+
+    from dalle_repro.models.dvae import codebook_usage
+
+    usage = codebook_usage(torch.bincount(torch.from_numpy(codes.ravel()), minlength=vocab))
+    return usage | {"entropy": math.log(usage["perplexity"]) if usage["perplexity"] > 0 else 0.0}
 
 
 def code_stats(tokens: np.ndarray, ink: np.ndarray, vocab: int) -> dict[str, Any]:
     """Perplexities and code counts of (N, g, g) ``tokens`` over all, background and ink positions."""
     if tokens.shape != ink.shape:
         raise ValueError(f"tokens {tokens.shape} and ink mask {ink.shape} differ")
-    bg, fg = tokens[~ink], tokens[ink]
-    h_bg, h_fg = _entropy(bg, vocab), _entropy(fg, vocab)
-    spent_bg, spent_fg = h_bg * (~ink).mean(), h_fg * ink.mean()
+    every, bg, fg = _usage(tokens, vocab), _usage(tokens[~ink], vocab), _usage(tokens[ink], vocab)
+    spent_bg, spent_fg = bg["entropy"] * (~ink).mean(), fg["entropy"] * ink.mean()
     per_image = [len(np.unique(t[~m])) for t, m in zip(tokens, ink, strict=True) if (~m).any()]
     return {
         "images": int(len(tokens)),
         "ink_share": round(float(ink.mean()), 4),
-        "perplexity": round(math.exp(_entropy(tokens, vocab)), 1),
-        "perplexity_background": round(math.exp(h_bg), 1),
-        "perplexity_ink": round(math.exp(h_fg), 1),
-        "codes_used": int(len(np.unique(tokens))),
-        "codes_used_background": int(len(np.unique(bg))),
-        "codes_used_ink": int(len(np.unique(fg))),
+        "perplexity": round(every["perplexity"], 1),
+        "perplexity_background": round(bg["perplexity"], 1),
+        "perplexity_ink": round(fg["perplexity"], 1),
+        "codes_used": every["codes_used"],
+        "codes_used_background": bg["codes_used"],
+        "codes_used_ink": fg["codes_used"],
         "background_codes_per_image": round(float(np.mean(per_image)), 1) if per_image else None,
         "background_positions_per_image": round(float((~ink).sum() / len(tokens)), 1),
         "background_share_of_entropy": round(spent_bg / (spent_bg + spent_fg), 3) if spent_bg + spent_fg else None,
@@ -88,17 +88,21 @@ def demo_root(out: Path, out_dir: str, root: Path | None) -> Path:
 
 
 def load_images(shards: list[str], count: int) -> np.ndarray:
-    """(count, H, W, 3) uint8: the first ``count`` images of ``shards``, in order."""
-    from PIL import Image
-
+    """(count, H, W, 3) uint8: the first ``count`` decodable images of ``shards``, in order, decoded as
+    the loader decodes them (samples.decode_image: RGB, the pixel bound)."""
+    from dalle_repro.data.samples import IMAGE_EXTS, SampleError, decode_image
     from dalle_repro.data.tar import iter_shard_samples
 
     images = []
-    for _, sample in iter_shard_samples(shards):
-        data = next((v for k, v in sample.items() if k in ("png", "jpg", "jpeg", "webp")), None)
-        if data is None:
+    for _, members in iter_shard_samples(shards):
+        ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if ext is None:
             continue
-        images.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8))
+        try:
+            im, _ = decode_image(members[ext])
+        except SampleError:
+            continue
+        images.append(np.asarray(im, dtype=np.uint8))
         if len(images) == count:
             break
     if not images:
