@@ -5,7 +5,8 @@ runs the whole demo (``python -m dalle_repro.cli.demo``) with every training sta
 schedules (the dVAE's tau, KL and lr schedules, the prior's warm-up and decay, the CLIP's steps,
 and their checkpoint/validation intervals) multiplied by the factor and the time plan off
 (``train_minutes: null``), one seed each, in ``OUT/x{factor}/``. The runs share the data set and
-its tokenizer; each has its own dVAE, token shards, prior and CLIP. A run that stopped continues
+its tokenizer (the config's data folder, rebuilt for ``--seed``: one clone per seed); each has its
+own dVAE, token shards, prior and CLIP. A run that stopped continues
 where it stopped (the demo's stages resume), so the script can be killed and started again.
 
 At the end it reads each run's zero-shot evaluation and stage times and writes ``OUT/curve.json``,
@@ -55,11 +56,13 @@ def multiplied(config: Any, keys: tuple[str, ...], factor: float) -> list[str]:
 
 def run_config(base: Path, out: Path, factor: float, seed: int) -> dict[str, Any]:
     """The demo YAML of one run: the base config, its own output folders, the time plan off, ``seed``
-    for the scenes and every model, and every training stage's updates multiplied by ``factor``."""
+    for the scenes of its data set (shapes or strokes), every model and the evaluation's sampling,
+    and every training stage's updates multiplied by ``factor``."""
     data = load_yaml(base)
     data |= {"out_dir": str(out), "tokens_output": str(out / "tokens"), "train_minutes": None}
-    data.setdefault("shapes", {})["seed"] = seed
     cfg = load_config(DemoConfig, base, [f"out_dir={out}", f"tokens_output={out / 'tokens'}", "train_minutes=null"])
+    data.setdefault(cfg.dataset, {})["seed"] = seed
+    data.setdefault("evaluation", {}).setdefault("sample", {})["seed"] = seed
     configs = {"dvae": dvae_config(cfg, plan=False), "prior": prior_config(cfg, plan=False)}
     for stage in ("dvae", "prior"):
         own = list(data.get(f"{stage}_overrides") or [])

@@ -35,6 +35,17 @@ def test_a_run_config_multiplies_every_stage_alike(curve, tmp_path):
     assert p.run.seed == 7 and cfg.shapes.seed == 7 and cfg.train_minutes is None
     assert cfg.clip.run.steps == 2 * ref.clip.run.steps
     assert cfg.out_dir == str(tmp_path / "x2") and cfg.tokens_output == str(tmp_path / "x2" / "tokens")
+    assert cfg.evaluation.sample.seed == 7
+
+
+def test_a_strokes_run_seeds_the_strokes_scenes(curve, tmp_path):
+    base = ROOT / "configs" / "demo" / "strokes.yaml"
+    path = tmp_path / "demo.yaml"
+    path.write_text(json.dumps(curve.run_config(base, tmp_path / "x2", 2.0, seed=2)))
+    cfg = load_config(DemoConfig, path, [])
+    ref = load_config(DemoConfig, base, [])
+    assert cfg.dataset == "strokes" and cfg.strokes.seed == 2 and cfg.shapes == ref.shapes
+    assert cfg.strokes.train == ref.strokes.train and prior_config(cfg, plan=False).run.seed == 2
 
 
 def test_finished_runs_become_a_table_and_a_plot(curve, tmp_path):

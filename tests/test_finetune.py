@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import dvae_overrides, prior_overrides
+from helpers import dvae_overrides, launch_env, launcher, prior_overrides
 from safetensors.torch import load_file
 
-from dalle_repro.core.config import ConfigError, load_config
+from dalle_repro.core.config import ConfigError, load_config, save_config
+from dalle_repro.core.distributed import free_port
 from dalle_repro.models.dvae import DVAE, DVAEArgs
 from dalle_repro.train.finetune import frozen_names
 from dalle_repro.train.metrics import read_metrics
@@ -21,6 +23,8 @@ from dalle_repro.train.prior import train
 from dalle_repro.train.prior_config import PriorTrainConfig
 
 pytest.importorskip("deepspeed")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(data: dict[str, Path], run_dir: Path, *extra: str) -> PriorTrainConfig:
@@ -82,6 +86,34 @@ def test_a_fine_tuning_run_resumes_exactly(prior_data, base_export, tmp_path):
     start = load_file(str(base_export / "model.safetensors"))
     changed = {k.split(".")[0] for k in a if not torch.equal(a[k], start[k])}
     assert changed and changed <= {"ln_f", "text_head", "image_head"}
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_fine_tuning_on_two_ranks_keeps_frozen_parts_at_zero_stage(prior_data, base_export, tmp_path, zero):
+    """Under the deepspeed launcher with 2 ranks, ZeRO 2 (gradients and optimizer state sharded) and
+    3 (parameters sharded too, the frozen ones among them): the replicas agree, the frozen tensors
+    come out bit-identical to the export's in the raw and the EMA weights, the rest moved."""
+    run = tmp_path / "ft"
+    extra = [f"init.export={base_export}", "init.freeze=[embeddings,layers:2]", f"deepspeed.zero_stage={zero}"]
+    cfg = load_config(PriorTrainConfig, None, prior_overrides(prior_data, run, "run.ckpt_every=3", *extra))
+    save_config(cfg, tmp_path, "ft.yaml")
+    cmd = [launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train_prior.py")]
+    cmd += ["--config", str(tmp_path / "ft.yaml")]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ranks = json.loads((run / "checkpoints" / "step_00000006" / "state.json").read_text())["ranks"]
+    assert len(ranks) == 2
+    if zero < 3:  # replicas: the ranks hold the same weights (ZeRO 3 shards them: the export gathers them)
+        assert ranks[0]["weights"] == ranks[1]["weights"]
+    before = load_file(str(base_export / "model.safetensors"))
+    after = load_file(str(run / "export" / "raw.safetensors"))
+    ema = load_file(str(run / "export" / "model.safetensors"))
+    frozen = [k for k in before if k.split(".")[0] in ("text_pos", "row_emb", "col_emb", "text_emb", "image_emb")]
+    frozen += [k for k in before if k.startswith(("blocks.0.", "blocks.1."))]
+    assert frozen and all(torch.equal(before[k], after[k]) and torch.equal(before[k], ema[k]) for k in frozen)
+    moved = [k for k in before if k.startswith("blocks.3.") and k.endswith("weight")]
+    assert moved and all(not torch.equal(before[k], after[k]) for k in moved)
+    assert json.loads((run / "export" / "export.json").read_text())["fine_tuned_from"]["step"] == 8
 
 
 def test_what_cannot_be_fine_tuned_together_is_refused_naming_both_sides(prior_data, base_export, tmp_path):

@@ -42,7 +42,6 @@ ALLOW_PIPE: contextvars.ContextVar[bool] = contextvars.ContextVar("allow_pipe", 
 
 
 @dataclass
-@dataclass
 class StrokesArgs(ShapesArgs):
     """The second compositional data set (data/strokes.py), never used for tuning: scenes of one or two
     thin or thick coloured strokes on textured paper, some colour-form pairs held out of training."""
