@@ -133,8 +133,9 @@ def test_a_rerun_keeps_the_timings_whose_subject_did_not_change(cfg, tmp_path, m
 
 def test_the_plan_uses_the_factors_of_the_dtype_each_stage_trains_in(cfg, tmp_path, monkeypatch):
     """An fp32 prior (no native bf16) has its own factor: bf16's over-predicted it by a fifth."""
+    bf16, fp32 = demo_plan.STAGE_FACTORS["prior"], demo_plan.STAGE_FACTORS_FP32["prior"]
     assert demo_plan.stage_factors({"prior": "bf16"}) == demo_plan.STAGE_FACTORS
-    assert demo_plan.stage_factors({"prior": "fp32"})["prior"] == demo_plan.STAGE_FACTORS_FP32["prior"] < 1.15
+    assert demo_plan.stage_factors({"prior": "fp32"})["prior"] == fp32 < bf16
     monkeypatch.setattr(demo, "TextTokenizer", lambda *a: type("T", (), {"vocab_size": 100})())
     monkeypatch.setattr(demo_plan, "dvae_step_seconds", lambda *a, **k: 0.5)
     monkeypatch.setattr(demo_plan, "prior_step_seconds", lambda *a, **k: 1.0)
@@ -145,9 +146,9 @@ def test_the_plan_uses_the_factors_of_the_dtype_each_stage_trains_in(cfg, tmp_pa
         monkeypatch.setattr(demo_plan, "picked_dtype", lambda requested, d=dtype: d)
         plans[dtype] = demo.stage_plan(cfg)
         assert plans[dtype]["dtypes"] == {"dvae": dtype, "prior": dtype, "clip": dtype}
-    assert plans["bf16"]["factors"]["prior"] == 1.15 and plans["fp32"]["factors"]["prior"] == 1.06
+    assert plans["bf16"]["factors"]["prior"] == bf16 and plans["fp32"]["factors"]["prior"] == fp32
     minutes = {d: p["predicted_minutes_configured"]["prior"] for d, p in plans.items()}
-    assert minutes["fp32"] == pytest.approx(minutes["bf16"] * 1.06 / 1.15, abs=0.01)
+    assert minutes["fp32"] == pytest.approx(minutes["bf16"] * fp32 / bf16, abs=0.01)
     assert plans["fp32"]["fraction"] >= plans["bf16"]["fraction"]
 
 

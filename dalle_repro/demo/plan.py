@@ -46,13 +46,18 @@ log = logging.getLogger(__name__)
 # model 17 (bf16, 2 cores, nothing else running; 2026-12-04, docs/demo.md "Seeds") measured dVAE
 # 0.89-1.09, prior 1.08-1.15, CLIP 1.00-1.16: the prior's and CLIP's factors are their means since.
 # (Factors fitted on runs that shared the cores with other jobs had said 1.17 for the dVAE.)
-STAGE_FACTORS = {"dvae": 1.0, "prior": 1.15, "clip": 1.1}
+# The bf16 prior on Intel Xeon family 6 model 207 (AMX; three runs with denormals flushed, alone,
+# 2026-12-06: docs/demo.md "The time plan across CPUs"): 1.28, 1.29, 1.34, so 1.15 put one at 1.17 of
+# its prediction. Its factor is now the mean of the CPUs' means (AMD EPYC family 25 1.12, family 26
+# 1.22, this Xeon 1.30), 1.2: every recorded run within 15% (AMD 0.90-1.02, Xeon 1.07-1.12). The
+# dVAE's (Xeon 0.95-1.06) and CLIP's (0.84-1.27: a one-minute stage, timed on seven steps) stay.
+STAGE_FACTORS = {"dvae": 1.0, "prior": 1.2, "clip": 1.1}
 # Where the stage's timer ran fp32 (auto's pick without native bf16; AVX2 code paths), the prior's
 # whole run over its timed update was 1.05 (AMD EPYC family 26 model 2), 1.11 (the same on one core),
-# 1.12 and 0.95 (Intel Xeon family 6 model 207, 2026-12-05 and -06; docs/demo.md "On AVX2 code
-# paths"): bf16's 1.15 put the last at 0.82 of its prediction. Their mean is fp32's factor; the dVAE's
-# and CLIP's (0.91-1.06 and 1.03-1.19 in fp32) stay as they are.
-STAGE_FACTORS_FP32 = {"dvae": 1.0, "prior": 1.06, "clip": 1.1}
+# 1.12, 0.95 and 1.14 (Intel Xeon family 6 model 207 on its AVX2 paths, 2026-12-05 and twice -06;
+# docs/demo.md "On AVX2 code paths"): bf16's 1.15 had put one at 0.82 of its prediction. Their mean
+# is fp32's factor; the dVAE's and CLIP's (0.91-1.07 and 1.03-1.20 in fp32) stay as they are.
+STAGE_FACTORS_FP32 = {"dvae": 1.0, "prior": 1.07, "clip": 1.1}
 
 
 def stage_factors(dtypes: dict[str, str]) -> dict[str, float]:
