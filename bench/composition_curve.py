@@ -6,8 +6,8 @@ schedules (the dVAE's tau, KL and lr schedules, the prior's warm-up and decay, t
 and their checkpoint/validation intervals) multiplied by the factor and the time plan off
 (``train_minutes: null``), one seed each, in ``OUT/x{factor}/``. The runs share the data set and
 its tokenizer (the config's data folder, rebuilt for ``--seed``: one clone per seed); each has its
-own dVAE, token shards, prior and CLIP. A run that stopped continues
-where it stopped (the demo's stages resume), so the script can be killed and started again.
+own dVAE, token shards, prior and CLIP. A run that stopped continues where it stopped (the demo's
+stages resume), so the script can be killed and started again.
 
 At the end it reads each run's zero-shot evaluation and stage times and writes ``OUT/curve.json``,
 ``OUT/curve.md`` (a table: training minutes as measured and at the 1x run's cost per update, which

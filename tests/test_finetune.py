@@ -38,6 +38,12 @@ def base_export(prior_data, tmp_path_factory) -> Path:
     return run / "export"
 
 
+def embeddings_and_two_layers(weights: dict[str, torch.Tensor]) -> list[str]:
+    """The tensor names that ``init.freeze=[embeddings,layers:2]`` keeps, spelled out independently."""
+    names = [k for k in weights if k.split(".")[0] in ("text_pos", "row_emb", "col_emb", "text_emb", "image_emb")]
+    return names + [k for k in weights if k.startswith(("blocks.0.", "blocks.1."))]
+
+
 def val_losses(run_dir: Path) -> list[float]:
     return [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
 
@@ -60,8 +66,7 @@ def test_fine_tuning_starts_from_the_export_freezes_what_it_is_told_and_records_
     before = load_file(str(base_export / "model.safetensors"))  # the EMA weights the run started from
     after = load_file(str(ft / "export" / "raw.safetensors"))
     ema_after = load_file(str(ft / "export" / "model.safetensors"))
-    frozen = [k for k in before if k.split(".")[0] in ("text_pos", "row_emb", "col_emb", "text_emb", "image_emb")]
-    frozen += [k for k in before if k.startswith(("blocks.0.", "blocks.1."))]
+    frozen = embeddings_and_two_layers(before)
     assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
     assert all(torch.equal(before[k], ema_after[k]) for k in frozen)  # the EMA started from the loaded weights
     moved = [k for k in before if k not in frozen]
@@ -108,8 +113,7 @@ def test_fine_tuning_on_two_ranks_keeps_frozen_parts_at_zero_stage(prior_data, b
     before = load_file(str(base_export / "model.safetensors"))
     after = load_file(str(run / "export" / "raw.safetensors"))
     ema = load_file(str(run / "export" / "model.safetensors"))
-    frozen = [k for k in before if k.split(".")[0] in ("text_pos", "row_emb", "col_emb", "text_emb", "image_emb")]
-    frozen += [k for k in before if k.startswith(("blocks.0.", "blocks.1."))]
+    frozen = embeddings_and_two_layers(before)
     assert frozen and all(torch.equal(before[k], after[k]) and torch.equal(before[k], ema[k]) for k in frozen)
     moved = [k for k in before if k.startswith("blocks.3.") and k.endswith("weight")]
     assert moved and all(not torch.equal(before[k], after[k]) for k in moved)
