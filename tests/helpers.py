@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import shutil
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -120,6 +122,22 @@ def launch_env(**extra: str) -> dict[str, str]:
     """This environment without a parent launcher's rank variables, on CPU, one thread per rank."""
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     return env | {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"} | extra
+
+
+def train_prior_on_two_ranks(config: Path) -> None:
+    """launch/train_prior.py with ``--config config`` under the deepspeed launcher, 2 CPU ranks on a
+    free port; fails the test with the output's end when it does not exit 0."""
+    from dalle_repro.core.distributed import free_port
+
+    cmd = [launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train_prior.py")]
+    cmd += ["--config", str(config)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def checkpoint_state(run_dir: Path, step: int) -> dict:
+    """The ``state.json`` of a prior run's checkpoint at ``step``."""
+    return json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "state.json").read_text())
 
 
 def png_bytes(size: tuple[int, int] = (24, 20), mode: str = "RGB", seed: int = 0, fmt: str = "PNG") -> bytes:

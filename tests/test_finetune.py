@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import dvae_overrides, launch_env, launcher, prior_overrides
+from helpers import checkpoint_state, dvae_overrides, prior_overrides, train_prior_on_two_ranks
 from safetensors.torch import load_file
 
 from dalle_repro.core.config import ConfigError, load_config, save_config
-from dalle_repro.core.distributed import free_port
 from dalle_repro.models.dvae import DVAE, DVAEArgs
 from dalle_repro.train.finetune import frozen_names
 from dalle_repro.train.metrics import read_metrics
@@ -23,8 +21,6 @@ from dalle_repro.train.prior import train
 from dalle_repro.train.prior_config import PriorTrainConfig
 
 pytest.importorskip("deepspeed")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(data: dict[str, Path], run_dir: Path, *extra: str) -> PriorTrainConfig:
@@ -102,11 +98,8 @@ def test_fine_tuning_on_two_ranks_keeps_frozen_parts_at_zero_stage(prior_data, b
     extra = [f"init.export={base_export}", "init.freeze=[embeddings,layers:2]", f"deepspeed.zero_stage={zero}"]
     cfg = load_config(PriorTrainConfig, None, prior_overrides(prior_data, run, "run.ckpt_every=3", *extra))
     save_config(cfg, tmp_path, "ft.yaml")
-    cmd = [launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train_prior.py")]
-    cmd += ["--config", str(tmp_path / "ft.yaml")]
-    r = subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ranks = json.loads((run / "checkpoints" / "step_00000006" / "state.json").read_text())["ranks"]
+    train_prior_on_two_ranks(tmp_path / "ft.yaml")
+    ranks = checkpoint_state(run, 6)["ranks"]
     assert len(ranks) == 2
     if zero < 3:  # replicas: the ranks hold the same weights (ZeRO 3 shards them: the export gathers them)
         assert ranks[0]["weights"] == ranks[1]["weights"]

@@ -18,7 +18,7 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import LAUNCH_ENV, launch_env, launcher, prior_overrides
+from helpers import LAUNCH_ENV, checkpoint_state, launch_env, launcher, prior_overrides, train_prior_on_two_ranks
 from safetensors.torch import load_file
 
 from dalle_repro.core.config import ConfigError, load_config, save_config
@@ -392,20 +392,13 @@ def _write_config(prior_data, tmp_path: Path, run_dir: Path, *extra: str) -> Pat
     return path
 
 
-def _state(run_dir: Path, step: int) -> dict:
-    return json.loads((run_dir / "checkpoints" / f"step_{step:08d}" / "state.json").read_text())
-
-
 def test_two_ranks_under_the_deepspeed_launcher_agree(prior_data, tmp_path):
     """... on the weights, and on run.end_by's check (a collective at update 7: a far deadline, no change)."""
     run = tmp_path / "ddp"
     far = f"run.end_by={time.time() + 3600}"
     cfg = _write_config(prior_data, tmp_path, run, "run.steps=8", "deepspeed.zero_stage=1", far)
-    cmd = [launcher(), "--num_gpus", "2", "--master_port", str(free_port()), str(ROOT / "launch" / "train_prior.py")]
-    env = launch_env()
-    r = subprocess.run([*cmd, "--config", str(cfg)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ranks = _state(run, 8)["ranks"]
+    train_prior_on_two_ranks(cfg)
+    ranks = checkpoint_state(run, 8)["ranks"]
     assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
     assert json.loads((run / "final_metrics.json").read_text())["planned_steps"] == 8
     assert [x["loader"]["rank"] for x in ranks] == [0, 1]
@@ -434,7 +427,7 @@ def test_two_nodes_started_separately_with_no_ssh(prior_data, tmp_path):
     ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
-    ranks = _state(run, 4)["ranks"]
+    ranks = checkpoint_state(run, 4)["ranks"]
     assert len(ranks) == 2 and ranks[0]["weights"] == ranks[1]["weights"]
 
 
@@ -459,7 +452,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(prior_data, tmp_path):
     assert '"ended": "signal"' in out
     steps = sorted(int(x.name[5:]) for x in (run / "checkpoints").glob("step_*"))
     assert len(steps) == 1 and steps[0] >= 3
-    assert _state(run, steps[0])["step"] == steps[0]
+    assert checkpoint_state(run, steps[0])["step"] == steps[0]
 
 
 def test_errors_name_the_folder_kind_found_and_the_one_wanted(prior_data, tmp_path):
