@@ -57,7 +57,7 @@ STAGE_FACTORS = {"dvae": 1.0, "prior": 1.2, "clip": 1.1}
 # 1.12, 0.95 and 1.14 (Intel Xeon family 6 model 207 on its AVX2 paths, 2026-12-05 and twice -06;
 # docs/demo.md "On AVX2 code paths"): bf16's 1.15 had put one at 0.82 of its prediction. Their mean
 # is fp32's factor; the dVAE's and CLIP's (0.91-1.07 and 1.03-1.20 in fp32) stay as they are.
-STAGE_FACTORS_FP32 = {"dvae": 1.0, "prior": 1.07, "clip": 1.1}
+STAGE_FACTORS_FP32 = STAGE_FACTORS | {"prior": 1.07}
 
 
 def stage_factors(dtypes: dict[str, str]) -> dict[str, float]:
